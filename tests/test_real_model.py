@@ -1,0 +1,64 @@
+"""Slow tests on the real bundled SmolLM2-135M-Instruct (converted once, then cached)."""
+
+import time
+
+import pytest
+import torch
+
+from gesal_core.generate import SamplingConfig, build_prompt, generate
+from gesal_core.model import load_model
+from gesal_core.svf import SVFConfig, SVFModel
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def real_lm():
+    load_model(progress=False)  # make sure the conversion cache exists
+    start = time.perf_counter()
+    lm = load_model(progress=False)
+    lm.load_seconds = time.perf_counter() - start
+    return lm
+
+
+def test_cached_load_takes_seconds(real_lm):
+    assert real_lm.load_seconds < 15, f"cached load took {real_lm.load_seconds:.1f}s"
+    assert real_lm.dtype == torch.float32
+    assert type(real_lm.model).__name__ == "LlamaForCausalLM"
+
+
+def test_real_answer(real_lm):
+    prompt = build_prompt(
+        real_lm.tokenizer, [{"role": "user", "content": "What is the capital of France?"}]
+    )
+    out = generate(
+        real_lm.model, real_lm.tokenizer, [prompt], SamplingConfig(max_new_tokens=24, temperature=0)
+    )[0]
+    assert "Paris" in out.text
+
+
+def test_svf_identity_and_svd_cache_on_real_model(real_lm, tmp_path, monkeypatch):
+    monkeypatch.setenv("GESAL_CACHE_DIR", str(tmp_path))  # a cold SVD cache
+    tok = real_lm.tokenizer
+    ids = torch.tensor(
+        [build_prompt(tok, [{"role": "user", "content": "Name three fruits."}]).input_ids]
+    )
+    base = real_lm.model(ids).logits.clone()
+
+    start = time.perf_counter()
+    svf = SVFModel(real_lm.model, real_lm.name, SVFConfig(progress=False))
+    cold = time.perf_counter() - start
+    assert len(svf.layers) == 90  # 30 layers x gate/up/down
+
+    merged = svf.model(ids).logits
+    assert (merged - base).abs().max().item() <= 1e-3
+    with svf.factored(svf.ones()):
+        factored = svf.model(ids).logits
+    assert (factored - base).abs().max().item() <= 1e-3
+
+    # A second SVFModel over the same weights must come from the disk cache, much faster.
+    fresh = load_model(progress=False)
+    start = time.perf_counter()
+    SVFModel(fresh.model, fresh.name, SVFConfig(progress=False))
+    warm = time.perf_counter() - start
+    assert warm < cold / 3, f"cache load {warm:.2f}s vs compute {cold:.2f}s"
