@@ -1,0 +1,541 @@
+"""Engine: respond / vote / correct / train / export / import / reset / stats.
+
+This is the one API the chat adapters (Discord, Slack, the playground) use. It ties
+graph routing, SVF generation, the feedback buffer and REINFORCE together, and it is
+platform-free: a channel is just a string key such as ``discord:123:456``.
+
+Model work runs on the `ModelWorker` thread; everything else is asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from . import graph
+from .errors import GesalError
+from .generate import Prompt, SamplingConfig, build_prompt, embed, generate
+from .guard import Guard, GuardConfig
+from .learning import LearningConfig, Sample, reinforce_step, sequence_logprobs
+from .records import CORRECTION, ChannelConfig, Node, NodeUpdate, Reply
+from .store import ConflictError, MemoryStore, Store, UnknownReplyError
+from .svf import SVFModel
+from .worker import ModelWorker
+
+log = logging.getLogger(__name__)
+EXPORT_FORMAT = "gesal-graph"
+EXPORT_VERSION = 1
+MAX_MESSAGE_CHARS = 8000
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine-wide settings; per-channel ones live in `ChannelConfig`."""
+
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    system: str | None = None
+    max_prompt_tokens: int = 1024
+    # Exploration: when most of a node's recent rewards are negative, the temperature
+    # rises linearly from sampling.temperature up to explore_max_temperature.
+    explore_max_temperature: float = 1.2
+    explore_window: int = 8
+    max_resamples: int = 3  # tries to avoid repeating a downvoted answer
+    learning: LearningConfig = field(default_factory=LearningConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    channel_defaults: ChannelConfig = field(default_factory=ChannelConfig)
+    recent_rewards: int = 16
+
+
+@dataclass
+class ReplyOut:
+    reply_id: str
+    text: str
+    node_id: str
+    z_version: int
+    new_node: bool
+    similarity: float
+    temperature: float
+    truncated: bool
+    seconds: float
+
+
+@dataclass
+class NodeReport:
+    node_id: str
+    status: str  # updated | skipped | rolled_back | conflict | orphaned
+    reason: str = ""
+    samples: int = 0
+    corrections: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class TrainReport:
+    channels: dict[str, list[NodeReport]] = field(default_factory=dict)
+    events: int = 0
+    seconds: float = 0.0
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for rs in self.channels.values() for r in rs)
+
+    def summary(self) -> str:
+        return (
+            f"{self.events} feedback events, {self.count('updated')} nodes updated, "
+            f"{self.count('skipped')} skipped, {self.count('rolled_back')} rolled back "
+            f"in {self.seconds:.1f}s"
+        )
+
+
+def reply_reward(votes: dict[str, int], cfg: ChannelConfig) -> float | None:
+    """The community's verdict on one reply: the mean of its voters' rewards.
+
+    Each user has exactly one vote (last write wins), so no single member can outweigh
+    the others, and the result stays within [reward_down, reward_up]. None: no votes.
+    """
+    if not votes:
+        return None
+    values = [cfg.reward_up if v > 0 else cfg.reward_down for v in votes.values()]
+    return float(np.mean(values))
+
+
+def _norm_text(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+class Engine:
+    def __init__(
+        self,
+        svf: SVFModel,
+        tokenizer,
+        store: Store | None = None,
+        config: EngineConfig | None = None,
+        worker: ModelWorker | None = None,
+        model_name: str = "model",
+    ) -> None:
+        self.svf, self.tokenizer = svf, tokenizer
+        self.store: Store = store or MemoryStore()
+        self.config = config or EngineConfig()
+        self.worker = worker or ModelWorker()
+        self.model_name = model_name
+        self.guard = Guard(svf, tokenizer, self.config.guard, self.config.system)
+        self.consumer = f"trainer-{uuid.uuid4().hex[:8]}"
+        self._channel_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._train_lock = asyncio.Lock()
+        self.last_train: float | None = None
+
+    @classmethod
+    def load(
+        cls,
+        model: str | None = None,
+        store: Store | None = None,
+        config: EngineConfig | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        targets: str = "mlp",
+    ) -> Engine:
+        """Load a model (the bundled one by default), wrap it with SVF and build an engine."""
+        from .model import load_model
+        from .svf import SVFConfig
+
+        lm = load_model(model, device=device, dtype=dtype)
+        svf = SVFModel(lm.model, lm.name, SVFConfig(targets=targets))
+        return cls(svf, lm.tokenizer, store, config, model_name=lm.name)
+
+    def close(self) -> None:
+        self.worker.close()
+
+    # -- model-thread helpers ----------------------------------------------------------
+    def _embed(self, text: str) -> np.ndarray:
+        with self.svf.factored(self.svf.ones()):  # routing never drifts with adapters
+            return embed(self.svf.model, self.tokenizer, [text])[0].numpy().astype(np.float32)
+
+    def _generate(
+        self, prompt: Prompt, z: np.ndarray, key: tuple, sampling: SamplingConfig, avoid: set[str]
+    ):
+        self.svf.set_merged(torch.from_numpy(z), key=key)
+        out = None
+        for attempt in range(self.config.max_resamples + 1):
+            out = generate(self.svf.model, self.tokenizer, [prompt], sampling)[0]
+            if _norm_text(out.text) not in avoid:
+                break
+            log.info("resampling: answer was voted down before (try %d)", attempt + 1)
+        with torch.no_grad():
+            lp, _ = sequence_logprobs(
+                self.svf,
+                torch.from_numpy(z),
+                [Sample(out.prompt_ids, out.response_ids)],
+                pad_id=self.tokenizer.pad_token_id or 0,
+            )
+        return out, float(lp[0])
+
+    # -- respond ------------------------------------------------------------------------
+    async def respond(self, channel: str, messages: list[dict]) -> ReplyOut:
+        """Answer the last message of ``messages`` (oldest first) in ``channel``."""
+        if not messages or not str(messages[-1].get("content", "")).strip():
+            raise GesalError("there is no question to answer: the message is empty")
+        messages = [
+            {"role": m.get("role", "user"), "content": str(m["content"])[-MAX_MESSAGE_CHARS:]}
+            for m in messages
+        ]
+        start = time.perf_counter()
+        question = messages[-1]["content"]
+        emb = await self.worker.run(self._embed, question)
+        node, new, sim = await self._route(channel, emb)
+        await self.store.observe(channel, node.node_id, emb)
+        cfg = self.config
+        sampling = self._explore(node)
+        prompt = build_prompt(self.tokenizer, messages, cfg.system, cfg.max_prompt_tokens)
+        key = (channel, node.node_id, node.version)
+        out, logprob = await self.worker.run(
+            self._generate, prompt, node.z, key, sampling, set(node.downvoted)
+        )
+        reply = Reply(
+            reply_id=uuid.uuid4().hex,
+            node_id=node.node_id,
+            prompt_ids=out.prompt_ids,
+            response_ids=out.response_ids,
+            prompt_text=question,
+            text=out.text,
+            z_version=node.version,
+            logprob=logprob,
+        )
+        await self.store.put_reply(channel, reply)
+        return ReplyOut(
+            reply.reply_id,
+            out.text,
+            node.node_id,
+            node.version,
+            new,
+            sim,
+            sampling.temperature,
+            prompt.truncated,
+            time.perf_counter() - start,
+        )
+
+    def _explore(self, node: Node) -> SamplingConfig:
+        """Widen sampling for a node the community keeps rejecting; narrow it back after."""
+        base = self.config.sampling
+        recent = node.recent[-self.config.explore_window :]
+        if not recent or base.greedy:
+            return base
+        negative = sum(r < 0 for r in recent) / len(recent)
+        boost = max(0.0, negative - 0.5) * 2  # 0 until most votes are 👎, 1 when all are
+        top = max(base.temperature, self.config.explore_max_temperature)
+        temp = base.temperature + (top - base.temperature) * boost
+        return SamplingConfig(
+            base.max_new_tokens,
+            temp,
+            base.top_p if boost == 0 else 1.0,
+            base.top_k,
+            base.repetition_penalty,
+        )
+
+    async def _route(self, channel: str, emb: np.ndarray) -> tuple[Node, bool, float]:
+        async with self._channel_locks[channel]:  # two new prompts must not race to create
+            nodes = await self.store.load_nodes(channel)
+            cfg = await self.store.get_config(channel)
+            index = graph.GraphIndex.build(nodes)
+            route = graph.route(index, emb, cfg.threshold)
+            by_id = {n.node_id: n for n in nodes}
+            if route.node_id is not None:
+                return by_id[route.node_id], False, route.similarity
+            if len(nodes) >= cfg.max_nodes:
+                await self._fold_least_used(channel, nodes, index)
+                nodes = await self.store.load_nodes(channel)
+                index = graph.GraphIndex.build(nodes)
+                by_id = {n.node_id: n for n in nodes}
+            node = Node(
+                node_id=graph.new_node_id(),
+                embedding=emb.copy(),
+                z=graph.initial_z(index, by_id, emb, self.svf.z_size),
+            )
+            await self.store.save_node(channel, node)
+            edges = graph.knn_edges(index, node)
+            await self.store.set_neighbors(channel, node.node_id, edges)
+            for other, _ in edges:  # keep the neighbours' edge lists current too
+                o = by_id[other]
+                idx = graph.GraphIndex.build([*nodes, node])
+                await self.store.set_neighbors(channel, other, graph.knn_edges(idx, o))
+            node.neighbors = edges
+            return node, True, route.similarity
+
+    async def _fold_least_used(self, channel: str, nodes: list[Node], index) -> None:
+        victim = graph.least_used(nodes)
+        nearest = index.nearest(victim.embedding, k=1, exclude=victim.node_id)
+        if nearest:
+            target = next(n for n in nodes if n.node_id == nearest[0][0])
+            await self.store.save_node(channel, graph.merge_into(target, victim))
+            meta = await self.store.meta(channel)
+            merged = dict(meta.get("merged", {}))
+            merged[victim.node_id] = target.node_id
+            await self.store.set_meta(channel, merged=merged)
+        await self.store.delete_node(channel, victim.node_id)
+        log.info("channel %s full: folded node %s away", channel, victim.node_id)
+
+    # -- feedback -----------------------------------------------------------------------
+    async def link_message(self, channel: str, reply_id: str, message_id: str) -> None:
+        """Remember which platform message carries a reply, so reactions can find it."""
+        await self.store.link_message(channel, reply_id, str(message_id))
+
+    async def reply_for_message(self, channel: str, message_id: str) -> str | None:
+        return await self.store.reply_for_message(channel, str(message_id))
+
+    async def vote(self, channel: str, reply_id: str, user: str, value: int | None) -> str:
+        """Record user's 👍 (+1), 👎 (-1) or retraction (None); durable when this returns."""
+        if value not in (1, -1, None):
+            raise GesalError("a vote is +1, -1 or None (retract)")
+        return await self.store.set_vote(channel, reply_id, str(user), value)
+
+    async def correct(self, channel: str, reply_id: str, user: str, text: str) -> str:
+        """A member's better answer to a reply: a demonstration for the node that answered."""
+        text = text.strip()
+        if not text:
+            raise GesalError("the correction is empty")
+        if len(text) > MAX_MESSAGE_CHARS:
+            raise GesalError(f"the correction is too long (over {MAX_MESSAGE_CHARS} characters)")
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        eos = self.tokenizer.eos_token_id
+        return await self.store.add_correction(
+            channel, reply_id, str(user), text, list(ids) + ([eos] if eos is not None else [])
+        )
+
+    # -- training -----------------------------------------------------------------------
+    async def pending(self, channel: str) -> int:
+        return await self.store.pending_count(channel)
+
+    async def train(self, channel: str | None = None) -> TrainReport:
+        """Learn from all pending feedback (of one channel, or of every channel)."""
+        report = TrainReport()
+        start = time.perf_counter()
+        async with self._train_lock:
+            channels = [channel] if channel else await self.store.channels()
+            for ch in channels:
+                reports, n_events = await self._train_channel(ch)
+                if reports or n_events:
+                    report.channels[ch] = reports
+                    report.events += n_events
+        report.seconds = time.perf_counter() - start
+        self.last_train = time.time()
+        return report
+
+    async def _train_channel(self, channel: str) -> tuple[list[NodeReport], int]:
+        events = await self.store.pending(channel, self.consumer)
+        if not events:
+            return [], 0
+        cfg = await self.store.get_config(channel)
+        meta = await self.store.meta(channel)
+        redirects = meta.get("merged", {})
+        by_node: dict[str, dict[str, Reply]] = defaultdict(dict)
+        corrections: dict[str, list[tuple[Reply, str]]] = defaultdict(list)
+        orphans: list[str] = []
+        for ev in events:
+            reply = await self.store.get_reply(channel, ev.reply_id)
+            if reply is None:
+                orphans.append(ev.event_id)
+                continue
+            node_id = reply.node_id
+            while node_id in redirects:
+                node_id = redirects[node_id]
+            if ev.kind == CORRECTION:
+                corrections[node_id].append((reply, ev.text or ""))
+            by_node[node_id][reply.reply_id] = reply
+        updates, reports = [], []
+        for node_id, replies in by_node.items():
+            t0 = time.perf_counter()
+            node = await self.store.get_node(channel, node_id)
+            if node is None:
+                reports.append(NodeReport(node_id, "orphaned", "node no longer exists"))
+                continue
+            update, rep = await self._train_node(
+                channel, node, list(replies.values()), corrections.get(node_id, []), cfg
+            )
+            rep.seconds = time.perf_counter() - t0
+            updates.append(update)
+            reports.append(rep)
+        try:
+            await self.store.commit(channel, updates, [e.event_id for e in events])
+        except ConflictError as exc:
+            log.warning("training %s: %s; the events stay pending for the next run", channel, exc)
+            for r in reports:
+                r.status, r.reason = "conflict", str(exc)
+        await self.store.set_meta(channel, last_train=time.time())
+        return reports, len(events)
+
+    async def _train_node(
+        self,
+        channel: str,
+        node: Node,
+        replies: list[Reply],
+        corrections: list[tuple[Reply, str]],
+        cfg: ChannelConfig,
+    ):
+        samples: list[Sample] = []
+        rewards: list[float] = []
+        downvoted = list(node.downvoted)
+        for reply in replies:
+            r = reply_reward(reply.votes, cfg)
+            if r is None:
+                continue
+            rewards.append(r)
+            samples.append(
+                Sample(
+                    reply.prompt_ids,
+                    reply.response_ids,
+                    reward=r,
+                    old_logprob=reply.logprob,
+                    staleness=max(0, node.version - reply.z_version),
+                )
+            )
+            if r < 0 and _norm_text(reply.text) not in downvoted:
+                downvoted.append(_norm_text(reply.text))
+        demos = 0
+        for reply, text in corrections:
+            ids = next((c["ids"] for c in reversed(reply.corrections) if c["text"] == text), None)
+            if ids:
+                samples.append(Sample(reply.prompt_ids, ids, demo=True))
+                demos += 1
+        recent = (node.recent + rewards)[-self.config.recent_rewards :]
+        result = await self.worker.run(
+            reinforce_step,
+            self.svf,
+            node.z,
+            samples,
+            node.baseline,
+            self.config.learning,
+            self.tokenizer.pad_token_id or 0,
+        )
+        status, reason = result.status, result.reason
+        if status == "updated" and self.config.guard.enabled:
+            related = [r.prompt_text for r in replies]
+            verdict = await self.worker.run(self.guard.check, result.z, related)
+            if not verdict.ok:
+                status, reason = "rolled_back", verdict.reason
+                log.warning(
+                    "channel %s node %s: update rolled back: %s", channel, node.node_id, reason
+                )
+        updated = status == "updated"
+        update = NodeUpdate(
+            node_id=node.node_id,
+            expected_version=node.version,
+            z=result.z if updated else None,
+            baseline=result.baseline,
+            rated_delta=len(rewards),
+            reward_sum_delta=float(sum(rewards)),
+            recent=recent,
+            updated=updated,
+            rolled_back=status == "rolled_back",
+            downvoted=downvoted[-64:],
+        )
+        return update, NodeReport(node.node_id, status, reason, len(rewards), demos)
+
+    # -- admin --------------------------------------------------------------------------
+    async def stats(self, channel: str) -> dict:
+        nodes = await self.store.load_nodes(channel)
+        replies = await self.store.list_replies(channel)
+        meta = await self.store.meta(channel)
+        ups = sum(v > 0 for r in replies for v in r.votes.values())
+        downs = sum(v < 0 for r in replies for v in r.votes.values())
+        return {
+            "channel": channel,
+            "nodes": len(nodes),
+            "prompts": sum(n.count for n in nodes),
+            "replies": len(replies),
+            "votes_up": ups,
+            "votes_down": downs,
+            "corrections": sum(len(r.corrections) for r in replies),
+            "pending_feedback": await self.store.pending_count(channel),
+            "updates": sum(n.updates for n in nodes),
+            "rollbacks": sum(n.rollbacks for n in nodes),
+            "mean_reward": (sum(n.reward_sum for n in nodes) / max(1, sum(n.rated for n in nodes))),
+            "last_update": meta.get("last_train"),
+            "config": asdict(await self.store.get_config(channel)),
+            "node_list": [
+                {
+                    "id": n.node_id,
+                    "count": n.count,
+                    "version": n.version,
+                    "mean_reward": n.mean_reward,
+                    "rated": n.rated,
+                    "edges": n.neighbors,
+                }
+                for n in nodes
+            ],
+        }
+
+    async def configure(self, channel: str, **changes) -> ChannelConfig:
+        current = asdict(await self.store.get_config(channel))
+        current.update(changes)
+        cfg = ChannelConfig.from_dict(current)
+        await self.store.set_config(channel, cfg)
+        return cfg
+
+    async def reset(self, channel: str) -> None:
+        await self.store.reset(channel)
+
+    async def export(self, channel: str) -> dict:
+        """A versioned, self-contained JSON-able snapshot of a channel's graph and history.
+
+        Pending (not yet trained) feedback is not part of it; votes on replies are.
+        """
+        nodes = sorted(await self.store.load_nodes(channel), key=lambda n: n.node_id)
+        replies = sorted(
+            await self.store.list_replies(channel), key=lambda r: (r.created_at, r.reply_id)
+        )
+        return {
+            "format": EXPORT_FORMAT,
+            "version": EXPORT_VERSION,
+            "channel": channel,
+            "model": {"name": self.model_name, "z_size": self.svf.z_size},
+            "vector_encoding": "base64 little-endian float32",
+            "config": asdict(await self.store.get_config(channel)),
+            "nodes": [n.to_dict() for n in nodes],
+            "replies": [r.to_dict() for r in replies],
+        }
+
+    @staticmethod
+    def dumps(data: dict) -> str:
+        """Byte-stable JSON: the same state always serialises to the same bytes."""
+        return json.dumps(data, sort_keys=True, ensure_ascii=False, indent=1) + "\n"
+
+    async def import_graph(self, channel: str, data: dict) -> dict:
+        """Replace a channel's graph with an export (possibly from another channel)."""
+        if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+            raise GesalError("this file is not a gesal-bot graph export")
+        if data.get("version") != EXPORT_VERSION:
+            raise GesalError(
+                f"unsupported export version {data.get('version')!r} "
+                f"(this build reads version {EXPORT_VERSION})"
+            )
+        z_size = data.get("model", {}).get("z_size")
+        if z_size != self.svf.z_size:
+            raise GesalError(
+                f"the export was made for a model with {z_size} SVF components; "
+                f"this model has {self.svf.z_size}"
+            )
+        try:
+            nodes = [Node.from_dict(d) for d in data["nodes"]]
+            replies = [Reply.from_dict(d) for d in data["replies"]]
+            cfg = ChannelConfig.from_dict(data.get("config", {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise GesalError(f"the export is damaged: {exc}") from exc
+        for n in nodes:
+            if n.z.shape != (self.svf.z_size,) or not np.isfinite(n.z).all():
+                raise GesalError(f"node {n.node_id} has an invalid z vector")
+        await self.store.reset(channel)
+        await self.store.set_config(channel, cfg)
+        for n in nodes:
+            await self.store.save_node(channel, n)
+        for r in replies:
+            await self.store.put_reply(channel, r)
+        return {"nodes": len(nodes), "replies": len(replies)}
+
+
+__all__ = ["Engine", "EngineConfig", "ReplyOut", "TrainReport", "UnknownReplyError", "reply_reward"]

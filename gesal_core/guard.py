@@ -1,0 +1,138 @@
+"""Forgetting and collapse guard: is the model still itself after an update?
+
+Reward compliance alone happily buys collapse (prototype runs ended in "A: A: A:" loops,
+refusals and "I am SmolLM" self-descriptions), and reference NLL barely moves when it
+happens. So after each update the node's z answers a few probe prompts greedily, and the
+update is rolled back if, compared with the base model on the same probes:
+
+* more answers are degenerate (empty, repetition loops, refusals, self-descriptions), or
+* answers stop addressing the question: the mean question/answer embedding similarity
+  drops by more than ``max_topic_drop``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .generate import SamplingConfig, build_prompt, embed, generate
+from .svf import SVFModel
+
+UNRELATED_PROBES = (
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "What is 15 times 3?",
+)
+_REFUSAL = re.compile(
+    r"\b(I can(?:'|no)t (?:help|assist|answer|provide)|I'm sorry, but|as an AI|I am an AI|"
+    r"I'm an AI|my name is SmolLM|I am SmolLM|I'm SmolLM|trained by Hugging Face)\b",
+    re.IGNORECASE,
+)
+
+
+def degenerate_reason(text: str) -> str | None:
+    """Why an answer is degenerate, or None. Conservative: flags only clear failures."""
+    words = text.split()
+    if not words:
+        return "empty"
+    if len(words) >= 8:
+        trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+        if len(set(trigrams)) / len(trigrams) < 0.5:
+            return "repetition loop"
+    if len(text) >= 12 and len(set(text.replace(" ", ""))) <= 3:
+        return "repetition loop"
+    if _REFUSAL.search(text):
+        return "refusal or self-description"
+    return None
+
+
+@dataclass
+class ProbeResult:
+    answers: list[str]
+    degenerate: int
+    topic: float  # mean cosine(question, answer) under the base embedding
+    reasons: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GuardVerdict:
+    ok: bool
+    reason: str
+    base: ProbeResult
+    candidate: ProbeResult
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    enabled: bool = True
+    max_new_tokens: int = 32
+    max_extra_degenerate: int = 0
+    max_topic_drop: float = 0.15
+    related_probes: int = 2
+
+
+class Guard:
+    def __init__(
+        self, svf: SVFModel, tokenizer, config: GuardConfig | None = None, system: str | None = None
+    ) -> None:
+        self.svf, self.tokenizer = svf, tokenizer
+        self.config = config or GuardConfig()
+        self.system = system
+        self._base_cache: dict[tuple[str, ...], ProbeResult] = {}
+
+    def probes_for(self, related: list[str]) -> list[str]:
+        seen, out = set(), []
+        for p in list(related)[-self.config.related_probes :] + list(UNRELATED_PROBES):
+            if p not in seen:
+                seen.add(p)
+                out.append(p)
+        return out
+
+    @torch.inference_mode()
+    def run(self, z: torch.Tensor | None, probes: list[str]) -> ProbeResult:
+        prompts = [
+            build_prompt(self.tokenizer, [{"role": "user", "content": p}], self.system)
+            for p in probes
+        ]
+        zz = self.svf.ones() if z is None else z
+        sampling = SamplingConfig(max_new_tokens=self.config.max_new_tokens, temperature=0)
+        with self.svf.factored(zz.unsqueeze(0).expand(len(prompts), -1)):
+            answers = [g.text for g in generate(self.svf.model, self.tokenizer, prompts, sampling)]
+        with self.svf.factored(self.svf.ones()):
+            q = embed(self.svf.model, self.tokenizer, probes)
+            a = embed(self.svf.model, self.tokenizer, [x or "." for x in answers])
+        reasons = [degenerate_reason(x) for x in answers]
+        topic = float(np.mean((q * a).sum(-1).numpy()))
+        return ProbeResult(
+            answers, sum(r is not None for r in reasons), topic, [r or "" for r in reasons]
+        )
+
+    def base(self, probes: list[str]) -> ProbeResult:
+        key = tuple(probes)
+        if key not in self._base_cache:
+            self._base_cache[key] = self.run(None, probes)
+        return self._base_cache[key]
+
+    def check(self, z: np.ndarray, related: list[str]) -> GuardVerdict:
+        probes = self.probes_for(related)
+        base = self.base(probes)
+        cand = self.run(torch.from_numpy(np.asarray(z, dtype=np.float32)), probes)
+        cfg = self.config
+        if cand.degenerate > base.degenerate + cfg.max_extra_degenerate:
+            bad = [
+                f"{p!r} -> {a!r} ({r})"
+                for p, a, r in zip(probes, cand.answers, cand.reasons, strict=True)
+                if r
+            ]
+            return GuardVerdict(False, "degenerate answers: " + "; ".join(bad), base, cand)
+        if base.topic - cand.topic > cfg.max_topic_drop:
+            return GuardVerdict(
+                False,
+                f"answers drifted off topic (similarity {base.topic:.2f} -> {cand.topic:.2f})",
+                base,
+                cand,
+            )
+        return GuardVerdict(True, "", base, cand)

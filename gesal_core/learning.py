@@ -1,0 +1,210 @@
+"""REINFORCE on one node's z, from its community's buffered feedback.
+
+Loss per batch (N samples; A = advantage, w = truncated importance weight):
+
+    L = -(1/N) Σ_rl  w_i · A_i · log π_z(y_i | x_i)          votes
+        -(β/N) Σ_demo       log π_z(y_d | x_d) / |y_d|         corrections (bounded)
+        + (λ/2) ‖z − 1‖²                                      pull towards the base model
+
+log π is the *sum* over the response tokens, scored on exactly the token ids that were
+sampled (prompt and response are concatenated ids, never re-tokenised text).
+
+Safety rails, each learned the hard way in prototypes (see issue 3):
+* no step unless some |A| ≥ ``min_advantage`` (Adam turns noise into full-size steps);
+* gradient-norm clipping and a bound on ‖Δz‖ per update;
+* samples from a z more than ``max_staleness`` versions old are dropped, fresher ones
+  are re-weighted by a truncated importance ratio π_now/π_then;
+* any non-finite loss, gradient or z rolls the update back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .svf import SVFModel
+
+
+@dataclass(frozen=True)
+class LearningConfig:
+    lr: float = 1e-3
+    inner_steps: int = 2
+    l2: float = 1.0  # λ of (λ/2)‖z−1‖²; ‖z−1‖² is small, so λ≈1 is a gentle pull
+    max_grad_norm: float = 1.0
+    max_step: float = 0.25  # bound on ‖Δz‖₂ of one update
+    min_advantage: float = 0.2
+    baseline_beta: float = 0.8  # EMA weight of the old baseline
+    normalize_advantage: bool = False
+    is_clip: float = 2.0
+    max_staleness: int = 8
+    demo_weight: float = 1.0
+    max_tokens: int = 512  # per sample, prompt + response (oldest prompt tokens cut)
+
+
+@dataclass
+class Sample:
+    """One thing to learn from: a rated response, or a demonstration (a correction)."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    reward: float = 0.0
+    demo: bool = False
+    old_logprob: float | None = None
+    staleness: int = 0  # versions of z between sampling and now
+    advantage: float = 0.0
+
+
+@dataclass
+class StepResult:
+    z: np.ndarray | None  # None: nothing changes
+    status: str  # "updated" | "skipped" | "rolled_back"
+    reason: str = ""
+    baseline: float = 0.0
+    loss: float = float("nan")
+    grad_norm: float = float("nan")
+    step_norm: float = 0.0
+    used: int = 0
+    dropped_stale: int = 0
+    metrics: dict = field(default_factory=dict)
+
+
+def _batch(samples: list[Sample], max_tokens: int, pad_id: int):
+    rows, masks = [], []
+    for s in samples:
+        prompt = list(s.prompt_ids)
+        response = list(s.response_ids)[: max_tokens - 1]
+        prompt = prompt[-max(1, max_tokens - len(response)) :]
+        rows.append(prompt + response)
+        masks.append([0] * len(prompt) + [1] * len(response))
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    resp = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (r, m) in enumerate(zip(rows, masks, strict=True)):
+        ids[i, : len(r)] = torch.tensor(r)
+        attn[i, : len(r)] = 1
+        resp[i, : len(r)] = torch.tensor(m, dtype=torch.bool)
+    return ids, attn, resp
+
+
+def sequence_logprobs(
+    svf: SVFModel, z: torch.Tensor, samples: list[Sample], max_tokens: int = 512, pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum, count) of log π_z over each sample's response tokens; differentiable in z.
+
+    Sequences are right-padded, so positions are the natural 0..T-1 of each row and the
+    token at position t is predicted by the logits at t-1.
+    """
+    ids, attn, resp = _batch(samples, max_tokens, pad_id)
+    ids, attn, resp = ids.to(svf.device), attn.to(svf.device), resp.to(svf.device)
+    with svf.factored(z):
+        logits = svf.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+    targets = ids[:, 1:]
+    mask = resp[:, 1:]
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logp = logp * mask
+    return logp.sum(-1), mask.sum(-1)
+
+
+def advantages(samples: list[Sample], baseline: float, cfg: LearningConfig) -> float:
+    """Fill each RL sample's advantage; return the new baseline (EMA over rewards)."""
+    rl = [s for s in samples if not s.demo]
+    for s in rl:
+        s.advantage = s.reward - baseline
+    if cfg.normalize_advantage and len(rl) > 1:
+        std = float(np.std([s.advantage for s in rl])) or 1.0
+        for s in rl:
+            s.advantage /= std
+    if rl:
+        mean_r = float(np.mean([s.reward for s in rl]))
+        baseline = cfg.baseline_beta * baseline + (1 - cfg.baseline_beta) * mean_r
+    return baseline
+
+
+def reinforce_step(
+    svf: SVFModel,
+    z0: np.ndarray,
+    samples: list[Sample],
+    baseline: float,
+    cfg: LearningConfig | None = None,
+    pad_id: int = 0,
+) -> StepResult:
+    """One bounded policy-gradient update of a node's z. Never raises on bad numbers."""
+    cfg = cfg or LearningConfig()
+    fresh = [s for s in samples if s.demo or s.staleness <= cfg.max_staleness]
+    dropped = len(samples) - len(fresh)
+    new_baseline = advantages(fresh, baseline, cfg)
+    rl = [s for s in fresh if not s.demo]
+    demos = [s for s in fresh if s.demo]
+    signal = max((abs(s.advantage) for s in rl), default=0.0)
+    if math.isfinite(signal) and signal < cfg.min_advantage and not demos:
+        return StepResult(
+            None,
+            "skipped",
+            f"no signal (max |advantage| {signal:.2f} < {cfg.min_advantage})",
+            new_baseline,
+            used=0,
+            dropped_stale=dropped,
+        )
+    if not np.isfinite(z0).all():
+        return StepResult(
+            None, "rolled_back", "the node's z is non-finite", baseline, dropped_stale=dropped
+        )
+    rl = [s for s in rl if not math.isfinite(s.advantage) or abs(s.advantage) >= 1e-6]
+    batch = rl + demos
+    z = svf.trainable(torch.from_numpy(np.asarray(z0, dtype=np.float32)))
+    start = z.detach().clone()
+    opt = torch.optim.Adam([z], lr=cfg.lr)
+    n = len(batch)
+    adv = torch.tensor([s.advantage for s in rl], dtype=torch.float32, device=svf.device)
+    weights = torch.ones(len(rl), device=svf.device)
+    loss_value, grad_norm = float("nan"), float("nan")
+    for step in range(cfg.inner_steps):
+        opt.zero_grad(set_to_none=True)
+        logp, ntok = sequence_logprobs(svf, z, batch, cfg.max_tokens, pad_id)
+        loss = (cfg.l2 / 2) * ((z - 1) ** 2).sum()
+        if rl:
+            if step == 0:  # truncated importance weights for samples from an older z
+                for i, s in enumerate(rl):
+                    if s.old_logprob is not None and s.staleness > 0:
+                        ratio = math.exp(min(50.0, float(logp[i]) - s.old_logprob))
+                        weights[i] = min(ratio, cfg.is_clip)
+            loss = loss - (weights * adv * logp[: len(rl)]).sum() / n
+        if demos:
+            demo_lp = logp[len(rl) :] / ntok[len(rl) :].clamp_min(1)
+            loss = loss - cfg.demo_weight * demo_lp.sum() / n
+        if not torch.isfinite(loss):
+            return StepResult(
+                None, "rolled_back", "non-finite loss", baseline, dropped_stale=dropped
+            )
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_([z], cfg.max_grad_norm))
+        if not math.isfinite(grad_norm):
+            return StepResult(
+                None, "rolled_back", "non-finite gradient", baseline, dropped_stale=dropped
+            )
+        opt.step()
+        with torch.no_grad():
+            delta = z - start
+            norm = float(delta.norm())
+            if norm > cfg.max_step:
+                z.copy_(start + delta * (cfg.max_step / norm))
+        loss_value = float(loss.detach())
+    new_z = z.detach().cpu().numpy().astype(np.float32)
+    if not np.isfinite(new_z).all():
+        return StepResult(None, "rolled_back", "non-finite z", baseline, dropped_stale=dropped)
+    return StepResult(
+        new_z,
+        "updated",
+        "",
+        new_baseline,
+        loss=loss_value,
+        grad_norm=grad_norm,
+        step_norm=float(np.linalg.norm(new_z - z0)),
+        used=n,
+        dropped_stale=dropped,
+        metrics={"mean_weight": float(weights.mean()) if rl else 1.0},
+    )

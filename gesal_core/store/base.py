@@ -1,0 +1,81 @@
+"""The storage contract the engine relies on.
+
+Every method takes the channel key first: a channel's data is only ever reached through
+its own key, which is what keeps one channel's feedback away from another's adapters.
+All methods are async so a network store never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from ..errors import GesalError
+from ..records import ChannelConfig, FeedbackEvent, Node, NodeUpdate, Reply
+
+
+class UnknownReplyError(GesalError):
+    """A vote or correction names a reply this channel never gave."""
+
+
+class ConflictError(GesalError):
+    """A node changed since it was read (compare-and-set failed)."""
+
+
+@runtime_checkable
+class Store(Protocol):
+    # -- graph ---------------------------------------------------------------------
+    async def load_nodes(self, channel: str) -> list[Node]: ...
+    async def get_node(self, channel: str, node_id: str) -> Node | None: ...
+    async def save_node(self, channel: str, node: Node) -> None:
+        """Write a whole node record, creating or replacing it."""
+        ...
+
+    async def delete_node(self, channel: str, node_id: str) -> None: ...
+    async def set_neighbors(
+        self, channel: str, node_id: str, neighbors: list[tuple[str, float]]
+    ) -> None: ...
+
+    async def observe(self, channel: str, node_id: str, embedding: np.ndarray) -> int:
+        """Atomically fold one prompt embedding into the node's running mean; new count."""
+        ...
+
+    # -- replies and feedback --------------------------------------------------------
+    async def put_reply(self, channel: str, reply: Reply) -> None: ...
+    async def get_reply(self, channel: str, reply_id: str) -> Reply | None: ...
+    async def list_replies(self, channel: str) -> list[Reply]: ...
+    async def link_message(self, channel: str, reply_id: str, message_id: str) -> None: ...
+    async def reply_for_message(self, channel: str, message_id: str) -> str | None: ...
+
+    async def set_vote(self, channel: str, reply_id: str, user: str, value: int | None) -> str:
+        """Record (or retract, with None) a user's vote and append a feedback event.
+
+        Returns the event id once the event is durable. Raises UnknownReplyError.
+        """
+        ...
+
+    async def add_correction(
+        self, channel: str, reply_id: str, user: str, text: str, ids: list[int]
+    ) -> str: ...
+
+    async def pending(self, channel: str, consumer: str, count: int = 1000) -> list[FeedbackEvent]:
+        """Unacknowledged feedback events (including ones a dead consumer left behind)."""
+        ...
+
+    async def pending_count(self, channel: str) -> int: ...
+
+    async def commit(self, channel: str, updates: list[NodeUpdate], event_ids: list[str]) -> None:
+        """Apply node updates (compare-and-set on each version) and ack the events, atomically.
+
+        Raises ConflictError, changing nothing, if any node's version moved.
+        """
+        ...
+
+    # -- channels --------------------------------------------------------------------
+    async def channels(self) -> list[str]: ...
+    async def get_config(self, channel: str) -> ChannelConfig: ...
+    async def set_config(self, channel: str, config: ChannelConfig) -> None: ...
+    async def reset(self, channel: str) -> None: ...
+    async def meta(self, channel: str) -> dict: ...
+    async def set_meta(self, channel: str, **values) -> None: ...

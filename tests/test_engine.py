@@ -1,0 +1,311 @@
+"""Engine behaviour on the tiny model with the in-memory store."""
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gesal_core.engine import Engine, EngineConfig, reply_reward
+from gesal_core.errors import GesalError
+from gesal_core.generate import SamplingConfig
+from gesal_core.guard import GuardConfig
+from gesal_core.learning import LearningConfig, Sample, reinforce_step, sequence_logprobs
+from gesal_core.records import ChannelConfig
+from gesal_core.store import MemoryStore, UnknownReplyError
+from gesal_core.svf import SVFConfig, SVFModel
+
+from .conftest import make_tiny_llama
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def svf(tiny_tokenizer):
+    return SVFModel(make_tiny_llama(len(tiny_tokenizer)), "tiny", SVFConfig(progress=False))
+
+
+def make_engine(svf, tok, threshold=0.85, **kw):
+    cfg = EngineConfig(
+        sampling=SamplingConfig(max_new_tokens=6, temperature=0.9),
+        guard=GuardConfig(enabled=False),
+        channel_defaults=ChannelConfig(threshold=threshold),
+        **kw,
+    )
+    return Engine(svf, tok, MemoryStore(cfg.channel_defaults), cfg, model_name="tiny")
+
+
+def ask(text):
+    return [{"role": "user", "content": text}]
+
+
+def test_routing_threshold_and_running_mean(svf, tiny_tokenizer):
+    async def go():
+        eng = make_engine(svf, tiny_tokenizer, threshold=0.9999)
+        a = await eng.respond("c", ask("hello world"))
+        b = await eng.respond("c", ask("hello world"))
+        c = await eng.respond("c", ask("0123456789 the lazy dog jumps"))
+        assert a.new_node and not b.new_node and b.node_id == a.node_id
+        assert c.new_node and c.node_id != a.node_id
+        node = await eng.store.get_node("c", a.node_id)
+        assert node.count == 2
+        e1 = eng._embed("hello world")
+        assert np.allclose(node.embedding, e1, atol=1e-5)  # mean of two equal embeddings
+        # threshold -1: everything goes to one node; the mean is the exact average
+        eng2 = make_engine(svf, tiny_tokenizer, threshold=-1.0)
+        texts = ["hello world", "fox", "what is the capital of France?"]
+        outs = [await eng2.respond("d", ask(t)) for t in texts]
+        assert len({o.node_id for o in outs}) == 1
+        node = await eng2.store.get_node("d", outs[0].node_id)
+        expected = np.mean([eng2._embed(t) for t in texts], axis=0)
+        assert node.count == 3 and np.allclose(node.embedding, expected, atol=1e-5)
+        eng.close()
+        eng2.close()
+
+    run(go())
+
+
+def test_new_node_inherits_neighbour_z_and_edges(svf, tiny_tokenizer):
+    async def go():
+        eng = make_engine(svf, tiny_tokenizer, threshold=0.9999)
+        a = await eng.respond("c", ask("hello world"))
+        node = await eng.store.get_node("c", a.node_id)
+        assert np.array_equal(node.z, np.ones(svf.z_size, dtype=np.float32))
+        node.z = np.full(svf.z_size, 1.5, dtype=np.float32)
+        await eng.store.save_node("c", node)
+        b = await eng.respond("c", ask("0123456789 fox"))
+        nb = await eng.store.get_node("c", b.node_id)
+        assert np.allclose(nb.z, 1.5)  # its only (positively similar) neighbour's z
+        assert nb.neighbors and nb.neighbors[0][0] == a.node_id
+        na = await eng.store.get_node("c", a.node_id)
+        assert na.neighbors[0][0] == b.node_id
+        eng.close()
+
+    run(go())
+
+
+def test_max_nodes_folds_least_used(svf, tiny_tokenizer):
+    async def go():
+        eng = make_engine(svf, tiny_tokenizer, threshold=0.99999)
+        await eng.configure("c", max_nodes=2)
+        for t in ["hello world", "hello world", "fox 0123", "what is the capital of France?"]:
+            await eng.respond("c", ask(t))
+        nodes = await eng.store.load_nodes("c")
+        assert len(nodes) == 2
+        assert sum(n.count for n in nodes) == 4  # nothing lost: counts were folded in
+        eng.close()
+
+    run(go())
+
+
+def test_votes_last_write_wins_and_aggregate(svf, tiny_tokenizer):
+    async def go():
+        eng = make_engine(svf, tiny_tokenizer)
+        r = await eng.respond("c", ask("hello"))
+        await eng.vote("c", r.reply_id, "ann", 1)
+        await eng.vote("c", r.reply_id, "ann", -1)
+        await eng.vote("c", r.reply_id, "bob", 1)
+        await eng.vote("c", r.reply_id, "cat", 1)
+        await eng.vote("c", r.reply_id, "cat", None)
+        reply = await eng.store.get_reply("c", r.reply_id)
+        assert reply.votes == {"ann": -1, "bob": 1}
+        assert reply_reward(reply.votes, ChannelConfig()) == pytest.approx((-2 + 1) / 2)
+        with pytest.raises(UnknownReplyError):
+            await eng.vote("other-channel", r.reply_id, "ann", 1)
+        with pytest.raises(GesalError):
+            await eng.vote("c", r.reply_id, "ann", 5)
+        eng.close()
+
+    run(go())
+
+
+def test_empty_message_is_a_clear_error(svf, tiny_tokenizer):
+    eng = make_engine(svf, tiny_tokenizer)
+    with pytest.raises(GesalError, match="empty"):
+        run(eng.respond("c", ask("   ")))
+    eng.close()
+
+
+def test_huge_message_is_answered(svf, tiny_tokenizer):
+    eng = make_engine(svf, tiny_tokenizer)
+    out = run(eng.respond("c", ask("fox " * 50_000)))
+    assert out.truncated and out.reply_id
+    eng.close()
+
+
+def _logp(svf, z, sample):
+    with torch.no_grad():
+        return float(sequence_logprobs(svf, torch.from_numpy(z), [sample])[0][0])
+
+
+@pytest.mark.parametrize("reward", [1.0, -2.0])
+def test_reward_sign_moves_logprob(svf, reward):
+    sample = Sample([1, 5, 9, 12, 40], [50, 60, 70, 2], reward=reward)
+    z0 = np.ones(svf.z_size, dtype=np.float32)
+    before = _logp(svf, z0, sample)
+    res = reinforce_step(
+        svf, z0, [sample], baseline=0.0, cfg=LearningConfig(lr=1e-2, inner_steps=3, max_step=5.0)
+    )
+    assert res.status == "updated"
+    after = _logp(svf, res.z, sample)
+    assert (after > before) if reward > 0 else (after < before)
+
+
+def test_no_step_without_signal(svf):
+    sample = Sample([1, 5, 9], [50, 60, 2], reward=1.0)
+    z0 = np.ones(svf.z_size, dtype=np.float32)
+    res = reinforce_step(svf, z0, [sample], baseline=1.0)  # advantage 0
+    assert res.status == "skipped" and res.z is None
+    assert "no signal" in res.reason
+
+
+def test_step_is_bounded(svf):
+    sample = Sample([1, 5, 9], [50, 60, 2], reward=1.0)
+    z0 = np.ones(svf.z_size, dtype=np.float32)
+    res = reinforce_step(svf, z0, [sample], 0.0, LearningConfig(lr=1.0, max_step=0.1))
+    assert res.status == "updated"
+    assert np.linalg.norm(res.z - z0) <= 0.1 + 1e-5
+
+
+def test_nan_rolls_back(svf):
+    z0 = np.ones(svf.z_size, dtype=np.float32)
+    bad = Sample([1, 5, 9], [50, 60, 2], reward=float("nan"))
+    res = reinforce_step(svf, z0, [bad], 0.0)
+    assert res.status == "rolled_back" and res.z is None and "non-finite" in res.reason
+    assert res.baseline == 0.0  # the baseline is not poisoned either
+    poisoned = z0.copy()
+    poisoned[0] = np.inf
+    res = reinforce_step(svf, poisoned, [Sample([1, 5], [50, 2], reward=1.0)], 0.0)
+    assert res.status == "rolled_back" and res.z is None
+
+
+def test_stale_samples_are_dropped(svf):
+    sample = Sample([1, 5, 9], [50, 60, 2], reward=1.0, staleness=100)
+    res = reinforce_step(svf, np.ones(svf.z_size, dtype=np.float32), [sample], 0.0)
+    assert res.status == "skipped" and res.dropped_stale == 1
+
+
+def test_train_commits_and_next_reply_uses_new_z(svf, tiny_tokenizer):
+    async def go():
+        eng = make_engine(svf, tiny_tokenizer, threshold=-1.0)
+        r = await eng.respond("c", ask("hello"))
+        await eng.vote("c", r.reply_id, "ann", 1)
+        assert await eng.pending("c") == 1
+        report = await eng.train()
+        assert report.count("updated") == 1 and report.events == 1
+        assert await eng.pending("c") == 0
+        node = await eng.store.get_node("c", r.node_id)
+        assert node.version == 1 and not np.allclose(node.z, 1.0)
+        r2 = await eng.respond("c", ask("hello"))
+        assert r2.z_version == 1
+        again = await eng.train()  # nothing pending: nothing happens
+        assert again.events == 0
+        eng.close()
+
+    run(go())
+
+
+def test_two_channel_isolation_is_exact(svf, tiny_tokenizer):
+    async def go():
+        eng = make_engine(svf, tiny_tokenizer, threshold=-1.0)
+        a = await eng.respond("A", ask("hello"))
+        b = await eng.respond("B", ask("hello"))
+        before = (await eng.store.get_node("B", b.node_id)).z.copy()
+        for user in ["u1", "u2", "u3"]:
+            await eng.vote("A", a.reply_id, user, -1)
+        await eng.train()
+        after_b = await eng.store.get_node("B", b.node_id)
+        after_a = await eng.store.get_node("A", a.node_id)
+        assert after_a.version == 1
+        assert after_b.version == 0 and np.array_equal(after_b.z, before)
+        prompt = torch.tensor(
+            [b.reply_id and (await eng.store.get_reply("B", b.reply_id)).prompt_ids]
+        )
+        svf.set_merged(torch.from_numpy(after_b.z))
+        logits_b = svf.model(prompt).logits.clone()
+        svf.set_merged(None)
+        assert torch.equal(logits_b, svf.model(prompt).logits)  # B is still the base model
+        eng.close()
+
+    run(go())
+
+
+def test_correction_is_learned_as_demonstration(svf, tiny_tokenizer):
+    async def go():
+        eng = make_engine(svf, tiny_tokenizer, threshold=-1.0)
+        r = await eng.respond("c", ask("hello"))
+        await eng.correct("c", r.reply_id, "ann", "Sure, here is a short answer!")
+        reply = await eng.store.get_reply("c", r.reply_id)
+        demo = Sample(reply.prompt_ids, reply.corrections[0]["ids"])
+        before = _logp(svf, np.ones(svf.z_size, dtype=np.float32), demo)
+        report = await eng.train()
+        reps = report.channels["c"]
+        assert reps[0].status == "updated" and reps[0].corrections == 1
+        node = await eng.store.get_node("c", r.node_id)
+        assert _logp(svf, node.z, demo) > before
+        with pytest.raises(GesalError):
+            await eng.correct("c", r.reply_id, "ann", "  ")
+        eng.close()
+
+    run(go())
+
+
+def test_export_import_round_trip_is_exact_and_byte_stable(svf, tiny_tokenizer):
+    async def go():
+        eng = make_engine(svf, tiny_tokenizer, threshold=0.9999)
+        r = await eng.respond("c", ask("hello"))
+        await eng.respond("c", ask("fox 0123"))
+        await eng.vote("c", r.reply_id, "ann", 1)
+        await eng.train()
+        await eng.configure("c", threshold=0.7)
+        data = await eng.export("c")
+        text = Engine.dumps(data)
+        assert Engine.dumps(await eng.export("c")) == text  # byte-stable
+        await eng.import_graph("copy", json.loads(text))
+        copy = await eng.export("copy")
+        copy["channel"] = "c"
+        assert Engine.dumps(copy) == text  # exact, z vectors included
+        node = await eng.store.get_node("copy", r.node_id)
+        assert node.version == 1 and (await eng.store.get_config("copy")).threshold == 0.7
+        with pytest.raises(GesalError, match="not a gesal-bot"):
+            await eng.import_graph("x", {"nodes": []})
+        bad = json.loads(text)
+        bad["model"]["z_size"] = 3
+        with pytest.raises(GesalError, match="SVF components"):
+            await eng.import_graph("x", bad)
+        eng.close()
+
+    run(go())
+
+
+def test_exploration_widens_on_downvotes_and_narrows_back(svf, tiny_tokenizer):
+    eng = make_engine(svf, tiny_tokenizer)
+    from gesal_core.records import Node
+
+    node = Node("n", np.zeros(4, np.float32), np.ones(svf.z_size, np.float32))
+    assert eng._explore(node).temperature == pytest.approx(0.9)
+    node.recent = [-2.0] * 8
+    hot = eng._explore(node).temperature
+    assert hot == pytest.approx(eng.config.explore_max_temperature)
+    node.recent = [-2.0] * 4 + [1.0] * 4
+    assert eng._explore(node).temperature == pytest.approx(0.9)
+    eng.close()
+
+
+def test_downvoted_answer_is_not_repeated(svf, tiny_tokenizer):
+    async def go():
+        eng = make_engine(svf, tiny_tokenizer, threshold=-1.0, max_resamples=8)
+        r = await eng.respond("c", ask("hello"))
+        await eng.vote("c", r.reply_id, "ann", -1)
+        await eng.train()
+        node = await eng.store.get_node("c", r.node_id)
+        assert " ".join(r.text.lower().split()) in node.downvoted
+        outs = [await eng.respond("c", ask("hello")) for _ in range(5)]
+        repeats = sum(o.text == r.text for o in outs)
+        assert repeats <= 1  # resampling avoids it (bounded tries may rarely fail)
+        eng.close()
+
+    run(go())
