@@ -177,8 +177,12 @@ class Engine:
         return out, float(lp[0])
 
     # -- respond ------------------------------------------------------------------------
-    async def respond(self, channel: str, messages: list[dict]) -> ReplyOut:
-        """Answer the last message of ``messages`` (oldest first) in ``channel``."""
+    async def respond(self, channel: str, messages: list[dict], record: bool = True) -> ReplyOut:
+        """Answer the last message of ``messages`` (oldest first) in ``channel``.
+
+        ``record=False`` answers exactly as the channel would but changes nothing (no
+        node created or counted, no reply stored): evaluation uses it on held-out prompts.
+        """
         if not messages or not str(messages[-1].get("content", "")).strip():
             raise GesalError("there is no question to answer: the message is empty")
         messages = [
@@ -188,12 +192,13 @@ class Engine:
         start = time.perf_counter()
         question = messages[-1]["content"]
         emb = await self.worker.run(self._embed, question)
-        node, new, sim = await self._route(channel, emb)
-        await self.store.observe(channel, node.node_id, emb)
+        node, new, sim = await self._route(channel, emb, create=record)
+        if record:
+            await self.store.observe(channel, node.node_id, emb)
         cfg = self.config
         sampling = self._explore(node)
         prompt = build_prompt(self.tokenizer, messages, cfg.system, cfg.max_prompt_tokens)
-        key = (channel, node.node_id, node.version)
+        key = (channel, node.node_id, node.version) if record or not new else None
         out, logprob = await self.worker.run(
             self._generate, prompt, node.z, key, sampling, set(node.downvoted)
         )
@@ -207,7 +212,8 @@ class Engine:
             z_version=node.version,
             logprob=logprob,
         )
-        await self.store.put_reply(channel, reply)
+        if record:
+            await self.store.put_reply(channel, reply)
         return ReplyOut(
             reply.reply_id,
             out.text,
@@ -238,7 +244,9 @@ class Engine:
             base.repetition_penalty,
         )
 
-    async def _route(self, channel: str, emb: np.ndarray) -> tuple[Node, bool, float]:
+    async def _route(
+        self, channel: str, emb: np.ndarray, create: bool = True
+    ) -> tuple[Node, bool, float]:
         async with self._channel_locks[channel]:  # two new prompts must not race to create
             nodes = await self.store.load_nodes(channel)
             cfg = await self.store.get_config(channel)
@@ -247,6 +255,9 @@ class Engine:
             by_id = {n.node_id: n for n in nodes}
             if route.node_id is not None:
                 return by_id[route.node_id], False, route.similarity
+            if not create:  # what a new node would start from, without storing it
+                z = graph.initial_z(index, by_id, emb, self.svf.z_size)
+                return Node("(new)", emb.copy(), z), True, route.similarity
             if len(nodes) >= cfg.max_nodes:
                 await self._fold_least_used(channel, nodes, index)
                 nodes = await self.store.load_nodes(channel)

@@ -1,0 +1,811 @@
+"""Simulated communities and learning curves: does the bot really learn from votes?
+
+A `Task` is a community: training prompts it asks, held-out prompts it never asks during
+training, and the rule by which a member votes on an answer. A method (``none``,
+``gesal``, ``svf-single``, ``lora``) runs the same loop under the same vote budget:
+
+    repeat: ask `batch` training prompts -> one member votes on each answer
+            -> train on the buffered votes
+    at each checkpoint: answer the held-out prompts (without recording them) and measure
+            compliance next to answer quality (on-topic rate, degenerate rate, reference NLL)
+
+Learning typically starts only when the first 👍 arrives, so every figure is reported per
+seed and as the median over seeds.
+
+User tasks: ``--task path/to/file.py:Name`` where ``Name`` is a `Task` instance, or a
+class / zero-argument function returning one. See the README for the interface.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import logging
+import random
+import re
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .engine import Engine, EngineConfig
+from .generate import SamplingConfig, build_prompt, embed, generate
+from .guard import GuardConfig, degenerate_reason
+from .learning import Sample, sequence_logprobs
+from .records import ChannelConfig
+from .store import MemoryStore
+from .svf import SVFModel
+
+log = logging.getLogger(__name__)
+METHODS = ("none", "gesal", "svf-single", "lora")
+ON_TOPIC_MIN = 0.5  # cosine(question, answer) under the base embedding
+
+
+# -- tasks -------------------------------------------------------------------------------
+@dataclass
+class Task:
+    """A simulated community. ``complies(prompt, answer)`` is what a member wants."""
+
+    name: str
+    description: str
+    train: list[str]
+    heldout: list[str]
+    complies: Callable[[str, str], bool]
+    constant_answer_level: float | None = None  # best score of one constant answer
+    predict: Callable[[str], str] | None = None  # what the answer "says", for distributions
+
+    def vote(self, prompt: str, answer: str) -> int:
+        return 1 if self.complies(prompt, answer) else -1
+
+
+QUESTIONS = [
+    "What is the capital of Canada?",
+    "Explain photosynthesis.",
+    "How do vaccines work?",
+    "What is a black hole?",
+    "Why is the sky blue?",
+    "How do I make tea?",
+    "What is Python used for?",
+    "What causes earthquakes?",
+    "How does a rainbow form?",
+    "What is the tallest mountain on Earth?",
+    "Why do leaves change color in autumn?",
+    "What is machine learning?",
+    "How do airplanes fly?",
+    "What is the water cycle?",
+    "Why do we need sleep?",
+    "What is inflation in economics?",
+    "How do bees make honey?",
+    "What is the speed of light?",
+    "What is DNA?",
+    "How does the heart pump blood?",
+    "Why is the ocean salty?",
+    "What are clouds made of?",
+    "How do magnets work?",
+    "What is gravity?",
+]
+HELDOUT_QUESTIONS = [
+    "What is the capital of Japan?",
+    "How do plants grow?",
+    "What is a volcano?",
+    "Why do cats purr?",
+    "How does the internet work?",
+    "What is electricity?",
+    "What is the largest planet?",
+    "How do fish breathe?",
+    "What is climate change?",
+    "Why is exercise healthy?",
+    "What is a comet?",
+    "How are mountains formed?",
+]
+CREATIVE = [
+    "Write a short poem about autumn.",
+    "Tell me a story about a dragon.",
+    "Describe the ocean.",
+    "Write a poem about the moon.",
+    "Tell me a story about a robot.",
+    "Describe a forest at night.",
+    "Write a poem about rain.",
+    "Tell me a story about a king.",
+    "Describe a busy city street.",
+    "Write a poem about friendship.",
+    "Tell me a story about a lost cat.",
+    "Describe a summer morning.",
+]
+CREATIVE_HELDOUT = [
+    "Write a poem about the stars.",
+    "Tell me a story about a pirate.",
+    "Describe a snowy mountain.",
+    "Write a poem about the sea.",
+    "Tell me a story about a wizard.",
+    "Describe a quiet library.",
+]
+_EMOJI = re.compile("[\U0001f300-\U0001faff\u2600-\u27bf]")
+WORDS = [
+    "strawberry",
+    "carrot",
+    "mirror",
+    "barrier",
+    "error",
+    "river",
+    "current",
+    "parrot",
+    "territory",
+    "arrow",
+    "corridor",
+    "horror",
+    "drawer",
+    "ferry",
+    "orbit",
+    "tractor",
+    "rare",
+    "bread",
+    "cherry",
+    "garden",
+    "sorry",
+    "terror",
+    "word",
+    "narrow",
+]
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def _first_int(text: str) -> str:
+    m = re.search(r"\d+", text)
+    return m.group(0) if m else "-"
+
+
+def brevity() -> Task:
+    return Task(
+        "brevity",
+        "members want answers of at most 15 words",
+        QUESTIONS,
+        HELDOUT_QUESTIONS,
+        lambda p, a: 0 < _words(a) <= 15,
+        predict=lambda a: f"{min(_words(a) // 10 * 10, 50)}+ words",
+    )
+
+
+def emoji() -> Task:
+    return Task(
+        "emoji",
+        "members want an emoji in every answer",
+        QUESTIONS,
+        HELDOUT_QUESTIONS,
+        lambda p, a: bool(_EMOJI.search(a)),
+        predict=lambda a: "emoji" if _EMOJI.search(a) else "none",
+    )
+
+
+def opener() -> Task:
+    return Task(
+        "opener",
+        "members want answers that start with 'Sure'",
+        QUESTIONS,
+        HELDOUT_QUESTIONS,
+        lambda p, a: a.strip().lower().startswith("sure"),
+        predict=lambda a: (a.split() or ["-"])[0][:12],
+    )
+
+
+def no_markdown() -> Task:
+    def plain(p: str, a: str) -> bool:
+        return bool(a.strip()) and not re.search(r"(\*\*|^#|^\s*(\d+\.|[-*•])\s)", a, re.M)
+
+    return Task(
+        "plain",
+        "members want plain prose: no lists, headings or bold",
+        QUESTIONS,
+        HELDOUT_QUESTIONS,
+        plain,
+        predict=lambda a: "plain" if plain("", a) else "md",
+    )
+
+
+def counting() -> Task:
+    def count_task(words: list[str]) -> list[str]:
+        return [f"How many r's are in the word '{w}'?" for w in words]
+
+    def correct(p: str, a: str) -> bool:
+        word = re.search(r"'(\w+)'", p).group(1)
+        return _first_int(a) == str(word.count("r"))
+
+    held = WORDS[16:]
+    counts = Counter(w.count("r") for w in held)
+    return Task(
+        "counting",
+        "the GESAL paper's task: count the r's in a word",
+        count_task(WORDS[:16]),
+        count_task(held),
+        correct,
+        constant_answer_level=max(counts.values()) / len(held),
+        predict=_first_int,
+    )
+
+
+def two_cluster() -> Task:
+    """One channel, two prompt clusters wanting opposite things: routing must separate them."""
+    creative = set(CREATIVE + CREATIVE_HELDOUT)
+
+    def wants(p: str, a: str) -> bool:
+        return _words(a) >= 30 if p in creative else 0 < _words(a) <= 15
+
+    return Task(
+        "two-cluster",
+        "facts: <= 15 words; creative requests: >= 30 words",
+        QUESTIONS[:12] + CREATIVE,
+        HELDOUT_QUESTIONS[:6] + CREATIVE_HELDOUT,
+        wants,
+    )
+
+
+BUILTIN: dict[str, Callable[[], Task]] = {
+    "brevity": brevity,
+    "emoji": emoji,
+    "opener": opener,
+    "plain": no_markdown,
+    "counting": counting,
+    "two-cluster": two_cluster,
+}
+
+
+def load_task(spec: str) -> Task:
+    """A built-in name, or ``path/to/file.py:Name`` (a Task, a class or a factory)."""
+    if spec in BUILTIN:
+        return BUILTIN[spec]()
+    path, _, name = spec.rpartition(":")
+    if not path or not name:
+        raise ValueError(f"unknown task {spec!r}: use one of {sorted(BUILTIN)} or file.py:Name")
+    module_path = Path(path)
+    if not module_path.is_file():
+        raise ValueError(f"task file not found: {module_path}")
+    mod_spec = importlib.util.spec_from_file_location(
+        f"gesal_user_task_{module_path.stem}", module_path
+    )
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    obj = getattr(module, name, None)
+    if obj is None:
+        raise ValueError(f"{module_path} has no {name!r}")
+    task = obj() if callable(obj) and not isinstance(obj, Task) else obj
+    for attr in ("name", "train", "heldout", "complies"):
+        if not hasattr(task, attr):
+            raise ValueError(f"{spec}: a task needs {attr!r} (see README, 'Your own task')")
+    if not hasattr(task, "vote"):
+        task.vote = lambda p, a: 1 if task.complies(p, a) else -1  # type: ignore[attr-defined]
+    return task
+
+
+# -- learners: one interface over the compared methods -----------------------------------
+class Learner:
+    """What the loop needs from a method: answer, take votes, train."""
+
+    async def ask(self, prompts: list[str], record: bool = True) -> list[tuple[str, str]]:
+        """(handle, answer) per prompt; handles of recorded answers can be voted on."""
+        raise NotImplementedError
+
+    async def vote(self, handle: str, user: str, value: int) -> None:
+        raise NotImplementedError
+
+    async def train(self) -> dict:
+        return {"updated": 0, "skipped": 0, "rolled_back": 0}
+
+    def current_z(self, prompt: str) -> torch.Tensor | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class EngineLearner(Learner):
+    """GESAL (graph + SVF) and svf-single (θ = -1: every prompt shares one node)."""
+
+    def __init__(
+        self,
+        svf: SVFModel,
+        tokenizer,
+        engine_config: EngineConfig,
+        single: bool,
+        frozen: bool = False,
+    ):
+        defaults = engine_config.channel_defaults
+        if single:
+            defaults = ChannelConfig(
+                threshold=-1.0, reward_up=defaults.reward_up, reward_down=defaults.reward_down
+            )
+        cfg = EngineConfig(**{**engine_config.__dict__, "channel_defaults": defaults})
+        self.engine = Engine(svf, tokenizer, MemoryStore(defaults), cfg, model_name="eval")
+        self.frozen = frozen
+        self.channel = "eval"
+
+    async def ask(self, prompts, record=True):
+        outs = await asyncio.gather(
+            *[
+                self.engine.respond(self.channel, [{"role": "user", "content": p}], record=record)
+                for p in prompts
+            ]
+        )
+        return [(o.reply_id, o.text) for o in outs]
+
+    async def vote(self, handle, user, value):
+        await self.engine.vote(self.channel, handle, user, value)
+
+    async def train(self):
+        if self.frozen:
+            return {"updated": 0, "skipped": 0, "rolled_back": 0}
+        report = await self.engine.train(self.channel)
+        return {s: report.count(s) for s in ("updated", "skipped", "rolled_back")}
+
+    def close(self):
+        self.engine.close()
+
+
+class LoraLearner(Learner):
+    """PEFT LoRA r=8 on the same modules, trained by the same REINFORCE objective."""
+
+    def __init__(
+        self,
+        model_factory: Callable[[], torch.nn.Module],
+        tokenizer,
+        engine_config: EngineConfig,
+        target_leaves: list[str],
+    ):
+        from peft import LoraConfig, get_peft_model
+
+        self.tokenizer = tokenizer
+        self.cfg = engine_config
+        self.model = get_peft_model(
+            model_factory(),
+            LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=target_leaves),
+        )
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.Adam(self.params, lr=engine_config.learning.lr)
+        self.baseline = 0.0
+        self.replies: dict[str, tuple[list[int], list[int], str]] = {}
+        self.votes: dict[str, int] = {}
+        self.n = 0
+
+    async def ask(self, prompts, record=True):
+        built = [
+            build_prompt(self.tokenizer, [{"role": "user", "content": p}], self.cfg.system)
+            for p in prompts
+        ]
+        self.model.eval()
+        outs = generate(self.model, self.tokenizer, built, self.cfg.sampling)
+        result = []
+        for p, o in zip(prompts, outs, strict=True):
+            self.n += 1
+            handle = f"lora-{self.n}"
+            if record:
+                self.replies[handle] = (o.prompt_ids, o.response_ids, p)
+            result.append((handle, o.text))
+        return result
+
+    async def vote(self, handle, user, value):
+        self.votes[handle] = value
+
+    async def train(self):
+        lc = self.cfg.learning
+        defaults = self.cfg.channel_defaults
+        samples = []
+        for handle, v in self.votes.items():
+            prompt_ids, response_ids, _ = self.replies[handle]
+            r = defaults.reward_up if v > 0 else defaults.reward_down
+            samples.append(Sample(prompt_ids, response_ids, reward=r))
+        self.votes.clear()
+        if not samples:
+            return {"updated": 0, "skipped": 0, "rolled_back": 0}
+        from .learning import advantages
+
+        self.baseline = advantages(samples, self.baseline, lc)
+        if max(abs(s.advantage) for s in samples) < lc.min_advantage:
+            return {"updated": 0, "skipped": 1, "rolled_back": 0}
+        from .learning import _batch
+
+        self.model.train()
+        for _ in range(lc.inner_steps):
+            ids, attn, resp = _batch(samples, lc.max_tokens, self.tokenizer.pad_token_id or 0)
+            logits = self.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+            logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            logp = (logp * resp[:, 1:]).sum(-1)
+            adv = torch.tensor([s.advantage for s in samples])
+            loss = -(adv * logp).sum() / len(samples)
+            self.opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, lc.max_grad_norm)
+            self.opt.step()
+        self.model.eval()
+        return {"updated": 1, "skipped": 0, "rolled_back": 0}
+
+
+# -- the loop ----------------------------------------------------------------------------
+@dataclass
+class EvalConfig:
+    task: str = "brevity"
+    methods: tuple[str, ...] = ("none", "gesal", "lora")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    budget: int = 64
+    checkpoints: tuple[int, ...] = (0, 16, 32, 64)
+    batch: int = 8  # votes between training runs
+    heldout: int = 12
+    max_new_tokens: int = 48
+    members: int = 5
+    out: str = "eval-results"
+
+
+@dataclass
+class Checkpoint:
+    votes: int
+    compliance: float
+    on_topic: float
+    degenerate: float
+    ref_nll: float
+    predictions: dict
+    samples: list[str]
+
+
+@dataclass
+class RunResult:
+    task: str
+    method: str
+    seed: int
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    trains: int = 0  # training runs (each may update several nodes)
+    updates: int = 0  # node updates committed
+    skipped: int = 0
+    rolled_back: int = 0
+    first_upvote: int | None = None
+    seconds_per_vote: float = 0.0
+    seconds_per_update: float = 0.0
+
+
+class Harness:
+    """Holds the model once and runs every (method, seed) of a task on it."""
+
+    def __init__(
+        self,
+        svf: SVFModel,
+        tokenizer,
+        engine_config: EngineConfig,
+        model_factory: Callable[[], torch.nn.Module] | None = None,
+    ):
+        self.svf, self.tokenizer, self.cfg = svf, tokenizer, engine_config
+        self.model_factory = model_factory
+        self._ref: dict[tuple[str, ...], list[Sample]] = {}
+
+    def _learner(self, method: str) -> Learner:
+        if method in ("none", "gesal"):
+            return EngineLearner(
+                self.svf, self.tokenizer, self.cfg, single=False, frozen=method == "none"
+            )
+        if method == "svf-single":
+            return EngineLearner(self.svf, self.tokenizer, self.cfg, single=True)
+        if method == "lora":
+            if self.model_factory is None:
+                raise ValueError("the lora method needs a model factory")
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in self.svf.layers})
+            return LoraLearner(self.model_factory, self.tokenizer, self.cfg, leaves)
+        raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
+
+    def _reference(self, prompts: list[str]) -> list[Sample]:
+        """The base model's greedy answers: reference NLL measures drift away from them."""
+        key = tuple(prompts)
+        if key not in self._ref:
+            built = [
+                build_prompt(self.tokenizer, [{"role": "user", "content": p}], self.cfg.system)
+                for p in prompts
+            ]
+            with self.svf.factored(self.svf.ones().expand(len(built), -1)):
+                outs = generate(
+                    self.svf.model,
+                    self.tokenizer,
+                    built,
+                    SamplingConfig(max_new_tokens=self.cfg.sampling.max_new_tokens, temperature=0),
+                )
+            self._ref[key] = [Sample(o.prompt_ids, o.response_ids) for o in outs]
+        return self._ref[key]
+
+    @torch.inference_mode()
+    def _quality(self, prompts: list[str], answers: list[str]) -> tuple[float, float]:
+        with self.svf.factored(self.svf.ones()):
+            q = embed(self.svf.model, self.tokenizer, prompts)
+            a = embed(self.svf.model, self.tokenizer, [x or "." for x in answers])
+        sims = (q * a).sum(-1).numpy()
+        on_topic = float(np.mean(sims >= ON_TOPIC_MIN))
+        degenerate = float(np.mean([degenerate_reason(x) is not None for x in answers]))
+        return on_topic, degenerate
+
+    @torch.inference_mode()
+    def _ref_nll(
+        self, learner: Learner, prompts: list[str], nodes=None, threshold: float = 0.0
+    ) -> float:
+        """Mean per-token NLL of the base model's own answers under the learned policy."""
+        from . import graph
+        from .learning import _batch
+
+        refs = self._reference(prompts)
+        if isinstance(learner, LoraLearner):
+            ids, attn, resp = _batch(refs, 512, self.tokenizer.pad_token_id or 0)
+            logits = learner.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+            lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            mask = resp[:, 1:]
+            return float(-(lp * mask).sum() / mask.sum())
+        engine = learner.engine  # type: ignore[attr-defined]
+        index = graph.GraphIndex.build(nodes or [])
+        by_id = {n.node_id: n for n in nodes or []}
+        total, count = 0.0, 0
+        for p, ref in zip(prompts, refs, strict=True):
+            emb = engine._embed(p)
+            route = graph.route(index, emb, threshold)
+            z = (
+                by_id[route.node_id].z
+                if route.node_id
+                else graph.initial_z(index, by_id, emb, self.svf.z_size)
+            )
+            lp, n = sequence_logprobs(self.svf, torch.from_numpy(z), [ref])
+            total += float(-lp[0])
+            count += int(n[0])
+        return total / max(count, 1)
+
+    async def checkpoint(self, task: Task, learner: Learner, votes: int, seed: int) -> Checkpoint:
+        prompts = task.heldout
+        torch.manual_seed(10_000 + seed)
+        answers = [a for _, a in await learner.ask(prompts, record=False)]
+        compliance = float(
+            np.mean([task.complies(p, a) for p, a in zip(prompts, answers, strict=True)])
+        )
+        nodes, threshold = None, 0.0
+        if isinstance(learner, EngineLearner):  # model work stays on the engine's thread
+            on_model_thread = learner.engine.worker.run
+            nodes = await learner.engine.store.load_nodes(learner.channel)
+            threshold = (await learner.engine.store.get_config(learner.channel)).threshold
+        else:
+            on_model_thread = asyncio.to_thread
+        on_topic, degenerate = await on_model_thread(self._quality, prompts, answers)
+        ref_nll = await on_model_thread(self._ref_nll, learner, prompts, nodes, threshold)
+        predict = getattr(task, "predict", None) or (lambda a: a.split()[0] if a else "-")
+        preds = Counter(predict(a) for a in answers)
+        return Checkpoint(
+            votes,
+            compliance,
+            on_topic,
+            degenerate,
+            ref_nll,
+            dict(preds.most_common(6)),
+            [f"{p} -> {a[:120]}" for p, a in zip(prompts[:3], answers[:3], strict=True)],
+        )
+
+    async def run(
+        self,
+        task: Task,
+        method: str,
+        seed: int,
+        ec: EvalConfig,
+        progress: Callable[[str], None] = print,
+    ) -> RunResult:
+        random.seed(seed)
+        torch.manual_seed(seed)
+        rng = random.Random(seed)
+        learner = self._learner(method)
+        result = RunResult(task.name, method, seed)
+        vote_time = update_time = 0.0
+        votes = 0
+        try:
+            if 0 in ec.checkpoints:
+                result.checkpoints.append(await self.checkpoint(task, learner, 0, seed))
+            if method == "none":  # the base model does not change: one checkpoint stands
+                base = result.checkpoints[0] if result.checkpoints else None
+                for c in ec.checkpoints:
+                    if c and base:
+                        result.checkpoints.append(Checkpoint(**{**asdict(base), "votes": c}))
+                return result
+            while votes < ec.budget:
+                prompts = [rng.choice(task.train) for _ in range(min(ec.batch, ec.budget - votes))]
+                t0 = time.perf_counter()
+                answers = await learner.ask(prompts)
+                for (handle, answer), prompt in zip(answers, prompts, strict=True):
+                    v = task.vote(prompt, answer)
+                    if v > 0 and result.first_upvote is None:
+                        result.first_upvote = votes + 1
+                    await learner.vote(handle, f"member{rng.randrange(ec.members)}", v)
+                    votes += 1
+                vote_time += time.perf_counter() - t0
+                t1 = time.perf_counter()
+                counts = await learner.train()
+                result.trains += 1
+                update_time += time.perf_counter() - t1
+                result.updates += counts["updated"]
+                result.skipped += counts["skipped"]
+                result.rolled_back += counts["rolled_back"]
+                if votes in ec.checkpoints:
+                    cp = await self.checkpoint(task, learner, votes, seed)
+                    result.checkpoints.append(cp)
+                    progress(
+                        f"  {task.name}/{method}/seed {seed}: {votes} votes -> compliance "
+                        f"{cp.compliance:.0%}, on-topic {cp.on_topic:.0%}, degenerate "
+                        f"{cp.degenerate:.0%}, ref NLL {cp.ref_nll:.2f}"
+                    )
+        finally:
+            learner.close()
+        result.seconds_per_vote = vote_time / max(votes, 1)
+        result.seconds_per_update = update_time / max(
+            result.updates + result.skipped + result.rolled_back, 1
+        )
+        return result
+
+
+def summarise(results: list[RunResult], checkpoints: tuple[int, ...]) -> list[dict]:
+    """Median over seeds per (method, checkpoint)."""
+    rows = []
+    for method in dict.fromkeys(r.method for r in results):
+        runs = [r for r in results if r.method == method]
+        for c in checkpoints:
+            cps = [cp for r in runs for cp in r.checkpoints if cp.votes == c]
+            if not cps:
+                continue
+            rows.append(
+                {
+                    "method": method,
+                    "votes": c,
+                    "compliance": statistics.median(cp.compliance for cp in cps),
+                    "on_topic": statistics.median(cp.on_topic for cp in cps),
+                    "degenerate": statistics.median(cp.degenerate for cp in cps),
+                    "ref_nll": statistics.median(cp.ref_nll for cp in cps),
+                    "per_seed": [round(cp.compliance, 3) for cp in cps],
+                }
+            )
+    return rows
+
+
+def markdown(task: Task, rows: list[dict], results: list[RunResult]) -> str:
+    lines = [
+        f"### Task `{task.name}`: {task.description}",
+        "",
+        "| method | votes | compliance (median) | per seed | on-topic | degenerate | ref NLL |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        seeds = ", ".join(f"{x:.0%}" for x in r["per_seed"])
+        lines.append(
+            f"| {r['method']} | {r['votes']} | {r['compliance']:.0%} | {seeds} | "
+            f"{r['on_topic']:.0%} | {r['degenerate']:.0%} | {r['ref_nll']:.2f} |"
+        )
+    if getattr(task, "constant_answer_level", None) is not None:
+        lines.append(f"\nA constant answer would score {task.constant_answer_level:.0%}.")
+    lines.append(
+        "\n| method | seed | first 👍 at vote | updates | skipped | rolled back | "
+        "s/vote | s/update |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        if r.method == "none":
+            continue
+        lines.append(
+            f"| {r.method} | {r.seed} | {r.first_upvote or '-'} | {r.updates} | "
+            f"{r.skipped} | {r.rolled_back} | {r.seconds_per_vote:.2f} | "
+            f"{r.seconds_per_update:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(task: Task, rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        rs = [r for r in rows if r["method"] == method]
+        xs = [r["votes"] for r in rs]
+        axes[0].plot(xs, [r["compliance"] for r in rs], marker="o", label=method)
+        axes[1].plot(xs, [r["on_topic"] for r in rs], marker="o", label=method)
+        axes[2].plot(xs, [r["degenerate"] for r in rs], marker="o", label=method)
+    for ax, title in zip(
+        axes, ["held-out compliance", "on-topic rate", "degenerate rate"], strict=True
+    ):
+        ax.set_title(title)
+        ax.set_xlabel("votes")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"{task.name}: median of seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- command line ------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--task",
+        default="brevity",
+        help=f"built-in task ({', '.join(BUILTIN)}) or path/to/file.py:Name",
+    )
+    p.add_argument(
+        "--methods", default="none,gesal,lora", help=f"comma-separated, from {', '.join(METHODS)}"
+    )
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (median over them)")
+    p.add_argument("--budget", type=int, default=64, help="votes per run")
+    p.add_argument("--checkpoints", default="0,16,32,64", help="vote counts to evaluate at")
+    p.add_argument("--batch", type=int, default=8, help="votes between training runs")
+    p.add_argument("--heldout", type=int, default=12, help="held-out prompts used")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--out", default="eval-results", help="folder for JSON, markdown and PNG")
+    p.add_argument("--model", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-guard", action="store_true", help="disable the collapse guard")
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in s.split(",") if x.strip())
+
+
+def run(args: argparse.Namespace) -> int:
+    """`gesal-bot eval`: run the harness and write results; returns an exit code."""
+    from .model import load_model
+    from .svf import SVFConfig
+
+    ec = EvalConfig(
+        task=args.task,
+        methods=tuple(m.strip() for m in args.methods.split(",")),
+        seeds=_ints(args.seeds),
+        budget=args.budget,
+        checkpoints=_ints(args.checkpoints),
+        batch=args.batch,
+        heldout=args.heldout,
+        max_new_tokens=args.max_new_tokens,
+        out=args.out,
+    )
+    bad = [m for m in ec.methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown method(s) {bad}; use {', '.join(METHODS)}")
+    task = load_task(ec.task)
+    task.heldout = list(task.heldout)[: ec.heldout]
+    lm = load_model(args.model, device=args.device)
+    svf = SVFModel(lm.model, lm.name, SVFConfig())
+    cfg = EngineConfig(
+        sampling=SamplingConfig(max_new_tokens=ec.max_new_tokens),
+        guard=GuardConfig(enabled=not args.no_guard),
+    )
+
+    def factory():
+        return load_model(args.model, device=args.device, progress=False).model
+
+    harness = Harness(svf, lm.tokenizer, cfg, model_factory=factory)
+    results = []
+    for method in ec.methods:
+        for seed in ec.seeds:
+            print(f"{task.name} / {method} / seed {seed} ...", flush=True)
+            results.append(asyncio.run(harness.run(task, method, seed, ec)))
+    rows = summarise(results, ec.checkpoints)
+    out = Path(ec.out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown(task, rows, results)
+    stem = f"eval-{task.name}"
+    (out / f"{stem}.md").write_text(md)
+    (out / f"{stem}.json").write_text(
+        json.dumps(
+            {
+                "config": asdict(ec),
+                "model": lm.name,
+                "summary": rows,
+                "runs": [asdict(r) for r in results],
+            },
+            indent=1,
+        )
+    )
+    plot(task, rows, out / f"{stem}.png")
+    print(md)
+    print(f"written: {out / stem}.json, .md, .png")
+    return 0

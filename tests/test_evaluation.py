@@ -1,0 +1,95 @@
+import argparse
+import json
+
+import pytest
+
+from gesal_core import evaluation
+from gesal_core.evaluation import BUILTIN, load_task
+
+
+def test_builtin_tasks_have_sane_rules():
+    assert set(BUILTIN) >= {"brevity", "emoji", "opener", "counting", "two-cluster"}
+    b = load_task("brevity")
+    assert b.vote("q", "Ottawa is the capital.") == 1
+    assert b.vote("q", " ".join(["word"] * 40)) == -1
+    assert b.vote("q", "") == -1
+    assert load_task("emoji").complies("q", "Paris 🇫🇷 is nice 😀")
+    assert load_task("opener").complies("q", "Sure! Paris.")
+    c = load_task("counting")
+    assert c.complies("How many r's are in the word 'strawberry'?", "There are 3 r's.")
+    assert not c.complies("How many r's are in the word 'strawberry'?", "2")
+    assert 0 < c.constant_answer_level < 1
+    tc = load_task("two-cluster")
+    poem = "Write a poem about the stars."
+    assert tc.complies(poem, " ".join(["star"] * 40)) and not tc.complies(poem, "Stars.")
+    assert set(tc.train).isdisjoint(tc.heldout)
+    for task in (b, c, tc):
+        assert set(task.train).isdisjoint(task.heldout)
+
+
+def test_user_task_from_file(tmp_path):
+    f = tmp_path / "mytask.py"
+    f.write_text(
+        "class Shout:\n"
+        "    name = 'shout'\n"
+        "    description = 'all caps'\n"
+        "    train = ['say hi']\n"
+        "    heldout = ['say bye']\n"
+        "    def complies(self, prompt, answer):\n"
+        "        return answer.isupper()\n"
+    )
+    task = load_task(f"{f}:Shout")
+    assert task.name == "shout" and task.vote("p", "HI") == 1 and task.vote("p", "hi") == -1
+    with pytest.raises(ValueError, match="has no"):
+        load_task(f"{f}:Missing")
+    with pytest.raises(ValueError, match="unknown task"):
+        load_task("no-such-task")
+
+
+def test_eval_command_end_to_end_on_tiny_model(tiny_llama, tiny_tokenizer, tmp_path, capsys):
+    folder = tmp_path / "tiny"
+    tiny_llama.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    parser = argparse.ArgumentParser()
+    evaluation.add_arguments(parser)
+    out = tmp_path / "out"
+    args = parser.parse_args(
+        [
+            "--model",
+            str(folder),
+            "--task",
+            "brevity",
+            "--methods",
+            "none,gesal,svf-single,lora",
+            "--seeds",
+            "0,1",
+            "--budget",
+            "8",
+            "--checkpoints",
+            "0,4,8",
+            "--batch",
+            "4",
+            "--heldout",
+            "3",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(out),
+            "--no-guard",
+        ]
+    )
+    assert evaluation.run(args) == 0
+    data = json.loads((out / "eval-brevity.json").read_text())
+    runs = data["runs"]
+    assert {(r["method"], r["seed"]) for r in runs} == {
+        (m, s) for m in ("none", "gesal", "svf-single", "lora") for s in (0, 1)
+    }
+    for r in runs:
+        assert [c["votes"] for c in r["checkpoints"]] == [0, 4, 8]
+        if r["method"] != "none":
+            assert r["trains"] == 2  # one training run per batch of 4 votes
+            assert r["updates"] + r["skipped"] + r["rolled_back"] >= 2
+    summary = {(row["method"], row["votes"]) for row in data["summary"]}
+    assert ("gesal", 8) in summary and ("lora", 0) in summary
+    assert (out / "eval-brevity.png").stat().st_size > 1000
+    assert "| gesal | 8 |" in (out / "eval-brevity.md").read_text()
