@@ -18,14 +18,14 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import torch
 
 from . import graph
 from .errors import GesalError
-from .generate import Prompt, SamplingConfig, build_prompt, embed, generate
+from .generate import Prompt, SamplingConfig, build_prompt, embed
 from .guard import Guard, GuardConfig
-from .learning import LearningConfig, Sample, reinforce_step, sequence_logprobs
+from .learning import LearningConfig, Sample, reinforce_step
 from .records import CORRECTION, ChannelConfig, Node, NodeUpdate, Reply
+from .serving import BatchedGenerator, GenRequest, ServingConfig
 from .store import ConflictError, MemoryStore, Store, UnknownReplyError
 from .svf import SVFModel
 from .worker import ModelWorker
@@ -124,6 +124,13 @@ class Engine:
         self.store: Store = store or MemoryStore()
         self.config = config or EngineConfig()
         self.worker = worker or ModelWorker()
+        self.serving = BatchedGenerator(
+            svf,
+            tokenizer,
+            self.worker,
+            ServingConfig(max_resamples=self.config.max_resamples),
+            normalize=_norm_text,
+        )
         self.model_name = model_name
         self.guard = Guard(svf, tokenizer, self.config.guard, self.config.system)
         self.consumer = f"trainer-{uuid.uuid4().hex[:8]}"
@@ -160,21 +167,8 @@ class Engine:
     def _generate(
         self, prompt: Prompt, z: np.ndarray, key: tuple, sampling: SamplingConfig, avoid: set[str]
     ):
-        self.svf.set_merged(torch.from_numpy(z), key=key)
-        out = None
-        for attempt in range(self.config.max_resamples + 1):
-            out = generate(self.svf.model, self.tokenizer, [prompt], sampling)[0]
-            if _norm_text(out.text) not in avoid:
-                break
-            log.info("resampling: answer was voted down before (try %d)", attempt + 1)
-        with torch.no_grad():
-            lp, _ = sequence_logprobs(
-                self.svf,
-                torch.from_numpy(z),
-                [Sample(out.prompt_ids, out.response_ids)],
-                pad_id=self.tokenizer.pad_token_id or 0,
-            )
-        return out, float(lp[0])
+        """One answer on the model thread (respond batches through `self.serving` instead)."""
+        return self.serving([GenRequest(prompt, z, key, sampling, avoid)])[0]
 
     # -- respond ------------------------------------------------------------------------
     async def respond(self, channel: str, messages: list[dict], record: bool = True) -> ReplyOut:
@@ -199,9 +193,9 @@ class Engine:
         sampling = self._explore(node)
         prompt = build_prompt(self.tokenizer, messages, cfg.system, cfg.max_prompt_tokens)
         key = (channel, node.node_id, node.version) if record or not new else None
-        out, logprob = await self.worker.run(
-            self._generate, prompt, node.z, key, sampling, set(node.downvoted)
-        )
+        request = GenRequest(prompt, node.z, key, sampling, set(node.downvoted))
+        # concurrent answers (other channels, other nodes) share one batched forward
+        out, logprob = await self.worker.batch(self.serving, request, group=sampling)
         reply = Reply(
             reply_id=uuid.uuid4().hex,
             node_id=node.node_id,

@@ -26,6 +26,8 @@ class SVFConfig:
     cache_svd: bool = True
     progress: bool = True
     exclude: tuple[str, ...] = field(default=("lm_head",))
+    # Bound of the LRU of merged weight sets (hot nodes switch by a pointer swap).
+    merged_cache_mb: float = 1024.0
 
     def describe_targets(self) -> str:
         return self.targets if isinstance(self.targets, str) else ",".join(self.targets)

@@ -71,10 +71,19 @@ class SVFLinear(nn.Module):
         """Materialise W' for the flat vector ``z_full`` (None means all ones)."""
         if key == self._merged_key:
             return
+        self.merged_weight = self.compose(z_full)
+        self._merged_key = key
+
+    def use_merged(self, weight: torch.Tensor, key: object) -> None:
+        """Adopt an already merged W' (from the LRU): a pointer swap, no arithmetic."""
+        self.merged_weight = weight
+        self._merged_key = key
+
+    def compose(self, z_full: torch.Tensor | None) -> torch.Tensor:
+        """W' for the flat vector ``z_full`` without installing it."""
         z = torch.ones_like(self.S) if z_full is None else z_full[self.z_slice]
         with torch.no_grad():
-            self.merged_weight = self._compose(z)
-        self._merged_key = key
+            return self._compose(z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self.state

@@ -14,7 +14,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import SVFError
 from ..paths import cache_dir
+from .cache import MergedCache
 from .config import ATTENTION_PARENTS, MLP_PARENTS, TARGET_SETS, SVFConfig
 from .layer import SVFLinear, SVFState
 
@@ -126,6 +127,10 @@ def decompose(
     return factors
 
 
+def _is_anonymous(key: Hashable) -> bool:
+    return isinstance(key, tuple) and len(key) == 2 and key[0] == "anon"
+
+
 class SVFModel:
     """A causal LM whose target projections are SVF layers sharing one `SVFState`.
 
@@ -133,6 +138,9 @@ class SVFModel:
     the z that every forward uses (initially ones, i.e. the base model) and that choice
     stays until the next call, because re-merging 90 matrices costs ~0.7 s on a CPU.
     `factored` temporarily switches to per-row (or trainable) z.
+
+    Merged weight sets are remembered in a memory-bounded LRU (`merged_cache`), keyed
+    like `set_merged`'s ``key``, so switching back to a hot node is a pointer swap.
     """
 
     def __init__(self, model: nn.Module, model_name: str, config: SVFConfig | None = None):
@@ -155,6 +163,7 @@ class SVFModel:
             offset += layer.rank
         self.z_size = offset
         self.device = next(iter(self.layers.values())).U.device
+        self.merged_cache = MergedCache(int(self.config.merged_cache_mb * 2**20))
         model.requires_grad_(False)
 
     # -- z vectors -------------------------------------------------------------------
@@ -170,16 +179,58 @@ class SVFModel:
         return z
 
     # -- modes ----------------------------------------------------------------------
-    def set_merged(self, z: torch.Tensor | None, key: object = None) -> None:
-        """Materialise W' for z in every layer (skipped when ``key`` is already merged)."""
+    def set_merged(self, z: torch.Tensor | None, key: Hashable = None) -> None:
+        """Materialise W' for z in every layer (skipped when ``key`` is already merged).
+
+        ``key`` names the adapter (the engine uses (channel, node, version)): the same key
+        must always mean the same z. Keyed sets are kept in the LRU, so coming back to a
+        recently used key costs nothing; without a key the merge is anonymous, never cached.
+        """
         if z is not None:
             z = self.check_z(z).detach().to(self.device)
         if key is None:
             key = ("ones",) if z is None else ("anon", next(_merge_keys))
         self.state.mode, self.state.z = "merged", None
         self.state.merged_z, self.state.merged_key = z, key
+        cacheable = not _is_anonymous(key)
+        cached = self.merged_cache.get(key) if cacheable else None
+        if cached is not None:
+            for name, layer in self.layers.items():
+                layer.use_merged(cached[name], key)
+            return
         for layer in self.layers.values():
             layer.merge(z, key)
+        if cacheable:
+            self.merged_cache.put(key, {n: lay.merged_weight for n, lay in self.layers.items()})
+
+    def has_merged(self, key: Hashable) -> bool:
+        """True when switching to ``key`` is free: it is current or in the LRU."""
+        return (
+            key == self.state.merged_key
+            and self.state.mode == "merged"
+            or (key in self.merged_cache)
+        )
+
+    def merge_steps(self, z: torch.Tensor | None, key: Hashable, layers_per_step: int = 4):
+        """Merge z into the LRU a few layers at a time, without touching the current weights.
+
+        A generator: each ``next()`` composes ``layers_per_step`` layers, so a worker can do
+        it in idle moments and stop to serve a request in between (a whole merge would
+        stall the model thread for ~0.7 s on a CPU). The set enters the LRU when complete.
+        """
+        if _is_anonymous(key):
+            raise ValueError("only keyed adapters can be cached")
+        if z is not None:
+            z = self.check_z(z).detach().to(self.device)
+        staged: dict[str, torch.Tensor] = {}
+        items = list(self.layers.items())
+        for i in range(0, len(items), max(1, layers_per_step)):
+            if key in self.merged_cache:  # someone merged it meanwhile
+                return
+            for name, layer in items[i : i + layers_per_step]:
+                staged[name] = layer.compose(z)
+            yield
+        self.merged_cache.put(key, staged)
 
     @contextlib.contextmanager
     def factored(self, z: torch.Tensor) -> Iterator[None]:
