@@ -1,0 +1,350 @@
+"""Serving performance machinery on the tiny model: merged-weight LRU, dynamic batching,
+idle-time pre-merging, and the engine answering many channels in one batched forward."""
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from gesal_core.engine import Engine, EngineConfig
+from gesal_core.generate import SamplingConfig, build_prompt, generate
+from gesal_core.guard import GuardConfig
+from gesal_core.learning import Sample, sequence_logprobs
+from gesal_core.records import ChannelConfig
+from gesal_core.serving import BatchedGenerator, GenRequest
+from gesal_core.store import MemoryStore
+from gesal_core.svf import SVFConfig, SVFModel
+from gesal_core.svf.cache import MergedCache
+from gesal_core.worker import BatchConfig, ModelWorker
+
+from .conftest import make_tiny_llama
+
+GREEDY = SamplingConfig(max_new_tokens=5, temperature=0)
+
+
+def _svf(tok, **cfg):
+    return SVFModel(make_tiny_llama(len(tok)), "tiny", SVFConfig(progress=False, **cfg))
+
+
+def _z(svf, seed, scale=0.4):
+    g = torch.Generator().manual_seed(seed)
+    return (1 + scale * torch.randn(svf.z_size, generator=g)).numpy().astype(np.float32)
+
+
+# -- the LRU ---------------------------------------------------------------------------------
+def test_merged_cache_is_lru_and_bounded_in_bytes():
+    one = {"w": torch.zeros(256)}  # 1 KiB
+    cache = MergedCache(max_bytes=2048 + 100)
+    assert cache.put("a", dict(one)) and cache.put("b", dict(one))
+    assert cache.get("a") is not None  # a is now the most recent
+    assert cache.put("c", dict(one))  # evicts b, the least recently used
+    assert cache.keys() == ["a", "c"] and "b" not in cache
+    assert cache.bytes == 2048 and cache.evictions == 1
+    assert not cache.put("huge", {"w": torch.zeros(10_000)})  # larger than the bound
+    assert "huge" not in cache and cache.bytes == 2048
+    assert cache.get("b") is None and cache.misses == 1 and cache.hits == 1
+    with pytest.raises(ValueError):
+        MergedCache(-1)
+
+
+def test_switching_back_to_a_hot_node_is_a_pointer_swap(tiny_tokenizer):
+    svf = _svf(tiny_tokenizer)
+    ids = torch.tensor([[5, 9, 17, 3]])
+    za, zb = torch.from_numpy(_z(svf, 1)), torch.from_numpy(_z(svf, 2))
+    svf.set_merged(za, key="A")
+    logits_a = svf.model(ids).logits.clone()
+    weight_a = next(iter(svf.layers.values())).merged_weight
+    svf.set_merged(zb, key="B")
+    assert not torch.equal(svf.model(ids).logits, logits_a)
+    svf.set_merged(za, key="A")
+    assert next(iter(svf.layers.values())).merged_weight is weight_a  # reused, not recomputed
+    assert torch.equal(svf.model(ids).logits, logits_a)
+    assert svf.has_merged("A") and svf.has_merged("B")
+    svf.set_merged(zb)  # anonymous merges are never cached
+    assert len(svf.merged_cache) == 2
+
+
+def test_lru_memory_bound_evicts_cold_nodes(tiny_tokenizer):
+    probe = _svf(tiny_tokenizer)
+    set_mb = sum(lay.merged_weight.numel() * 4 for lay in probe.layers.values()) / 2**20
+    svf = _svf(tiny_tokenizer, merged_cache_mb=2.5 * set_mb)  # room for two sets
+    ids = torch.tensor([[4, 8, 15, 16]])
+    fresh = {}
+    for i, key in enumerate("ABC"):
+        z = torch.from_numpy(_z(svf, 10 + i))
+        svf.set_merged(z, key=key)
+        fresh[key] = (z, svf.model(ids).logits.clone())
+    assert svf.merged_cache.keys() == ["B", "C"] and not svf.has_merged("A")
+    assert svf.merged_cache.bytes <= svf.merged_cache.max_bytes
+    z, logits = fresh["A"]
+    svf.set_merged(z, key="A")  # evicted: merged again, still correct
+    assert torch.allclose(svf.model(ids).logits, logits, atol=1e-6)
+
+
+def test_merge_steps_fill_the_cache_without_touching_current_weights(tiny_tokenizer):
+    svf = _svf(tiny_tokenizer)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    base = svf.model(ids).logits.clone()
+    z = torch.from_numpy(_z(svf, 3))
+    steps = svf.merge_steps(z, "N", layers_per_step=2)
+    next(steps)
+    assert not svf.has_merged("N")  # half-built sets are never visible
+    assert torch.equal(svf.model(ids).logits, base)
+    for _ in steps:
+        pass
+    assert svf.has_merged("N")
+    assert torch.equal(svf.model(ids).logits, base)  # still the base model until switched
+    with svf.factored(z):
+        expected = svf.model(ids).logits.clone()
+    svf.set_merged(z, key="N")
+    assert (svf.model(ids).logits - expected).abs().max() < 1e-4
+    with pytest.raises(ValueError):
+        next(svf.merge_steps(z, ("anon", 1)))
+
+
+# -- the worker -------------------------------------------------------------------------------
+def test_worker_batches_concurrent_items_up_to_max_batch():
+    worker = ModelWorker(batching=BatchConfig(max_batch=4, max_wait_s=0.05))
+    seen: list[list[int]] = []
+
+    def square_all(items):
+        seen.append(list(items))
+        return [i * i for i in items]
+
+    async def go():
+        return await asyncio.gather(*(worker.batch(square_all, i) for i in range(6)))
+
+    try:
+        assert asyncio.run(go()) == [i * i for i in range(6)]
+    finally:
+        worker.close()
+    assert sorted(len(b) for b in seen) == [2, 4]
+    assert sorted(x for b in seen for x in b) == list(range(6))
+    assert worker.batch_sizes == [len(b) for b in seen]
+
+
+def test_worker_batch_groups_and_errors_are_separate():
+    worker = ModelWorker(batching=BatchConfig(max_batch=8, max_wait_s=0.02))
+
+    def tag(items):
+        if "bad" in items:
+            raise RuntimeError("boom")
+        return [f"{len(items)}:{x}" for x in items]
+
+    async def go():
+        return await asyncio.gather(
+            worker.batch(tag, "a", group=1),
+            worker.batch(tag, "b", group=1),
+            worker.batch(tag, "c", group=2),
+            worker.batch(tag, "bad", group=3),
+            return_exceptions=True,
+        )
+
+    try:
+        a, b, c, bad = asyncio.run(go())
+    finally:
+        worker.close()
+    assert (a, b, c) == ("2:a", "2:b", "1:c")  # different groups never share a batch
+    assert isinstance(bad, RuntimeError) and "boom" in str(bad)
+
+
+def test_training_and_serving_share_the_worker_fairly():
+    """A training job queued behind a stream of chat runs before the later chat batches,
+    and chat queued behind a training job runs right after it: neither starves."""
+    worker = ModelWorker(batching=BatchConfig(max_batch=2, max_wait_s=0))
+    order: list[str] = []
+    gate = threading.Event()
+
+    def serve(items):
+        order.append(f"serve{len(items)}")
+        return items
+
+    def train():
+        order.append("train")
+        return "trained"
+
+    async def go():
+        blocker = asyncio.ensure_future(worker.run(gate.wait))  # thread busy
+        await asyncio.sleep(0.02)
+        chats = [asyncio.ensure_future(worker.batch(serve, i)) for i in range(6)]
+        await asyncio.sleep(0.02)
+        training = asyncio.ensure_future(worker.run(train))
+        await asyncio.sleep(0.02)
+        gate.set()
+        await blocker
+        return await asyncio.gather(*chats), await training
+
+    try:
+        chats, trained = asyncio.run(go())
+    finally:
+        worker.close()
+    assert chats == list(range(6)) and trained == "trained"
+    # first drain takes 2 and re-queues the rest *behind* the training job
+    assert order[0] == "serve2" and order[1] == "train"
+    assert order[2:] == ["serve2", "serve2"]
+
+
+def test_idle_jobs_only_run_when_nothing_is_queued():
+    worker = ModelWorker()
+    log: list[str] = []
+    gate = threading.Event()
+
+    def idle_job():
+        for i in range(3):
+            log.append(f"idle{i}")
+            yield
+
+    async def go():
+        blocker = asyncio.ensure_future(worker.run(gate.wait))
+        await asyncio.sleep(0.02)
+        worker.when_idle(idle_job())
+        work = asyncio.ensure_future(worker.run(log.append, "work"))
+        await asyncio.sleep(0.02)
+        assert log == []  # the thread is busy: nothing idle runs
+        gate.set()
+        await blocker
+        await work
+        for _ in range(100):
+            if worker.idle_jobs() == 0:
+                break
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(go())
+    finally:
+        worker.close()
+    assert log == ["work", "idle0", "idle1", "idle2"]
+
+
+def test_closed_worker_fails_pending_batches_instead_of_hanging():
+    worker = ModelWorker(batching=BatchConfig(max_batch=8, max_wait_s=0.05))
+
+    async def go():
+        task = asyncio.ensure_future(worker.batch(lambda items: items, 1))
+        await asyncio.sleep(0)
+        worker.close()
+        return await asyncio.wait_for(task, 2)
+
+    with pytest.raises(RuntimeError, match="closed"):
+        asyncio.run(go())
+
+
+# -- batched generation ----------------------------------------------------------------------
+def test_batched_per_row_z_generation_matches_one_by_one(tiny_tokenizer):
+    svf = _svf(tiny_tokenizer)
+    gen = BatchedGenerator(svf, tiny_tokenizer, ModelWorker())
+    texts = ["hello world", "what is the capital of France?", "the quick brown fox"]
+    prompts = [build_prompt(tiny_tokenizer, [{"role": "user", "content": t}]) for t in texts]
+    zs = [_z(svf, 20 + i, scale=0.6) for i in range(3)]
+    reqs = [
+        GenRequest(p, z, ("c", i, 0), GREEDY)
+        for i, (p, z) in enumerate(zip(prompts, zs, strict=True))
+    ]
+    batched = gen(reqs)
+    assert gen.stats.factored_batches == 1 and gen.stats.merged_batches == 0
+    outs = []
+    for p, z in zip(prompts, zs, strict=True):
+        svf.set_merged(torch.from_numpy(z))
+        outs.append(generate(svf.model, tiny_tokenizer, [p], GREEDY)[0].response_ids)
+    assert [o.response_ids for o, _ in batched] == outs
+    assert len({tuple(o) for o in outs}) > 1  # the adapters really differ
+    for (o, lp), z in zip(batched, zs, strict=True):  # logprob scored under the row's own z
+        ref, _ = sequence_logprobs(svf, torch.from_numpy(z), [Sample(o.prompt_ids, o.response_ids)])
+        assert abs(float(ref[0]) - lp) < 1e-3
+    gen.worker.close()
+
+
+def test_batched_generation_resamples_only_downvoted_rows(tiny_tokenizer):
+    """Greedy decoding repeats itself, so a banned answer is retried exactly max_resamples
+    times, and only in the rows whose node voted it down."""
+    svf = _svf(tiny_tokenizer)
+    gen = BatchedGenerator(svf, tiny_tokenizer, ModelWorker())
+    ask = [{"role": "user", "content": "hello"}]
+    prompt = build_prompt(tiny_tokenizer, ask)
+    other = build_prompt(tiny_tokenizer, [{"role": "user", "content": "the lazy dog"}])
+    z = _z(svf, 1)
+    first = gen([GenRequest(prompt, z, None, GREEDY)])[0][0]
+    banned = {gen.normalize(first.text)}
+    reqs = [
+        GenRequest(prompt, z, None, GREEDY, avoid=banned),
+        GenRequest(other, z, None, GREEDY, avoid=banned),
+        GenRequest(prompt, z, None, GREEDY, avoid=banned),
+    ]
+    outs = gen(reqs)
+    assert gen.normalize(outs[1][0].text) not in banned
+    assert gen.stats.resamples == 2 * gen.config.max_resamples
+    assert [o.text for o, _ in outs][::2] == [first.text, first.text]  # bounded, then gives up
+    gen.worker.close()
+
+
+def _engine(svf, tok, batching):
+    cfg = EngineConfig(
+        sampling=SamplingConfig(max_new_tokens=5, temperature=0.9),
+        guard=GuardConfig(enabled=False),
+        channel_defaults=ChannelConfig(threshold=-1.0),
+    )
+    return Engine(
+        svf, tok, MemoryStore(cfg.channel_defaults), cfg, ModelWorker(batching=batching), "tiny"
+    )
+
+
+def test_engine_batches_concurrent_channels_and_keeps_each_channels_z(tiny_tokenizer):
+    svf = _svf(tiny_tokenizer)
+    eng = _engine(svf, tiny_tokenizer, BatchConfig(max_batch=8, max_wait_s=0.05))
+    channels = [f"ch{i}" for i in range(4)]
+
+    async def go():
+        for i, ch in enumerate(channels):  # give every channel its own adapter
+            r = await eng.respond(ch, [{"role": "user", "content": "hello"}])
+            node = await eng.store.get_node(ch, r.node_id)
+            node.z = _z(svf, 40 + i, scale=0.6)
+            await eng.store.save_node(ch, node)
+        eng.worker.batch_sizes.clear()
+        outs = await asyncio.gather(
+            *(eng.respond(ch, [{"role": "user", "content": "hello"}]) for ch in channels)
+        )
+        replies = [
+            await eng.store.get_reply(ch, o.reply_id) for ch, o in zip(channels, outs, strict=True)
+        ]
+        nodes = [
+            await eng.store.get_node(ch, o.node_id) for ch, o in zip(channels, outs, strict=True)
+        ]
+        return replies, nodes
+
+    try:
+        replies, nodes = asyncio.run(go())
+    finally:
+        eng.close()
+    assert max(eng.worker.batch_sizes) > 1  # at least two channels shared a forward pass
+    assert eng.serving.stats.factored_batches >= 1
+    for reply, node in zip(replies, nodes, strict=True):
+        ref, _ = sequence_logprobs(
+            svf, torch.from_numpy(node.z), [Sample(reply.prompt_ids, reply.response_ids)]
+        )
+        assert abs(float(ref[0]) - reply.logprob) < 1e-3  # scored under its own channel's z
+
+
+def test_hot_node_is_premerged_in_idle_time_and_then_served_merged(tiny_tokenizer):
+    svf = _svf(tiny_tokenizer)
+    eng = _engine(svf, tiny_tokenizer, BatchConfig(max_wait_s=0))
+
+    async def go():
+        a = await eng.respond("c", [{"role": "user", "content": "hello"}])
+        key = ("c", a.node_id, a.z_version)
+        assert not svf.has_merged(key)  # cold: answered through the factored path
+        await eng.respond("c", [{"role": "user", "content": "hello"}])  # now hot
+        deadline = time.monotonic() + 5
+        while not svf.has_merged(key) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert svf.has_merged(key)
+        before = eng.serving.stats.merged_batches
+        await eng.respond("c", [{"role": "user", "content": "hello"}])
+        assert eng.serving.stats.merged_batches == before + 1
+
+    try:
+        asyncio.run(go())
+    finally:
+        eng.close()
