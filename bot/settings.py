@@ -1,0 +1,200 @@
+"""Deployment settings, read once at start-up from the environment and a ``.env`` file.
+
+Why one pydantic model: every knob is validated before anything connects to Discord,
+Slack or Redis, so a typo fails in the first second with a sentence that names the
+variable, instead of minutes later inside an event handler. Secrets are `SecretStr`,
+so printing the settings (or an exception that contains them) never shows a token, and
+`load_settings` rewrites pydantic's errors without the offending *values*.
+
+Variable names (case-insensitive):
+
+=============================  =====================================================
+``DISCORD_TOKEN``              bot token from the Discord developer portal
+``SLACK_BOT_TOKEN``            ``xoxb-…`` bot token of the Slack app
+``SLACK_APP_TOKEN``            ``xapp-…`` app-level token (Socket Mode)
+``SLACK_SIGNING_SECRET``       signing secret (HTTP mode: request verification)
+``SLACK_ADMIN_USERS``          comma-separated Slack user ids allowed to administer
+``SLACK_MODE``                 ``socket`` (default when an app token is set) or ``http``
+``SLACK_HTTP_HOST/PORT``       where the HTTP-mode endpoint listens
+``REDIS_URL``                  Redis for the graph store; unset = embedded server
+``GESAL_MODEL/DEVICE/DTYPE``   model (bundled by default), ``auto``/``cpu``/``cuda``,
+                               ``float32``/``bfloat16``/``float16``
+``GESAL_THRESHOLD``            default similarity threshold of new channels
+``GESAL_REWARD_UP/DOWN``       default rewards of 👍 / 👎
+``GESAL_TRAIN_INTERVAL``       seconds between scheduled training runs
+``GESAL_TRAIN_EARLY_VOTES``    train a channel early once it has this much pending
+``GESAL_TRAIN_MISFIRE_GRACE``  seconds a late training run may still start
+``GESAL_RATE_USER``            mentions per user per minute
+``GESAL_RATE_CHANNEL``         mentions per channel per minute
+``GESAL_CONTEXT_MESSAGES``     how many earlier messages of a thread are read
+``GESAL_CONTEXT_CHARS``        how many characters of context at most
+``GESAL_PLAYGROUND_HOST/PORT`` local web playground address
+=============================  =====================================================
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from gesal_core.errors import GesalError
+from gesal_core.records import ChannelConfig
+
+_DEFAULTS = ChannelConfig()
+
+
+class SettingsError(GesalError):
+    """The configuration is invalid; the message names each bad variable."""
+
+
+class Settings(BaseSettings):
+    """Everything a deployment can configure. Build it with `load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        case_sensitive=False,
+        extra="ignore",  # a shared .env may hold other tools' variables
+    )
+
+    # -- platforms ------------------------------------------------------------------
+    discord_token: SecretStr | None = None
+    slack_bot_token: SecretStr | None = None
+    slack_app_token: SecretStr | None = None
+    slack_signing_secret: SecretStr | None = None
+    slack_admin_users: Annotated[frozenset[str], NoDecode] = frozenset()
+    slack_mode: Literal["socket", "http"] | None = None
+    slack_http_host: str = "0.0.0.0"
+    slack_http_port: int = Field(3000, ge=1, le=65535)
+
+    # -- engine and store -----------------------------------------------------------
+    redis_url: SecretStr | None = None  # may embed a password
+    gesal_model: str | None = None
+    gesal_device: str = "auto"
+    gesal_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gesal_threshold: float = Field(_DEFAULTS.threshold, ge=-1.0, le=1.0)
+    gesal_reward_up: float = Field(_DEFAULTS.reward_up, gt=0)
+    gesal_reward_down: float = Field(_DEFAULTS.reward_down, lt=0)
+
+    # -- training schedule ----------------------------------------------------------
+    gesal_train_interval: float = Field(300.0, ge=1.0)
+    gesal_train_early_votes: int = Field(5, ge=1)
+    gesal_train_misfire_grace: int = Field(120, ge=1)
+
+    # -- chat behaviour -------------------------------------------------------------
+    gesal_rate_user: int = Field(6, ge=1, description="mentions per user per minute")
+    gesal_rate_channel: int = Field(30, ge=1, description="mentions per channel per minute")
+    gesal_context_messages: int = Field(10, ge=0, le=100)
+    gesal_context_chars: int = Field(4000, ge=200, le=100_000)
+
+    # -- playground -----------------------------------------------------------------
+    gesal_playground_host: str = "127.0.0.1"
+    gesal_playground_port: int = Field(8765, ge=1, le=65535)
+
+    @field_validator("slack_admin_users", mode="before")
+    @classmethod
+    def _split_users(cls, v: object) -> object:
+        if isinstance(v, str):
+            return frozenset(u.strip() for u in v.split(",") if u.strip())
+        return v
+
+    @field_validator(
+        "discord_token",
+        "slack_bot_token",
+        "slack_app_token",
+        "slack_signing_secret",
+        "redis_url",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, v: object) -> object:
+        # `DISCORD_TOKEN=` in a .env file means "not configured", not "an empty token"
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("gesal_device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "mps") and not v.startswith("cuda"):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return v
+
+    @model_validator(mode="after")
+    def _check_platforms(self) -> Settings:
+        bot, app, secret = self.slack_bot_token, self.slack_app_token, self.slack_signing_secret
+        if bot and not bot.get_secret_value().startswith("xoxb-"):
+            raise ValueError("SLACK_BOT_TOKEN must be a bot token starting with xoxb-")
+        if app and not app.get_secret_value().startswith("xapp-"):
+            raise ValueError("SLACK_APP_TOKEN must be an app-level token starting with xapp-")
+        if (app or secret or self.slack_mode) and not bot:
+            raise ValueError("Slack is partly configured: SLACK_BOT_TOKEN is missing")
+        if bot:
+            mode = self.slack_mode or ("socket" if app else "http")
+            if mode == "socket" and not app:
+                raise ValueError("SLACK_MODE=socket needs SLACK_APP_TOKEN (xapp-…)")
+            if mode == "http" and not secret:
+                raise ValueError("Slack HTTP mode needs SLACK_SIGNING_SECRET")
+            self.slack_mode = mode
+        return self
+
+    # -- helpers --------------------------------------------------------------------
+    def platforms(self) -> list[str]:
+        """The chat platforms that have credentials: a subset of ``["discord", "slack"]``.
+
+        An empty list is what makes ``gesal-bot run`` start the local playground.
+        """
+        out = []
+        if self.discord_token:
+            out.append("discord")
+        if self.slack_bot_token:
+            out.append("slack")
+        return out
+
+    def channel_defaults(self) -> ChannelConfig:
+        """The per-channel settings a channel starts with (admins can change them)."""
+        return ChannelConfig(
+            threshold=self.gesal_threshold,
+            reward_up=self.gesal_reward_up,
+            reward_down=self.gesal_reward_down,
+        ).validate()
+
+    def is_slack_admin(self, user_id: str) -> bool:
+        return user_id in self.slack_admin_users
+
+    def describe(self) -> dict[str, object]:
+        """A loggable summary: which secrets are set, never their values."""
+        out: dict[str, object] = {}
+        for name, value in self:
+            if isinstance(value, SecretStr):
+                out[name] = "set"
+            elif isinstance(value, frozenset):
+                out[name] = sorted(value)
+            else:
+                out[name] = value
+        return out
+
+
+def _describe_error(err: dict) -> str:
+    loc = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+    msg = err.get("msg", "invalid")
+    msg = msg.removeprefix("Value error, ")
+    return f"{loc.upper()}: {msg}" if loc != "settings" else msg
+
+
+def load_settings(env_file: str | Path | None = ".env", **overrides: object) -> Settings:
+    """Read and validate the settings; raise `SettingsError` with every problem listed.
+
+    ``env_file=None`` reads the environment only (tests use this). ``overrides`` win
+    over both, which is how command-line flags are layered on top.
+    The message never contains the values given, because they may be secrets.
+    """
+    try:
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        problems = "; ".join(_describe_error(e) for e in exc.errors(include_input=False))
+        raise SettingsError(f"invalid configuration: {problems}") from None
+
+
+__all__ = ["Settings", "SettingsError", "load_settings"]

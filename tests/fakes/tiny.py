@@ -1,0 +1,23 @@
+"""A real `Engine` on the tiny random Llama: fast enough for adapter tests."""
+
+from __future__ import annotations
+
+from gesal_core.engine import Engine, EngineConfig
+from gesal_core.generate import SamplingConfig
+from gesal_core.guard import GuardConfig
+from gesal_core.records import ChannelConfig
+from gesal_core.store import MemoryStore
+from gesal_core.svf import SVFConfig, SVFModel
+
+from ..conftest import make_tiny_llama
+
+
+def make_engine(tok, store=None, threshold: float = 0.85, max_new_tokens: int = 6) -> Engine:
+    svf = SVFModel(make_tiny_llama(len(tok)), "tiny", SVFConfig(progress=False))
+    cfg = EngineConfig(
+        sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.9),
+        guard=GuardConfig(enabled=False),
+        channel_defaults=ChannelConfig(threshold=threshold),
+    )
+    store = store if store is not None else MemoryStore(cfg.channel_defaults)
+    return Engine(svf, tok, store, cfg, model_name="tiny")

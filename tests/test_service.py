@@ -1,0 +1,353 @@
+"""The platform-neutral chat service, settings and text helpers, on the tiny engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from bot.service import (
+    UNAVAILABLE,
+    AdminCommand,
+    ChatService,
+    ContextMessage,
+    Correction,
+    Mention,
+    RateLimiter,
+    Reaction,
+    channel_key,
+    strip_mentions,
+)
+from bot.settings import SettingsError, load_settings
+from bot.text import parse_correction, split_message, vote_for_emoji
+
+from .fakes.tiny import make_engine
+
+# -- settings --------------------------------------------------------------------------
+
+
+def _clear_env(monkeypatch):
+    import os
+
+    for name in list(os.environ):
+        if name.startswith(("DISCORD_", "SLACK_", "GESAL_", "REDIS_URL")):
+            monkeypatch.delenv(name, raising=False)
+
+
+def test_settings_from_env_and_dotenv(monkeypatch, tmp_path):
+    _clear_env(monkeypatch)
+    env = tmp_path / ".env"
+    env.write_text(
+        "DISCORD_TOKEN=abc.def\nSLACK_BOT_TOKEN=xoxb-1\nSLACK_APP_TOKEN=xapp-1\n"
+        "SLACK_ADMIN_USERS=U1, U2 ,\nGESAL_THRESHOLD=0.7\n"
+    )
+    monkeypatch.setenv("GESAL_TRAIN_INTERVAL", "42")
+    s = load_settings(env)
+    assert s.platforms() == ["discord", "slack"]
+    assert s.slack_mode == "socket"
+    assert s.slack_admin_users == frozenset({"U1", "U2"})
+    assert s.gesal_train_interval == 42
+    assert s.channel_defaults().threshold == 0.7
+    # secrets never show up in reprs or the loggable summary
+    assert "abc.def" not in repr(s) and "abc.def" not in str(s.describe())
+    assert s.describe()["discord_token"] == "set"
+
+
+def test_settings_none_configured_means_playground(monkeypatch):
+    _clear_env(monkeypatch)
+    monkeypatch.setenv("DISCORD_TOKEN", "")  # empty means unset
+    assert load_settings(None).platforms() == []
+
+
+@pytest.mark.parametrize(
+    "env, words",
+    [
+        ({"SLACK_BOT_TOKEN": "xoxp-secretvalue"}, "SLACK_BOT_TOKEN must be a bot token"),
+        ({"SLACK_APP_TOKEN": "xapp-secretvalue"}, "SLACK_BOT_TOKEN is missing"),
+        ({"SLACK_BOT_TOKEN": "xoxb-secretvalue", "SLACK_MODE": "http"}, "SLACK_SIGNING_SECRET"),
+        ({"SLACK_BOT_TOKEN": "xoxb-secretvalue"}, "SLACK_SIGNING_SECRET"),
+        ({"GESAL_THRESHOLD": "2"}, "GESAL_THRESHOLD"),
+        ({"GESAL_RATE_USER": "lots"}, "GESAL_RATE_USER"),
+        ({"GESAL_DEVICE": "tpu"}, "GESAL_DEVICE"),
+    ],
+)
+def test_settings_errors_are_clear_and_hide_values(monkeypatch, env, words):
+    _clear_env(monkeypatch)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SettingsError) as err:
+        load_settings(None)
+    assert words in str(err.value)
+    assert "secretvalue" not in str(err.value)
+
+
+# -- text helpers -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "emoji, vote",
+    [
+        ("👍", 1),
+        ("👍🏻", 1),
+        ("👍🏿", 1),
+        ("👎", -1),
+        ("👎🏽", -1),
+        ("+1", 1),
+        ("thumbsup", 1),
+        (":+1:", 1),
+        ("+1::skin-tone-3", 1),
+        ("thumbsup::skin-tone-6", 1),
+        ("-1", -1),
+        ("thumbsdown::skin-tone-2", -1),
+        ("heart", None),
+        ("❤️", None),
+        ("👌", None),
+        ("+1::skin-tone-9", None),
+        ("", None),
+    ],
+)
+def test_vote_for_emoji(emoji, vote):
+    assert vote_for_emoji(emoji) == vote
+
+
+def test_parse_correction_markers():
+    assert parse_correction("better: Paris.") == "Paris."
+    assert parse_correction("BETTER : Paris") == "Paris"
+    assert parse_correction("✏️ Paris") == "Paris"
+    assert parse_correction("✏ Paris") == "Paris"
+    assert parse_correction("<@123> better: Paris") == "Paris"
+    assert parse_correction(":pencil2: Paris") == "Paris"
+    assert parse_correction("better:") is None
+    assert parse_correction("I think better: Paris") is None
+    assert parse_correction("thanks!") is None
+
+
+def test_split_message_limits_and_code_fences():
+    assert split_message("short", 2000) == ["short"]
+    text = "a" * 2001
+    chunks = split_message(text, 2000)
+    assert [len(c) for c in chunks] == [2000, 1] and "".join(chunks) == text
+    words = " ".join(["word"] * 1000)  # 4999 chars
+    chunks = split_message(words, 2000)
+    assert all(len(c) <= 2000 for c in chunks)
+    assert " ".join(chunks).split() == words.split()
+    code = "Here:\n```python\n" + "\n".join(f"x{i} = {i}" for i in range(600)) + "\n```\nDone."
+    chunks = split_message(code, 2000)
+    assert len(chunks) > 2 and all(len(c) <= 2000 for c in chunks)
+    for c in chunks:  # every chunk renders on its own: fences balanced
+        assert c.count("```") % 2 == 0, c[:80]
+    assert all(c.startswith("```python\n") for c in chunks[1:-1])
+    body = "\n".join(line for c in chunks for line in c.split("\n") if not line.startswith("```"))
+    assert [ln for ln in body.split("\n") if ln.startswith("x")] == [
+        f"x{i} = {i}" for i in range(600)
+    ]
+    with pytest.raises(ValueError):
+        split_message("x", 10)
+
+
+def test_rate_limiter_sliding_window():
+    now = [0.0]
+    rl = RateLimiter(2, 60.0, clock=lambda: now[0])
+    for _ in range(2):
+        assert rl.retry_after("u") == 0
+        rl.hit("u")
+    assert rl.retry_after("u") == pytest.approx(60.0)
+    assert rl.retry_after("other") == 0
+    now[0] = 60.5
+    assert rl.retry_after("u") == 0
+
+
+def test_channel_key_and_mentions():
+    assert channel_key("discord", "1", "2") == "discord:1:2"
+    with pytest.raises(ValueError):
+        channel_key("discord", "a:b", "2")
+    assert strip_mentions("<@123> hi <@!456>") == "hi"
+    assert strip_mentions("<@U02ABC> what?") == "what?"
+
+
+# -- the service ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def settings(monkeypatch):
+    _clear_env(monkeypatch)
+    return load_settings(None, gesal_rate_user=3, gesal_context_messages=2)
+
+
+@pytest.fixture
+def service(tiny_tokenizer, settings):
+    engine = make_engine(tiny_tokenizer)
+    svc = ChatService(engine, settings)
+    yield svc
+    engine.close()
+
+
+def mention(text="hello world", user="u1", context=(), channel="c1"):
+    return Mention("discord", "g1", channel, user, text, "m1", context=list(context))
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_mention_reply_link_and_votes(service):
+    async def go():
+        parts = await service.handle_mention(mention())
+        assert parts.ok and parts.reply_id and parts.chunks
+        assert parts.channel_key == "discord:g1:c1"
+        await service.link_reply(parts, ["b1", "b2"])
+        seen = []
+        service.on_feedback = lambda key: _record(seen, key)
+
+        def react(emoji, added=True, user="u2", msg="b2", bot=False):
+            r = Reaction("discord", "g1", "c1", user, msg, emoji, added, bot)
+            return service.handle_reaction(r)
+
+        assert (await react("👍🏽")).status == "up"
+        reply = await service.engine.store.get_reply(parts.channel_key, parts.reply_id)
+        assert reply.votes == {"u2": 1}
+        assert (await react("👎", user="u3", msg="b1")).status == "down"
+        assert (await react("❤️")).status == "ignored"
+        assert (await react("👍", bot=True)).status == "ignored"
+        assert (await react("👍", msg="someone-else")).status == "ignored"
+        # last write wins: 👍 then 👎; removing the 👍 keeps the 👎
+        assert (await react("👎")).status == "down"
+        assert (await react("👍", added=False)).status == "ignored"
+        reply = await service.engine.store.get_reply(parts.channel_key, parts.reply_id)
+        assert reply.votes == {"u2": -1, "u3": -1}
+        assert (await react("👎", added=False)).status == "retracted"
+        reply = await service.engine.store.get_reply(parts.channel_key, parts.reply_id)
+        assert reply.votes == {"u3": -1}
+        # the same message id in another channel is not this bot's reply there
+        other = Reaction("discord", "g1", "c2", "u2", "b1", "👍", True)
+        assert (await service.handle_reaction(other)).status == "ignored"
+        assert seen == ["discord:g1:c1"] * 4
+        assert await service.engine.pending(parts.channel_key) == 4
+
+    run(go())
+
+
+async def _record(seen, key):
+    seen.append(key)
+
+
+def test_correction(service):
+    async def go():
+        parts = await service.handle_mention(mention())
+        await service.link_reply(parts, ["b1"])
+        c = Correction("discord", "g1", "c1", "u2", "m9", "b1", "better: Paris is the capital.")
+        res = await service.handle_correction(c)
+        assert res.status == "corrected"
+        reply = await service.engine.store.get_reply(parts.channel_key, parts.reply_id)
+        assert reply.corrections[0]["text"] == "Paris is the capital."
+        plain = Correction("discord", "g1", "c1", "u2", "m9", "b1", "nice answer")
+        assert (await service.handle_correction(plain)).status == "ignored"
+        stray = Correction("discord", "g1", "c1", "u2", "m9", "zzz", "better: x")
+        assert (await service.handle_correction(stray)).status == "ignored"
+
+    run(go())
+
+
+def test_context_window_and_truncation_note(service):
+    ctx = [
+        ContextMessage("u9", "very old message"),
+        ContextMessage("bot", "an earlier answer", is_bot=True),
+        ContextMessage("u1", "follow up"),
+    ]
+    messages, cut = service.build_messages(mention("and now?", context=ctx))
+    assert cut  # three context messages, window of two
+    assert messages == [
+        {"role": "assistant", "content": "an earlier answer"},
+        {"role": "user", "content": "follow up"},
+        {"role": "user", "content": "and now?"},
+    ]
+    messages, cut = service.build_messages(mention("q", context=ctx[2:], user="u5"))
+    assert not cut and messages[0]["content"] == "u1: follow up"
+
+    async def go():
+        parts = await service.handle_mention(mention("and now?", context=ctx))
+        assert parts.ok and "most recent part" in parts.chunks[-1]
+
+    run(go())
+
+
+def test_rate_limits_and_empty_mention(service):
+    async def go():
+        assert (await service.handle_mention(mention("   "))).kind == "empty"
+        kinds = [(await service.handle_mention(mention("hi"))).kind for _ in range(4)]
+        assert kinds == ["answer"] * 3 + ["rate_limited"]
+        # another user in the same channel is still served
+        assert (await service.handle_mention(mention("hi", user="u2"))).kind == "answer"
+
+    run(go())
+
+
+def test_errors_become_words(service):
+    async def go():
+        async def down(*a, **k):
+            raise ConnectionError("redis: connection refused")
+
+        async def bug(*a, **k):
+            raise KeyError("oops")
+
+        service.engine.respond = down
+        parts = await service.handle_mention(mention())
+        assert parts.kind == "unavailable" and parts.chunks == [UNAVAILABLE]
+        assert parts.reply_id is None
+        service.engine.respond = bug
+        parts = await service.handle_mention(mention())
+        assert parts.kind == "error" and "oops" not in parts.chunks[0]
+        service.engine.reply_for_message = down
+        res = await service.handle_reaction(Reaction("discord", "g1", "c1", "u", "m", "👍", True))
+        assert res.status == "error" and res.message == UNAVAILABLE
+
+    run(go())
+
+
+def admin(name, is_admin=True, **kw):
+    return AdminCommand("discord", "g1", "c1", "u1", name, is_admin, **kw)
+
+
+def test_admin_commands(service):
+    async def go():
+        for name in ("reset", "export", "import", "stats", "config", "train"):
+            res = await service.handle_admin(admin(name, is_admin=False))
+            assert not res.ok and "only admins" in res.text and not res.files
+        parts = await service.handle_mention(mention())
+        await service.link_reply(parts, ["b1"])
+        await service.handle_reaction(Reaction("discord", "g1", "c1", "u2", "b1", "👎", True))
+        res = await service.handle_admin(admin("stats"))
+        assert res.ok and "1 nodes" in res.text and res.data["votes_down"] == 1
+        res = await service.handle_admin(admin("config", args={"threshold": "0.5"}))
+        assert res.ok and res.data["threshold"] == 0.5
+        for bad in ({"threshold": "7"}, {"threshold": "abc"}, {"colour": "1"}):
+            res = await service.handle_admin(admin("config", args=bad))
+            assert not res.ok, bad
+        assert (await service.engine.store.get_config("discord:g1:c1")).threshold == 0.5
+        exp = await service.handle_admin(admin("export"))
+        js, png = exp.file(".json"), exp.file(".png")
+        assert png.data.startswith(b"\x89PNG") and len(png.data) > 1000
+        data = json.loads(js.data)
+        assert data["channel"] == "discord:g1:c1" and len(data["nodes"]) == 1
+        # reset asks first, then forgets
+        res = await service.handle_admin(admin("reset"))
+        assert res.needs_confirmation and "1 nodes" in res.text
+        assert (await service.engine.stats("discord:g1:c1"))["nodes"] == 1
+        res = await service.handle_admin(admin("reset", confirmed=True))
+        assert res.ok and (await service.engine.stats("discord:g1:c1"))["nodes"] == 0
+        # bad imports change nothing and say why
+        for raw, words in ((b"{not json", "not valid JSON"), (b"\xff\xfe", "not text")):
+            res = await service.handle_admin(admin("import", file=raw))
+            assert not res.ok and words in res.text
+        res = await service.handle_admin(admin("import", file=b'{"format": "x"}'))
+        assert not res.ok and "not a gesal-bot graph export" in res.text
+        assert not (await service.handle_admin(admin("import"))).ok
+        res = await service.handle_admin(admin("import", file=js.data))
+        assert res.ok and res.data == {"nodes": 1, "replies": 1}
+        assert (await service.engine.stats("discord:g1:c1"))["nodes"] == 1
+        res = await service.handle_admin(admin("train"))
+        assert res.ok and "Training done" in res.text
+        assert not (await service.handle_admin(admin("dance"))).ok
+
+    run(go())
