@@ -10,6 +10,7 @@ Variable names (case-insensitive):
 
 =============================  =====================================================
 ``DISCORD_TOKEN``              bot token from the Discord developer portal
+``GESAL_DISCORD_MESSAGE_CONTENT``  read the whole reply chain (privileged intent)
 ``SLACK_BOT_TOKEN``            ``xoxb-…`` bot token of the Slack app
 ``SLACK_APP_TOKEN``            ``xapp-…`` app-level token (Socket Mode)
 ``SLACK_SIGNING_SECRET``       signing secret (HTTP mode: request verification)
@@ -62,6 +63,7 @@ class Settings(BaseSettings):
 
     # -- platforms ------------------------------------------------------------------
     discord_token: SecretStr | None = None
+    gesal_discord_message_content: bool = False  # privileged intent; see discord_app
     slack_bot_token: SecretStr | None = None
     slack_app_token: SecretStr | None = None
     slack_signing_secret: SecretStr | None = None

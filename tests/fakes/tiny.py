@@ -8,6 +8,7 @@ from gesal_core.guard import GuardConfig
 from gesal_core.records import ChannelConfig
 from gesal_core.store import MemoryStore
 from gesal_core.svf import SVFConfig, SVFModel
+from gesal_core.worker import BatchConfig, ModelWorker
 
 from ..conftest import make_tiny_llama
 
@@ -20,4 +21,7 @@ def make_engine(tok, store=None, threshold: float = 0.85, max_new_tokens: int = 
         channel_defaults=ChannelConfig(threshold=threshold),
     )
     store = store if store is not None else MemoryStore(cfg.channel_defaults)
-    return Engine(svf, tok, store, cfg, model_name="tiny")
+    # max_wait_s=0: no batching timer. simcord runs the bot on virtual time, where a
+    # loop.call_later wake-up only fires when the test advances the clock.
+    worker = ModelWorker(batching=BatchConfig(max_wait_s=0))
+    return Engine(svf, tok, store, cfg, worker=worker, model_name="tiny")
