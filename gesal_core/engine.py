@@ -75,6 +75,7 @@ class NodeReport:
     samples: int = 0
     corrections: int = 0
     seconds: float = 0.0
+    related: list[str] = field(default_factory=list, repr=False)  # prompts, for the guard
 
 
 @dataclass
@@ -363,8 +364,10 @@ class Engine:
                 channel, node, list(replies.values()), corrections.get(node_id, []), cfg
             )
             rep.seconds = time.perf_counter() - t0
+            rep.related = [r.prompt_text for r in replies.values()]
             updates.append(update)
             reports.append(rep)
+        await self._guard(channel, updates, [r for r in reports if r.status != "orphaned"])
         try:
             await self.store.commit(channel, updates, [e.event_id for e in events])
         except ConflictError as exc:
@@ -373,6 +376,34 @@ class Engine:
                 r.status, r.reason = "conflict", str(exc)
         await self.store.set_meta(channel, last_train=time.time())
         return reports, len(events)
+
+    async def _guard(
+        self, channel: str, updates: list[NodeUpdate], reports: list[NodeReport]
+    ) -> None:
+        """Check every updated node's new z at once; roll back the ones that degrade.
+
+        One batched probe run for all nodes of a training round, not one per node.
+        """
+        todo = [(u, r) for u, r in zip(updates, reports, strict=True) if u.z is not None]
+        if not todo or not self.config.guard.enabled:
+            return
+        t0 = time.perf_counter()
+        verdicts = await self.worker.run(
+            self.guard.check_many, [(u.z, r.related) for u, r in todo]
+        )
+        for (update, report), verdict in zip(todo, verdicts, strict=True):
+            if not verdict.ok:
+                update.z, update.updated, update.rolled_back = None, False, True
+                report.status, report.reason = "rolled_back", verdict.reason
+                log.warning(
+                    "channel %s node %s: update rolled back: %s",
+                    channel,
+                    update.node_id,
+                    verdict.reason,
+                )
+        share = (time.perf_counter() - t0) / len(todo)
+        for _, report in todo:
+            report.seconds += share
 
     async def _train_node(
         self,
@@ -418,14 +449,6 @@ class Engine:
             self.tokenizer.pad_token_id or 0,
         )
         status, reason = result.status, result.reason
-        if status == "updated" and self.config.guard.enabled:
-            related = [r.prompt_text for r in replies]
-            verdict = await self.worker.run(self.guard.check, result.z, related)
-            if not verdict.ok:
-                status, reason = "rolled_back", verdict.reason
-                log.warning(
-                    "channel %s node %s: update rolled back: %s", channel, node.node_id, reason
-                )
         updated = status == "updated"
         update = NodeUpdate(
             node_id=node.node_id,

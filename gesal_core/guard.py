@@ -92,34 +92,56 @@ class Guard:
         return out
 
     @torch.inference_mode()
-    def run(self, z: torch.Tensor | None, probes: list[str]) -> ProbeResult:
+    def run_many(
+        self, zs: list[torch.Tensor | None], probe_lists: list[list[str]]
+    ) -> list[ProbeResult]:
+        """Answer each probe list under its z, all rows in one batched factored pass."""
+        rows = [(i, p) for i, probes in enumerate(probe_lists) for p in probes]
+        if not rows:
+            return []
         prompts = [
             build_prompt(self.tokenizer, [{"role": "user", "content": p}], self.system)
-            for p in probes
+            for _, p in rows
         ]
-        zz = self.svf.ones() if z is None else z
+        ones = self.svf.ones()
+        z_rows = torch.stack([ones if zs[i] is None else zs[i].float() for i, _ in rows])
         sampling = SamplingConfig(max_new_tokens=self.config.max_new_tokens, temperature=0)
-        with self.svf.factored(zz.unsqueeze(0).expand(len(prompts), -1)):
+        with self.svf.factored(z_rows):
             answers = [g.text for g in generate(self.svf.model, self.tokenizer, prompts, sampling)]
-        with self.svf.factored(self.svf.ones()):
-            q = embed(self.svf.model, self.tokenizer, probes)
+        with self.svf.factored(ones):
+            q = embed(self.svf.model, self.tokenizer, [p for _, p in rows])
             a = embed(self.svf.model, self.tokenizer, [x or "." for x in answers])
-        reasons = [degenerate_reason(x) for x in answers]
-        topic = float(np.mean((q * a).sum(-1).numpy()))
-        return ProbeResult(
-            answers, sum(r is not None for r in reasons), topic, [r or "" for r in reasons]
-        )
+        sims = (q * a).sum(-1).numpy()
+        results = []
+        for i in range(len(probe_lists)):
+            idx = [k for k, (j, _) in enumerate(rows) if j == i]
+            texts = [answers[k] for k in idx]
+            reasons = [degenerate_reason(x) for x in texts]
+            results.append(
+                ProbeResult(
+                    texts,
+                    sum(r is not None for r in reasons),
+                    float(np.mean(sims[idx])),
+                    [r or "" for r in reasons],
+                )
+            )
+        return results
+
+    def run(self, z: torch.Tensor | None, probes: list[str]) -> ProbeResult:
+        return self.run_many([z], [probes])[0]
 
     def base(self, probes: list[str]) -> ProbeResult:
-        key = tuple(probes)
-        if key not in self._base_cache:
-            self._base_cache[key] = self.run(None, probes)
-        return self._base_cache[key]
+        return self.base_many([probes])[0]
 
-    def check(self, z: np.ndarray, related: list[str]) -> GuardVerdict:
-        probes = self.probes_for(related)
-        base = self.base(probes)
-        cand = self.run(torch.from_numpy(np.asarray(z, dtype=np.float32)), probes)
+    def base_many(self, probe_lists: list[list[str]]) -> list[ProbeResult]:
+        missing = [
+            list(k) for k in dict.fromkeys(map(tuple, probe_lists)) if k not in self._base_cache
+        ]
+        for key, res in zip(missing, self.run_many([None] * len(missing), missing), strict=True):
+            self._base_cache[tuple(key)] = res
+        return [self._base_cache[tuple(p)] for p in probe_lists]
+
+    def _verdict(self, probes: list[str], base: ProbeResult, cand: ProbeResult) -> GuardVerdict:
         cfg = self.config
         if cand.degenerate > base.degenerate + cfg.max_extra_degenerate:
             bad = [
@@ -136,3 +158,14 @@ class Guard:
                 cand,
             )
         return GuardVerdict(True, "", base, cand)
+
+    def check(self, z: np.ndarray, related: list[str]) -> GuardVerdict:
+        return self.check_many([(z, related)])[0]
+
+    def check_many(self, items: list[tuple[np.ndarray, list[str]]]) -> list[GuardVerdict]:
+        """Verdicts for several candidate z (one per node), in one batched probe run."""
+        probe_lists = [self.probes_for(related) for _, related in items]
+        bases = self.base_many(probe_lists)
+        zs = [torch.from_numpy(np.asarray(z, dtype=np.float32)) for z, _ in items]
+        cands = self.run_many(zs, probe_lists)
+        return [self._verdict(p, b, c) for p, b, c in zip(probe_lists, bases, cands, strict=True)]

@@ -1,0 +1,66 @@
+import asyncio
+
+import numpy as np
+import pytest
+
+from gesal_core.engine import Engine, EngineConfig
+from gesal_core.generate import SamplingConfig
+from gesal_core.guard import Guard, GuardConfig, degenerate_reason
+from gesal_core.records import ChannelConfig
+from gesal_core.store import MemoryStore
+from gesal_core.svf import SVFConfig, SVFModel
+
+from .conftest import make_tiny_llama
+
+
+@pytest.mark.parametrize(
+    "text,reason",
+    [
+        ("", "empty"),
+        ("A: A: A: A: A: A: A: A: A: A:", "repetition loop"),
+        ("the the the the the the the the the the", "repetition loop"),
+        ("!!!!!!!!!!!!!!!!!!!!", "repetition loop"),
+        ("I'm sorry, but I can't help with that.", "refusal or self-description"),
+        ("I am SmolLM, an AI assistant trained by Hugging Face.", "refusal or self-description"),
+        ("The capital of Canada is Ottawa.", None),
+        ("Photosynthesis turns light, water and CO2 into sugar and oxygen in plants.", None),
+    ],
+)
+def test_degenerate_answers_are_recognised(text, reason):
+    assert degenerate_reason(text) == reason
+
+
+@pytest.fixture
+def svf(tiny_tokenizer):
+    return SVFModel(make_tiny_llama(len(tiny_tokenizer)), "tiny", SVFConfig(progress=False))
+
+
+def test_guard_batches_nodes_and_caches_the_base(svf, tiny_tokenizer):
+    guard = Guard(svf, tiny_tokenizer, GuardConfig(max_new_tokens=4))
+    z = np.ones(svf.z_size, dtype=np.float32)
+    verdicts = guard.check_many([(z, ["hello"]), (z, ["fox"])])
+    assert [v.ok for v in verdicts] == [True, True]  # z = 1 is the base: nothing changes
+    assert verdicts[0].candidate.answers == verdicts[0].base.answers
+    assert len(guard._base_cache) == 2
+
+
+def test_engine_rolls_back_an_update_the_guard_rejects(svf, tiny_tokenizer):
+    async def go():
+        # A guard that tolerates no drift at all (any topic change beyond -1) rejects.
+        cfg = EngineConfig(
+            sampling=SamplingConfig(max_new_tokens=4),
+            guard=GuardConfig(max_new_tokens=4, max_topic_drop=-1.0),
+            channel_defaults=ChannelConfig(threshold=-1.0),
+        )
+        eng = Engine(svf, tiny_tokenizer, MemoryStore(cfg.channel_defaults), cfg)
+        r = await eng.respond("c", [{"role": "user", "content": "hello"}])
+        await eng.vote("c", r.reply_id, "ann", 1)
+        report = await eng.train()
+        rep = report.channels["c"][0]
+        assert rep.status == "rolled_back" and "off topic" in rep.reason
+        node = await eng.store.get_node("c", r.node_id)
+        assert node.version == 0 and np.array_equal(node.z, np.ones(svf.z_size, np.float32))
+        assert node.rollbacks == 1 and await eng.pending("c") == 0  # the vote was consumed
+        eng.close()
+
+    asyncio.run(go())
