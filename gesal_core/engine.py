@@ -52,6 +52,9 @@ class EngineConfig:
     guard: GuardConfig = field(default_factory=GuardConfig)
     channel_defaults: ChannelConfig = field(default_factory=ChannelConfig)
     recent_rewards: int = 16
+    # A trainer holds a channel's lock for at most this long (it expires if the process
+    # dies). The commit's version and pending checks keep an expired lock harmless.
+    train_lock_ttl: float = 600.0
 
 
 @dataclass
@@ -333,6 +336,13 @@ class Engine:
         return report
 
     async def _train_channel(self, channel: str) -> tuple[list[NodeReport], int]:
+        async with self.store.trainer_lock(channel, self.config.train_lock_ttl) as held:
+            if not held:
+                log.info("training %s: another trainer is at it; skipping this round", channel)
+                return [], 0
+            return await self._train_channel_locked(channel)
+
+    async def _train_channel_locked(self, channel: str) -> tuple[list[NodeReport], int]:
         events = await self.store.pending(channel, self.consumer)
         if not events:
             return [], 0
@@ -388,9 +398,7 @@ class Engine:
         if not todo or not self.config.guard.enabled:
             return
         t0 = time.perf_counter()
-        verdicts = await self.worker.run(
-            self.guard.check_many, [(u.z, r.related) for u, r in todo]
-        )
+        verdicts = await self.worker.run(self.guard.check_many, [(u.z, r.related) for u, r in todo])
         for (update, report), verdict in zip(todo, verdicts, strict=True):
             if not verdict.ok:
                 update.z, update.updated, update.rolled_back = None, False, True

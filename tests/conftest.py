@@ -35,6 +35,11 @@ def _isolated_cache(request, tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+def make_tiny_tokenizer():
+    """Deterministic: subprocesses (crash tests) rebuild the very same vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -88,3 +93,6 @@ def make_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
 @pytest.fixture
 def tiny_llama(tiny_tokenizer):
     return make_tiny_llama(len(tiny_tokenizer))
+
+
+from .redis_server import make_redis_store, redis_client, redis_server, redis_url  # noqa: E402, F401

@@ -1,10 +1,83 @@
 """Where a channel's graph, replies, votes and feedback buffer live.
 
-`Store` is the contract; `MemoryStore` backs tests and the evaluation harness, and the
-Redis implementation is the production system of record.
+`Store` is the contract; `MemoryStore` backs tests and the evaluation harness, and
+`RedisStore` is the production system of record. `open_store` picks one the way the app
+should: ``REDIS_URL`` set means that server, unset means a private embedded Redis.
 """
 
-from .base import ConflictError, Store, UnknownReplyError
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from ..records import ChannelConfig
+from .base import ConflictError, Store, StoreUnavailableError, UnknownReplyError
 from .memory import MemoryStore
 
-__all__ = ["ConflictError", "MemoryStore", "Store", "UnknownReplyError"]
+Closer = Callable[[], Awaitable[None]]
+
+
+async def open_store(
+    url: str | None = None,
+    default_config: ChannelConfig | None = None,
+    *,
+    embedded_dir: Path | None = None,
+    **redis_options,
+) -> tuple[Store, Closer]:
+    """Open the store the app should use and a coroutine function that closes it.
+
+    ``url`` (default: the ``REDIS_URL`` environment variable): ``redis://``, ``rediss://``
+    (TLS) or ``unix://`` with an optional password, or ``memory://`` for a throwaway
+    in-process store. Unset or empty: start the embedded server under the data directory
+    (or ``embedded_dir``). The server must answer PING, or this raises
+    `StoreUnavailableError` with a message that names it (password hidden).
+    """
+    from .redis_store import RedisStore
+
+    url = url if url is not None else os.environ.get("REDIS_URL", "")
+    url = url.strip()
+    if url == "memory://":
+        store = MemoryStore(default_config)
+
+        async def close_memory() -> None:
+            return None
+
+        return store, close_memory
+    embedded = None
+    if not url:
+        from .embedded import start_embedded
+
+        embedded = await asyncio.to_thread(start_embedded, embedded_dir)
+        url = embedded.url
+    elif not url.startswith(("redis://", "rediss://", "unix://")):
+        raise StoreUnavailableError(
+            "REDIS_URL must start with redis://, rediss:// or unix:// "
+            "(for example redis://:password@localhost:6379/0)"
+        )
+    store = RedisStore(url, default_config, **redis_options)
+    try:
+        await store.ping()
+    except Exception:
+        await store.close()
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+        raise
+
+    async def close() -> None:
+        await store.close()
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+
+    return store, close
+
+
+__all__ = [
+    "ConflictError",
+    "MemoryStore",
+    "Store",
+    "StoreUnavailableError",
+    "UnknownReplyError",
+    "open_store",
+]

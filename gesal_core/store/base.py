@@ -7,6 +7,7 @@ All methods are async so a network store never blocks the event loop.
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -20,7 +21,14 @@ class UnknownReplyError(GesalError):
 
 
 class ConflictError(GesalError):
-    """A node changed since it was read (compare-and-set failed)."""
+    """A node changed since it was read, or its events were already applied (CAS failed)."""
+
+
+class StoreUnavailableError(GesalError):
+    """The database cannot be reached (or refuses writes); nothing was changed.
+
+    The message is meant for a chat user or an operator as-is; it never holds a password.
+    """
 
 
 @runtime_checkable
@@ -68,7 +76,17 @@ class Store(Protocol):
     async def commit(self, channel: str, updates: list[NodeUpdate], event_ids: list[str]) -> None:
         """Apply node updates (compare-and-set on each version) and ack the events, atomically.
 
-        Raises ConflictError, changing nothing, if any node's version moved.
+        Raises ConflictError, changing nothing, if any node's version moved or any of the
+        events is no longer pending (another trainer applied it already).
+        """
+        ...
+
+    def trainer_lock(self, channel: str, ttl: float) -> AbstractAsyncContextManager[bool]:
+        """Try to become the channel's only trainer for up to ``ttl`` seconds.
+
+        Yields False (without waiting) when another trainer holds it. The lock only saves
+        wasted work: correctness comes from `commit`'s checks, since a lock can expire
+        under a slow trainer.
         """
         ...
 

@@ -11,6 +11,8 @@ import asyncio
 import copy
 import itertools
 from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +36,7 @@ class MemoryStore:
         self._channels: dict[str, _Channel] = defaultdict(_Channel)
         self._default = default_config or ChannelConfig()
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._trainer_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._seq = itertools.count(1)
 
     def _ch(self, channel: str) -> _Channel:
@@ -124,6 +127,9 @@ class MemoryStore:
     async def commit(self, channel: str, updates: list[NodeUpdate], event_ids: list[str]) -> None:
         async with self._locks[channel]:
             ch = self._ch(channel)
+            for event_id in event_ids:
+                if event_id not in ch.events:
+                    raise ConflictError(f"feedback event {event_id} was already applied")
             for u in updates:
                 node = ch.nodes.get(u.node_id)
                 if node is None or node.version != u.expected_version:
@@ -143,6 +149,17 @@ class MemoryStore:
                 node.skipped += int(not u.updated and not u.rolled_back)
             for event_id in event_ids:
                 ch.events.pop(event_id, None)
+            if event_ids:
+                ch.meta["trained_events"] = ch.meta.get("trained_events", 0) + len(event_ids)
+
+    @asynccontextmanager
+    async def trainer_lock(self, channel: str, ttl: float) -> AsyncIterator[bool]:
+        lock = self._trainer_locks[channel]
+        if lock.locked():
+            yield False
+            return
+        async with lock:
+            yield True
 
     # -- channels --------------------------------------------------------------------
     async def channels(self) -> list[str]:

@@ -1,0 +1,215 @@
+"""Lua scripts that make the Redis store's multi-step updates atomic.
+
+A script runs to completion with no other command interleaved, so each one is a small
+transaction. Every key a script touches is passed in KEYS and shares the channel's hash
+tag, so the scripts also run on Redis Cluster. Errors are returned with a one-word code
+(``NONODE``, ``NOREPLY``, ``CONFLICT``, ``BADDIM``) that `RedisStore` maps to exceptions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Script:
+    name: str
+    source: str
+
+    @property
+    def sha(self) -> str:
+        return hashlib.sha1(self.source.encode()).hexdigest()
+
+
+# KEYS: node, nodes zset, seq. ARGV: node id, then field/value pairs of the whole record.
+# Replaces the record; a new node joins the end of the creation order.
+SAVE_NODE = Script(
+    "save_node",
+    """
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then
+  redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[3]), ARGV[1])
+end
+return 1
+""",
+)
+
+# KEYS: node. ARGV: neighbours JSON. A node deleted meanwhile stays deleted.
+SET_NEIGHBORS = Script(
+    "set_neighbors",
+    """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'neighbors', ARGV[1])
+end
+return 1
+""",
+)
+
+# KEYS: node. ARGV: the prompt's embedding (little-endian float32 bytes).
+# count += 1; mean += (x - mean) / count, in double precision, stored as float32.
+# Chunks of 1024 floats keep unpack() well inside Lua's C-stack limit for any width.
+OBSERVE = Script(
+    "observe",
+    """
+local h = redis.call('HMGET', KEYS[1], 'count', 'emb')
+if not h[1] then return redis.error_reply('NONODE node does not exist') end
+local old, new = h[2], ARGV[1]
+if #old ~= #new then return redis.error_reply('BADDIM embedding size differs from the node') end
+local count = tonumber(h[1]) + 1
+local n = #new / 4
+local out = {}
+local i = 0
+while i < n do
+  local m = math.min(1024, n - i)
+  local fmt = '<' .. string.rep('f', m)
+  local a = {struct.unpack(fmt, old, i * 4 + 1)}
+  local b = {struct.unpack(fmt, new, i * 4 + 1)}
+  for j = 1, m do a[j] = a[j] + (b[j] - a[j]) / count end
+  out[#out + 1] = struct.pack(fmt, unpack(a, 1, m))
+  i = i + m
+end
+redis.call('HSET', KEYS[1], 'count', count, 'emb', table.concat(out))
+return count
+""",
+)
+
+# KEYS: reply, feedback stream. ARGV: user, value ('' = retract), reply id, ts.
+# The vote (last write wins per user) and its feedback event are written together.
+SET_VOTE = Script(
+    "set_vote",
+    """
+if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('NOREPLY') end
+if ARGV[2] == '' then
+  redis.call('HDEL', KEYS[1], 'v:' .. ARGV[1])
+else
+  redis.call('HSET', KEYS[1], 'v:' .. ARGV[1], ARGV[2])
+end
+return redis.call('XADD', KEYS[2], '*', 'reply', ARGV[3], 'user', ARGV[1],
+                  'kind', 'vote', 'value', ARGV[2], 'ts', ARGV[4])
+""",
+)
+
+# KEYS: reply, its corrections list, feedback stream. ARGV: user, correction JSON,
+# reply id, ts, text.
+ADD_CORRECTION = Script(
+    "add_correction",
+    """
+if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('NOREPLY') end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+return redis.call('XADD', KEYS[3], '*', 'reply', ARGV[3], 'user', ARGV[1],
+                  'kind', 'correction', 'text', ARGV[5], 'ts', ARGV[4])
+""",
+)
+
+# KEYS: reply, messages hash. ARGV: reply id, platform message id.
+LINK_MESSAGE = Script(
+    "link_message",
+    """
+if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('NOREPLY') end
+redis.call('HSET', KEYS[1], 'msg', ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
+return 1
+""",
+)
+
+# KEYS: reply, its corrections, replies zset, messages hash. ARGV: reply id.
+# Retention: forget one old reply and its message mapping.
+DROP_REPLY = Script(
+    "drop_reply",
+    """
+local msg = redis.call('HGET', KEYS[1], 'msg')
+if msg and redis.call('HGET', KEYS[4], msg) == ARGV[1] then
+  redis.call('HDEL', KEYS[4], msg)
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[1])
+return 1
+""",
+)
+
+# KEYS: feedback stream, meta hash, then one node key per update.
+# ARGV: group, #updates, #events, then 9 values per update (expected version, z bytes or
+# '', baseline, rated delta, reward_sum delta, recent JSON, downvoted JSON, updated 0/1,
+# rolled back 0/1), then the event ids.
+# All checks come first, so a conflict changes nothing:
+#   * every event must still be in the stream (acked events are deleted in this same
+#     script), so a batch that another trainer already applied is refused;
+#   * every node must exist with the version the trainer read.
+# Then the updates are applied and the events acknowledged and deleted.
+COMMIT = Script(
+    "commit",
+    """
+local nu, ne = tonumber(ARGV[2]), tonumber(ARGV[3])
+local F = 9
+local ev0 = 3 + nu * F
+local ids = {}
+for j = 1, ne do
+  local id = ARGV[ev0 + j]
+  if #redis.call('XRANGE', KEYS[1], id, id) == 0 then
+    return redis.error_reply('CONFLICT feedback event ' .. id .. ' was already applied')
+  end
+  ids[j] = id
+end
+for i = 1, nu do
+  local b = 3 + (i - 1) * F
+  local v = redis.call('HGET', KEYS[2 + i], 'version')
+  if (not v) or tonumber(v) ~= tonumber(ARGV[b + 1]) then
+    return redis.error_reply('CONFLICT a node changed since it was read')
+  end
+end
+for i = 1, nu do
+  local k, b = KEYS[2 + i], 3 + (i - 1) * F
+  if ARGV[b + 2] ~= '' then
+    redis.call('HSET', k, 'z', ARGV[b + 2])
+    redis.call('HINCRBY', k, 'version', 1)
+  end
+  local rs = tonumber(redis.call('HGET', k, 'reward_sum') or '0') + tonumber(ARGV[b + 5])
+  redis.call('HSET', k, 'baseline', ARGV[b + 3], 'reward_sum', string.format('%.17g', rs),
+             'recent', ARGV[b + 6], 'downvoted', ARGV[b + 7])
+  redis.call('HINCRBY', k, 'rated', ARGV[b + 4])
+  if ARGV[b + 8] == '1' then
+    redis.call('HINCRBY', k, 'updates', 1)
+  elseif ARGV[b + 9] == '1' then
+    redis.call('HINCRBY', k, 'rollbacks', 1)
+  else
+    redis.call('HINCRBY', k, 'skipped', 1)
+  end
+end
+local acked = 0
+local i = 1
+while i <= ne do
+  local chunk = {unpack(ids, i, math.min(ne, i + 999))}
+  acked = acked + redis.call('XACK', KEYS[1], ARGV[1], unpack(chunk))
+  redis.call('XDEL', KEYS[1], unpack(chunk))
+  i = i + 1000
+end
+if ne > 0 then redis.call('HINCRBY', KEYS[2], 'trained_events', ne) end
+return acked
+""",
+)
+
+# KEYS: lock. ARGV: token. Release only a lock we still hold.
+RELEASE_LOCK = Script(
+    "release_lock",
+    """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+""",
+)
+
+ALL = {
+    s.name: s
+    for s in (
+        SAVE_NODE,
+        SET_NEIGHBORS,
+        OBSERVE,
+        SET_VOTE,
+        ADD_CORRECTION,
+        LINK_MESSAGE,
+        DROP_REPLY,
+        COMMIT,
+        RELEASE_LOCK,
+    )
+}

@@ -1,0 +1,558 @@
+"""`Store` on Redis: the production system of record.
+
+The key layout is described in `layout.py`; the atomic steps are the Lua scripts in
+`lua.py`. What this module guarantees:
+
+* **Durable votes.** ``set_vote`` writes the vote and appends its feedback event in one
+  script, then (when the server has AOF on) waits with ``WAITAOF`` until that write is
+  fsynced to disk, before returning. A vote acknowledged to the user survives a crash of
+  Redis, or of the whole machine. With ``appendfsync everysec`` that wait is at most
+  about a second; reactions need no faster answer, and concurrent votes share one fsync.
+* **Exactly-once effect.** Events are read through the consumer group ``trainers``
+  (at-least-once: a dead trainer's entries are reclaimed with ``XAUTOCLAIM``). The commit
+  script applies a batch only if every node still has the version the trainer read and
+  every event of the batch is still unacknowledged; it then acknowledges and deletes the
+  events in the same step. So a batch is applied once or not at all.
+* **Idempotent events.** An event only says "look at this reply again": training reads
+  the reply's current votes. A duplicated event (a retried write) changes nothing.
+* **Failures are messages.** Connection errors are retried with exponential backoff and
+  the client reconnects by itself; when Redis stays away, calls raise
+  `StoreUnavailableError`, whose text can be shown to a chat user. Nothing crashes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    BusyLoadingError,
+    NoScriptError,
+    ResponseError,
+)
+from redis.exceptions import (
+    ConnectionError as RedisConnectionError,
+)
+from redis.exceptions import (
+    TimeoutError as RedisTimeoutError,
+)
+
+from ..records import VOTE, ChannelConfig, FeedbackEvent, Node, NodeUpdate, Reply
+from . import lua
+from .base import ConflictError, StoreUnavailableError, UnknownReplyError
+from .layout import CHANNELS, GROUP, Keys
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_REPLIES = 2000
+DEFAULT_CLAIM_IDLE_MS = 30_000
+NODE_INTS = ("count", "version", "rated", "updates", "skipped", "rollbacks")
+NODE_FLOATS = ("baseline", "reward_sum", "created_at", "updated_at")
+NODE_JSON = ("recent", "downvoted", "neighbors")
+REPLY_EXTRA = ("votes", "corrections", "platform_message_id")
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced, safe for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:" if parts.username else ":"
+    return urlunsplit(parts._replace(netloc=f"{user}***@{netloc}"))
+
+
+def _vec_bytes(v: np.ndarray) -> bytes:
+    return np.asarray(v, dtype="<f4").tobytes()
+
+
+def _vec(b: bytes) -> np.ndarray:
+    return np.frombuffer(b, dtype="<f4").astype(np.float32)
+
+
+def _s(b: bytes | str | None) -> str | None:
+    return b.decode() if isinstance(b, bytes) else b
+
+
+def node_to_fields(node: Node) -> dict[str, bytes | str]:
+    fields: dict[str, bytes | str] = {"emb": _vec_bytes(node.embedding), "z": _vec_bytes(node.z)}
+    fields.update({k: str(int(getattr(node, k))) for k in NODE_INTS})
+    fields.update({k: repr(float(getattr(node, k))) for k in NODE_FLOATS})
+    fields["recent"] = json.dumps([float(r) for r in node.recent])
+    fields["downvoted"] = json.dumps(list(node.downvoted))
+    fields["neighbors"] = json.dumps([[n, float(s)] for n, s in node.neighbors])
+    return fields
+
+
+def node_from_fields(node_id: str, h: dict[bytes, bytes]) -> Node:
+    g = {k.decode(): v for k, v in h.items()}
+    return Node(
+        node_id=node_id,
+        embedding=_vec(g["emb"]),
+        z=_vec(g["z"]),
+        **{k: int(g[k]) for k in NODE_INTS},
+        **{k: float(g[k]) for k in NODE_FLOATS},
+        recent=[float(r) for r in json.loads(g["recent"])],
+        downvoted=list(json.loads(g["downvoted"])),
+        neighbors=[(n, float(s)) for n, s in json.loads(g["neighbors"])],
+    )
+
+
+def reply_from_fields(h: dict[bytes, bytes], corrections: list[bytes]) -> Reply:
+    d = json.loads(h[b"data"])
+    d["votes"] = {k.decode()[2:]: int(v) for k, v in h.items() if k.startswith(b"v:") and v != b""}
+    d["corrections"] = [json.loads(c) for c in corrections]
+    d["platform_message_id"] = _s(h.get(b"msg"))
+    return Reply.from_dict(d)
+
+
+def _stream_id_key(event_id: str) -> tuple[int, int]:
+    ms, _, seq = event_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _event(event_id: str, f: dict[bytes, bytes]) -> FeedbackEvent:
+    value = _s(f.get(b"value")) or None
+    return FeedbackEvent(
+        event_id=event_id,
+        reply_id=_s(f[b"reply"]),
+        user=_s(f[b"user"]),
+        kind=_s(f.get(b"kind")) or VOTE,
+        value=int(value) if value is not None else None,
+        text=_s(f.get(b"text")),
+        ts=float(f.get(b"ts") or 0.0),
+    )
+
+
+def _guarded(fn):
+    """Turn connection-level failures into a StoreUnavailableError with a plain message."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: RedisStore, *args, **kwargs):
+        try:
+            return await fn(self, *args, **kwargs)
+        except AuthenticationError as exc:
+            raise StoreUnavailableError(
+                f"the database (Redis at {self.where}) refused the credentials; "
+                "check the user name and password in REDIS_URL"
+            ) from exc
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreUnavailableError(
+                f"the database (Redis at {self.where}) is not reachable right now, so "
+                "nothing was saved; gesal-bot keeps retrying, please try again in a moment"
+            ) from exc
+        except ResponseError as exc:
+            if str(exc).startswith("OOM"):
+                raise StoreUnavailableError(
+                    f"the database (Redis at {self.where}) is full and refuses writes "
+                    "(maxmemory with noeviction); nothing was saved"
+                ) from exc
+            raise
+
+    return wrapper
+
+
+class RedisStore:
+    """Async `Store` over one Redis server (or a cluster with hash-tag-aware routing).
+
+    ``claim_idle_ms``: how long an event must sit unacknowledged with another consumer
+    before `pending` takes it over (that consumer is presumed dead).
+    ``max_replies``: per-channel reply history kept (oldest dropped first).
+    ``fsync_votes``: wait for the AOF fsync before acknowledging a vote (see module doc).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        default_config: ChannelConfig | None = None,
+        *,
+        max_replies: int = DEFAULT_MAX_REPLIES,
+        claim_idle_ms: int = DEFAULT_CLAIM_IDLE_MS,
+        fsync_votes: bool = True,
+        fsync_timeout_ms: int = 5000,
+        retries: int = 6,
+        socket_timeout: float = 10.0,
+    ) -> None:
+        self.url = url
+        self.where = redact_url(url)
+        self._default = default_config or ChannelConfig()
+        self.max_replies = max_replies
+        self.claim_idle_ms = claim_idle_ms
+        self.fsync_votes = fsync_votes
+        self.fsync_timeout_ms = fsync_timeout_ms
+        self._retries = retries
+        self._socket_timeout = socket_timeout
+        self._client_obj: aioredis.Redis | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._aof: bool | None = None  # does the server have AOF on (WAITAOF usable)?
+
+    # -- connection ----------------------------------------------------------------------
+    def _make_client(self) -> aioredis.Redis:
+        # Writes and reads are retried with backoff (~3 s in all by default) across
+        # reconnects; a Redis restart that takes longer surfaces as StoreUnavailableError.
+        retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), self._retries)
+        return aioredis.Redis.from_url(
+            self.url,
+            retry=retry,
+            retry_on_error=[RedisConnectionError, RedisTimeoutError, BusyLoadingError],
+            socket_timeout=self._socket_timeout,
+            socket_connect_timeout=5.0,
+            health_check_interval=30,
+            decode_responses=False,
+        )
+
+    @property
+    def _r(self) -> aioredis.Redis:
+        """The client for the running event loop (a client's connections are loop-bound)."""
+        loop = asyncio.get_running_loop()
+        if self._client_obj is None or self._loop is not loop:
+            self._client_obj, self._loop = self._make_client(), loop
+        return self._client_obj
+
+    @_guarded
+    async def ping(self) -> None:
+        await self._r.ping()
+
+    async def close(self) -> None:
+        if self._client_obj is not None and self._loop is asyncio.get_running_loop():
+            await self._client_obj.aclose()
+        self._client_obj = self._loop = None
+
+    async def _eval(self, script: lua.Script, keys: list[str], args: list, durable=False):
+        """Run a script by SHA (loading it after a server restart), optionally fsynced."""
+        r = self._r
+        if durable and self.fsync_votes and self._aof is None:
+            info = await r.info("persistence")
+            self._aof = bool(int(info.get("aof_enabled", 0)))
+            if not self._aof:
+                log.warning("Redis at %s has AOF off: votes are not fsynced", self.where)
+        durable = durable and self.fsync_votes and self._aof
+        for attempt in range(2):
+            try:
+                if not durable:
+                    return await r.evalsha(script.sha, len(keys), *keys, *args)
+                # WAITAOF waits for this connection's own writes, so both go in one
+                # pipeline on one connection; a retried pipeline re-sends both.
+                async with r.pipeline(transaction=False) as p:
+                    p.evalsha(script.sha, len(keys), *keys, *args)
+                    p.execute_command("WAITAOF", 1, 0, self.fsync_timeout_ms)
+                    result, waited = await p.execute(raise_on_error=False)
+                if isinstance(result, Exception):
+                    raise result
+                if isinstance(waited, Exception) or int(waited[0]) < 1:
+                    raise StoreUnavailableError(
+                        "the database could not confirm that this was saved to disk; "
+                        "please try again"
+                    )
+                return result
+            except NoScriptError:
+                if attempt:
+                    raise
+                await r.script_load(script.source)
+
+    async def _register(self, channel: str) -> None:
+        # not memoised: another process may have reset the channel meanwhile
+        await self._r.sadd(CHANNELS, channel)
+
+    # -- graph ---------------------------------------------------------------------------
+    @_guarded
+    async def load_nodes(self, channel: str) -> list[Node]:
+        k = Keys(channel)
+        ids = [i.decode() for i in await self._r.zrange(k.nodes, 0, -1)]
+        if not ids:
+            return []
+        async with self._r.pipeline(transaction=False) as p:
+            for i in ids:
+                p.hgetall(k.node(i))
+            rows = await p.execute()
+        return [node_from_fields(i, h) for i, h in zip(ids, rows, strict=True) if h]
+
+    @_guarded
+    async def get_node(self, channel: str, node_id: str) -> Node | None:
+        h = await self._r.hgetall(Keys(channel).node(node_id))
+        return node_from_fields(node_id, h) if h else None
+
+    @_guarded
+    async def save_node(self, channel: str, node: Node) -> None:
+        k = Keys(channel)
+        await self._register(channel)
+        flat = [x for kv in node_to_fields(node).items() for x in kv]
+        await self._eval(
+            lua.SAVE_NODE, [k.node(node.node_id), k.nodes, k.seq], [node.node_id, *flat]
+        )
+
+    @_guarded
+    async def delete_node(self, channel: str, node_id: str) -> None:
+        k = Keys(channel)
+        async with self._r.pipeline(transaction=True) as p:
+            p.delete(k.node(node_id))
+            p.zrem(k.nodes, node_id)
+            await p.execute()
+
+    @_guarded
+    async def set_neighbors(
+        self, channel: str, node_id: str, neighbors: list[tuple[str, float]]
+    ) -> None:
+        payload = json.dumps([[n, float(s)] for n, s in neighbors])
+        await self._eval(lua.SET_NEIGHBORS, [Keys(channel).node(node_id)], [payload])
+
+    @_guarded
+    async def observe(self, channel: str, node_id: str, embedding: np.ndarray) -> int:
+        key = Keys(channel).node(node_id)
+        try:
+            return int(await self._eval(lua.OBSERVE, [key], [_vec_bytes(embedding)]))
+        except ResponseError as exc:
+            if str(exc).startswith("NONODE"):
+                raise KeyError(node_id) from exc
+            raise ValueError(str(exc)) from exc
+
+    # -- replies and feedback ------------------------------------------------------------
+    @_guarded
+    async def put_reply(self, channel: str, reply: Reply) -> None:
+        k = Keys(channel)
+        await self._register(channel)
+        d = reply.to_dict()
+        data = json.dumps({key: v for key, v in d.items() if key not in REPLY_EXTRA})
+        fields: dict[str, str] = {"data": data}
+        fields.update({f"v:{u}": str(int(v)) for u, v in reply.votes.items()})
+        if reply.platform_message_id:
+            fields["msg"] = reply.platform_message_id
+        async with self._r.pipeline(transaction=True) as p:
+            p.delete(k.reply(reply.reply_id), k.corrections(reply.reply_id))
+            p.hset(k.reply(reply.reply_id), mapping=fields)
+            if reply.corrections:
+                p.rpush(k.corrections(reply.reply_id), *map(json.dumps, reply.corrections))
+            p.zadd(k.replies, {reply.reply_id: float(reply.created_at)})
+            if reply.platform_message_id:
+                p.hset(k.messages, reply.platform_message_id, reply.reply_id)
+            p.zcard(k.replies)
+            size = (await p.execute())[-1]
+        if size > self.max_replies:
+            await self._trim_replies(k, size - self.max_replies)
+
+    async def _trim_replies(self, k: Keys, excess: int) -> None:
+        """Retention: drop the oldest replies beyond ``max_replies``."""
+        for rid in [i.decode() for i in await self._r.zrange(k.replies, 0, excess - 1)]:
+            keys = [k.reply(rid), k.corrections(rid), k.replies, k.messages]
+            await self._eval(lua.DROP_REPLY, keys, [rid])
+
+    async def _get_replies(self, k: Keys, ids: list[str]) -> list[Reply | None]:
+        async with self._r.pipeline(transaction=False) as p:
+            for rid in ids:
+                p.hgetall(k.reply(rid))
+                p.lrange(k.corrections(rid), 0, -1)
+            rows = await p.execute()
+        return [
+            reply_from_fields(h, c) if h else None
+            for h, c in zip(rows[::2], rows[1::2], strict=True)
+        ]
+
+    @_guarded
+    async def get_reply(self, channel: str, reply_id: str) -> Reply | None:
+        return (await self._get_replies(Keys(channel), [reply_id]))[0]
+
+    @_guarded
+    async def list_replies(self, channel: str) -> list[Reply]:
+        k = Keys(channel)
+        ids = [i.decode() for i in await self._r.zrange(k.replies, 0, -1)]
+        return [r for r in await self._get_replies(k, ids) if r is not None]
+
+    @_guarded
+    async def link_message(self, channel: str, reply_id: str, message_id: str) -> None:
+        k = Keys(channel)
+        try:
+            await self._eval(
+                lua.LINK_MESSAGE, [k.reply(reply_id), k.messages], [reply_id, message_id]
+            )
+        except ResponseError as exc:
+            raise self._unknown(exc, reply_id) from exc
+
+    @_guarded
+    async def reply_for_message(self, channel: str, message_id: str) -> str | None:
+        return _s(await self._r.hget(Keys(channel).messages, message_id))
+
+    @staticmethod
+    def _unknown(exc: ResponseError, reply_id: str) -> Exception:
+        if str(exc).startswith("NOREPLY"):
+            return UnknownReplyError(
+                f"no reply {reply_id!r} in this channel (it may be older than the history kept)"
+            )
+        return exc
+
+    @_guarded
+    async def set_vote(self, channel: str, reply_id: str, user: str, value: int | None) -> str:
+        k = Keys(channel)
+        args = [user, "" if value is None else str(int(value)), reply_id, repr(time.time())]
+        try:
+            event_id = await self._eval(
+                lua.SET_VOTE, [k.reply(reply_id), k.feedback], args, durable=True
+            )
+        except ResponseError as exc:
+            raise self._unknown(exc, reply_id) from exc
+        return _s(event_id)
+
+    @_guarded
+    async def add_correction(
+        self, channel: str, reply_id: str, user: str, text: str, ids: list[int]
+    ) -> str:
+        k = Keys(channel)
+        item = json.dumps({"user": user, "text": text, "ids": [int(i) for i in ids]})
+        keys = [k.reply(reply_id), k.corrections(reply_id), k.feedback]
+        try:
+            event_id = await self._eval(
+                lua.ADD_CORRECTION,
+                keys,
+                [user, item, reply_id, repr(time.time()), text],
+                durable=True,
+            )
+        except ResponseError as exc:
+            raise self._unknown(exc, reply_id) from exc
+        return _s(event_id)
+
+    async def _ensure_group(self, k: Keys) -> None:
+        try:
+            await self._r.xgroup_create(k.feedback, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    @_guarded
+    async def pending(self, channel: str, consumer: str, count: int = 1000) -> list[FeedbackEvent]:
+        """This consumer's unacked entries, a dead consumer's (XAUTOCLAIM), then new ones."""
+        k = Keys(channel)
+        r = self._r
+        await self._ensure_group(k)
+        got: dict[str, FeedbackEvent] = {}
+
+        def take(entries) -> None:
+            for raw_id, fields in entries or []:
+                if fields:  # None: deleted while pending (cannot happen with our scripts)
+                    eid = _s(raw_id)
+                    got.setdefault(eid, _event(eid, fields))
+
+        try:
+            own = await r.xreadgroup(GROUP, consumer, {k.feedback: "0"}, count=count)
+            for _, entries in own or []:
+                take(entries)
+            cursor = "0-0"
+            while len(got) < count:
+                cursor, claimed, *_ = await r.xautoclaim(
+                    k.feedback, GROUP, consumer, self.claim_idle_ms, cursor, count=count
+                )
+                take(claimed)
+                if _s(cursor) == "0-0":
+                    break
+            if len(got) < count:
+                new = await r.xreadgroup(GROUP, consumer, {k.feedback: ">"}, count=count - len(got))
+                for _, entries in new or []:
+                    take(entries)
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):  # the channel was reset meanwhile
+                return []
+            raise
+        events = sorted(got.values(), key=lambda e: _stream_id_key(e.event_id))
+        return events[:count]
+
+    @_guarded
+    async def pending_count(self, channel: str) -> int:
+        # acknowledged entries are deleted in the commit script: what is left is pending
+        return int(await self._r.xlen(Keys(channel).feedback))
+
+    @_guarded
+    async def commit(self, channel: str, updates: list[NodeUpdate], event_ids: list[str]) -> None:
+        k = Keys(channel)
+        args: list = [GROUP, len(updates), len(event_ids)]
+        for u in updates:
+            args += [
+                int(u.expected_version),
+                b"" if u.z is None else _vec_bytes(u.z),
+                repr(float(u.baseline)),
+                int(u.rated_delta),
+                repr(float(u.reward_sum_delta)),
+                json.dumps([float(x) for x in u.recent]),
+                json.dumps(list(u.downvoted)),
+                int(bool(u.updated)),
+                int(bool(u.rolled_back)),
+            ]
+        args += list(event_ids)
+        keys = [k.feedback, k.meta, *(k.node(u.node_id) for u in updates)]
+        try:
+            await self._eval(lua.COMMIT, keys, args)
+        except ResponseError as exc:
+            if str(exc).startswith("CONFLICT"):
+                raise ConflictError(str(exc).removeprefix("CONFLICT ")) from exc
+            raise
+
+    @asynccontextmanager
+    async def trainer_lock(self, channel: str, ttl: float) -> AsyncIterator[bool]:
+        key, token = Keys(channel).trainlock, uuid.uuid4().hex
+        try:
+            held = bool(await self._r.set(key, token, nx=True, px=max(1, int(ttl * 1000))))
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreUnavailableError(
+                f"the database (Redis at {self.where}) is not reachable right now"
+            ) from exc
+        try:
+            yield held
+        finally:
+            if held:
+                try:
+                    await self._eval(lua.RELEASE_LOCK, [key], [token])
+                except (RedisConnectionError, RedisTimeoutError, OSError):
+                    log.warning("could not release the trainer lock; it expires in %.0fs", ttl)
+
+    # -- channels ------------------------------------------------------------------------
+    @_guarded
+    async def channels(self) -> list[str]:
+        return sorted(c.decode() for c in await self._r.smembers(CHANNELS))
+
+    @_guarded
+    async def get_config(self, channel: str) -> ChannelConfig:
+        raw = await self._r.get(Keys(channel).config)
+        if raw is None:
+            return ChannelConfig(**vars(self._default))
+        return ChannelConfig.from_dict(json.loads(raw))
+
+    @_guarded
+    async def set_config(self, channel: str, config: ChannelConfig) -> None:
+        await self._register(channel)
+        await self._r.set(Keys(channel).config, json.dumps(vars(config.validate())))
+
+    @_guarded
+    async def reset(self, channel: str) -> None:
+        """Delete every key of the channel (found by SCAN on its prefix)."""
+        k = Keys(channel)
+        batch: list[bytes] = []
+        async for key in self._r.scan_iter(match=k.pattern(), count=500):
+            batch.append(key)
+            if len(batch) >= 500:
+                await self._r.unlink(*batch)
+                batch.clear()
+        if batch:
+            await self._r.unlink(*batch)
+        await self._r.srem(CHANNELS, channel)
+
+    @_guarded
+    async def meta(self, channel: str) -> dict:
+        h = await self._r.hgetall(Keys(channel).meta)
+        return {key.decode(): json.loads(v) for key, v in h.items()}
+
+    @_guarded
+    async def set_meta(self, channel: str, **values) -> None:
+        if not values:
+            return
+        await self._register(channel)
+        mapping = {key: json.dumps(v) for key, v in values.items()}
+        await self._r.hset(Keys(channel).meta, mapping=mapping)
