@@ -1,0 +1,220 @@
+"""A fake Slack on loopback: the Web API methods the bot calls, file upload/download
+URLs, and a Socket Mode websocket.
+
+It answers the way Slack documents (``{"ok": true, ...}``, errors as ``ok: false``),
+checks the bot token on every call, and records every call so tests can assert on
+what the real `AsyncWebClient` sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from dataclasses import dataclass, field
+
+from aiohttp import WSMsgType, web
+
+BOT_TOKEN = "xoxb-test-token"
+BOT_USER, BOT_ID, TEAM = "UBOT", "BBOT", "T1"
+
+
+@dataclass
+class Call:
+    method: str
+    args: dict
+
+
+@dataclass
+class FakeSlack:
+    users: dict[str, dict] = field(default_factory=dict)  # id -> users.info "user" fields
+    calls: list[Call] = field(default_factory=list)
+    messages: dict[str, list[dict]] = field(default_factory=dict)  # channel -> messages
+    uploads: dict[str, dict] = field(default_factory=dict)  # file id -> {name, data, ...}
+    socket_acks: list[dict] = field(default_factory=list)
+    url: str = ""
+
+    def __post_init__(self) -> None:
+        self._ts = itertools.count(1)
+        self._files = itertools.count(1)
+        self._sockets: list[web.WebSocketResponse] = []
+        self._acked = asyncio.Event()
+        self.runner: web.AppRunner | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> FakeSlack:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/api/{method}", self._api)
+        app.router.add_get("/api/{method}", self._api)  # e.g. conversations.replies
+        app.router.add_post("/upload/{fid}", self._upload)
+        app.router.add_get("/download/{fid}", self._download)
+        app.router.add_get("/socket", self._socket)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def stop(self) -> None:
+        for ws in self._sockets:
+            await ws.close()
+        if self.runner:
+            await self.runner.cleanup()
+
+    @property
+    def api_url(self) -> str:
+        return self.url + "/api/"
+
+    def called(self, method: str) -> list[dict]:
+        return [c.args for c in self.calls if c.method == method]
+
+    def next_ts(self) -> str:
+        return f"1700000000.{next(self._ts):06d}"
+
+    def add_message(self, channel: str, **msg) -> dict:
+        msg.setdefault("ts", self.next_ts())
+        self.messages.setdefault(channel, []).append(msg)
+        return msg
+
+    # -- Web API -------------------------------------------------------------------------
+    async def _api(self, request: web.Request) -> web.Response:
+        method = request.match_info["method"]
+        args = dict(request.query)  # the SDK sends `params=` in the query string
+        if request.method == "GET":
+            pass
+        elif request.content_type == "application/json":
+            args.update(await request.json())
+        else:
+            args.update(await request.post())
+        auth = request.headers.get("Authorization", "")
+        token = auth.removeprefix("Bearer ") if auth else args.get("token")
+        self.calls.append(Call(method, {k: v for k, v in args.items() if k != "token"}))
+        if method == "apps.connections.open":
+            return web.json_response(
+                {"ok": True, "url": self.url.replace("http", "ws") + "/socket"}
+            )
+        if token != BOT_TOKEN:
+            return web.json_response({"ok": False, "error": "invalid_auth"})
+        handler = getattr(self, "_m_" + method.replace(".", "_"), None)
+        if handler is None:
+            return web.json_response({"ok": False, "error": "unknown_method"})
+        result = handler(args)
+        if "error" in result:
+            return web.json_response({"ok": False, **result})
+        return web.json_response({"ok": True, **result})
+
+    def _m_auth_test(self, args):
+        return {"user_id": BOT_USER, "bot_id": BOT_ID, "team_id": TEAM, "user": "gesal"}
+
+    def _m_chat_postMessage(self, args):
+        msg = self.add_message(
+            args["channel"],
+            text=args.get("text", ""),
+            user=BOT_USER,
+            bot_id=BOT_ID,
+            thread_ts=args.get("thread_ts"),
+        )
+        return {"channel": args["channel"], "ts": msg["ts"], "message": msg}
+
+    def _m_chat_postEphemeral(self, args):
+        return {"message_ts": self.next_ts()}
+
+    def _m_reactions_add(self, args):
+        return {}
+
+    def _m_reactions_remove(self, args):
+        return {}
+
+    def _m_conversations_replies(self, args):
+        thread = args["ts"]
+        msgs = [
+            m
+            for m in self.messages.get(args["channel"], [])
+            if m["ts"] == thread or m.get("thread_ts") == thread
+        ]
+        return {"messages": msgs, "has_more": False}
+
+    def _m_users_info(self, args):
+        user = {"id": args["user"], "is_admin": False, "is_owner": False}
+        user.update(self.users.get(args["user"], {}))
+        return {"user": user}
+
+    def _m_files_getUploadURLExternal(self, args):
+        fid = f"F{next(self._files):08d}"
+        self.uploads[fid] = {"name": args["filename"], "length": int(args["length"])}
+        return {"upload_url": f"{self.url}/upload/{fid}", "file_id": fid}
+
+    def _m_files_completeUploadExternal(self, args):
+        files = args["files"]
+        files = json.loads(files) if isinstance(files, str) else files
+        for f in files:
+            self.uploads[f["id"]].update(
+                title=f.get("title"),
+                channel=args.get("channel_id"),
+                completed=True,
+                comment=args.get("initial_comment"),
+            )
+        return {"files": [{"id": f["id"], "title": f.get("title")} for f in files]}
+
+    def _m_files_info(self, args):
+        fid = args["file"]
+        if fid not in self.uploads:
+            return {"error": "file_not_found"}
+        f = self.uploads[fid]
+        return {
+            "file": {
+                "id": fid,
+                "name": f["name"],
+                "url_private_download": f"{self.url}/download/{fid}",
+            }
+        }
+
+    # -- files ---------------------------------------------------------------------------
+    async def _upload(self, request: web.Request) -> web.Response:
+        fid = request.match_info["fid"]
+        if fid not in self.uploads:
+            return web.Response(status=404)
+        post = await request.post()
+        part = post.get("file")
+        data = part.file.read() if hasattr(part, "file") else await request.read()
+        self.uploads[fid]["data"] = data
+        return web.Response(text="OK")
+
+    async def _download(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {BOT_TOKEN}":
+            return web.Response(status=403)
+        f = self.uploads.get(request.match_info["fid"])
+        if f is None or "data" not in f:
+            return web.Response(status=404)
+        return web.Response(body=f["data"])
+
+    # -- Socket Mode ---------------------------------------------------------------------
+    async def _socket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self._sockets.append(ws)
+        await ws.send_json({"type": "hello", "num_connections": 1})
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                self.socket_acks.append(json.loads(msg.data))
+                self._acked.set()
+        return ws
+
+    async def wait_socket(self, timeout: float = 10.0) -> None:
+        for _ in range(int(timeout * 20)):
+            if self._sockets:
+                return
+            await asyncio.sleep(0.05)
+        raise TimeoutError("the Socket Mode client never connected")
+
+    async def send_envelope(self, envelope: dict, timeout: float = 10.0) -> dict:
+        """Push one envelope to the connected client; return its ack."""
+        self._acked.clear()
+        before = len(self.socket_acks)
+        await self._sockets[-1].send_json(envelope)
+        while len(self.socket_acks) == before:
+            await asyncio.wait_for(self._acked.wait(), timeout)
+            self._acked.clear()
+        return self.socket_acks[-1]

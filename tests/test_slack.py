@@ -1,0 +1,311 @@
+"""The Slack adapter: a real bolt `AsyncApp` served over HTTP on loopback, and a real
+Socket Mode client, both talking to the fake Slack Web API in `fakes.slack`."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+import urllib.parse
+
+import aiohttp
+import pytest
+from aiohttp import web
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.service import ChatService
+from bot.settings import load_settings
+from bot.slack_app import build_app, parse_command
+
+from .fakes.slack import BOT_TOKEN, BOT_USER, TEAM, FakeSlack
+from .fakes.tiny import make_engine
+
+SECRET = "test-signing-secret"
+KEY = f"slack:{TEAM}:C1"
+
+
+def sign(body: str, ts: int | None = None, secret: str = SECRET) -> dict:
+    ts = int(time.time()) if ts is None else ts
+    base = f"v0:{ts}:{body}".encode()
+    sig = "v0=" + hmac.new(secret.encode(), base, hashlib.sha256).hexdigest()
+    return {"X-Slack-Request-Timestamp": str(ts), "X-Slack-Signature": sig}
+
+
+class Harness:
+    """The bot's HTTP endpoint on loopback, wired to a fake Slack."""
+
+    def __init__(self, engine, settings, fake: FakeSlack) -> None:
+        self.engine, self.fake = engine, fake
+        client = AsyncWebClient(token=BOT_TOKEN, base_url=fake.api_url)
+        self.service = ChatService(engine, settings)
+        self.app = build_app(self.service, settings, client=client)
+        self.n = 0
+
+    async def __aenter__(self) -> Harness:
+        self.runner = web.AppRunner(self.app.web_app(path="/slack/events"))
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001
+        self.url = f"http://127.0.0.1:{port}/slack/events"
+        self.http = aiohttp.ClientSession()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.http.close()
+        await self.runner.cleanup()
+
+    async def post(self, body: str, headers: dict, content_type: str) -> tuple[int, str]:
+        headers = {**headers, "Content-Type": content_type}
+        async with self.http.post(self.url, data=body.encode(), headers=headers) as resp:
+            return resp.status, await resp.text()
+
+    async def event(self, event: dict, event_id: str | None = None, retry: int = 0):
+        self.n += 1
+        body = json.dumps(
+            {
+                "token": "legacy",
+                "team_id": TEAM,
+                "api_app_id": "A1",
+                "type": "event_callback",
+                "event_id": event_id or f"Ev{self.n:04d}",
+                "event_time": int(time.time()),
+                "event": event,
+                "authorizations": [{"team_id": TEAM, "user_id": BOT_USER, "is_bot": True}],
+            }
+        )
+        headers = sign(body)
+        if retry:
+            headers |= {"X-Slack-Retry-Num": str(retry), "X-Slack-Retry-Reason": "http_timeout"}
+        return await self.post(body, headers, "application/json")
+
+    async def command(self, text: str, user: str = "U2") -> tuple[int, str]:
+        body = urllib.parse.urlencode(
+            {
+                "command": "/gesal",
+                "text": text,
+                "user_id": user,
+                "channel_id": "C1",
+                "team_id": TEAM,
+                "response_url": self.fake.url + "/response",
+                "trigger_id": "t1",
+            }
+        )
+        return await self.post(body, sign(body), "application/x-www-form-urlencoded")
+
+
+async def until(predicate, timeout: float = 20.0):
+    for _ in range(int(timeout / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+def settings(monkeypatch):
+    for name in ("DISCORD_TOKEN", "SLACK_APP_TOKEN", "SLACK_ADMIN_USERS", "SLACK_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLACK_BOT_TOKEN", BOT_TOKEN)
+    monkeypatch.setenv("SLACK_SIGNING_SECRET", SECRET)
+    return load_settings(None, slack_admin_users="U9")
+
+
+@pytest.fixture
+def engine(tiny_tokenizer):
+    eng = make_engine(tiny_tokenizer)
+    yield eng
+    eng.close()
+
+
+def mention_event(text: str, ts: str, user: str = "U2", **kw) -> dict:
+    return {"type": "app_mention", "user": user, "text": text, "ts": ts, "channel": "C1", **kw}
+
+
+def test_parse_command():
+    assert parse_command("config threshold=0.8 reward_up=2") == (
+        "config",
+        {"threshold": "0.8", "reward_up": "2"},
+        [],
+    )
+    assert parse_command("reset confirm") == ("reset", {}, ["confirm"])
+    assert parse_command("") == ("help", {}, [])
+
+
+def test_signatures_url_verification_mentions_votes_and_retries(engine, settings):
+    async def go():
+        fake = await FakeSlack().start()
+        try:
+            async with Harness(engine, settings, fake) as h:
+                body = json.dumps({"type": "url_verification", "challenge": "c-123", "token": "t"})
+                status, text = await h.post(body, sign(body), "application/json")
+                assert status == 200 and "c-123" in text
+                # bad and stale signatures are refused before any listener runs
+                assert (await h.post(body, sign(body, secret="wrong"), "application/json"))[
+                    0
+                ] == 401
+                stale = sign(body, ts=int(time.time()) - 600)
+                assert (await h.post(body, stale, "application/json"))[0] == 401
+
+                q = fake.add_message("C1", text=f"<@{BOT_USER}> hello world", user="U2")
+                ev = mention_event(f"<@{BOT_USER}> hello world", q["ts"])
+                t0 = time.perf_counter()
+                status, _ = await h.event(ev, event_id="EvMention")
+                acked = time.perf_counter() - t0
+                assert status == 200 and acked < 3.0
+                await until(lambda: fake.called("chat.postMessage"))
+                post = fake.called("chat.postMessage")[0]
+                assert post["thread_ts"] == q["ts"] and post["channel"] == "C1"
+                # Slack retries the same event: acked, but answered only once
+                status, _ = await h.event(ev, event_id="EvMention", retry=1)
+                assert status == 200
+                await asyncio.sleep(0.5)
+                assert len(fake.called("chat.postMessage")) == 1
+                reply_ts = fake.messages["C1"][-1]["ts"]
+                reply_id = await engine.reply_for_message(KEY, reply_ts)
+                assert reply_id is not None
+                # the thinking reaction was added to the question and removed again
+                assert fake.called("reactions.add")[0]["name"] == "eyes"
+                assert fake.called("reactions.remove")[0]["name"] == "eyes"
+
+                def reaction(kind, name, user="U3"):
+                    return {
+                        "type": kind,
+                        "user": user,
+                        "reaction": name,
+                        "item": {"type": "message", "channel": "C1", "ts": reply_ts},
+                        "item_user": BOT_USER,
+                        "event_ts": fake.next_ts(),
+                    }
+
+                async def votes():
+                    return (await engine.store.get_reply(KEY, reply_id)).votes
+
+                await h.event(reaction("reaction_added", "+1::skin-tone-3"))
+                await h.event(reaction("reaction_added", "thumbsdown", user="U4"))
+                await h.event(reaction("reaction_added", "+1", user=BOT_USER))  # the bot's own
+                await h.event(reaction("reaction_added", "tada", user="U5"))
+                await until(
+                    lambda: engine.store._ch(KEY).replies[reply_id].votes == {"U3": 1, "U4": -1}
+                )
+                await h.event(reaction("reaction_removed", "+1::skin-tone-3"))
+                await until(lambda: "U3" not in engine.store._ch(KEY).replies[reply_id].votes)
+                assert await votes() == {"U4": -1}
+
+                # a ✏️ correction in the thread, mentioning the bot
+                fix = fake.add_message("C1", text="x", user="U3", thread_ts=q["ts"])
+                ev = mention_event(
+                    f"<@{BOT_USER}> better: Hi there!", fix["ts"], thread_ts=q["ts"], user="U3"
+                )
+                await h.event(ev)
+                await until(lambda: engine.store._ch(KEY).replies[reply_id].corrections)
+                await until(
+                    lambda: any(
+                        a["name"] == "white_check_mark" and a["timestamp"] == fix["ts"]
+                        for a in fake.called("reactions.add")
+                    )
+                )
+                corr = (await engine.store.get_reply(KEY, reply_id)).corrections
+                assert corr[0]["text"] == "Hi there!" and corr[0]["user"] == "U3"
+        finally:
+            await fake.stop()
+
+    asyncio.run(go())
+
+
+def test_slash_commands_admin_check_and_file_round_trip(engine, settings):
+    async def go():
+        fake = await FakeSlack(users={"UADMIN": {"is_admin": True}}).start()
+        try:
+            async with Harness(engine, settings, fake) as h:
+                q = fake.add_message("C1", text="hi", user="U2")
+                await h.event(mention_event(f"<@{BOT_USER}> hello world", q["ts"]))
+                await until(lambda: fake.called("chat.postMessage"))
+
+                for sub in ("stats", "export", "reset confirm", "config threshold=0.1", "train"):
+                    before = len(fake.called("chat.postEphemeral"))
+                    status, _ = await h.command(sub, user="U2")
+                    assert status == 200
+                    await until(lambda b=before: len(fake.called("chat.postEphemeral")) > b)
+                    said = fake.called("chat.postEphemeral")[-1]
+                    assert "only admins" in said["text"] and said["user"] == "U2", sub
+                assert not fake.uploads
+                assert (await engine.stats(KEY))["nodes"] == 1
+
+                # a workspace admin (users.info) exports: files_upload_v2 round trip
+                await h.command("export", user="UADMIN")
+                await until(lambda: any(u.get("completed") for u in fake.uploads.values()))
+                await until(lambda: len([u for u in fake.uploads.values() if "data" in u]) == 2)
+                by_name = {u["name"]: (fid, u) for fid, u in fake.uploads.items()}
+                json_name = next(n for n in by_name if n.endswith(".json"))
+                png_name = next(n for n in by_name if n.endswith(".png"))
+                fid, upload = by_name[json_name]
+                assert upload["channel"] == "C1" and upload["completed"]
+                assert by_name[png_name][1]["data"].startswith(b"\x89PNG")
+                data = json.loads(upload["data"])
+                assert data["channel"] == KEY and len(data["nodes"]) == 1
+
+                # the allow-listed user resets (after confirming) and imports it back
+                await h.command("reset", user="U9")
+                await until(
+                    lambda: "reset confirm" in fake.called("chat.postEphemeral")[-1]["text"]
+                )
+                assert (await engine.stats(KEY))["nodes"] == 1
+                await h.command("reset confirm", user="U9")
+                await until(
+                    lambda: "has been reset" in fake.called("chat.postEphemeral")[-1]["text"]
+                )
+                assert (await engine.stats(KEY))["nodes"] == 0
+                await h.command(f"import {fid}", user="U9")
+                await until(
+                    lambda: "Imported 1 nodes" in fake.called("chat.postEphemeral")[-1]["text"]
+                )
+                assert (await engine.stats(KEY))["nodes"] == 1
+                await h.command("import FNOTTHERE1", user="U9")
+                await until(
+                    lambda: "file_not_found" in fake.called("chat.postEphemeral")[-1]["text"]
+                )
+        finally:
+            await fake.stop()
+
+    asyncio.run(go())
+
+
+def test_socket_mode_envelope_is_acked_and_answered(engine, settings):
+    from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+
+    async def go():
+        fake = await FakeSlack().start()
+        try:
+            client = AsyncWebClient(token=BOT_TOKEN, base_url=fake.api_url)
+            app = build_app(ChatService(engine, settings), settings, client=client)
+            handler = AsyncSocketModeHandler(app, "xapp-1-test")
+            await handler.connect_async()
+            try:
+                await fake.wait_socket()
+                q = fake.add_message("C1", text="hi", user="U2")
+                envelope = {
+                    "envelope_id": "env-1",
+                    "type": "events_api",
+                    "accepts_response_payload": False,
+                    "payload": {
+                        "team_id": TEAM,
+                        "api_app_id": "A1",
+                        "type": "event_callback",
+                        "event_id": "EvSock1",
+                        "event": mention_event(f"<@{BOT_USER}> hello world", q["ts"]),
+                        "authorizations": [{"team_id": TEAM, "user_id": BOT_USER}],
+                    },
+                }
+                ack = await fake.send_envelope(envelope)
+                assert ack["envelope_id"] == "env-1"
+                await until(lambda: fake.called("chat.postMessage"))
+                assert fake.called("chat.postMessage")[0]["thread_ts"] == q["ts"]
+            finally:
+                await handler.close_async()
+        finally:
+            await fake.stop()
+
+    asyncio.run(go())
