@@ -1,5 +1,6 @@
 # Two commands for a fresh Linux machine with Python 3.10+:
-#   make run    set everything up, then run the bot (today: a one-shot chat on the bundled model)
+#   make run    set everything up, then run the bot: the local playground when no platform
+#               tokens are configured (open the address it prints), else Discord/Slack
 #   make test   set everything up, then run the whole test suite (slow tests included)
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.gesal-installed
 MSG ?= Hello! In two sentences, what can you do?
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast test-slow lint format clean
+.PHONY: setup run chat test test-fast test-slow lint format clean
 
 setup: $(STAMP)
 
@@ -21,6 +22,9 @@ $(STAMP): pyproject.toml scripts/install-torch.sh
 	touch $(STAMP)
 
 run: setup
+	$(BIN)/gesal-bot run
+
+chat: setup
 	$(BIN)/gesal-bot chat "$(MSG)"
 
 test: setup

@@ -8,11 +8,19 @@ Errors print one plain sentence; ``--debug`` adds the traceback.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from gesal_core.errors import GesalError, ModelNotFoundError
+
+
+class ResourceMissingError(GesalError):
+    """Something the command needs is not installed or not reachable (exit code 3)."""
+
 
 EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_MISSING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -87,6 +95,166 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- run -------------------------------------------------------------------------------------
+def _settings(args: argparse.Namespace, **overrides: object):
+    """Settings from the environment and .env, with command-line flags on top."""
+    from .settings import load_settings
+
+    flags = {
+        "gesal_model": getattr(args, "model", None),
+        "gesal_device": None if getattr(args, "device", "auto") == "auto" else args.device,
+        "gesal_dtype": getattr(args, "dtype", None),
+        **overrides,
+    }
+    return load_settings(".env", **{k: v for k, v in flags.items() if v is not None})
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .launch import choose_platforms, run_forever, serve
+    from .observability import configure_logging, load_ops_settings
+
+    settings = _settings(args, gesal_playground_host=args.host, gesal_playground_port=args.port)
+    ops = load_ops_settings(".env")
+    secrets = [
+        v.get_secret_value()
+        for _, v in settings
+        if hasattr(v, "get_secret_value") and v.get_secret_value()
+    ]
+    configure_logging(
+        "DEBUG" if args.debug else ops.gesal_log_level.upper(), ops.gesal_log_format, secrets
+    )
+    platforms = choose_platforms(args.platform, settings)
+    run_forever(lambda: serve(settings, ops, platforms))
+    return EXIT_OK
+
+
+# -- channel admin -------------------------------------------------------------------------
+async def _with_engine(args: argparse.Namespace, fn):
+    """Open the store (REDIS_URL or the embedded Redis), load the engine, run ``fn``."""
+    from gesal_core.engine import Engine, EngineConfig
+
+    from .runtime import open_store
+
+    settings = _settings(args)
+    url = settings.redis_url.get_secret_value() if settings.redis_url else ""
+    store, close = await open_store(url, settings.channel_defaults())
+    engine = None
+    try:
+        engine = await asyncio.to_thread(
+            Engine.load,
+            settings.gesal_model,
+            store,
+            EngineConfig(channel_defaults=settings.channel_defaults()),
+            None if settings.gesal_device == "auto" else settings.gesal_device,
+            settings.gesal_dtype,
+        )
+        return await fn(engine)
+    finally:
+        if engine is not None:
+            engine.close()
+        await close()
+
+
+def _need_yes(args: argparse.Namespace, what: str) -> None:
+    if not args.yes:
+        raise GesalError(f"{what}; pass --yes to confirm")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from gesal_core.engine import Engine
+
+    async def go(engine) -> str:
+        return Engine.dumps(await engine.export(args.channel))
+
+    text = asyncio.run(_with_engine(args, go))
+    if args.output in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"exported {args.channel} to {args.output}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    if not path.is_file():
+        raise GesalError(f"no such file: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GesalError(f"{path} is not a JSON export: {exc}") from None
+    _need_yes(args, f"importing replaces the whole graph of {args.channel}")
+
+    async def go(engine) -> dict:
+        return await engine.import_graph(args.channel, data)
+
+    counts = asyncio.run(_with_engine(args, go))
+    print(f"imported {counts['nodes']} nodes and {counts['replies']} replies into {args.channel}")
+    return EXIT_OK
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    _need_yes(args, f"reset deletes everything {args.channel} has learned")
+
+    async def go(engine) -> None:
+        await engine.reset(args.channel)
+
+    asyncio.run(_with_engine(args, go))
+    print(f"reset {args.channel}")
+    return EXIT_OK
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    async def go(engine):
+        if args.channel:
+            return await engine.stats(args.channel)
+        return {ch: await engine.stats(ch) for ch in sorted(await engine.store.channels())}
+
+    result = asyncio.run(_with_engine(args, go))
+    if args.json:
+        print(json.dumps(result, indent=1, default=str))
+        return EXIT_OK
+    rows = [result] if args.channel else list(result.values())
+    if not rows:
+        print("no channels yet")
+    for s in rows:
+        last = s["last_update"]
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(last)) if last else "never"
+        print(
+            f"{s['channel']}: {s['nodes']} nodes, {s['prompts']} prompts, {s['replies']} replies, "
+            f"{s['votes_up']} up / {s['votes_down']} down, {s['corrections']} corrections, "
+            f"{s['pending_feedback']} pending, {s['updates']} updates "
+            f"({s['rollbacks']} rolled back), mean reward {s['mean_reward']:+.2f}, "
+            f"last trained {when}"
+        )
+    return EXIT_OK
+
+
+# -- eval and bench ------------------------------------------------------------------------
+def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    from gesal_core import evaluation
+
+    evaluation.add_arguments(p)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from gesal_core import evaluation
+
+    return evaluation.run(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Runs bench/run_all.py from a source checkout (benchmarks are not installed)."""
+    try:
+        from bench import run_all  # type: ignore[import-not-found]
+    except ImportError:
+        raise ResourceMissingError(
+            "the benchmarks live in the source checkout: run gesal-bot bench from the "
+            "repository root (bench/run_all.py)"
+        ) from None
+    return int(run_all.main(args.bench_args) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gesal-bot",
@@ -115,7 +283,79 @@ def build_parser() -> argparse.ArgumentParser:
     info = msub.add_parser("info", help="show what model would be used and what SVF would adapt")
     _model_args(info)
     info.set_defaults(func=cmd_model_info)
+
+    run = sub.add_parser(
+        "run",
+        help="run the bot: Discord and/or Slack when tokens are set, else the local playground",
+        description="Run the bot. Default: every platform whose tokens are configured "
+        "(DISCORD_TOKEN, SLACK_BOT_TOKEN), or the local web playground when none is.",
+    )
+    run.add_argument(
+        "--platform",
+        choices=["discord", "slack", "local", "all"],
+        default=None,
+        help="discord, slack, local (the playground) or all (every configured one + local)",
+    )
+    run.add_argument("--host", default=None, help="playground address (GESAL_PLAYGROUND_HOST)")
+    run.add_argument(
+        "--port", type=int, default=None, help="playground port (GESAL_PLAYGROUND_PORT)"
+    )
+    _model_args(run)
+    run.set_defaults(func=cmd_run, dtype=None)
+
+    def channel_cmd(name: str, help_text: str, optional: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument(
+            "channel",
+            nargs="?" if optional else None,
+            help="channel key, e.g. discord:<guild>:<channel>, slack:<team>:<channel> "
+            "or playground:local:general",
+        )
+        _model_args(p)
+        p.set_defaults(dtype=None)
+        return p
+
+    export = channel_cmd("export", "write a channel's graph as versioned JSON")
+    export.add_argument("-o", "--output", default=None, help="file (default: standard output)")
+    export.set_defaults(func=cmd_export)
+    imp = channel_cmd("import", "replace a channel's graph with an exported JSON file")
+    imp.add_argument("file", help="the JSON file from gesal-bot export or /gesal export")
+    imp.add_argument("--yes", action="store_true", help="confirm replacing the graph")
+    imp.set_defaults(func=cmd_import)
+    reset = channel_cmd("reset", "delete everything a channel has learned")
+    reset.add_argument("--yes", action="store_true", help="confirm the reset")
+    reset.set_defaults(func=cmd_reset)
+    stats = channel_cmd(
+        "stats", "nodes, votes, rewards and updates (all channels if none given)", True
+    )
+    stats.add_argument("--json", action="store_true", help="machine-readable output")
+    stats.set_defaults(func=cmd_stats)
+
+    ev = sub.add_parser(
+        "eval",
+        help="simulated communities: learning curves of gesal vs baselines",
+        description="Run the evaluation harness (gesal_core.evaluation) and write results.",
+    )
+    _add_eval_arguments(ev)
+    ev.set_defaults(func=cmd_eval)
+
+    bench = sub.add_parser(
+        "bench",
+        help="run the performance benchmarks (from a source checkout)",
+        description="Runs bench/run_all.py; arguments after `bench` are passed to it.",
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmarks")
+    bench.set_defaults(func=cmd_bench)
     return parser
+
+
+def _unavailable_errors() -> tuple[type[BaseException], ...]:
+    """A store that cannot be reached is a missing resource (3), not bad usage (2)."""
+    try:
+        from gesal_core.store import StoreUnavailableError
+    except ImportError:
+        return ()
+    return (StoreUnavailableError,)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except ModelNotFoundError as exc:
+    except (ModelNotFoundError, ResourceMissingError, *_unavailable_errors()) as exc:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)

@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Literal
 
 from aiohttp import web
 from prometheus_client import (
@@ -35,8 +36,48 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 log = logging.getLogger(__name__)
+
+
+class OpsSettings(BaseSettings):
+    """Where /healthz and /metrics listen and how logs look.
+
+    Separate from `bot.settings.Settings` (what the bot does) because these are the
+    operator's knobs: the container sets them, the bot's behaviour never reads them.
+    """
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", case_sensitive=False, extra="ignore"
+    )
+
+    gesal_http_host: str = Field(
+        "127.0.0.1", description="address of /healthz and /metrics (0.0.0.0 in containers)"
+    )
+    gesal_http_port: int = Field(8080, ge=0, le=65535, description="port of /healthz, /metrics")
+    gesal_log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="log level"
+    )
+    gesal_log_format: Literal["text", "json"] = Field(
+        "text", description="text for people, json (one object per line) for log shippers"
+    )
+
+
+def load_ops_settings(env_file: str | None = ".env", **overrides: object) -> OpsSettings:
+    """Read and validate `OpsSettings`; errors name the variable, never its value."""
+    from .settings import SettingsError
+
+    try:
+        return OpsSettings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            for e in exc.errors(include_input=False)
+        )
+        raise SettingsError(f"invalid configuration: {problems}") from None
+
 
 # -- request ids ---------------------------------------------------------------------------
 _request_id: ContextVar[str | None] = ContextVar("gesal_request_id", default=None)
@@ -248,6 +289,9 @@ class MeteredEngine:
             return 0
 
     async def respond(self, channel: str, messages: list[dict], **kw):
+        if current_request_id() is None:  # an adapter that did not tag the mention
+            with request_context():
+                return await self.respond(channel, messages, **kw)
         platform = self._platform_of(channel)
         try:
             out = await self._engine.respond(channel, messages, **kw)
@@ -422,6 +466,7 @@ __all__ = [
     "JsonFormatter",
     "MeteredEngine",
     "Metrics",
+    "OpsSettings",
     "RedactFilter",
     "add_routes",
     "bound_port",
@@ -429,6 +474,7 @@ __all__ = [
     "connection_check",
     "current_request_id",
     "engine_checks",
+    "load_ops_settings",
     "request_context",
     "start_server",
 ]

@@ -1,0 +1,454 @@
+"""The local web playground: a third adapter next to Discord and Slack.
+
+The playground plays the *platform*: it keeps each channel's message log, message ids,
+members and their reactions, exactly the things Discord or Slack would keep. Every
+behaviour of the bot (answering, which reactions count, corrections, admin commands)
+goes through `bot.service.ChatService`, the same code the other adapters use, so what a
+newcomer sees here is what a Discord channel gets.
+
+Admin rights: the page is served on loopback to the person who started it, so its admin
+actions run as an admin. Binding to another address logs a warning for that reason.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+
+from ..boot import BootProgress
+from ..observability import Health, Metrics, add_routes, request_context
+from ..service import AdminCommand, ChatService, Correction, Mention, Reaction
+
+log = logging.getLogger(__name__)
+
+PLATFORM, WORKSPACE = "playground", "local"
+BOT_NAME = "gesal"
+DEFAULT_MEMBERS = ("ada", "ben", "chloé", "dev")
+DEFAULT_CHANNEL = "general"
+EMOJI = {"up": "👍", "down": "👎"}
+_CHANNEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+_MEMBER_NAME = re.compile(r"^[\w.-]{1,24}$")
+_MENTION = re.compile(rf"(^|\s)@{BOT_NAME}\b", re.IGNORECASE)
+MAX_TEXT = 4000
+
+
+@dataclass
+class Message:
+    id: str
+    author: str
+    text: str
+    is_bot: bool = False
+    ts: float = field(default_factory=time.time)
+    kind: str = "message"  # message | answer | empty | rate_limited | unavailable | error
+    reply_id: str | None = None
+    node_id: str | None = None
+    new_node: bool = False
+    z_version: int | None = None
+    reactions: dict[str, str] = field(default_factory=dict)  # member -> up | down
+    corrections: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Channel:
+    name: str
+    messages: list[Message] = field(default_factory=list)
+
+    def find(self, message_id: str) -> Message | None:
+        return next((m for m in self.messages if m.id == message_id), None)
+
+
+class BadRequest(web.HTTPBadRequest):
+    def __init__(self, message: str) -> None:
+        super().__init__(text=f'{{"error": {_json_str(message)}}}', content_type="application/json")
+
+
+def _json_str(s: str) -> str:
+    import json
+
+    return json.dumps(s, ensure_ascii=False)
+
+
+def mentions_bot(text: str) -> bool:
+    return bool(_MENTION.search(text))
+
+
+def strip_bot_mention(text: str) -> str:
+    return _MENTION.sub(" ", text).strip()
+
+
+class Playground:
+    """State of the simulated platform plus the service it forwards everything to.
+
+    ``service`` is None while the engine is still loading (`attach` sets it); the API
+    answers 503 with the boot progress until then.
+    """
+
+    def __init__(
+        self,
+        progress: BootProgress | None = None,
+        members: tuple[str, ...] = DEFAULT_MEMBERS,
+        metrics: Metrics | None = None,
+        health: Health | None = None,
+    ) -> None:
+        self.progress = progress or BootProgress()
+        self.members = list(members)
+        self.metrics = metrics or Metrics()
+        self.health = health or Health()
+        self.service: ChatService | None = None
+        self.scheduler: Any = None
+        self.info: dict[str, Any] = {}
+        self.channels: dict[str, Channel] = {}
+        self._ids = itertools.count(1)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def attach(self, service: ChatService, scheduler: Any = None, **info: Any) -> None:
+        """The engine is ready: start answering. Existing playground channels reappear."""
+        self.service, self.scheduler = service, scheduler
+        self.info.update(info)
+        prefix = f"{PLATFORM}:{WORKSPACE}:"
+        for key in await service.engine.store.channels():
+            if key.startswith(prefix):
+                self.channels.setdefault(key[len(prefix) :], Channel(key[len(prefix) :]))
+        self.channels.setdefault(DEFAULT_CHANNEL, Channel(DEFAULT_CHANNEL))
+        self.progress.ready = True
+
+    def _service(self) -> ChatService:
+        if self.service is None:
+            raise web.HTTPServiceUnavailable(
+                text=_json_str(self.progress.error or "still starting"),
+                content_type="application/json",
+            )
+        return self.service
+
+    def _channel(self, request: web.Request) -> Channel:
+        self._service()
+        name = request.match_info["channel"]
+        ch = self.channels.get(name)
+        if ch is None:
+            raise web.HTTPNotFound(
+                text=_json_str(f"no channel named {name}"), content_type="application/json"
+            )
+        return ch
+
+    def _member(self, body: dict) -> str:
+        member = str(body.get("member", "")).strip()
+        if member not in self.members:
+            raise BadRequest(f"unknown member {member!r}; pick one of {', '.join(self.members)}")
+        return member
+
+    def _next_id(self) -> str:
+        return f"m{next(self._ids)}"
+
+    @staticmethod
+    def key(channel: str) -> str:
+        return f"{PLATFORM}:{WORKSPACE}:{channel}"
+
+    def _admin(self, ch: Channel, name: str, **kw: Any) -> AdminCommand:
+        return AdminCommand(PLATFORM, WORKSPACE, ch.name, "operator", name, is_admin=True, **kw)
+
+    # -- status --------------------------------------------------------------------------
+    async def status(self, _request: web.Request) -> web.Response:
+        body: dict[str, Any] = {"boot": self.progress.as_dict(), "members": self.members}
+        body.update(self.info)
+        if self.service is not None:
+            engine = self.service.engine
+            body["schedule"] = await self._schedule(engine)
+        return web.json_response(body)
+
+    async def _schedule(self, engine) -> dict:
+        settings = self.service.settings if self.service else None
+        pending = 0
+        for name in self.channels:
+            pending += await engine.store.pending_count(self.key(name))
+        out: dict[str, Any] = {
+            "pending": pending,
+            "last_train": engine.last_train,
+            "interval": settings.gesal_train_interval if settings else None,
+            "early_votes": settings.gesal_train_early_votes if settings else None,
+            "next_run": None,
+            "running": self.scheduler is not None,
+        }
+        status = getattr(self.scheduler, "status", None)
+        if callable(status):
+            out.update(status())
+        return out
+
+    # -- channels ---------------------------------------------------------------------------
+    async def list_channels(self, _request: web.Request) -> web.Response:
+        self._service()
+        return web.json_response({"channels": sorted(self.channels)})
+
+    async def create_channel(self, request: web.Request) -> web.Response:
+        self._service()
+        body = await _json(request)
+        name = str(body.get("name", "")).strip().lower().lstrip("#")
+        if not _CHANNEL_NAME.match(name):
+            raise BadRequest(
+                "channel names are 1-40 characters: lowercase letters, digits, - and _"
+            )
+        self.channels.setdefault(name, Channel(name))
+        return web.json_response({"channel": name, "channels": sorted(self.channels)})
+
+    async def messages(self, request: web.Request) -> web.Response:
+        ch = self._channel(request)
+        return web.json_response({"messages": [asdict(m) for m in ch.messages]})
+
+    # -- chat --------------------------------------------------------------------------------
+    async def post_message(self, request: web.Request) -> web.Response:
+        ch = self._channel(request)
+        body = await _json(request)
+        member = self._member(body)
+        text = str(body.get("text", "")).strip()
+        if not text:
+            raise BadRequest("type a message first")
+        if len(text) > MAX_TEXT:
+            raise BadRequest(f"messages are limited to {MAX_TEXT} characters")
+        posted = Message(self._next_id(), member, text)
+        ch.messages.append(posted)
+        new = [posted]
+        if mentions_bot(text):
+            with request_context() as rid:
+                log.info("mention by %s in #%s", member, ch.name)
+                parts = await self._service().handle_mention(
+                    Mention(
+                        PLATFORM,
+                        WORKSPACE,
+                        ch.name,
+                        member,
+                        strip_bot_mention(text),
+                        posted.id,
+                    )
+                )
+                replies = [
+                    Message(
+                        self._next_id(),
+                        BOT_NAME,
+                        chunk,
+                        is_bot=True,
+                        kind=parts.kind,
+                        reply_id=parts.reply_id,
+                        node_id=parts.node_id,
+                        new_node=parts.new_node,
+                        z_version=parts.z_version,
+                    )
+                    for chunk in parts.chunks
+                ]
+                await self._service().link_reply(parts, [m.id for m in replies])
+                log.info("answered %s (%s) with %d message(s)", member, parts.kind, len(replies))
+            ch.messages.extend(replies)
+            new.extend(replies)
+            return web.json_response({"messages": [asdict(m) for m in new], "request_id": rid})
+        return web.json_response({"messages": [asdict(m) for m in new]})
+
+    async def vote(self, request: web.Request) -> web.Response:
+        """Set a member's reaction on a reply to ``up``, ``down`` or none (``null``)."""
+        ch = self._channel(request)
+        msg = ch.find(request.match_info["message"])
+        if msg is None or not msg.is_bot:
+            raise BadRequest("votes go on the bot's replies")
+        body = await _json(request)
+        member = self._member(body)
+        want = body.get("vote")
+        if want not in ("up", "down", None):
+            raise BadRequest("vote must be up, down or null")
+        current = msg.reactions.get(member)
+        if want == current:
+            return web.json_response({"status": "unchanged", "message": asdict(msg)})
+        emoji = EMOJI[want] if want else EMOJI[current]  # type: ignore[index]
+        result = await self._service().handle_reaction(
+            Reaction(PLATFORM, WORKSPACE, ch.name, member, msg.id, emoji, added=want is not None)
+        )
+        if not result.counted:
+            raise BadRequest(result.message or "that vote did not count")
+        if want is None:
+            msg.reactions.pop(member, None)
+        else:
+            msg.reactions[member] = want
+        return web.json_response({"status": result.status, "message": asdict(msg)})
+
+    async def correct(self, request: web.Request) -> web.Response:
+        ch = self._channel(request)
+        msg = ch.find(request.match_info["message"])
+        if msg is None or not msg.is_bot:
+            raise BadRequest("corrections go on the bot's replies")
+        body = await _json(request)
+        member = self._member(body)
+        better = str(body.get("text", "")).strip()
+        if not better:
+            raise BadRequest("write the better answer first")
+        result = await self._service().handle_correction(
+            Correction(
+                PLATFORM, WORKSPACE, ch.name, member, self._next_id(), msg.id, "better: " + better
+            )
+        )
+        if not result.counted:
+            raise BadRequest(result.message or "that correction did not count")
+        msg.corrections.append({"member": member, "text": better})
+        return web.json_response({"status": result.status, "message": asdict(msg)})
+
+    # -- admin ---------------------------------------------------------------------------------
+    async def _run_admin(self, ch: Channel, name: str, **kw: Any):
+        result = await self._service().handle_admin(self._admin(ch, name, **kw))
+        if not result.ok:
+            raise BadRequest(result.text)
+        return result
+
+    async def train(self, request: web.Request) -> web.Response:
+        ch = self._channel(request)
+        result = await self._run_admin(ch, "train")
+        return web.json_response({"text": result.text, "data": result.data})
+
+    async def stats(self, request: web.Request) -> web.Response:
+        ch = self._channel(request)
+        result = await self._run_admin(ch, "stats")
+        return web.json_response({"text": result.text, "data": result.data})
+
+    async def config(self, request: web.Request) -> web.Response:
+        ch = self._channel(request)
+        body = await _json(request)
+        args = {k: str(v) for k, v in body.items() if v is not None}
+        result = await self._run_admin(ch, "config", args=args)
+        return web.json_response({"text": result.text, "data": result.data})
+
+    async def reset(self, request: web.Request) -> web.Response:
+        ch = self._channel(request)
+        body = await _json(request)
+        result = await self._run_admin(ch, "reset", confirmed=bool(body.get("confirmed")))
+        if not result.needs_confirmation:
+            ch.messages.clear()  # the replies they showed no longer exist
+        return web.json_response(
+            {"text": result.text, "needs_confirmation": result.needs_confirmation}
+        )
+
+    async def export(self, request: web.Request) -> web.Response:
+        ch = self._channel(request)
+        result = await self._run_admin(ch, "export")
+        kind = request.query.get("format", "json")
+        att = result.file(".png" if kind == "png" else ".json")
+        if att is None:
+            raise BadRequest(f"no {kind} in the export")
+        return web.Response(
+            body=att.data,
+            content_type=att.mime,
+            headers={"Content-Disposition": f'attachment; filename="{att.name}"'},
+        )
+
+    async def import_(self, request: web.Request) -> web.Response:
+        ch = self._channel(request)
+        data: bytes | None = None
+        if request.content_type.startswith("multipart/"):
+            form = await request.post()
+            upload = form.get("file")
+            if upload is not None and hasattr(upload, "file"):
+                data = upload.file.read()
+        else:
+            data = await request.read()
+        result = await self._run_admin(ch, "import", file=data or None)
+        return web.json_response({"text": result.text, "data": result.data})
+
+    async def graph(self, request: web.Request) -> web.Response:
+        ch = self._channel(request)
+        return web.json_response(await graph_view(self._service().engine, self.key(ch.name), ch))
+
+
+async def graph_view(engine, key: str, ch: Channel | None = None) -> dict:
+    """Nodes (2-D layout, count, rewards, version, adapter drift), edges, and which
+    node answered each reply on the page."""
+    from ..picture import _layout
+
+    nodes = sorted(await engine.store.load_nodes(key), key=lambda n: n.created_at)
+    replies = await engine.store.list_replies(key)
+    votes: dict[str, list[int]] = {}
+    for r in replies:
+        votes.setdefault(r.node_id, []).extend(r.votes.values())
+    pos = (
+        _layout(np.stack([n.embedding for n in nodes]).astype(np.float64))
+        if nodes
+        else np.zeros((0, 2))
+    )
+    if len(nodes) > 1:
+        span = np.abs(pos).max(axis=0)
+        pos = pos / np.where(span > 0, span, 1.0)
+    ids = {n.node_id for n in nodes}
+    return {
+        "nodes": [
+            {
+                "id": n.node_id,
+                "x": float(pos[i][0]),
+                "y": float(pos[i][1]),
+                "count": n.count,
+                "mean_reward": round(n.mean_reward, 4),
+                "rated": n.rated,
+                "version": n.version,
+                "updates": n.updates,
+                "votes_up": sum(v > 0 for v in votes.get(n.node_id, [])),
+                "votes_down": sum(v < 0 for v in votes.get(n.node_id, [])),
+                "drift": round(float(np.linalg.norm(n.z - 1.0)), 6),
+            }
+            for i, n in enumerate(nodes)
+        ],
+        "edges": [
+            {"source": n.node_id, "target": other, "similarity": round(float(sim), 4)}
+            for n in nodes
+            for other, sim in n.neighbors
+            if other in ids and n.node_id < other
+        ],
+        "answers": {m.id: m.node_id for m in (ch.messages if ch else []) if m.node_id},
+    }
+
+
+async def _json(request: web.Request) -> dict:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except ValueError:
+        raise BadRequest("the request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
+
+
+def _static_dir():
+    return resources.files("bot.playground") / "static"
+
+
+def create_app(playground: Playground, refresh_metrics=None) -> web.Application:
+    """The aiohttp application: the page, its JSON API, /healthz and /metrics."""
+    app = web.Application(client_max_size=60 * 1024 * 1024)
+    pg = playground
+    static = _static_dir()
+
+    async def index(_request: web.Request) -> web.FileResponse:
+        return web.FileResponse(str(static / "index.html"))
+
+    r = app.router
+    r.add_get("/", index)
+    r.add_static("/static/", str(static))
+    r.add_get("/api/status", pg.status)
+    r.add_get("/api/channels", pg.list_channels)
+    r.add_post("/api/channels", pg.create_channel)
+    r.add_get("/api/channels/{channel}/messages", pg.messages)
+    r.add_post("/api/channels/{channel}/messages", pg.post_message)
+    r.add_post("/api/channels/{channel}/messages/{message}/vote", pg.vote)
+    r.add_post("/api/channels/{channel}/messages/{message}/correct", pg.correct)
+    r.add_post("/api/channels/{channel}/train", pg.train)
+    r.add_get("/api/channels/{channel}/stats", pg.stats)
+    r.add_post("/api/channels/{channel}/config", pg.config)
+    r.add_post("/api/channels/{channel}/reset", pg.reset)
+    r.add_get("/api/channels/{channel}/export", pg.export)
+    r.add_post("/api/channels/{channel}/import", pg.import_)
+    r.add_get("/api/channels/{channel}/graph", pg.graph)
+    add_routes(app, pg.health, pg.metrics, refresh_metrics)
+    return app
+
+
+__all__ = ["Channel", "Message", "Playground", "create_app", "graph_view", "mentions_bot"]

@@ -1,0 +1,174 @@
+"""Build everything `gesal-bot run` needs, once, for every platform it serves.
+
+Store, model, SVD factors, engine, metrics and the chat service are the same object
+whether the mentions come from Discord, Slack or the playground; only the adapters
+differ. Each expensive step runs through `bot.boot.run_step`, so the terminal and the
+playground page both show where start-up is.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gesal_core.engine import Engine, EngineConfig
+
+from .boot import BootProgress, in_thread, run_step
+from .observability import Health, MeteredEngine, Metrics, engine_checks
+from .service import ChatService
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: MeteredEngine
+    service: ChatService
+    metrics: Metrics
+    health: Health
+    store_kind: str
+    scheduler: Any = None
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    async def close(self) -> None:
+        """Stop the scheduler, the model worker and the store (embedded Redis last)."""
+        for close in reversed(self.closers):
+            try:
+                await close()
+            except Exception:  # noqa: BLE001 - keep closing the rest
+                log.exception("error while shutting down")
+
+
+async def open_store(url: str, defaults):
+    """`gesal_core.store.open_store` (Redis: REDIS_URL, or the embedded server).
+
+    Until the Redis store is part of the build, only ``memory://`` and the in-process
+    store are available; the step's detail says so.
+    """
+    try:
+        from gesal_core.store import open_store as real_open
+    except ImportError:
+        from gesal_core.store import MemoryStore
+
+        log.warning("this build has no Redis store: using the in-memory store")
+
+        async def close() -> None:
+            return None
+
+        return MemoryStore(defaults), close
+    return await real_open(url, defaults)
+
+
+async def open_store_step(settings: Settings, progress: BootProgress):
+    """The store, and a closer. REDIS_URL set: that server; unset: the embedded one."""
+
+    async def step(s):
+        url = settings.redis_url.get_secret_value() if settings.redis_url else ""
+        store, close = await open_store(url, settings.channel_defaults())
+        if url == "memory://":
+            s.detail = "in-memory (nothing survives a restart)"
+        elif url:
+            s.detail = "REDIS_URL"
+        else:
+            s.detail = "embedded redis-server"
+        return store, close, s.detail
+
+    return await run_step(progress, "Redis store", step)
+
+
+async def load_engine_steps(settings: Settings, store, progress: BootProgress) -> Engine:
+    """Model (converted once from the bundled GGUF), SVD (cached), then the engine."""
+    from gesal_core.model import load_model
+    from gesal_core.svf import SVFConfig, SVFModel
+
+    async def model_step(s):
+        lm = await in_thread(
+            lambda: load_model(
+                settings.gesal_model, device=settings.gesal_device, dtype=settings.gesal_dtype
+            )
+        )
+        s.detail = f"{lm.name} on {lm.device}"
+        return lm
+
+    lm = await run_step(progress, "Model (first run converts the GGUF)", model_step)
+
+    async def svd_step(s):
+        svf = await in_thread(SVFModel, lm.model, lm.name, SVFConfig())
+        s.detail = f"{len(svf.layers)} matrices, {svf.z_size} z components"
+        return svf
+
+    svf = await run_step(progress, "SVD of the adapted weights (cached later)", svd_step)
+    config = EngineConfig(channel_defaults=settings.channel_defaults())
+    return Engine(svf, lm.tokenizer, store, config, model_name=lm.name)
+
+
+async def build_runtime(
+    settings: Settings,
+    progress: BootProgress,
+    metrics: Metrics | None = None,
+    health: Health | None = None,
+    engine_factory: Callable[[Any], Awaitable[Engine]] | None = None,
+) -> Runtime:
+    """Open the store, load the engine and wire the service, metrics and health checks.
+
+    ``engine_factory(store)`` replaces the model steps (tests pass the tiny model).
+    """
+    metrics = metrics or Metrics()
+    health = health or Health()
+    store, close_store, store_kind = await open_store_step(settings, progress)
+    closers: list[Callable[[], Awaitable[None]]] = [close_store]
+    try:
+        if engine_factory is None:
+            raw = await load_engine_steps(settings, store, progress)
+        else:
+            raw = await engine_factory(store)
+    except BaseException:
+        await close_store()
+        raise
+
+    async def close_engine() -> None:
+        raw.close()
+
+    closers.append(close_engine)
+    engine = MeteredEngine(raw, metrics)
+    engine_checks(health, engine, settings.gesal_train_interval)
+    service = ChatService(engine, settings)  # type: ignore[arg-type]
+    runtime = Runtime(settings, engine, service, metrics, health, store_kind, closers=closers)
+    runtime.scheduler = await _start_scheduler(runtime)
+    return runtime
+
+
+async def _start_scheduler(runtime: Runtime) -> Any:
+    """The training scheduler (bot/scheduler.py), wired to the service's feedback hook.
+
+    Loaded lazily: the scheduler module belongs to the bots adapters' work; until it
+    exists, training runs only when someone presses "train now" (/gesal train).
+    """
+    try:
+        from . import scheduler as sched_mod
+    except ImportError:
+        log.warning("no training scheduler in this build: train with /gesal train")
+        return None
+    factory = getattr(sched_mod, "start_scheduler", None)
+    if factory is None:
+        log.warning("bot.scheduler has no start_scheduler(); training is manual")
+        return None
+    sched = await factory(runtime.engine, runtime.settings)
+    runtime.service.on_feedback = getattr(sched, "on_feedback", None)
+    stop = getattr(sched, "stop", None) or getattr(sched, "shutdown", None)
+    if stop is not None:
+
+        async def close_sched() -> None:
+            result = stop()
+            if hasattr(result, "__await__"):
+                await result
+
+        runtime.closers.append(close_sched)
+    return sched
+
+
+__all__ = ["Runtime", "build_runtime", "load_engine_steps", "open_store_step"]

@@ -1,0 +1,145 @@
+"""`gesal-bot` commands: help everywhere, exit codes, platform choice, channel admin.
+
+Channel admin commands run for real against a store and an engine; the model loader is
+pointed at a tiny Llama saved to a folder (a real `--model <folder>` load), so they
+take seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bot import cli
+from bot.launch import choose_platforms
+from bot.settings import load_settings
+from gesal_core.errors import GesalError
+
+from .conftest import make_tiny_llama
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith(("DISCORD_", "SLACK_", "REDIS_URL")) or (
+            name.startswith("GESAL_") and name != "GESAL_CACHE_DIR"
+        ):
+            monkeypatch.delenv(name, raising=False)
+
+
+def _subcommands(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield name, sub
+                for inner, subsub in _subcommands(sub):
+                    yield f"{name} {inner}", subsub
+
+
+def test_every_command_has_help(capsys):
+    names = [n for n, _ in _subcommands(cli.build_parser())]
+    expected = {"chat", "model", "model prepare", "model info", "run", "export", "import"}
+    assert expected | {"reset", "stats", "eval", "bench"} <= set(names)
+    for name in names:
+        with pytest.raises(SystemExit) as exc:
+            cli.main([*name.split(), "--help"])
+        assert exc.value.code == 0
+        assert "usage: gesal-bot " + name in capsys.readouterr().out
+
+
+def test_bad_usage_exits_2_without_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "run", "--platform", "irc"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_platform_choice(clean_env, monkeypatch):
+    none = load_settings(None)
+    assert choose_platforms(None, none) == ["local"]
+    assert choose_platforms("all", none) == ["local"]
+    with pytest.raises(GesalError, match="DISCORD_TOKEN"):
+        choose_platforms("discord", none)
+    monkeypatch.setenv("DISCORD_TOKEN", "abc.def")
+    both = load_settings(None)
+    assert choose_platforms(None, both) == ["discord"]
+    assert choose_platforms("all", both) == ["discord", "local"]
+    assert choose_platforms("local", both) == ["local"]
+
+
+def test_missing_token_is_a_clear_usage_error(clean_env, capsys):
+    assert cli.main(["run", "--platform", "slack"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("error: --platform slack needs SLACK_BOT_TOKEN")
+
+
+def test_invalid_setting_names_the_variable(clean_env, monkeypatch, capsys):
+    monkeypatch.setenv("GESAL_THRESHOLD", "2")
+    assert cli.main(["run"]) == cli.EXIT_USAGE
+    assert "GESAL_THRESHOLD" in capsys.readouterr().err
+
+
+def test_bench_outside_a_checkout_is_a_missing_resource(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "bench", None)  # as when installed from a wheel
+    assert cli.main(["bench"]) == cli.EXIT_MISSING
+    assert "source checkout" in capsys.readouterr().err
+
+
+def test_destructive_commands_need_yes(clean_env, capsys):
+    assert cli.main(["reset", "discord:1:2"]) == cli.EXIT_USAGE
+    assert "--yes" in capsys.readouterr().err
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_tokenizer):
+    folder = tmp_path / "tiny-model"
+    make_tiny_llama(len(tiny_tokenizer)).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_export_import_reset_stats_round_trip(clean_env, monkeypatch, tmp_path, tiny_model_dir):
+    """Seed a channel through the engine, then drive the admin commands from the CLI."""
+    import asyncio
+
+    from gesal_core.engine import Engine
+
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    monkeypatch.setenv("GESAL_MODEL", str(tiny_model_dir))
+    store_file = tmp_path / "seed.json"
+
+    async def seed():
+        eng = Engine.load(str(tiny_model_dir))
+        try:
+            out = await eng.respond("discord:1:2", [{"role": "user", "content": "hello world"}])
+            await eng.vote("discord:1:2", out.reply_id, "ann", 1)
+            store_file.write_text(Engine.dumps(await eng.export("discord:1:2")))
+        finally:
+            eng.close()
+
+    asyncio.run(seed())
+    # the store is per process here (memory://), so import first, then read it back
+    monkeypatch.setenv("REDIS_URL", "memory://")
+    code = cli.main(["import", "discord:9:9", str(store_file)])
+    assert code == cli.EXIT_USAGE  # without --yes nothing is replaced
+    assert cli.main(["import", "discord:9:9", str(store_file), "--yes"]) == cli.EXIT_OK
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert cli.main(["import", "discord:9:9", str(bad), "--yes"]) == cli.EXIT_USAGE
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"format": "something-else"}))
+    assert cli.main(["import", "discord:9:9", str(wrong), "--yes"]) == cli.EXIT_USAGE
+    assert cli.main(["stats", "discord:9:9"]) == cli.EXIT_OK
+    assert cli.main(["reset", "discord:9:9", "--yes"]) == cli.EXIT_OK
+    out = tmp_path / "out.json"
+    assert cli.main(["export", "discord:9:9", "-o", str(out)]) == cli.EXIT_OK
+    assert json.loads(out.read_text())["nodes"] == []  # a fresh store: nothing learned

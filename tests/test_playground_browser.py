@@ -1,0 +1,265 @@
+"""The playground in a real headless Chromium, driven by Selenium.
+
+The whole `gesal-bot run --platform local` path runs in-process (launch.serve →
+runtime → service → engine), with the tiny model in place of SmolLM2 so the test takes
+seconds. Chromium and chromedriver are Debian's (`.ci/run` installs them); nothing is
+downloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as EC
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+from bot.launch import serve
+from bot.observability import OpsSettings
+from bot.settings import load_settings
+
+from .fakes.tiny import make_engine
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """`serve()` on its own event loop in a thread; stop() cancels it like Ctrl-C."""
+
+    def __init__(self, tokenizer, port: int) -> None:
+        self.tokenizer, self.port = tokenizer, port
+        self.url: str | None = None
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        settings = load_settings(
+            None, redis_url="memory://", gesal_playground_port=self.port, gesal_rate_user=100
+        )
+
+        async def factory(store):
+            return make_engine(self.tokenizer, store, threshold=0.9999)
+
+        async def on_ready(_runtime, url) -> None:
+            self.url = url
+            self.ready.set()
+
+        self.task = self.loop.create_task(
+            serve(settings, OpsSettings(), ["local"], engine_factory=factory, ready=on_ready)
+        )
+        try:
+            self.loop.run_until_complete(self.task)
+        except asyncio.CancelledError:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+            self.ready.set()
+
+    def start(self) -> str:
+        self.thread.start()
+        assert self.ready.wait(60), "the playground did not start"
+        if self.error:
+            raise self.error
+        return self.url  # type: ignore[return-value]
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.task.cancel)
+        self.thread.join(30)
+
+
+@pytest.fixture
+def server(tiny_tokenizer, monkeypatch):
+    for name in list(os.environ):
+        if name.startswith(("DISCORD_", "SLACK_", "GESAL_", "REDIS_URL")) and name not in (
+            "GESAL_CACHE_DIR",
+        ):
+            monkeypatch.delenv(name, raising=False)
+    srv = ServerThread(tiny_tokenizer, _free_port())
+    url = srv.start()
+    yield srv, url
+    srv.stop()
+    assert not srv.thread.is_alive(), "the server did not shut down"
+
+
+@pytest.fixture
+def browser(tmp_path):
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1440,900",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
+        opts.add_argument(flag)
+    opts.add_experimental_option(
+        "prefs",
+        {"download.default_directory": str(downloads), "download.prompt_for_download": False},
+    )
+    os.environ.setdefault("SE_AVOID_STATS", "true")
+    driver = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
+    driver.downloads = downloads  # type: ignore[attr-defined]
+    yield driver
+    driver.quit()
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def test_click_through_the_whole_loop(server, browser, tmp_path):
+    _, url = server
+    d = browser
+    wait = WebDriverWait(d, 30)
+    status = _get_json(url + "api/status")
+    steps = [s["name"] for s in status["boot"]["steps"]]
+    assert steps and steps[0] == "Redis store" and status["boot"]["ready"] is True
+    assert all(s["state"] == "done" for s in status["boot"]["steps"])
+
+    d.get(url)
+    wait.until(EC.visibility_of_element_located((By.ID, "main")))
+    assert "model tiny" in d.find_element(By.ID, "engine-info").text
+
+    # a new channel, then a question as ada
+    d.find_element(By.ID, "new-channel").send_keys("lab")
+    d.find_element(By.ID, "create-channel").click()
+    wait.until(EC.text_to_be_present_in_element((By.ID, "channel-title"), "#lab"))
+    wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, '#channels li[data-channel="lab"]'))
+    d.find_element(By.ID, "text").send_keys("@gesal hello world", "\n")
+    answer = wait.until(
+        EC.presence_of_element_located((By.CSS_SELECTOR, '.msg.bot[data-kind="answer"]'))
+    )
+    badge = answer.find_element(By.CSS_SELECTOR, ".node")
+    node_id = badge.get_attribute("data-node")
+    assert "(new)" in badge.text
+    circle = wait.until(
+        EC.presence_of_element_located((By.CSS_SELECTOR, f'#graph circle[data-node="{node_id}"]'))
+    )
+    assert "answered" in circle.get_attribute("class")  # the ring marks the answering node
+    grey = circle.get_attribute("fill")
+
+    # a message without the mention gets no answer
+    d.find_element(By.ID, "text").send_keys("just chatting", "\n")
+    wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, "#log .msg")) == 3)
+    assert len(d.find_elements(By.CSS_SELECTOR, ".msg.bot")) == 1
+
+    def vote_button(kind: str):
+        return d.find_element(By.CSS_SELECTOR, f".msg.bot .vote.{kind}")
+
+    # ada 👍, ben 👎, then ada takes her 👍 back (toggle)
+    vote_button("up").click()
+    wait.until(lambda _: "active" in vote_button("up").get_attribute("class"))
+    assert vote_button("up").text == "👍 1"
+    Select(d.find_element(By.ID, "member")).select_by_value("ben")
+    assert "active" not in vote_button("up").get_attribute("class")  # ben has not voted
+    vote_button("down").click()
+    wait.until(lambda _: vote_button("down").text == "👎 1")
+    Select(d.find_element(By.ID, "member")).select_by_value("ada")
+    vote_button("up").click()
+    wait.until(lambda _: vote_button("up").text == "👍 0")
+    assert "active" not in vote_button("up").get_attribute("class")
+    assert d.find_element(By.CSS_SELECTOR, ".msg.bot .voters").text == "ben 👎"
+
+    # a correction
+    d.find_element(By.CSS_SELECTOR, ".msg.bot .suggest").click()
+    d.find_element(By.CSS_SELECTOR, ".correct-text").send_keys("Hello! How can I help?")
+    d.find_element(By.CSS_SELECTOR, ".correct-send").click()
+    wait.until(
+        EC.text_to_be_present_in_element(
+            (By.CSS_SELECTOR, ".msg.bot .corrections"), "ada: Hello! How can I help?"
+        )
+    )
+    wait.until(EC.text_to_be_present_in_element((By.ID, "schedule"), "waiting"))
+    assert d.find_element(By.ID, "schedule").text.startswith("4 vote(s)")
+
+    # train now: the node's z version moves and its colour turns to the (negative) reward
+    d.find_element(By.ID, "train").click()
+    wait.until(EC.text_to_be_present_in_element((By.ID, "admin-out"), "Training done"))
+    wait.until(
+        lambda _: (
+            d.find_element(By.CSS_SELECTOR, f'#graph circle[data-node="{node_id}"]').get_attribute(
+                "data-version"
+            )
+            == "1"
+        )
+    )
+    circle = d.find_element(By.CSS_SELECTOR, f'#graph circle[data-node="{node_id}"]')
+    assert circle.get_attribute("fill") != grey
+    assert d.find_element(By.ID, "schedule").text.startswith("0 vote(s)")
+
+    # a second, different question makes a second node
+    d.find_element(By.ID, "text").send_keys("@gesal 0123456789 the lazy dog", "\n")
+    wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, "#graph circle")) == 2)
+
+    # stats and threshold
+    d.find_element(By.ID, "stats").click()
+    wait.until(EC.text_to_be_present_in_element((By.ID, "admin-out"), "2 nodes"))
+    field = d.find_element(By.ID, "threshold")
+    field.clear()
+    field.send_keys("0.5")
+    d.find_element(By.ID, "set-threshold").click()
+    wait.until(EC.text_to_be_present_in_element((By.ID, "admin-out"), "threshold 0.5"))
+
+    # export downloads the channel's JSON
+    d.find_element(By.ID, "export").click()
+    deadline = time.time() + 20
+    files: list[Path] = []
+    while time.time() < deadline and not files:
+        files = [p for p in d.downloads.glob("*.json")]  # type: ignore[attr-defined]
+        time.sleep(0.2)
+    assert files, "no export was downloaded"
+    exported = json.loads(files[0].read_text())
+    assert exported["channel"] == "playground:local:lab" and len(exported["nodes"]) == 2
+
+    # reset asks first; cancel keeps everything, confirm empties the channel
+    d.find_element(By.ID, "reset").click()
+    wait.until(EC.visibility_of_element_located((By.ID, "reset-confirm")))
+    assert "2 nodes" in d.find_element(By.ID, "reset-text").text
+    d.find_element(By.ID, "reset-no").click()
+    assert len(d.find_elements(By.CSS_SELECTOR, "#graph circle")) == 2
+    d.find_element(By.ID, "reset").click()
+    wait.until(EC.visibility_of_element_located((By.ID, "reset-yes"))).click()
+    wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, "#graph circle")) == 0)
+    assert not d.find_elements(By.CSS_SELECTOR, "#log .msg")
+
+    # import the export back through the file picker: both nodes return
+    d.find_element(By.ID, "import-file").send_keys(str(files[0]))
+    wait.until(EC.text_to_be_present_in_element((By.ID, "admin-out"), "Imported 2 nodes"))
+    wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, "#graph circle")) == 2)
+
+    shot = tmp_path / "playground.png"
+    d.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
+
+    metrics = urllib.request.urlopen(url + "metrics", timeout=10).read().decode()
+    assert 'gesal_replies_total{platform="playground"} 2.0' in metrics
+    health = _get_json(url + "healthz")
+    assert health["ok"] is True and health["last_training"]["age_seconds"] is not None
