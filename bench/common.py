@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +27,69 @@ def machine() -> dict:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
     }
+
+
+# Realistic community questions, used by every generation benchmark.
+PROMPTS = [
+    "What is the capital of France and why is it famous?",
+    "Can you explain what a black hole is in simple words?",
+    "Give me three tips for learning to play the guitar.",
+    "How do I reverse a list in Python?",
+    "What should I cook for dinner tonight with rice and eggs?",
+    "Why is the sky blue?",
+    "Write a short poem about autumn leaves.",
+    "What is the difference between weather and climate?",
+    "How many planets are in the solar system?",
+    "Recommend a good science fiction book.",
+    "What does HTTP stand for?",
+    "How can I improve my sleep?",
+    "Explain recursion to a ten year old.",
+    "What is the boiling point of water on a mountain?",
+    "Tell me a fun fact about octopuses.",
+    "How do vaccines work?",
+]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 1024)
+
+
+def base_args(description: str | None, repeats: int = 3):
+    """The options every script shares: --repeats, --model, --quick, --threads."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--model", default=None, help="model to load (default: the bundled one)")
+    ap.add_argument("--quick", action="store_true", help="fewer tokens and sizes (smoke run)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared 2-core host, 2 threads measured up to 4x "
+        "slower than 1 because OpenMP threads wait on each other; 0 keeps torch's default)",
+    )
+    return ap
+
+
+def apply_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Time every variant once per round, rounds repeated: variants see the same noise.
+
+    The machine is shared; timing A three times and then B three times would let a
+    neighbour's burst land on one variant only.
+    """
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            out[name].extend(timed(fn, 1))
+    return out
 
 
 def timed(fn: Callable[[], object], repeats: int) -> list[float]:
@@ -55,6 +120,8 @@ def report(name: str, rows: list[dict], meta: dict) -> Path:
         print(" | ".join(_fmt(r[c]).ljust(widths[c]) for c in cols))
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
+    meta = {**meta, "peak_rss_mb": round(peak_rss_mb(), 1)}
+    print(f"peak RSS {meta['peak_rss_mb']:.0f} MB")
     path.write_text(
         json.dumps({"bench": name, "machine": machine(), **meta, "rows": rows}, indent=2)
     )
@@ -64,3 +131,62 @@ def report(name: str, rows: list[dict], meta: dict) -> Path:
 
 def _fmt(v: object) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def chat_ids(tokenizer, text: str) -> torch.Tensor:
+    """A one-message chat rendered by the model's template, shape (1, T)."""
+    from gesal_core.generate import build_prompt
+
+    return torch.tensor([build_prompt(tokenizer, [{"role": "user", "content": text}]).input_ids])
+
+
+@torch.inference_mode()
+def decode(
+    model, input_ids: torch.Tensor, new_tokens: int, attention_mask=None, **kwargs
+) -> torch.Tensor:
+    """Greedy HF ``generate`` of exactly ``new_tokens`` tokens (EOS cannot end it early),
+    so every variant decodes the same amount of work."""
+    device = next(model.buffers(), None)
+    device = device.device if device is not None else next(model.parameters()).device
+    ids = input_ids.to(device)
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)
+    return model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=0,
+        **kwargs,
+    )
+
+
+def node_z(z_size: int, seed: int, scale: float = 0.1) -> torch.Tensor:
+    """A plausible trained node's z: ones plus a small perturbation."""
+    g = torch.Generator().manual_seed(seed)
+    return 1 + scale * torch.randn(z_size, generator=g)
+
+
+def lora_model(factory: Callable[[], torch.nn.Module], targets: list[str], r: int = 8):
+    """A PEFT LoRA on the same modules SVF adapts, with non-zero B (a 'trained' adapter)."""
+    from peft import LoraConfig, get_peft_model
+
+    leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    cfg = LoraConfig(
+        r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=leaves, init_lora_weights=False
+    )
+    return get_peft_model(factory(), cfg).eval()
+
+
+def left_pad(prompts: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack (1, T_i) prompts into a left-padded batch and its attention mask."""
+    width = max(p.shape[1] for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - p.shape[1] :] = p[0]
+        mask[row, width - p.shape[1] :] = 1
+    return ids, mask

@@ -26,25 +26,56 @@ from gesal_core.model import load_model
 from gesal_core.records import Node
 
 TOPICS = {
-    "geography": ["What is the capital of Canada?", "Which river is the longest in Europe?",
-                  "What is the capital of Japan?", "Where is Mount Kilimanjaro?",
-                  "Which country has the most islands?", "What is the capital of Brazil?",
-                  "What ocean lies west of Africa?", "Name the largest desert in Asia."],
-    "science": ["Explain photosynthesis.", "How do vaccines work?", "What is a black hole?",
-                "Why is the sky blue?", "What is DNA?", "How does gravity work?",
-                "What are atoms made of?", "How do magnets work?"],
-    "creative": ["Write a short poem about autumn.", "Tell me a story about a dragon.",
-                 "Write a haiku about snow.", "Tell me a story about a robot.",
-                 "Write a poem about the moon.", "Describe a forest at night.",
-                 "Write a limerick about a cat.", "Tell me a fairy tale about a king."],
-    "coding": ["How do I reverse a list in Python?", "What is a SQL join?",
-               "How do I read a file in Python?", "What does git rebase do?",
-               "Explain recursion with an example.", "What is a REST API?",
-               "How do I sort a dictionary by value in Python?", "What is a race condition?"],
-    "cooking": ["How do I make tea?", "How long should I boil an egg?",
-                "What is a good recipe for pancakes?", "How do I cook rice?",
-                "How do I make bread at home?", "What spices go well with chicken?",
-                "How do I make a tomato sauce?", "How do I bake cookies?"],
+    "geography": [
+        "What is the capital of Canada?",
+        "Which river is the longest in Europe?",
+        "What is the capital of Japan?",
+        "Where is Mount Kilimanjaro?",
+        "Which country has the most islands?",
+        "What is the capital of Brazil?",
+        "What ocean lies west of Africa?",
+        "Name the largest desert in Asia.",
+    ],
+    "science": [
+        "Explain photosynthesis.",
+        "How do vaccines work?",
+        "What is a black hole?",
+        "Why is the sky blue?",
+        "What is DNA?",
+        "How does gravity work?",
+        "What are atoms made of?",
+        "How do magnets work?",
+    ],
+    "creative": [
+        "Write a short poem about autumn.",
+        "Tell me a story about a dragon.",
+        "Write a haiku about snow.",
+        "Tell me a story about a robot.",
+        "Write a poem about the moon.",
+        "Describe a forest at night.",
+        "Write a limerick about a cat.",
+        "Tell me a fairy tale about a king.",
+    ],
+    "coding": [
+        "How do I reverse a list in Python?",
+        "What is a SQL join?",
+        "How do I read a file in Python?",
+        "What does git rebase do?",
+        "Explain recursion with an example.",
+        "What is a REST API?",
+        "How do I sort a dictionary by value in Python?",
+        "What is a race condition?",
+    ],
+    "cooking": [
+        "How do I make tea?",
+        "How long should I boil an egg?",
+        "What is a good recipe for pancakes?",
+        "How do I cook rice?",
+        "How do I make bread at home?",
+        "What spices go well with chicken?",
+        "How do I make a tomato sauce?",
+        "How do I bake cookies?",
+    ],
 }
 
 
@@ -74,8 +105,9 @@ def scores(emb: np.ndarray, labels: list[str]) -> dict:
     n = len(labels)
     same = np.array([[labels[i] == labels[j] for j in range(n)] for i in range(n)])
     off = ~np.eye(n, dtype=bool)
-    nn_acc = np.mean([labels[int(np.argmax(np.where(off[i], sims[i], -9)))] == labels[i]
-                      for i in range(n)])
+    nn_acc = np.mean(
+        [labels[int(np.argmax(np.where(off[i], sims[i], -9)))] == labels[i] for i in range(n)]
+    )
     margin = sims[same & off].mean() - sims[~same].mean()
     best = (0.0, 0.0, 0)
     for theta in np.linspace(0.0, 0.99, 100):
@@ -96,8 +128,13 @@ def scores(emb: np.ndarray, labels: list[str]) -> dict:
         score = purity * min(1.0, len(TOPICS) / len(members))
         if score > best[0]:
             best = (score, float(theta), len(members))
-    return {"nn_accuracy": float(nn_acc), "margin": float(margin), "routing_score": best[0],
-            "best_theta": best[1], "nodes_at_best": best[2]}
+    return {
+        "nn_accuracy": float(nn_acc),
+        "margin": float(margin),
+        "routing_score": best[0],
+        "best_theta": best[1],
+        "nodes_at_best": best[2],
+    }
 
 
 def main() -> None:
@@ -117,8 +154,9 @@ def main() -> None:
             fn([texts[0]])
             times.append(time.perf_counter() - t0)
         emb = fn(texts).numpy()
-        rows.append({"embedding": name, **scores(emb, labels),
-                     "ms_per_prompt": 1000 * median(times)})
+        rows.append(
+            {"embedding": name, **scores(emb, labels), "ms_per_prompt": 1000 * median(times)}
+        )
     report("embedding_choice", rows, {"prompts": len(texts), "topics": len(TOPICS)})
 
 

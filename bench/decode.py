@@ -1,0 +1,156 @@
+"""How fast can this machine decode, and how far is HF ``generate`` from that bound?
+
+    python -m bench.decode [--repeats 3] [--tokens 32] [--compile]
+
+* memory bandwidth: a large tensor read (sum) and copy, in GB/s;
+* the decode bound: weight bytes read per token / read bandwidth (batch 1 decoding reads
+  every weight once per token, so it cannot beat this);
+* eager HF ``generate`` (the baseline), HF with a static KV cache, a minimal greedy loop
+  (forward + argmax, no logits processors: what is left is the model itself), and with
+  ``--compile`` the static cache under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from bench.common import (
+    PROMPTS,
+    apply_threads,
+    base_args,
+    chat_ids,
+    decode,
+    interleaved,
+    median,
+    report,
+    timed,
+)
+from gesal_core.model import load_model
+
+
+def bandwidth_gbs(mb: int, repeats: int) -> dict[str, float]:
+    """Best-of-repeats read and copy bandwidth of a ``mb``-MiB float32 tensor."""
+    src = torch.rand(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    nbytes = src.numel() * 4
+    read = min(timed(lambda: src.sum(), repeats + 2))
+    copy = min(timed(lambda: dst.copy_(src), repeats + 2))
+    return {"read": nbytes / read / 1e9, "copy": 2 * nbytes / copy / 1e9}
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one batch-1 decode step reads (the input embedding: one row only)."""
+    emb = model.get_input_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    head = model.get_output_embeddings().weight
+    tied = head.data_ptr() == emb.data_ptr()
+    emb_bytes = emb.numel() * emb.element_size()
+    return total - (0 if tied else emb_bytes)
+
+
+def with_threads(n: int, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.inference_mode()
+def greedy_loop(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """The least a decoder can do per token: one forward with the KV cache, one argmax."""
+    out = model(input_ids=ids, use_cache=True)
+    past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    return nxt
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = base_args(__doc__)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow)")
+    ap.add_argument("--bandwidth-mb", type=int, default=512)
+    args = ap.parse_args(argv)
+    apply_threads(args.threads)
+    tokens = 8 if args.quick else args.tokens
+    lm = load_model(args.model, progress=False)
+    model, ids = lm.model, chat_ids(lm.tokenizer, PROMPTS[0])
+    bw = bandwidth_gbs(64 if args.quick else args.bandwidth_mb, args.repeats)
+    per_token = weight_bytes_per_token(model)
+    variants = {
+        "HF generate, eager (baseline)": lambda: decode(model, ids, tokens),
+        "HF generate, static KV cache": lambda: decode(
+            model, ids, tokens, cache_implementation="static"
+        ),
+        "minimal greedy loop": lambda: greedy_loop(model, ids, tokens),
+        f"HF generate, eager, {os.cpu_count()} threads": lambda: with_threads(
+            os.cpu_count() or 1, lambda: decode(model, ids, tokens)
+        ),
+    }
+    compile_s = None
+    if args.compile:
+        model_c = load_model(args.model, progress=False).model
+        model_c.forward = torch.compile(model_c.forward)
+        start = time.perf_counter()
+        decode(model_c, ids, tokens, cache_implementation="static")  # compiles
+        compile_s = time.perf_counter() - start
+        variants["HF generate, static cache + torch.compile"] = lambda: decode(
+            model_c, ids, tokens, cache_implementation="static"
+        )
+    for fn in variants.values():
+        fn()
+    times = interleaved(variants, args.repeats)
+    base = tokens / median(times["HF generate, eager (baseline)"])
+    bound = bw["read"] * 1e9 / per_token
+    rows = []
+    for name, ts in times.items():
+        tps = tokens / median(ts)
+        rows.append(
+            {
+                "variant": name,
+                "median_s": median(ts),
+                "tok_s": tps,
+                "vs_eager": tps / base,
+                "of_bound": tps / bound,
+            }
+        )
+    rows.append(
+        {
+            "variant": "bandwidth bound (weights / read GB/s)",
+            "median_s": tokens / bound,
+            "tok_s": bound,
+            "vs_eager": bound / base,
+            "of_bound": 1.0,
+        }
+    )
+    print(
+        f"read bandwidth {bw['read']:.1f} GB/s, copy {bw['copy']:.1f} GB/s; "
+        f"{per_token / 1e6:.0f} MB of weights per token"
+    )
+    report(
+        "decode",
+        rows,
+        {
+            "model": lm.name,
+            "dtype": str(lm.dtype),
+            "device": str(lm.device),
+            "repeats": args.repeats,
+            "new_tokens": tokens,
+            "prompt_tokens": ids.shape[1],
+            "bandwidth_gbs": bw,
+            "weight_bytes_per_token": per_token,
+            "compile_seconds": compile_s,
+            "times_s": times,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

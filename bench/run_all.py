@@ -1,0 +1,145 @@
+"""Run the whole benchmark suite and summarise the issue-7 targets.
+
+    python -m bench.run_all [--quick] [--only generation,routing] [--threads 1]
+    gesal-bot bench [...]           (the same, through the CLI)
+
+Each script runs in its own process (so its peak RSS is its own) and writes
+bench/results/<name>.json; this prints every table and then one line per target with the
+measured figure and whether it is met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from bench.common import RESULTS
+
+SCRIPTS = (
+    "generation",
+    "decode",
+    "node_switch",
+    "multichannel",
+    "update_step",
+    "routing",
+    "lora_export",
+    "svd_cache",
+)
+
+
+def _rows(name: str) -> list[dict]:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text())["rows"] if path.exists() else []
+
+
+def _row(rows: list[dict], key: str, value) -> dict | None:
+    return next((r for r in rows if r.get(key) == value), None)
+
+
+def targets() -> list[dict]:
+    """The issue's targets, read back from the result files (absent figures say so)."""
+    out = []
+
+    def add(target: str, figure: str, met: bool | None) -> None:
+        out.append(
+            {
+                "target": target,
+                "measured": figure,
+                "met": {True: "yes", False: "no"}.get(met, "n/a"),
+            }
+        )
+
+    gen = _rows("generation")
+    for v in ("SVF merged", "SVF factored"):
+        r = _row(gen, "variant", v)
+        add(
+            f"{v} >= 0.97x base tok/s",
+            f"{r['vs_base']:.2f}x" if r else "not run",
+            r["vs_base"] >= 0.97 if r else None,
+        )
+    ns = _rows("node_switch")
+    for v in ("switch: hot node, LRU hit", "switch: cold node, factored"):
+        r = _row(ns, "variant", v)
+        add(
+            f"{v}: switch overhead <= 50 ms",
+            f"+{r['over_same_node_ms']:.0f} ms (TTFT {r['median_ms']:.0f} ms)" if r else "not run",
+            r["over_same_node_ms"] <= 50 if r else None,
+        )
+    r = _row(_rows("multichannel"), "N", 8)
+    add(
+        "8 channels batched >= 3x one by one (merged, merge cost excluded)",
+        f"{r['batched_vs_merged']:.2f}x (vs re-merging: {r['batched_vs_remerge']:.2f}x)"
+        if r
+        else "not run",
+        r["batched_vs_merged"] >= 3 if r else None,
+    )
+    r = _row(_rows("update_step"), "k", 4)
+    add(
+        "SVF update on 4 samples <= 1.5 s",
+        f"{r['svf_s']:.2f} s (LoRA {r['lora_s']:.2f} s)" if r else "not run",
+        r["svf_s"] <= 1.5 if r else None,
+    )
+    r = _row(_rows("routing"), "nodes", 10000)
+    add(
+        "routing at 10k nodes <= 2 ms",
+        f"{r['route_ms']:.2f} ms" if r else "not run",
+        r["route_ms"] <= 2 if r else None,
+    )
+    dec = _rows("decode")
+    best = max(
+        (d for d in dec if "bound" not in d["variant"]), key=lambda d: d["vs_eager"], default=None
+    )
+    add(
+        "base decoding >= 2x eager HF generate",
+        f"best {best['vs_eager']:.2f}x ({best['variant']}), {best['of_bound']:.0%} of the "
+        "bandwidth bound"
+        if best
+        else "not run",
+        best["vs_eager"] >= 2 if best else None,
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(SCRIPTS)}")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--summary-only", action="store_true", help="only re-read the results")
+    args = ap.parse_args(argv)
+    chosen = [s.strip() for s in args.only.split(",") if s.strip()] or list(SCRIPTS)
+    unknown = sorted(set(chosen) - set(SCRIPTS))
+    if unknown:
+        print(
+            f"unknown benchmark(s): {', '.join(unknown)}; choose from {', '.join(SCRIPTS)}",
+            file=sys.stderr,
+        )
+        return 2
+    failed = []
+    if not args.summary_only:
+        env = {
+            **os.environ,
+            "OPENBLAS_NUM_THREADS": str(args.threads),
+            "OMP_NUM_THREADS": str(args.threads),
+        }
+        for name in chosen:
+            cmd = [sys.executable, "-m", f"bench.{name}"]
+            if name != "svd_cache":
+                cmd += ["--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+            print(f"\n== {name} ==", flush=True)
+            if subprocess.run(cmd, env=env, check=False).returncode != 0:
+                failed.append(name)
+    from bench.common import report
+
+    print("\n== targets (issue 7) ==")
+    report("summary", targets(), {"failed": failed, "threads": args.threads})
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
