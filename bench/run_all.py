@@ -25,6 +25,7 @@ SCRIPTS = (
     "multichannel",
     "update_step",
     "routing",
+    "redis_store",
     "lora_export",
     "svd_cache",
 )
@@ -88,6 +89,8 @@ def targets() -> list[dict]:
         f"{r['route_ms']:.2f} ms" if r else "not run",
         r["route_ms"] <= 2 if r else None,
     )
+    r = _row(_rows("redis_store"), "figure", "load + commit round trip ms")
+    add("Redis node load + commit round trip", f"{r['value']:.2f} ms" if r else "not run", None)
     dec = _rows("decode")
     best = max(
         (d for d in dec if "bound" not in d["variant"]), key=lambda d: d["vs_eager"], default=None
