@@ -38,7 +38,7 @@ import torch
 from .engine import Engine, EngineConfig
 from .generate import SamplingConfig, build_prompt, embed, generate
 from .guard import GuardConfig, degenerate_reason
-from .learning import Sample, sequence_logprobs
+from .learning import LearningConfig, Sample, sequence_logprobs
 from .records import ChannelConfig
 from .store import MemoryStore
 from .svf import SVFModel
@@ -745,6 +745,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-guard", action="store_true", help="disable the collapse guard")
+    learning = LearningConfig()
+    p.add_argument("--lr", type=float, default=learning.lr, help="Adam learning rate on z")
+    p.add_argument("--inner-steps", type=int, default=learning.inner_steps)
+    p.add_argument("--max-step", type=float, default=learning.max_step, help="bound on |dz|")
+    p.add_argument("--threshold", type=float, default=None, help="routing θ (default: 0.86)")
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -774,9 +779,12 @@ def run(args: argparse.Namespace) -> int:
     task.heldout = list(task.heldout)[: ec.heldout]
     lm = load_model(args.model, device=args.device)
     svf = SVFModel(lm.model, lm.name, SVFConfig())
+    channel = ChannelConfig() if args.threshold is None else ChannelConfig(args.threshold)
     cfg = EngineConfig(
         sampling=SamplingConfig(max_new_tokens=ec.max_new_tokens),
         guard=GuardConfig(enabled=not args.no_guard),
+        learning=LearningConfig(lr=args.lr, inner_steps=args.inner_steps, max_step=args.max_step),
+        channel_defaults=channel,
     )
 
     def factory():
