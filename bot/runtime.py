@@ -143,32 +143,32 @@ async def build_runtime(
 
 
 async def _start_scheduler(runtime: Runtime) -> Any:
-    """The training scheduler (bot/scheduler.py), wired to the service's feedback hook.
-
-    Loaded lazily: the scheduler module belongs to the bots adapters' work; until it
-    exists, training runs only when someone presses "train now" (/gesal train).
-    """
+    """The training scheduler (bot/scheduler.py), wired to the service's feedback hook."""
     try:
-        from . import scheduler as sched_mod
+        from .scheduler import TrainingScheduler
     except ImportError:
         log.warning("no training scheduler in this build: train with /gesal train")
         return None
-    factory = getattr(sched_mod, "start_scheduler", None)
-    if factory is None:
-        log.warning("bot.scheduler has no start_scheduler(); training is manual")
-        return None
-    sched = await factory(runtime.engine, runtime.settings)
-    runtime.service.on_feedback = getattr(sched, "on_feedback", None)
-    stop = getattr(sched, "stop", None) or getattr(sched, "shutdown", None)
-    if stop is not None:
+    sched = TrainingScheduler(runtime.engine, runtime.settings)  # type: ignore[arg-type]
+    sched.start()
+    runtime.service.on_feedback = sched.feedback_arrived
 
-        async def close_sched() -> None:
-            result = stop()
-            if hasattr(result, "__await__"):
-                await result
+    async def close_sched() -> None:
+        sched.shutdown()
 
-        runtime.closers.append(close_sched)
+    runtime.closers.append(close_sched)
     return sched
 
 
-__all__ = ["Runtime", "build_runtime", "load_engine_steps", "open_store_step"]
+def schedule_status(sched: Any) -> dict:
+    """Next scheduled training run (Unix time) for status pages; {} without a scheduler."""
+    if sched is None:
+        return {}
+    from .scheduler import JOB_ID
+
+    job = sched.scheduler.get_job(JOB_ID) if sched.scheduler.running else None
+    when = getattr(job, "next_run_time", None)
+    return {"next_run": when.timestamp() if when else None, "running": job is not None}
+
+
+__all__ = ["Runtime", "build_runtime", "load_engine_steps", "open_store_step", "schedule_status"]

@@ -52,7 +52,11 @@ class ServerThread:
 
     def _main(self) -> None:
         settings = load_settings(
-            None, redis_url="memory://", gesal_playground_port=self.port, gesal_rate_user=100
+            None,
+            redis_url="memory://",
+            gesal_playground_port=self.port,
+            gesal_rate_user=100,
+            gesal_train_interval=3600,
         )
 
         async def factory(store):

@@ -176,9 +176,10 @@ class Playground:
             "next_run": None,
             "running": self.scheduler is not None,
         }
-        status = getattr(self.scheduler, "status", None)
-        if callable(status):
-            out.update(status())
+        if self.scheduler is not None:
+            from ..runtime import schedule_status
+
+            out.update(schedule_status(self.scheduler))
         return out
 
     # -- channels ---------------------------------------------------------------------------
