@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -107,7 +108,9 @@ def tiny_model_dir(tmp_path, tiny_tokenizer):
     return folder
 
 
-def test_export_import_reset_stats_round_trip(clean_env, monkeypatch, tmp_path, tiny_model_dir):
+def test_export_import_reset_stats_round_trip(
+    clean_env, monkeypatch, capsys, tmp_path, tiny_model_dir
+):
     """Seed a channel through the engine, then drive the admin commands from the CLI."""
     import asyncio
 
@@ -127,8 +130,8 @@ def test_export_import_reset_stats_round_trip(clean_env, monkeypatch, tmp_path, 
             eng.close()
 
     asyncio.run(seed())
-    # the store is per process here (memory://), so import first, then read it back
-    monkeypatch.setenv("REDIS_URL", "memory://")
+    # each command opens the embedded Redis under GESAL_DATA_DIR: state persists between them
+    monkeypatch.setenv("GESAL_DATA_DIR", str(tmp_path / "data"))
     code = cli.main(["import", "discord:9:9", str(store_file)])
     assert code == cli.EXIT_USAGE  # without --yes nothing is replaced
     assert cli.main(["import", "discord:9:9", str(store_file), "--yes"]) == cli.EXIT_OK
@@ -138,8 +141,31 @@ def test_export_import_reset_stats_round_trip(clean_env, monkeypatch, tmp_path, 
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps({"format": "something-else"}))
     assert cli.main(["import", "discord:9:9", str(wrong), "--yes"]) == cli.EXIT_USAGE
+    capsys.readouterr()
     assert cli.main(["stats", "discord:9:9"]) == cli.EXIT_OK
+    line = capsys.readouterr().out
+    assert line.startswith("discord:9:9: 1 nodes, 1 prompts, 1 replies, 1 up / 0 down")
+    copy = tmp_path / "copy.json"
+    assert cli.main(["export", "discord:9:9", "-o", str(copy)]) == cli.EXIT_OK
+    original = json.loads(store_file.read_text())
+    exported = json.loads(copy.read_text())
+    assert exported["nodes"] == original["nodes"] and exported["replies"] == original["replies"]
+    assert cli.main(["stats", "--json"]) == cli.EXIT_OK
+    assert set(json.loads(capsys.readouterr().out)) == {"discord:9:9"}
     assert cli.main(["reset", "discord:9:9", "--yes"]) == cli.EXIT_OK
     out = tmp_path / "out.json"
     assert cli.main(["export", "discord:9:9", "-o", str(out)]) == cli.EXIT_OK
-    assert json.loads(out.read_text())["nodes"] == []  # a fresh store: nothing learned
+    assert json.loads(out.read_text())["nodes"] == []  # the reset is durable
+
+
+def test_unreachable_redis_is_a_missing_resource(clean_env, monkeypatch, capsys, tiny_model_dir):
+    monkeypatch.setenv("GESAL_MODEL", str(tiny_model_dir))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    monkeypatch.setenv("REDIS_URL", f"redis://:hunter2@127.0.0.1:{port}/0")
+    assert cli.main(["stats"]) == cli.EXIT_MISSING
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "not reachable" in last
+    assert "hunter2" not in err and "Traceback" not in err
