@@ -309,3 +309,20 @@ def test_socket_mode_envelope_is_acked_and_answered(engine, settings):
             await fake.stop()
 
     asyncio.run(go())
+
+
+def test_manifest_matches_the_listeners():
+    """deploy/slack-manifest.yml subscribes to every event the bot listens to."""
+    from pathlib import Path
+
+    import yaml
+
+    manifest = yaml.safe_load(
+        (Path(__file__).parent.parent / "deploy" / "slack-manifest.yml").read_text()
+    )
+    events = set(manifest["settings"]["event_subscriptions"]["bot_events"])
+    assert {"app_mention", "reaction_added", "reaction_removed", "message.channels"} <= events
+    assert [c["command"] for c in manifest["features"]["slash_commands"]] == ["/gesal"]
+    scopes = set(manifest["oauth_config"]["scopes"]["bot"])
+    needed = {"app_mentions:read", "chat:write", "reactions:read", "commands", "users:read"}
+    assert needed | {"files:write", "files:read", "channels:history"} <= scopes
