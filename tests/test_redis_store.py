@@ -225,6 +225,23 @@ def test_dead_consumers_entries_are_reclaimed(make_redis_store):
     run(go())
 
 
+def test_idle_consumers_are_forgotten(make_redis_store, redis_client, monkeypatch):
+    from gesal_core.store import redis_store
+
+    async def go():
+        s = make_redis_store()
+        await s.put_reply(CH, reply())
+        await s.set_vote(CH, "r1", "a", 1)
+        await s.pending(CH, "holds-one")
+        await s.pending(CH, "holds-none")
+        monkeypatch.setattr(redis_store, "CONSUMER_GC_MS", -1)
+        await s.pending(CH, "me")
+
+    run(go())
+    names = {c["name"] for c in redis_client.xinfo_consumers(Keys(CH).feedback, "trainers")}
+    assert names == {b"holds-one", b"me"}  # the one with a pending entry is kept
+
+
 def test_trainer_lock_excludes_and_expires(make_redis_store):
     async def go():
         a, b = make_redis_store(), make_redis_store()

@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REPLIES = 2000
 DEFAULT_CLAIM_IDLE_MS = 30_000
+CONSUMER_GC_MS = 3_600_000  # forget consumers idle for an hour with nothing pending
 NODE_INTS = ("count", "version", "rated", "updates", "skipped", "rollbacks")
 NODE_FLOATS = ("baseline", "reward_sum", "created_at", "updated_at")
 NODE_JSON = ("recent", "downvoted", "neighbors")
@@ -458,12 +459,20 @@ class RedisStore:
                 new = await r.xreadgroup(GROUP, consumer, {k.feedback: ">"}, count=count - len(got))
                 for _, entries in new or []:
                     take(entries)
+            await self._forget_idle_consumers(k, consumer)
         except ResponseError as exc:
             if "NOGROUP" in str(exc):  # the channel was reset meanwhile
                 return []
             raise
         events = sorted(got.values(), key=lambda e: _stream_id_key(e.event_id))
         return events[:count]
+
+    async def _forget_idle_consumers(self, k: Keys, me: str) -> None:
+        """Each trainer process is a new consumer; drop old ones that hold nothing."""
+        for c in await self._r.xinfo_consumers(k.feedback, GROUP):
+            name = _s(c["name"])
+            if name != me and int(c["pending"]) == 0 and int(c["idle"]) > CONSUMER_GC_MS:
+                await self._r.xgroup_delconsumer(k.feedback, GROUP, name)
 
     @_guarded
     async def pending_count(self, channel: str) -> int:
