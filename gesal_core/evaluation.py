@@ -46,6 +46,7 @@ from .svf import SVFModel
 log = logging.getLogger(__name__)
 METHODS = ("none", "gesal", "svf-single", "lora")
 ON_TOPIC_MIN = 0.5  # cosine(question, answer) under the base embedding
+LORA_LR = 1e-3  # Adam on LoRA A/B, persistent across updates (the usual LoRA set-up)
 
 
 # -- tasks -------------------------------------------------------------------------------
@@ -369,7 +370,7 @@ class LoraLearner(Learner):
             LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=target_leaves),
         )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.Adam(self.params, lr=engine_config.learning.lr)
+        self.opt = torch.optim.Adam(self.params, lr=LORA_LR)
         self.baseline = 0.0
         self.replies: dict[str, tuple[list[int], list[int], str]] = {}
         self.votes: dict[str, int] = {}
@@ -746,7 +747,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-guard", action="store_true", help="disable the collapse guard")
     learning = LearningConfig()
-    p.add_argument("--lr", type=float, default=learning.lr, help="Adam learning rate on z")
+    p.add_argument("--optimizer", default=learning.optimizer, choices=["adam", "ngd"])
+    p.add_argument("--lr", type=float, default=learning.lr, help="Adam lr, or NGD step (L2)")
     p.add_argument("--inner-steps", type=int, default=learning.inner_steps)
     p.add_argument("--max-step", type=float, default=learning.max_step, help="bound on |dz|")
     p.add_argument("--threshold", type=float, default=None, help="routing θ (default: 0.15)")
@@ -783,7 +785,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = EngineConfig(
         sampling=SamplingConfig(max_new_tokens=ec.max_new_tokens),
         guard=GuardConfig(enabled=not args.no_guard),
-        learning=LearningConfig(lr=args.lr, inner_steps=args.inner_steps, max_step=args.max_step),
+        learning=LearningConfig(
+            optimizer=args.optimizer,
+            lr=args.lr,
+            inner_steps=args.inner_steps,
+            max_step=args.max_step,
+        ),
         channel_defaults=channel,
     )
 

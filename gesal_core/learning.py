@@ -30,6 +30,10 @@ from .svf import SVFModel
 
 @dataclass(frozen=True)
 class LearningConfig:
+    # "adam": a fresh Adam per update (sign-like first steps: every component moves by lr).
+    # "ngd": normalised gradient descent, each inner step moves z by ``lr`` in L2 along
+    # the gradient, so the change concentrates on the components that matter.
+    optimizer: str = "adam"
     lr: float = 1e-3
     inner_steps: int = 2
     l2: float = 1.0  # λ of (λ/2)‖z−1‖²; ‖z−1‖² is small, so λ≈1 is a gentle pull
@@ -157,13 +161,13 @@ def reinforce_step(
     batch = rl + demos
     z = svf.trainable(torch.from_numpy(np.asarray(z0, dtype=np.float32)))
     start = z.detach().clone()
-    opt = torch.optim.Adam([z], lr=cfg.lr)
+    opt = torch.optim.Adam([z], lr=cfg.lr) if cfg.optimizer == "adam" else None
     n = len(batch)
     adv = torch.tensor([s.advantage for s in rl], dtype=torch.float32, device=svf.device)
     weights = torch.ones(len(rl), device=svf.device)
     loss_value, grad_norm = float("nan"), float("nan")
     for step in range(cfg.inner_steps):
-        opt.zero_grad(set_to_none=True)
+        z.grad = None
         logp, ntok = sequence_logprobs(svf, z, batch, cfg.max_tokens, pad_id)
         loss = (cfg.l2 / 2) * ((z - 1) ** 2).sum()
         if rl:
@@ -186,7 +190,11 @@ def reinforce_step(
             return StepResult(
                 None, "rolled_back", "non-finite gradient", baseline, dropped_stale=dropped
             )
-        opt.step()
+        if opt is not None:
+            opt.step()
+        else:
+            with torch.no_grad():
+                z -= cfg.lr * z.grad / z.grad.norm().clamp_min(1e-12)
         with torch.no_grad():
             delta = z - start
             norm = float(delta.norm())
