@@ -61,6 +61,7 @@ class Task:
     complies: Callable[[str, str], bool]
     constant_answer_level: float | None = None  # best score of one constant answer
     predict: Callable[[str], str] | None = None  # what the answer "says", for distributions
+    correct: Callable[[str, str], str] | None = None  # a member's better answer, if any
 
     def vote(self, prompt: str, answer: str) -> int:
         return 1 if self.complies(prompt, answer) else -1
@@ -185,6 +186,7 @@ def emoji() -> Task:
         HELDOUT_QUESTIONS,
         lambda p, a: bool(_EMOJI.search(a)),
         predict=lambda a: "emoji" if _EMOJI.search(a) else "none",
+        correct=lambda p, a: f"{a.rstrip()} 😊",
     )
 
 
@@ -196,6 +198,7 @@ def opener() -> Task:
         HELDOUT_QUESTIONS,
         lambda p, a: a.strip().lower().startswith("sure"),
         predict=lambda a: (a.split() or ["-"])[0][:12],
+        correct=lambda p, a: f"Sure! {a.strip()}",
     )
 
 
@@ -298,6 +301,10 @@ class Learner:
     async def vote(self, handle: str, user: str, value: int) -> None:
         raise NotImplementedError
 
+    async def correct(self, handle: str, user: str, text: str) -> bool:
+        """Give a better answer as a demonstration; False if the method cannot use one."""
+        return False
+
     async def train(self) -> dict:
         return {"updated": 0, "skipped": 0, "rolled_back": 0}
 
@@ -340,6 +347,10 @@ class EngineLearner(Learner):
 
     async def vote(self, handle, user, value):
         await self.engine.vote(self.channel, handle, user, value)
+
+    async def correct(self, handle, user, text):
+        await self.engine.correct(self.channel, handle, user, text)
+        return True
 
     async def train(self):
         if self.frozen:
@@ -441,6 +452,7 @@ class EvalConfig:
     heldout: int = 12
     max_new_tokens: int = 48
     members: int = 5
+    corrections: int = 0  # members correct the first N answers they vote down
     out: str = "eval-results"
 
 
@@ -466,6 +478,7 @@ class RunResult:
     skipped: int = 0
     rolled_back: int = 0
     first_upvote: int | None = None
+    corrections: int = 0
     seconds_per_vote: float = 0.0
     seconds_per_update: float = 0.0
 
@@ -618,7 +631,13 @@ class Harness:
                     v = task.vote(prompt, answer)
                     if v > 0 and result.first_upvote is None:
                         result.first_upvote = votes + 1
-                    await learner.vote(handle, f"member{rng.randrange(ec.members)}", v)
+                    user = f"member{rng.randrange(ec.members)}"
+                    await learner.vote(handle, user, v)
+                    fix = getattr(task, "correct", None)
+                    if v < 0 and fix and result.corrections < ec.corrections:
+                        result.corrections += int(
+                            await learner.correct(handle, user, fix(prompt, answer))
+                        )
                     votes += 1
                 vote_time += time.perf_counter() - t0
                 t1 = time.perf_counter()
@@ -684,18 +703,27 @@ def markdown(task: Task, rows: list[dict], results: list[RunResult]) -> str:
     if getattr(task, "constant_answer_level", None) is not None:
         lines.append(f"\nA constant answer would score {task.constant_answer_level:.0%}.")
     lines.append(
-        "\n| method | seed | first 👍 at vote | updates | skipped | rolled back | "
+        "\n| method | seed | first 👍 at vote | corrections | updates | skipped | rolled back | "
         "s/vote | s/update |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if r.method == "none":
             continue
         lines.append(
-            f"| {r.method} | {r.seed} | {r.first_upvote or '-'} | {r.updates} | "
+            f"| {r.method} | {r.seed} | {r.first_upvote or '-'} | {r.corrections} | {r.updates} | "
             f"{r.skipped} | {r.rolled_back} | {r.seconds_per_vote:.2f} | "
             f"{r.seconds_per_update:.2f} |"
         )
+    lines.append("\nHeld-out answers at the last checkpoint (first seed of each method):\n")
+    shown = set()
+    for r in results:
+        if r.method in shown or not r.checkpoints:
+            continue
+        shown.add(r.method)
+        last = r.checkpoints[-1]
+        lines.append(f"- **{r.method}** ({last.votes} votes), predictions {last.predictions}:")
+        lines.extend(f"  - `{x}`" for x in last.samples)
     return "\n".join(lines) + "\n"
 
 
@@ -740,6 +768,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=int, default=64, help="votes per run")
     p.add_argument("--checkpoints", default="0,16,32,64", help="vote counts to evaluate at")
     p.add_argument("--batch", type=int, default=8, help="votes between training runs")
+    p.add_argument(
+        "--corrections",
+        type=int,
+        default=0,
+        help="members send a better answer for the first N answers they vote down",
+    )
     p.add_argument("--heldout", type=int, default=12, help="held-out prompts used")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--out", default="eval-results", help="folder for JSON, markdown and PNG")
@@ -770,6 +804,7 @@ def run(args: argparse.Namespace) -> int:
         budget=args.budget,
         checkpoints=_ints(args.checkpoints),
         batch=args.batch,
+        corrections=args.corrections,
         heldout=args.heldout,
         max_new_tokens=args.max_new_tokens,
         out=args.out,

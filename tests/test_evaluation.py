@@ -93,3 +93,43 @@ def test_eval_command_end_to_end_on_tiny_model(tiny_llama, tiny_tokenizer, tmp_p
     assert ("gesal", 8) in summary and ("lora", 0) in summary
     assert (out / "eval-brevity.png").stat().st_size > 1000
     assert "| gesal | 8 |" in (out / "eval-brevity.md").read_text()
+
+
+def test_corrections_are_sent_and_counted(tiny_llama, tiny_tokenizer, tmp_path):
+    folder = tmp_path / "tiny"
+    tiny_llama.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    parser = argparse.ArgumentParser()
+    evaluation.add_arguments(parser)
+    out = tmp_path / "out"
+    args = parser.parse_args(
+        [
+            "--model",
+            str(folder),
+            "--task",
+            "opener",
+            "--methods",
+            "gesal,lora",
+            "--seeds",
+            "0",
+            "--budget",
+            "4",
+            "--checkpoints",
+            "0,4",
+            "--batch",
+            "4",
+            "--heldout",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--corrections",
+            "2",
+            "--out",
+            str(out),
+            "--no-guard",
+        ]
+    )
+    assert evaluation.run(args) == 0
+    runs = {r["method"]: r for r in json.loads((out / "eval-opener.json").read_text())["runs"]}
+    assert runs["gesal"]["corrections"] == 2  # the tiny model never says "Sure": all 👎
+    assert runs["lora"]["corrections"] == 0  # the LoRA baseline learns from votes only
