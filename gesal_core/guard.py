@@ -33,8 +33,17 @@ _REFUSAL = re.compile(
 )
 
 
-def degenerate_reason(text: str) -> str | None:
-    """Why an answer is degenerate, or None. Conservative: flags only clear failures."""
+_RUN = re.compile(r"([^\w\s])\1{5,}|\b(\w+)(?:\W+\2\b){3,}", re.IGNORECASE)
+GIBBERISH_NLL = 4.0  # nats/token of an answer under the base model; fluent text is ~0.5-2
+
+
+def degenerate_reason(text: str, base_nll: float | None = None) -> str | None:
+    """Why an answer is degenerate, or None. Conservative: flags only clear failures.
+
+    ``base_nll`` (mean per-token NLL of the answer under the base model, see `base_nll`)
+    catches fluent-looking gibberish such as "Absolutelyutely safely mistaken" that no
+    string rule sees; a collapsed adapter produces text its own base model finds absurd.
+    """
     words = text.split()
     if not words:
         return "empty"
@@ -44,9 +53,29 @@ def degenerate_reason(text: str) -> str | None:
             return "repetition loop"
     if len(text) >= 12 and len(set(text.replace(" ", ""))) <= 3:
         return "repetition loop"
+    if _RUN.search(text):
+        return "repetition loop"
     if _REFUSAL.search(text):
         return "refusal or self-description"
+    if base_nll is not None and base_nll > GIBBERISH_NLL:
+        return f"gibberish (base-model NLL {base_nll:.1f} nats/token)"
     return None
+
+
+@torch.inference_mode()
+def base_nll(
+    svf: SVFModel, tokenizer, prompts: list[str], answers: list[str], system: str | None = None
+) -> list[float]:
+    """Mean per-token NLL of each answer under the base model (z = 1), given its prompt."""
+    from .learning import Sample, sequence_logprobs
+
+    samples = []
+    for p, a in zip(prompts, answers, strict=True):
+        ids = build_prompt(tokenizer, [{"role": "user", "content": p}], system).input_ids
+        resp = tokenizer(a, add_special_tokens=False)["input_ids"] if a.strip() else []
+        samples.append(Sample(ids, resp or [tokenizer.eos_token_id or 0]))
+    lp, n = sequence_logprobs(svf, svf.ones(), samples, pad_id=tokenizer.pad_token_id or 0)
+    return [float(-x / max(int(k), 1)) for x, k in zip(lp, n, strict=True)]
 
 
 @dataclass
@@ -116,7 +145,10 @@ class Guard:
         for i in range(len(probe_lists)):
             idx = [k for k, (j, _) in enumerate(rows) if j == i]
             texts = [answers[k] for k in idx]
-            reasons = [degenerate_reason(x) for x in texts]
+            nll = base_nll(
+                self.svf, self.tokenizer, [p for j, p in rows if j == i], texts, self.system
+            )
+            reasons = [degenerate_reason(x, n) for x, n in zip(texts, nll, strict=True)]
             results.append(
                 ProbeResult(
                     texts,

@@ -64,3 +64,28 @@ def test_engine_rolls_back_an_update_the_guard_rejects(svf, tiny_tokenizer):
         eng.close()
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Absolutelyutely safely mistaken,,,,,,,,,,,,,,,,", "Everest Picchu Picchu Picchu Picchu"],
+)
+def test_collapse_patterns_seen_in_real_runs_are_degenerate(text):
+    assert degenerate_reason(text) == "repetition loop"
+
+
+def test_gibberish_is_caught_by_base_model_nll():
+    assert degenerate_reason("Plants grow underground larvae stings", base_nll=6.2).startswith(
+        "gibberish"
+    )
+    assert degenerate_reason("The capital of Japan is Tokyo.", base_nll=0.8) is None
+
+
+def test_on_topic_accepts_brief_answers_and_rejects_nonsense():
+    from gesal_core.evaluation import on_topic
+
+    q = "What is the capital of Japan?"
+    ref = "The capital of Japan is Tokyo."
+    assert on_topic(q, "Tokyo.", ref, similarity=-0.28)  # brief but right: via the reference
+    assert not on_topic(q, "Absolutely safely mistaken", ref, similarity=-0.22)
+    assert on_topic(q, "It is a large city in Asia.", ref, similarity=0.45)
