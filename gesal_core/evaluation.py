@@ -50,7 +50,7 @@ ON_TOPIC_MIN = 0.3  # centred cosine(question, answer); good answers measured 0.
 _STOP = frozenset(
     """what which when where does the this that these those with from into about your have
     there their they them than then also very just some more most such many much make made
-    write tell describe explain give short poem story""".split()
+    write tell describe explain give short poem story""".split()  # noqa: SIM905
 )
 
 
