@@ -29,6 +29,7 @@ QUESTIONS = [
     ("ben", "@gesal Give me a tip for writing clean Python."),
     ("chloé", "@gesal What is the capital of France?"),
 ]
+THRESHOLD = "0.97"
 VOTES = [(0, "ada", "up"), (0, "ben", "up"), (1, "chloé", "down"), (2, "dev", "up")]
 
 
@@ -73,6 +74,13 @@ def main(out: str = "docs/playground.png") -> int:
         d, wait = driver, WebDriverWait(driver, 600)
         d.get(url)
         wait.until(EC.visibility_of_element_located((By.ID, "main")))
+        # a stricter threshold than the default, so distinct topics get their own nodes
+        field = d.find_element(By.ID, "threshold")
+        field.clear()
+        field.send_keys(THRESHOLD)
+        d.find_element(By.ID, "set-threshold").click()
+        wait.until(EC.text_to_be_present_in_element((By.ID, "admin-out"), "Updated"))
+        print(f"threshold set to {THRESHOLD}")
         for member, text in QUESTIONS:
             Select(d.find_element(By.ID, "member")).select_by_value(member)
             before = len(d.find_elements(By.CSS_SELECTOR, ".msg.bot"))
@@ -81,9 +89,10 @@ def main(out: str = "docs/playground.png") -> int:
             print(f"{member}: {text}")
         for index, member, vote in VOTES:
             Select(d.find_element(By.ID, "member")).select_by_value(member)
+            time.sleep(0.5)  # the page re-renders the log after each vote
             bot = d.find_elements(By.CSS_SELECTOR, ".msg.bot")[index]
             bot.find_element(By.CSS_SELECTOR, f".vote.{vote}").click()
-            time.sleep(0.5)
+            time.sleep(1.0)
             print(f"{member} voted {vote} on answer {index + 1}")
         d.find_element(By.ID, "train").click()
         wait.until(EC.text_to_be_present_in_element((By.ID, "admin-out"), "Training done"))
