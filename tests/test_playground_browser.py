@@ -217,7 +217,8 @@ def test_click_through_the_whole_loop(server, browser, tmp_path):
     )
     circle = d.find_element(By.CSS_SELECTOR, f'#graph circle[data-node="{node_id}"]')
     assert circle.get_attribute("fill") != grey
-    assert d.find_element(By.ID, "schedule").text.startswith("0 vote(s)")
+    schedule = d.find_element(By.ID, "schedule").text
+    assert schedule.startswith("0 vote(s)") and "every 3600" in schedule and "next" in schedule
 
     # a second, different question makes a second node
     d.find_element(By.ID, "text").send_keys("@gesal 0123456789 the lazy dog", "\n")
