@@ -271,10 +271,9 @@ class Engine:
             await self.store.save_node(channel, node)
             edges = graph.knn_edges(index, node)
             await self.store.set_neighbors(channel, node.node_id, edges)
+            grown = graph.GraphIndex.build([*nodes, node])
             for other, _ in edges:  # keep the neighbours' edge lists current too
-                o = by_id[other]
-                idx = graph.GraphIndex.build([*nodes, node])
-                await self.store.set_neighbors(channel, other, graph.knn_edges(idx, o))
+                await self.store.set_neighbors(channel, other, graph.knn_edges(grown, by_id[other]))
             node.neighbors = edges
             return node, True, route.similarity
 

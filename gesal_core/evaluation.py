@@ -39,7 +39,7 @@ from .embedding import PromptEmbedder
 from .engine import Engine, EngineConfig
 from .generate import SamplingConfig, build_prompt, generate
 from .guard import GuardConfig, base_nll, degenerate_reason
-from .learning import LearningConfig, Sample, sequence_logprobs
+from .learning import LearningConfig, Sample, response_logprobs, sequence_logprobs
 from .records import ChannelConfig
 from .store import MemoryStore
 from .svf import SVFModel
@@ -442,14 +442,10 @@ class LoraLearner(Learner):
         self.baseline = advantages(samples, self.baseline, lc)
         if max(abs(s.advantage) for s in samples) < lc.min_advantage:
             return {"updated": 0, "skipped": 1, "rolled_back": 0}
-        from .learning import _batch
-
         self.model.train()
         for _ in range(lc.inner_steps):
-            ids, attn, resp = _batch(samples, lc.max_tokens, self.tokenizer.pad_token_id or 0)
-            logits = self.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-            logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-            logp = (logp * resp[:, 1:]).sum(-1)
+            pad = self.tokenizer.pad_token_id or 0
+            logp, _ = response_logprobs(self.model, samples, lc.max_tokens, pad)
             adv = torch.tensor([s.advantage for s in samples])
             loss = -(adv * logp).sum() / len(samples)
             self.opt.zero_grad()
@@ -577,15 +573,11 @@ class Harness:
     ) -> float:
         """Mean per-token NLL of the base model's own answers under the learned policy."""
         from . import graph
-        from .learning import _batch
 
         refs = self._reference(prompts)
         if isinstance(learner, LoraLearner):
-            ids, attn, resp = _batch(refs, 512, self.tokenizer.pad_token_id or 0)
-            logits = learner.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-            lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-            mask = resp[:, 1:]
-            return float(-(lp * mask).sum() / mask.sum())
+            lp, n = response_logprobs(learner.model, refs, 512, self.tokenizer.pad_token_id or 0)
+            return float(-lp.sum() / n.sum())
         engine = learner.engine  # type: ignore[attr-defined]
         index = graph.GraphIndex.build(nodes or [])
         by_id = {n.node_id: n for n in nodes or []}

@@ -94,23 +94,29 @@ def _batch(samples: list[Sample], max_tokens: int, pad_id: int):
     return ids, attn, resp
 
 
-def sequence_logprobs(
-    svf: SVFModel, z: torch.Tensor, samples: list[Sample], max_tokens: int = 512, pad_id: int = 0
+def response_logprobs(
+    model: torch.nn.Module, samples: list[Sample], max_tokens: int = 512, pad_id: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum, count) of log π_z over each sample's response tokens; differentiable in z.
+    """(sum, count) of log π over each sample's response tokens, for any causal LM.
 
     Sequences are right-padded, so positions are the natural 0..T-1 of each row and the
     token at position t is predicted by the logits at t-1.
     """
-    ids, attn, resp = _batch(samples, max_tokens, pad_id)
-    ids, attn, resp = ids.to(svf.device), attn.to(svf.device), resp.to(svf.device)
-    with svf.factored(z):
-        logits = svf.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-    targets = ids[:, 1:]
+    device = next(model.buffers(), None)
+    device = device.device if device is not None else next(model.parameters()).device
+    ids, attn, resp = (t.to(device) for t in _batch(samples, max_tokens, pad_id))
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
     mask = resp[:, 1:]
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    logp = logp * mask
-    return logp.sum(-1), mask.sum(-1)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return (logp * mask).sum(-1), mask.sum(-1)
+
+
+def sequence_logprobs(
+    svf: SVFModel, z: torch.Tensor, samples: list[Sample], max_tokens: int = 512, pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`response_logprobs` under adapter z (one (Z,) or per-row (B, Z)); differentiable in z."""
+    with svf.factored(z):
+        return response_logprobs(svf.model, samples, max_tokens, pad_id)
 
 
 def advantages(samples: list[Sample], baseline: float, cfg: LearningConfig) -> float:

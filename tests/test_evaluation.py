@@ -7,6 +7,16 @@ from gesal_core import evaluation
 from gesal_core.evaluation import BUILTIN, load_task
 
 
+def eval_args(model, tokenizer, tmp_path, argv: list[str]) -> argparse.Namespace:
+    """`gesal-bot eval` arguments for the tiny model saved as a local model folder."""
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    parser = argparse.ArgumentParser()
+    evaluation.add_arguments(parser)
+    return parser.parse_args(["--model", str(folder), *argv])
+
+
 def test_builtin_tasks_have_sane_rules():
     assert set(BUILTIN) >= {"brevity", "emoji", "opener", "counting", "two-cluster"}
     b = load_task("brevity")
@@ -47,16 +57,12 @@ def test_user_task_from_file(tmp_path):
 
 
 def test_eval_command_end_to_end_on_tiny_model(tiny_llama, tiny_tokenizer, tmp_path, capsys):
-    folder = tmp_path / "tiny"
-    tiny_llama.save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    parser = argparse.ArgumentParser()
-    evaluation.add_arguments(parser)
     out = tmp_path / "out"
-    args = parser.parse_args(
+    args = eval_args(
+        tiny_llama,
+        tiny_tokenizer,
+        tmp_path,
         [
-            "--model",
-            str(folder),
             "--task",
             "brevity",
             "--methods",
@@ -76,7 +82,7 @@ def test_eval_command_end_to_end_on_tiny_model(tiny_llama, tiny_tokenizer, tmp_p
             "--out",
             str(out),
             "--no-guard",
-        ]
+        ],
     )
     assert evaluation.run(args) == 0
     data = json.loads((out / "eval-brevity.json").read_text())
@@ -96,16 +102,12 @@ def test_eval_command_end_to_end_on_tiny_model(tiny_llama, tiny_tokenizer, tmp_p
 
 
 def test_corrections_are_sent_and_counted(tiny_llama, tiny_tokenizer, tmp_path):
-    folder = tmp_path / "tiny"
-    tiny_llama.save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    parser = argparse.ArgumentParser()
-    evaluation.add_arguments(parser)
     out = tmp_path / "out"
-    args = parser.parse_args(
+    args = eval_args(
+        tiny_llama,
+        tiny_tokenizer,
+        tmp_path,
         [
-            "--model",
-            str(folder),
             "--task",
             "opener",
             "--methods",
@@ -127,7 +129,7 @@ def test_corrections_are_sent_and_counted(tiny_llama, tiny_tokenizer, tmp_path):
             "--out",
             str(out),
             "--no-guard",
-        ]
+        ],
     )
     assert evaluation.run(args) == 0
     runs = {r["method"]: r for r in json.loads((out / "eval-opener.json").read_text())["runs"]}
