@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
@@ -139,10 +140,48 @@ def _get_json(url: str) -> dict:
         return json.loads(resp.read())
 
 
+class Page:
+    """Reads and clicks that survive the page re-rendering under us.
+
+    The playground redraws the log and the graph when it polls, so an element found a
+    moment ago can be detached by the time we read it. Reads go through one JavaScript
+    call (atomic in the page) and clicks retry on a stale reference.
+    """
+
+    def __init__(self, driver) -> None:
+        self.d = driver
+
+    def text(self, css: str) -> str | None:
+        return self.d.execute_script(
+            "const e = document.querySelector(arguments[0]); return e ? e.innerText : null;", css
+        )
+
+    def attr(self, css: str, name: str) -> str | None:
+        return self.d.execute_script(
+            "const e = document.querySelector(arguments[0]);"
+            " return e ? e.getAttribute(arguments[1]) : null;",
+            css,
+            name,
+        )
+
+    def count(self, css: str) -> int:
+        return len(self.d.find_elements(By.CSS_SELECTOR, css))
+
+    def click(self, css: str) -> None:
+        for _ in range(50):
+            try:
+                self.d.find_element(By.CSS_SELECTOR, css).click()
+                return
+            except StaleElementReferenceException:
+                time.sleep(0.1)
+        raise AssertionError(f"{css} kept going stale")
+
+
 def test_click_through_the_whole_loop(server, browser, tmp_path):
     _, url = server
     d = browser
-    wait = WebDriverWait(d, 30)
+    page = Page(d)
+    wait = WebDriverWait(d, 30, ignored_exceptions=(StaleElementReferenceException,))
     status = _get_json(url + "api/status")
     steps = [s["name"] for s in status["boot"]["steps"]]
     assert steps and steps[0] == "Redis store" and status["boot"]["ready"] is True
@@ -158,71 +197,59 @@ def test_click_through_the_whole_loop(server, browser, tmp_path):
     wait.until(EC.text_to_be_present_in_element((By.ID, "channel-title"), "#lab"))
     wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, '#channels li[data-channel="lab"]'))
     d.find_element(By.ID, "text").send_keys("@gesal hello world", "\n")
-    answer = wait.until(
-        EC.presence_of_element_located((By.CSS_SELECTOR, '.msg.bot[data-kind="answer"]'))
-    )
-    badge = answer.find_element(By.CSS_SELECTOR, ".node")
-    node_id = badge.get_attribute("data-node")
-    assert "(new)" in badge.text
-    circle = wait.until(
-        EC.presence_of_element_located((By.CSS_SELECTOR, f'#graph circle[data-node="{node_id}"]'))
-    )
-    assert "answered" in circle.get_attribute("class")  # the ring marks the answering node
-    grey = circle.get_attribute("fill")
+    wait.until(lambda _: page.count('.msg.bot[data-kind="answer"]') == 1)
+    node_id = page.attr('.msg.bot[data-kind="answer"] .node', "data-node")
+    assert "(new)" in page.text('.msg.bot[data-kind="answer"] .node')
+    circle_css = f'#graph circle[data-node="{node_id}"]'
+    wait.until(lambda _: page.count(circle_css) == 1)
+    assert "answered" in page.attr(circle_css, "class")  # the ring marks the answering node
+    grey = page.attr(circle_css, "fill")
 
     # a message without the mention gets no answer
     d.find_element(By.ID, "text").send_keys("just chatting", "\n")
-    wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, "#log .msg")) == 3)
-    assert len(d.find_elements(By.CSS_SELECTOR, ".msg.bot")) == 1
+    wait.until(lambda _: page.count("#log .msg") == 3)
+    assert page.count(".msg.bot") == 1
 
-    def vote_button(kind: str):
-        return d.find_element(By.CSS_SELECTOR, f".msg.bot .vote.{kind}")
+    up, down = ".msg.bot .vote.up", ".msg.bot .vote.down"
 
     # ada 👍, ben 👎, then ada takes her 👍 back (toggle)
-    vote_button("up").click()
-    wait.until(lambda _: "active" in vote_button("up").get_attribute("class"))
-    assert vote_button("up").text == "👍 1"
+    page.click(up)
+    wait.until(lambda _: "active" in page.attr(up, "class"))
+    assert page.text(up) == "👍 1"
     Select(d.find_element(By.ID, "member")).select_by_value("ben")
-    assert "active" not in vote_button("up").get_attribute("class")  # ben has not voted
-    vote_button("down").click()
-    wait.until(lambda _: vote_button("down").text == "👎 1")
+    wait.until(lambda _: "active" not in page.attr(up, "class"))  # ben has not voted
+    page.click(down)
+    wait.until(lambda _: page.text(down) == "👎 1")
     Select(d.find_element(By.ID, "member")).select_by_value("ada")
-    vote_button("up").click()
-    wait.until(lambda _: vote_button("up").text == "👍 0")
-    assert "active" not in vote_button("up").get_attribute("class")
-    assert d.find_element(By.CSS_SELECTOR, ".msg.bot .voters").text == "ben 👎"
+    wait.until(lambda _: "active" in page.attr(up, "class"))
+    page.click(up)
+    wait.until(lambda _: page.text(up) == "👍 0")
+    assert "active" not in page.attr(up, "class")
+    assert page.text(".msg.bot .voters") == "ben 👎"
 
     # a correction
-    d.find_element(By.CSS_SELECTOR, ".msg.bot .suggest").click()
+    page.click(".msg.bot .suggest")
     d.find_element(By.CSS_SELECTOR, ".correct-text").send_keys("Hello! How can I help?")
-    d.find_element(By.CSS_SELECTOR, ".correct-send").click()
+    page.click(".correct-send")
     wait.until(
         EC.text_to_be_present_in_element(
             (By.CSS_SELECTOR, ".msg.bot .corrections"), "ada: Hello! How can I help?"
         )
     )
     wait.until(EC.text_to_be_present_in_element((By.ID, "schedule"), "waiting"))
-    assert d.find_element(By.ID, "schedule").text.startswith("4 vote(s)")
+    assert page.text("#schedule").startswith("4 vote(s)")
 
     # train now: the node's z version moves and its colour turns to the (negative) reward
     d.find_element(By.ID, "train").click()
     wait.until(EC.text_to_be_present_in_element((By.ID, "admin-out"), "Training done"))
-    wait.until(
-        lambda _: (
-            d.find_element(By.CSS_SELECTOR, f'#graph circle[data-node="{node_id}"]').get_attribute(
-                "data-version"
-            )
-            == "1"
-        )
-    )
-    circle = d.find_element(By.CSS_SELECTOR, f'#graph circle[data-node="{node_id}"]')
-    assert circle.get_attribute("fill") != grey
-    schedule = d.find_element(By.ID, "schedule").text
+    wait.until(lambda _: page.attr(circle_css, "data-version") == "1")
+    assert page.attr(circle_css, "fill") != grey
+    schedule = page.text("#schedule")
     assert schedule.startswith("0 vote(s)") and "every 3600" in schedule and "next" in schedule
 
     # a second, different question makes a second node
     d.find_element(By.ID, "text").send_keys("@gesal 0123456789 the lazy dog", "\n")
-    wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, "#graph circle")) == 2)
+    wait.until(lambda _: page.count("#graph circle") == 2)
 
     # stats and threshold
     d.find_element(By.ID, "stats").click()
@@ -249,16 +276,16 @@ def test_click_through_the_whole_loop(server, browser, tmp_path):
     wait.until(EC.visibility_of_element_located((By.ID, "reset-confirm")))
     assert "2 nodes" in d.find_element(By.ID, "reset-text").text
     d.find_element(By.ID, "reset-no").click()
-    assert len(d.find_elements(By.CSS_SELECTOR, "#graph circle")) == 2
+    assert page.count("#graph circle") == 2
     d.find_element(By.ID, "reset").click()
     wait.until(EC.visibility_of_element_located((By.ID, "reset-yes"))).click()
-    wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, "#graph circle")) == 0)
+    wait.until(lambda _: page.count("#graph circle") == 0)
     assert not d.find_elements(By.CSS_SELECTOR, "#log .msg")
 
     # import the export back through the file picker: both nodes return
     d.find_element(By.ID, "import-file").send_keys(str(files[0]))
     wait.until(EC.text_to_be_present_in_element((By.ID, "admin-out"), "Imported 2 nodes"))
-    wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, "#graph circle")) == 2)
+    wait.until(lambda _: page.count("#graph circle") == 2)
 
     shot = tmp_path / "playground.png"
     d.save_screenshot(str(shot))
