@@ -57,7 +57,7 @@ class Prompt:
 class Generation:
     text: str
     prompt_ids: list[int]
-    response_ids: list[int]
+    response_ids: list[int]  # ends with the stop token when finished
     seconds: float = 0.0
     finished: bool = True  # False when max_new_tokens cut the answer short
     extra: dict = field(default_factory=dict)
@@ -174,7 +174,9 @@ def generate(
         finished = False
         for i, tok in enumerate(new):
             if tok in stops:
-                new, finished = new[:i], True
+                # the stop token stays in the ids: learning to *end* an answer (brevity,
+                # a closing emoji) needs its log-prob in the policy gradient
+                new, finished = new[: i + 1], True
                 break
         while new and new[-1] == pad and pad not in stops:
             new.pop()

@@ -58,6 +58,30 @@ def test_greedy_is_deterministic_and_respects_max_tokens(tiny_llama, tiny_tokeni
     assert a.prompt_ids == p.input_ids
 
 
+def test_finished_answer_keeps_its_stop_token_for_learning(tiny_llama, tiny_tokenizer):
+    """The policy gradient must see the decision to stop, or brevity cannot be learned."""
+    eos = tiny_tokenizer.eos_token_id
+    p = build_prompt(tiny_tokenizer, [{"role": "user", "content": "hello"}])
+    free = generate(tiny_llama, tiny_tokenizer, [p], GREEDY)[0]
+    assert eos not in free.response_ids and not free.finished  # runs to max_new_tokens
+
+    boost = torch.zeros(tiny_llama.config.vocab_size)
+    boost[eos] = 1e4  # after two tokens, stop
+    calls = []
+
+    def stop_third(_module, _inputs, logits):
+        calls.append(1)
+        return logits + boost if len(calls) >= 3 else logits
+
+    handle = tiny_llama.lm_head.register_forward_hook(stop_third)
+    try:
+        out = generate(tiny_llama, tiny_tokenizer, [p], GREEDY)[0]
+    finally:
+        handle.remove()
+    assert out.finished and len(out.response_ids) == 3 and out.response_ids[-1] == eos
+    assert out.text == tiny_tokenizer.decode(out.response_ids[:2], skip_special_tokens=True).strip()
+
+
 def test_sampling_with_seed_is_reproducible(tiny_llama, tiny_tokenizer):
     p = build_prompt(tiny_tokenizer, [{"role": "user", "content": "hello"}])
     cfg = SamplingConfig(max_new_tokens=8, temperature=1.5, top_p=1.0)
