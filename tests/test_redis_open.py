@@ -165,3 +165,7 @@ def test_redact_url():
     assert redact_url("rediss://user:pw@host:6380/1") == "rediss://user:***@host:6380/1"
     assert redact_url("redis://:pw@h:1") == "redis://:***@h:1"
     assert redact_url("unix:///tmp/x.sock") == "unix:///tmp/x.sock"
+    assert (
+        redact_url("rediss://h:1/0?ssl_ca_certs=/c.crt&password=pw&db=2&ssl_password=k")
+        == "rediss://h:1/0?ssl_ca_certs=/c.crt&password=***&db=2&ssl_password=***"
+    )

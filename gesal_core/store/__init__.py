@@ -29,12 +29,13 @@ async def open_store(
     """Open the store the app should use and a coroutine function that closes it.
 
     ``url`` (default: the ``REDIS_URL`` environment variable): ``redis://``, ``rediss://``
-    (TLS) or ``unix://`` with an optional password, or ``memory://`` for a throwaway
+    (TLS; redis-py's query options such as ``?ssl_ca_certs=/path/ca.crt`` pass through)
+    or ``unix://`` with an optional password, or ``memory://`` for a throwaway
     in-process store. Unset or empty: start the embedded server under the data directory
     (or ``embedded_dir``). The server must answer PING, or this raises
     `StoreUnavailableError` with a message that names it (password hidden).
     """
-    from .redis_store import RedisStore
+    from .redis_store import RedisStore, check_url
 
     url = url if url is not None else os.environ.get("REDIS_URL", "")
     url = url.strip()
@@ -56,6 +57,8 @@ async def open_store(
             "REDIS_URL must start with redis://, rediss:// or unix:// "
             "(for example redis://:password@localhost:6379/0)"
         )
+    else:
+        check_url(url)
     store = RedisStore(url, default_config, **redis_options)
     try:
         await store.ping()

@@ -26,11 +26,14 @@ import asyncio
 import functools
 import json
 import logging
+import os
+import re
+import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -40,6 +43,7 @@ from redis.exceptions import (
     AuthenticationError,
     BusyLoadingError,
     NoScriptError,
+    RedisError,
     ResponseError,
 )
 from redis.exceptions import (
@@ -65,14 +69,67 @@ NODE_JSON = ("recent", "downvoted", "neighbors")
 REPLY_EXTRA = ("votes", "corrections", "platform_message_id")
 
 
+TLS_FILE_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+TLS_HINT = (
+    "if its certificate comes from a private CA, give that CA's file in REDIS_URL, "
+    "e.g. rediss://:PASSWORD@HOST:6380/0?ssl_ca_certs=/path/to/ca.crt"
+)
+
+
 def redact_url(url: str) -> str:
-    """The URL with its password replaced, safe for logs and error messages."""
+    """The URL with its password replaced, safe for logs and error messages.
+
+    Both places redis-py reads a password from are covered: the ``user:password@``
+    part and a ``password=`` query option (``ssl_password=`` too, a client key's).
+    """
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:" if parts.username else ":"
-    return urlunsplit(parts._replace(netloc=f"{user}***@{netloc}"))
+    query = re.sub(r"(?i)(^|&)([^=&]*password=)[^&]*", r"\1\2***", parts.query)
+    if parts.password is None and query == parts.query:
+        return url  # unchanged (urlunsplit would also drop unix:///'s empty host)
+    if parts.password is not None:
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        user = f"{parts.username}:" if parts.username else ":"
+        parts = parts._replace(netloc=f"{user}***@{netloc}")
+    return urlunsplit(parts._replace(query=query))
+
+
+def check_url(url: str) -> None:
+    """Refuse a ``redis://``/``rediss://``/``unix://`` URL that cannot work, saying why.
+
+    redis-py only notices a mistyped query option or a missing CA file when it first
+    connects, as a TypeError or a generic connection error; checked here, before any
+    network traffic, the operator gets one plain sentence that names the option.
+    """
+    where = redact_url(url)
+    options = parse_qs(urlsplit(url).query)
+    for name in TLS_FILE_OPTIONS:
+        for path in options.get(name, []):
+            if not os.access(path, os.R_OK):
+                raise StoreUnavailableError(
+                    f"REDIS_URL ({where}) names {name}={path}, which is not a readable file"
+                )
+    try:
+        aioredis.ConnectionPool.from_url(url).make_connection()  # parses; no I/O
+    except (TypeError, ValueError, RedisError) as exc:
+        raise StoreUnavailableError(
+            f"REDIS_URL ({where}) has a setting the Redis client does not accept: {exc}"
+        ) from None
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _tls_failure(exc: BaseException) -> str | None:
+    """The reason a TLS handshake failed, if that is what ``exc`` comes from."""
+    for e in _chain(exc):
+        if isinstance(e, ssl.SSLError):
+            return getattr(e, "verify_message", None) or e.reason or str(e)
+    return None
 
 
 def _vec_bytes(v: np.ndarray) -> bytes:
@@ -150,6 +207,12 @@ def _guarded(fn):
                 "check the user name and password in REDIS_URL"
             ) from exc
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            tls = _tls_failure(exc)
+            if tls:
+                raise StoreUnavailableError(
+                    f"the TLS connection to the database (Redis at {self.where}) failed "
+                    f"({tls}); {TLS_HINT}"
+                ) from exc
             raise StoreUnavailableError(
                 f"the database (Redis at {self.where}) is not reachable right now, so "
                 "nothing was saved; gesal-bot keeps retrying, please try again in a moment"
