@@ -1,10 +1,17 @@
-"""When training happens: an APScheduler interval job, plus an early run once a channel
-has enough pending feedback.
+"""When training happens: an APScheduler interval job, plus an early run once one node
+has enough new feedback.
 
 One job (``gesal-train``) does all training, with ``max_instances=1`` so runs never
 overlap, ``coalesce=True`` so a backlog of missed runs collapses into one, and a misfire
 grace time so a run delayed by a busy process still happens. The early trigger simply
-moves that job's next run to *now*, which keeps those guarantees.
+moves that job's next run to *now*, which keeps those guarantees; a trigger that fires
+while a run is in progress is remembered and starts one more run right after it.
+
+Why per node: REINFORCE updates one node's z from that node's votes, so five votes
+spread over five topics teach nothing early, while five votes on one answer are worth
+acting on now. The counts are this process's own (feedback it received since the last
+run started); feedback received by another process, or before a restart, still waits
+in the store and is trained by the interval job.
 
 The job is a coroutine on the event loop, but it only awaits: `Engine.train` does the
 maths on the model's worker thread. Across processes, the engine takes the store's
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from datetime import datetime, timezone
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -38,6 +46,9 @@ class TrainingScheduler:
         self.scheduler = AsyncIOScheduler(timezone=timezone.utc)
         self.reports: list[TrainReport] = []  # recent runs, newest last (for stats / tests)
         self.runs = asyncio.Event()  # set after every completed run
+        self.new_feedback: Counter[tuple[str, str]] = Counter()  # (channel, node) -> events
+        self._running = False
+        self._again = False
 
     def start(self) -> None:
         """Add the interval job and start the scheduler (needs a running event loop)."""
@@ -53,7 +64,7 @@ class TrainingScheduler:
         )
         self.scheduler.start()
         log.info(
-            "training every %.0fs, or early at %d pending feedback events in a channel",
+            "training every %.0fs, or early at %d new feedback events on one node",
             self.settings.gesal_train_interval,
             self.settings.gesal_train_early_votes,
         )
@@ -62,16 +73,22 @@ class TrainingScheduler:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
 
-    async def feedback_arrived(self, channel: str) -> None:
-        """Called after each vote or correction: train early when enough has piled up."""
-        pending = await self.engine.pending(channel)
-        if pending >= self.settings.gesal_train_early_votes:
-            self.trigger_now(f"{channel} has {pending} pending feedback events")
+    async def feedback_arrived(self, channel: str, node_id: str | None) -> None:
+        """Called after each vote or correction (``ChatService.on_feedback``): train early
+        once one node has ``GESAL_TRAIN_EARLY_VOTES`` new feedback events."""
+        key = (channel, node_id or "?")
+        self.new_feedback[key] += 1
+        count = self.new_feedback[key]
+        if count >= self.settings.gesal_train_early_votes:
+            self.trigger_now(f"node {key[1]} of {channel} has {count} new feedback events")
 
     def trigger_now(self, why: str = "requested") -> None:
         job = self.scheduler.get_job(JOB_ID)
         if job is None:
             log.warning("early training requested (%s) but the scheduler is not running", why)
+            return
+        if self._running:  # max_instances=1 would drop it: run again when this one ends
+            self._again = True
             return
         log.info("training early: %s", why)
         job.modify(next_run_time=datetime.now(timezone.utc))
@@ -79,16 +96,27 @@ class TrainingScheduler:
     async def run_once(self) -> TrainReport | None:
         """One training pass over every channel with pending feedback. Never raises:
         a failed run is logged and the feedback stays pending for the next one."""
+        # what arrived until now is in the store's pending buffer, which this run reads
+        self.new_feedback.clear()
+        self._running, self._again = True, False
         try:
             report = await self.engine.train()
         except Exception:  # noqa: BLE001 - the scheduler must keep running
             log.exception("training run failed; pending feedback is kept for the next run")
-            self.runs.set()
-            return None
-        if report.events:
-            log.info("training: %s", report.summary())
-        self.reports = [*self.reports[-19:], report]
+            report = None
+        finally:
+            self._running = False
+        if report is not None:
+            if report.events:
+                log.info("training: %s", report.summary())
+            self.reports = [*self.reports[-19:], report]
         self.runs.set()
+        if self._again:
+            # after this job instance has been counted as finished (its done-callback is
+            # queued when the coroutine returns), or max_instances=1 would skip the run
+            asyncio.get_running_loop().call_soon(
+                self.trigger_now, "a node filled up during the last run"
+            )
         return report
 
 

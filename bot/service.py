@@ -273,15 +273,16 @@ def strip_mentions(text: str) -> str:
 class ChatService:
     """Platform-neutral behaviour of the bot, shared by every adapter.
 
-    ``on_feedback(channel_key)`` is awaited after every counted vote or correction; the
-    scheduler uses it to train a channel early once enough feedback has piled up.
+    ``on_feedback(channel_key, node_id)`` is awaited after every counted vote or
+    correction, with the node that answered (after merges); the scheduler uses it to
+    train early once one node's feedback buffer is full enough.
     """
 
     def __init__(
         self,
         engine: Engine,
         settings: Settings,
-        on_feedback: Callable[[str], Awaitable[None]] | None = None,
+        on_feedback: Callable[[str, str | None], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
@@ -378,10 +379,10 @@ class ChatService:
                 log.exception("could not link message %s to reply %s", mid, parts.reply_id)
 
     # -- feedback ------------------------------------------------------------------------
-    async def _notify(self, key: str) -> None:
+    async def _notify(self, key: str, reply_id: str) -> None:
         if self.on_feedback is not None:
             try:
-                await self.on_feedback(key)
+                await self.on_feedback(key, await self.engine.node_of(key, reply_id))
             except Exception:  # noqa: BLE001 - feedback is stored; training will catch up
                 log.exception("feedback hook failed for %s", key)
 
@@ -414,7 +415,7 @@ class ChatService:
         except Exception as exc:  # noqa: BLE001
             log.warning("reaction in %s failed: %s", key, exc, exc_info=True)
             return FeedbackResult("error", explain(exc)[1])
-        await self._notify(key)
+        await self._notify(key, reply_id)
         return FeedbackResult(status)
 
     async def handle_correction(self, c: Correction) -> FeedbackResult:
@@ -431,7 +432,7 @@ class ChatService:
         except Exception as exc:  # noqa: BLE001
             log.warning("correction in %s failed: %s", key, exc)
             return FeedbackResult("error", explain(exc)[1])
-        await self._notify(key)
+        await self._notify(key, reply_id)
         return FeedbackResult("corrected", "thanks, I'll learn from that")
 
     # -- admin ---------------------------------------------------------------------------

@@ -23,7 +23,8 @@ Variable names (case-insensitive):
 ``GESAL_THRESHOLD``            default similarity threshold of new channels
 ``GESAL_REWARD_UP/DOWN``       default rewards of 👍 / 👎
 ``GESAL_TRAIN_INTERVAL``       seconds between scheduled training runs
-``GESAL_TRAIN_EARLY_VOTES``    train a channel early once it has this much pending
+``GESAL_TRAIN_EARLY_VOTES``    train early once one node has this many new votes or
+                               corrections
 ``GESAL_TRAIN_MISFIRE_GRACE``  seconds a late training run may still start
 ``GESAL_RATE_USER``            mentions per user per minute
 ``GESAL_RATE_CHANNEL``         mentions per channel per minute

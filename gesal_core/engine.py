@@ -111,6 +111,13 @@ def reply_reward(votes: dict[str, int], cfg: ChannelConfig) -> float | None:
     return float(np.mean(values))
 
 
+def _follow(redirects: dict[str, str], node_id: str) -> str:
+    """Where a node's feedback goes now: merged (folded) nodes redirect to their target."""
+    while node_id in redirects:
+        node_id = redirects[node_id]
+    return node_id
+
+
 def _norm_text(text: str) -> str:
     return " ".join(text.lower().split())
 
@@ -298,6 +305,16 @@ class Engine:
     async def reply_for_message(self, channel: str, message_id: str) -> str | None:
         return await self.store.reply_for_message(channel, str(message_id))
 
+    async def node_of(self, channel: str, reply_id: str) -> str | None:
+        """The node that now owns a reply's feedback (following merges); None if unknown.
+
+        The scheduler counts pending feedback per node with it, to train a node early.
+        """
+        reply = await self.store.get_reply(channel, reply_id)
+        if reply is None:
+            return None
+        return _follow((await self.store.meta(channel)).get("merged", {}), reply.node_id)
+
     async def vote(self, channel: str, reply_id: str, user: str, value: int | None) -> str:
         """Record user's 👍 (+1), 👎 (-1) or retraction (None); durable when this returns."""
         if value not in (1, -1, None):
@@ -358,9 +375,7 @@ class Engine:
             if reply is None:
                 orphans.append(ev.event_id)
                 continue
-            node_id = reply.node_id
-            while node_id in redirects:
-                node_id = redirects[node_id]
+            node_id = _follow(redirects, reply.node_id)
             if ev.kind == CORRECTION:
                 corrections[node_id].append((reply, ev.text or ""))
             by_node[node_id][reply.reply_id] = reply

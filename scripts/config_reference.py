@@ -2,6 +2,7 @@
 
     python scripts/config_reference.py markdown   # the README's table
     python scripts/config_reference.py env        # .env.example
+    python scripts/config_reference.py write      # rewrite both files in place
 
 `tests/test_deploy_config.py` regenerates both and compares them with the committed
 README section and .env.example, so the documentation cannot drift from the code.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings
@@ -109,6 +111,19 @@ def env_example() -> str:
     return "\n".join(lines) + "\n"
 
 
+def write(root: Path) -> None:
+    """Replace the README's generated section and .env.example with fresh output."""
+    readme = root / "README.md"
+    text = readme.read_text()
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{BEGIN}\n{markdown()}{END}{tail}")
+    (root / ".env.example").write_text(env_example())
+
+
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "markdown"
-    sys.stdout.write(markdown() if what == "markdown" else env_example())
+    if what == "write":
+        write(Path(__file__).resolve().parent.parent)
+    else:
+        sys.stdout.write(markdown() if what == "markdown" else env_example())
