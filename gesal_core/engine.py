@@ -24,7 +24,7 @@ from .embedding import PromptEmbedder
 from .errors import GesalError
 from .generate import Prompt, SamplingConfig, build_prompt
 from .guard import Guard, GuardConfig
-from .learning import LearningConfig, Sample, reinforce_step
+from .learning import LearningConfig, Sample, prior_baseline, reinforce_step
 from .records import CORRECTION, ChannelConfig, Node, NodeUpdate, Reply
 from .serving import BatchedGenerator, GenRequest, ServingConfig
 from .store import ConflictError, MemoryStore, Store, UnknownReplyError
@@ -220,7 +220,7 @@ class Engine:
             logprob=logprob,
         )
         if record:
-            await self.store.put_reply(channel, reply)
+            await self.store.put_reply(channel, reply, require_node=True)
         return ReplyOut(
             reply.reply_id,
             out.text,
@@ -379,6 +379,8 @@ class Engine:
             if ev.kind == CORRECTION:
                 corrections[node_id].append((reply, ev.text or ""))
             by_node[node_id][reply.reply_id] = reply
+        rewards = [reply_reward(r.votes, cfg) for rs in by_node.values() for r in rs.values()]
+        prior = prior_baseline([r for r in rewards if r is not None], cfg)
         updates, reports = [], []
         for node_id, replies in by_node.items():
             t0 = time.perf_counter()
@@ -387,7 +389,7 @@ class Engine:
                 reports.append(NodeReport(node_id, "orphaned", "node no longer exists"))
                 continue
             update, rep = await self._train_node(
-                channel, node, list(replies.values()), corrections.get(node_id, []), cfg
+                channel, node, list(replies.values()), corrections.get(node_id, []), cfg, prior
             )
             rep.seconds = time.perf_counter() - t0
             rep.related = [r.prompt_text for r in replies.values()]
@@ -436,6 +438,7 @@ class Engine:
         replies: list[Reply],
         corrections: list[tuple[Reply, str]],
         cfg: ChannelConfig,
+        prior: float | None = None,
     ):
         samples: list[Sample] = []
         rewards: list[float] = []
@@ -468,7 +471,7 @@ class Engine:
             self.svf,
             node.z,
             samples,
-            node.baseline,
+            node.baseline if node.rated else prior,
             self.config.learning,
             self.tokenizer.pad_token_id or 0,
         )

@@ -402,7 +402,7 @@ class LoraLearner(Learner):
         )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(self.params, lr=LORA_LR)
-        self.baseline = 0.0
+        self.baseline: float | None = None
         self.replies: dict[str, tuple[list[int], list[int], str]] = {}
         self.votes: dict[str, int] = {}
         self.n = 0
@@ -437,8 +437,10 @@ class LoraLearner(Learner):
         self.votes.clear()
         if not samples:
             return {"updated": 0, "skipped": 0, "rolled_back": 0}
-        from .learning import advantages
+        from .learning import advantages, prior_baseline
 
+        if self.baseline is None:  # the same start as a fresh gesal node
+            self.baseline = prior_baseline([s.reward for s in samples], defaults)
         self.baseline = advantages(samples, self.baseline, lc)
         if max(abs(s.advantage) for s in samples) < lc.min_advantage:
             return {"updated": 0, "skipped": 1, "rolled_back": 0}

@@ -119,9 +119,30 @@ def sequence_logprobs(
         return response_logprobs(svf.model, samples, max_tokens, pad_id)
 
 
-def advantages(samples: list[Sample], baseline: float, cfg: LearningConfig) -> float:
-    """Fill each RL sample's advantage; return the new baseline (EMA over rewards)."""
+def prior_baseline(rewards: list[float], cfg) -> float:
+    """The baseline of a node that has no history: the channel's usual verdict.
+
+    The mean reward of this training round across the whole channel, shrunk towards the
+    midpoint of the two rewards by one pseudo-vote. Starting at 0 instead makes a first
+    round of 👎 (the usual start: a community votes down most of what a base model says)
+    a large negative advantage on everything sampled, and pushing down text the model
+    itself wrote is how it turned to gibberish within two updates in our brevity runs.
+    Against the usual verdict, 👎 where 👎 is the norm carries little signal and the
+    first 👍 carries most of it; a lone first vote still counts, at half strength.
+    ``cfg`` is anything with ``reward_up`` and ``reward_down`` (a ChannelConfig).
+    """
+    midpoint = (cfg.reward_up + cfg.reward_down) / 2
+    return (float(sum(rewards)) + midpoint) / (len(rewards) + 1)
+
+
+def advantages(samples: list[Sample], baseline: float | None, cfg: LearningConfig) -> float:
+    """Fill each RL sample's advantage; return the new baseline (EMA over rewards).
+
+    ``baseline=None`` (no history) falls back to the batch's own mean reward.
+    """
     rl = [s for s in samples if not s.demo]
+    if baseline is None:
+        baseline = float(np.mean([s.reward for s in rl])) if rl else 0.0
     for s in rl:
         s.advantage = s.reward - baseline
     if cfg.normalize_advantage and len(rl) > 1:
@@ -138,15 +159,22 @@ def reinforce_step(
     svf: SVFModel,
     z0: np.ndarray,
     samples: list[Sample],
-    baseline: float,
+    baseline: float | None,
     cfg: LearningConfig | None = None,
     pad_id: int = 0,
 ) -> StepResult:
-    """One bounded policy-gradient update of a node's z. Never raises on bad numbers."""
+    """One bounded policy-gradient update of a node's z. Never raises on bad numbers.
+
+    ``baseline`` is the node's reward EMA, or None for a node that has never been trained
+    on (see `advantages`).
+    """
     cfg = cfg or LearningConfig()
     fresh = [s for s in samples if s.demo or s.staleness <= cfg.max_staleness]
     dropped = len(samples) - len(fresh)
     new_baseline = advantages(fresh, baseline, cfg)
+    # what a rollback records: the reward statistics are facts about the community even
+    # when the step is thrown away, unless the rewards themselves were non-finite
+    kept = new_baseline if math.isfinite(new_baseline) else (baseline or 0.0)
     rl = [s for s in fresh if not s.demo]
     demos = [s for s in fresh if s.demo]
     signal = max((abs(s.advantage) for s in rl), default=0.0)
@@ -161,7 +189,7 @@ def reinforce_step(
         )
     if not np.isfinite(z0).all():
         return StepResult(
-            None, "rolled_back", "the node's z is non-finite", baseline, dropped_stale=dropped
+            None, "rolled_back", "the node's z is non-finite", kept, dropped_stale=dropped
         )
     rl = [s for s in rl if not math.isfinite(s.advantage) or abs(s.advantage) >= 1e-6]
     batch = rl + demos
@@ -187,14 +215,12 @@ def reinforce_step(
             demo_lp = logp[len(rl) :] / ntok[len(rl) :].clamp_min(1)
             loss = loss - cfg.demo_weight * demo_lp.sum() / n
         if not torch.isfinite(loss):
-            return StepResult(
-                None, "rolled_back", "non-finite loss", baseline, dropped_stale=dropped
-            )
+            return StepResult(None, "rolled_back", "non-finite loss", kept, dropped_stale=dropped)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_([z], cfg.max_grad_norm))
         if not math.isfinite(grad_norm):
             return StepResult(
-                None, "rolled_back", "non-finite gradient", baseline, dropped_stale=dropped
+                None, "rolled_back", "non-finite gradient", kept, dropped_stale=dropped
             )
         if opt is not None:
             opt.step()
@@ -209,7 +235,7 @@ def reinforce_step(
         loss_value = float(loss.detach())
     new_z = z.detach().cpu().numpy().astype(np.float32)
     if not np.isfinite(new_z).all():
-        return StepResult(None, "rolled_back", "non-finite z", baseline, dropped_stale=dropped)
+        return StepResult(None, "rolled_back", "non-finite z", kept, dropped_stale=dropped)
     return StepResult(
         new_z,
         "updated",

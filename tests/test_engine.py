@@ -11,7 +11,13 @@ from gesal_core.engine import Engine, EngineConfig, reply_reward
 from gesal_core.errors import GesalError
 from gesal_core.generate import SamplingConfig
 from gesal_core.guard import GuardConfig
-from gesal_core.learning import LearningConfig, Sample, reinforce_step, sequence_logprobs
+from gesal_core.learning import (
+    LearningConfig,
+    Sample,
+    prior_baseline,
+    reinforce_step,
+    sequence_logprobs,
+)
 from gesal_core.records import ChannelConfig
 from gesal_core.store import MemoryStore, UnknownReplyError
 from gesal_core.svf import SVFConfig, SVFModel
@@ -188,14 +194,46 @@ def test_stale_samples_are_dropped(svf):
     assert res.status == "skipped" and res.dropped_stale == 1
 
 
+def test_a_fresh_node_measures_rewards_against_the_channels_usual_verdict(svf, tiny_tokenizer):
+    """A round of 👎 alone teaches next to nothing (no push-down of everything sampled); a
+    👍 among 👎 is the signal. Starting the baseline at 0 would do the opposite."""
+
+    async def go():
+        eng = make_engine(svf, tiny_tokenizer, threshold=-1.0)
+        downs = [await eng.respond("c", ask(f"question {i}")) for i in range(8)]
+        for r in downs:
+            await eng.vote("c", r.reply_id, "ann", -1)
+        first = await eng.train()
+        assert first.count("skipped") == 1 and first.count("updated") == 0
+        node = await eng.store.get_node("c", downs[0].node_id)
+        assert node.version == 0 and np.allclose(node.z, 1.0)
+        assert -2.0 < node.baseline < -1.5  # the usual verdict here: 👎
+        up = await eng.respond("c", ask("question 9"))
+        await eng.vote("c", up.reply_id, "ann", 1)
+        second = await eng.train()
+        assert second.count("updated") == 1
+        eng.close()
+
+    run(go())
+
+
+def test_prior_baseline_is_the_rounds_mean_shrunk_to_the_midpoint():
+    cfg = ChannelConfig(reward_up=1.0, reward_down=-2.0)
+    assert prior_baseline([], cfg) == -0.5
+    assert prior_baseline([1.0], cfg) == 0.25  # a lone first 👍 still has advantage 0.75
+    assert prior_baseline([-2.0] * 7 + [1.0], cfg) == pytest.approx(-1.5)
+
+
 def test_train_commits_and_next_reply_uses_new_z(svf, tiny_tokenizer):
     async def go():
         eng = make_engine(svf, tiny_tokenizer, threshold=-1.0)
         r = await eng.respond("c", ask("hello"))
+        other = await eng.respond("c", ask("hello there"))
         await eng.vote("c", r.reply_id, "ann", 1)
-        assert await eng.pending("c") == 1
+        await eng.vote("c", other.reply_id, "ann", -1)
+        assert await eng.pending("c") == 2
         report = await eng.train()
-        assert report.count("updated") == 1 and report.events == 1
+        assert report.count("updated") == 1 and report.events == 2
         assert await eng.pending("c") == 0
         node = await eng.store.get_node("c", r.node_id)
         assert node.version == 1 and not np.allclose(node.z, 1.0)
@@ -214,8 +252,10 @@ def test_two_channel_isolation_is_exact(svf, tiny_tokenizer):
         a = await eng.respond("A", ask("hello"))
         b = await eng.respond("B", ask("hello"))
         before = (await eng.store.get_node("B", b.node_id)).z.copy()
-        for user in ["u1", "u2", "u3"]:
-            await eng.vote("A", a.reply_id, user, -1)
+        a2 = await eng.respond("A", ask("hello again"))
+        await eng.vote("A", a.reply_id, "u1", 1)
+        for user in ["u2", "u3"]:
+            await eng.vote("A", a2.reply_id, user, -1)
         await eng.train()
         after_b = await eng.store.get_node("B", b.node_id)
         after_a = await eng.store.get_node("A", a.node_id)
@@ -257,8 +297,9 @@ def test_export_import_round_trip_is_exact_and_byte_stable(svf, tiny_tokenizer):
     async def go():
         eng = make_engine(svf, tiny_tokenizer, threshold=0.9999)
         r = await eng.respond("c", ask("hello"))
-        await eng.respond("c", ask("fox 0123"))
+        fox = await eng.respond("c", ask("fox 0123"))
         await eng.vote("c", r.reply_id, "ann", 1)
+        await eng.vote("c", fox.reply_id, "ann", -1)
         await eng.train()
         await eng.configure("c", threshold=0.7)
         data = await eng.export("c")

@@ -54,7 +54,9 @@ def test_engine_rolls_back_an_update_the_guard_rejects(svf, tiny_tokenizer):
         )
         eng = Engine(svf, tiny_tokenizer, MemoryStore(cfg.channel_defaults), cfg)
         r = await eng.respond("c", [{"role": "user", "content": "hello"}])
+        other = await eng.respond("c", [{"role": "user", "content": "hello there"}])
         await eng.vote("c", r.reply_id, "ann", 1)
+        await eng.vote("c", other.reply_id, "ann", -1)
         report = await eng.train()
         rep = report.channels["c"][0]
         assert rep.status == "rolled_back" and "off topic" in rep.reason
