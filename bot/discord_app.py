@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 
 import discord
 from discord import app_commands
 
+from .observability import Check, Health, connection_check, request_context
 from .service import (
     AdminCommand,
     AdminResult,
@@ -168,9 +170,40 @@ class GesalDiscordBot(discord.Client):
         self.settings = settings
         self.tree = app_commands.CommandTree(self)
         self.tree.add_command(build_gesal_group(self))
+        self.gateway_up = False  # between a gateway (re)connect and the next disconnect
 
     async def setup_hook(self) -> None:
         await self.tree.sync()
+
+    # -- connection state (/healthz) -------------------------------------------------
+    # discord.py stays "ready" while it reconnects after a dropped gateway, so the
+    # connect/disconnect events are what tell a live connection from a retrying one.
+    async def on_connect(self) -> None:
+        self.gateway_up = True
+
+    async def on_ready(self) -> None:
+        self.gateway_up = True
+        log.info("connected to Discord as %s", self.user)
+
+    async def on_resumed(self) -> None:
+        self.gateway_up = True
+
+    async def on_disconnect(self) -> None:
+        self.gateway_up = False
+        log.warning("Discord gateway disconnected; discord.py is reconnecting")
+
+    def connection_state(self) -> Check:
+        """Ready, not closed and the gateway up; the detail has the heartbeat latency."""
+        if self.is_closed():
+            return Check(False, "closed")
+        if not self.is_ready():
+            return Check(False, "connecting (no READY yet)")
+        if not self.gateway_up:
+            return Check(False, "gateway disconnected, reconnecting")
+        latency = self.latency
+        if math.isfinite(latency):
+            return Check(True, f"ready, gateway latency {latency * 1000:.0f} ms")
+        return Check(True, "ready")
 
     # -- keys ------------------------------------------------------------------------
     async def _where(self, channel_id: int, guild_id: int | None) -> tuple[str, str, str | None]:
@@ -239,6 +272,10 @@ class GesalDiscordBot(discord.Client):
         return context, more
 
     async def _mention(self, message: discord.Message) -> None:
+        with request_context():  # one id on every log line of this mention
+            await self._answer_mention(message)
+
+    async def _answer_mention(self, message: discord.Message) -> None:
         workspace, channel, thread = await self._where(
             message.channel.id, message.guild and message.guild.id
         )
@@ -266,6 +303,9 @@ class GesalDiscordBot(discord.Client):
                 break
             ids.append(str(target.id))
         await self.service.link_reply(parts, ids)
+        log.info(
+            "posted %d of %d message(s) in %s", len(ids), len(parts.chunks), message.channel.id
+        )
 
     async def _correction(self, message: discord.Message, replied: discord.Message) -> None:
         workspace, channel, _ = await self._where(
@@ -334,13 +374,18 @@ class GesalDiscordBot(discord.Client):
         )
 
 
-async def run_discord(service: ChatService, settings: Settings) -> None:
-    """Connect to Discord with ``DISCORD_TOKEN`` and serve until cancelled."""
+async def run_discord(
+    service: ChatService, settings: Settings, *, health: Health | None = None
+) -> None:
+    """Connect to Discord with ``DISCORD_TOKEN`` and serve until cancelled; the
+    connection's state shows in /healthz as ``platform_discord``."""
     if settings.discord_token is None:
         from .settings import SettingsError
 
         raise SettingsError("DISCORD_TOKEN is not set")
     bot = GesalDiscordBot(service, settings)
+    if health is not None:
+        health.add(*connection_check("discord", bot.connection_state))
     async with bot:
         await bot.start(settings.discord_token.get_secret_value())
 

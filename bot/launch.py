@@ -123,7 +123,8 @@ async def serve(
             if platform != "local":
                 tasks.append(
                     asyncio.create_task(
-                        _adapter(platform)(runtime.service, settings), name=platform
+                        _adapter(platform)(runtime.service, settings, health=runtime.health),
+                        name=platform,
                     )
                 )
         print(f"ready: {', '.join(platforms)}", flush=True)

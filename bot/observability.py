@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import time
@@ -399,11 +400,24 @@ def engine_checks(health: Health, engine, train_interval: float | None = None) -
     health.add_info("last_training", last_train)
 
 
-def connection_check(name: str, connected: Callable[[], bool]) -> tuple[str, HealthCheck]:
-    """A check for a platform connection (``connected`` reads the client's state)."""
+ConnectionProbe = Callable[[], "bool | Check | Awaitable[bool | Check]"]
+
+
+def connection_check(name: str, probe: ConnectionProbe) -> tuple[str, HealthCheck]:
+    """A ``platform_<name>`` check from a probe of the client's own state.
+
+    The probe may be sync or async and answer a bool or a `Check` (with a detail such
+    as the gateway latency). Adapters register one per configured platform, before
+    connecting, so /healthz is 503 until the platform is really connected.
+    """
 
     async def check() -> Check:
-        ok = bool(connected())
+        result = probe()
+        if inspect.isawaitable(result):
+            result = await result
+        if isinstance(result, Check):
+            return result
+        ok = bool(result)
         return Check(ok, "connected" if ok else "not connected")
 
     return f"platform_{name}", check

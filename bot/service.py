@@ -40,6 +40,7 @@ from typing import Literal
 from gesal_core.engine import Engine
 from gesal_core.errors import GesalError
 
+from .observability import current_request_id, request_context
 from .settings import Settings
 from .text import LIMITS, parse_correction, split_message, vote_for_emoji
 
@@ -170,6 +171,7 @@ class ReplyParts:
     node_id: str | None = None
     z_version: int | None = None
     new_node: bool = False
+    request_id: str | None = None  # the id on every log line of this mention
 
     @property
     def ok(self) -> bool:
@@ -185,8 +187,9 @@ class Attachment:
 
 @dataclass
 class AdminResult:
-    """What an admin command answers. ``needs_confirmation``: show ``text`` with a
-    confirm button (Discord) or ask to repeat with ``confirm`` (Slack)."""
+    """What an admin command answers. ``needs_confirmation``: show ``text`` with confirm
+    and cancel buttons; "confirm" runs the command again with ``confirmed=True``, after
+    the adapter has checked the presser's admin rights again."""
 
     text: str
     ok: bool = True
@@ -331,7 +334,32 @@ class ChatService:
         return wait
 
     async def handle_mention(self, m: Mention) -> ReplyParts:
-        """Answer a mention. Never raises for user or infrastructure problems."""
+        """Answer a mention. Never raises for user or infrastructure problems.
+
+        Every log line written while answering (here, in the engine, and in the adapter
+        when it wraps the whole mention in `request_context`) carries one request id,
+        which also comes back in ``ReplyParts.request_id``.
+        """
+        with request_context(current_request_id()) as rid:
+            log.info(
+                "mention from %s in %s (message %s)",
+                m.user,
+                m.key,
+                m.message_id,
+                extra={"channel": m.key, "user": m.user, "message_id": m.message_id},
+            )
+            parts = await self._answer(m)
+            parts.request_id = rid
+            log.info(
+                "answer (%s) in %d message(s)%s",
+                parts.kind,
+                len(parts.chunks),
+                f", reply {parts.reply_id} from node {parts.node_id}" if parts.reply_id else "",
+                extra={"reply_id": parts.reply_id, "node": parts.node_id},
+            )
+            return parts
+
+    async def _answer(self, m: Mention) -> ReplyParts:
         key = m.key
         limit = LIMITS.get(m.platform, LIMITS["discord"])
         if not m.text.strip():

@@ -10,6 +10,10 @@
   bot, or as a ``message`` event when the app subscribes to ``message.channels``.
 * ``/gesal stats|config|export|import|reset|train``. Admin status is checked on every
   call from ``users.info`` (``is_admin``/``is_owner``) or ``SLACK_ADMIN_USERS``.
+  ``/gesal reset`` answers with Block Kit buttons (reset / cancel); pressing "reset"
+  arrives as a signed ``block_actions`` request, and the bot checks again, on its own
+  side, that the presser is the admin who asked and is still an admin, before anything
+  is deleted.
 * Both transports: Socket Mode (``SLACK_APP_TOKEN``) and HTTP (``SLACK_SIGNING_SECRET``;
   bolt verifies the signature and timestamp of every request, and `dedupe_retries`
   drops Slack's retries of an event already received, by ``event_id``).
@@ -17,6 +21,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -28,6 +33,7 @@ from slack_bolt.response import BoltResponse
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
+from .observability import Check, Health, connection_check, request_context
 from .service import (
     AdminCommand,
     AdminResult,
@@ -46,6 +52,7 @@ PLATFORM = "slack"
 CORRECTION_ACK = "white_check_mark"
 THINKING = "eyes"
 _FILE_ID = re.compile(r"\bF[A-Z0-9]{6,}\b")
+RESET_CONFIRM, RESET_CANCEL = "gesal_reset_confirm", "gesal_reset_cancel"
 
 
 def _err(exc: SlackApiError) -> str:
@@ -93,7 +100,7 @@ def parse_command(text: str) -> tuple[str, dict[str, str], list[str]]:
 HELP = (
     "Usage: `/gesal stats` · `/gesal config [threshold=0.8] [reward_up=1] [reward_down=-2]` · "
     "`/gesal export` · `/gesal import <file id>` (upload the export to this channel first) · "
-    "`/gesal reset` · `/gesal train`"
+    "`/gesal reset` (asks for confirmation) · `/gesal train`"
 )
 
 
@@ -109,6 +116,8 @@ class SlackBot:
         app.event("reaction_added")(self.on_reaction_added)
         app.event("reaction_removed")(self.on_reaction_removed)
         app.command("/gesal")(self.on_command)
+        app.action(RESET_CONFIRM)(self.on_reset_confirm)
+        app.action(RESET_CANCEL)(self.on_reset_cancel)
 
     # -- plumbing ------------------------------------------------------------------------
     async def dedupe_retries(self, body: dict, next) -> BoltResponse | None:  # noqa: A002
@@ -128,6 +137,10 @@ class SlackBot:
         if event.get("thread_ts") and parse_correction(strip_mentions(event.get("text", ""))):
             await self._correction(body, event, client, context)
             return
+        with request_context():  # one id on every log line of this mention
+            await self._answer_mention(body, event, client, context)
+
+    async def _answer_mention(self, body: dict, event: dict, client: AsyncWebClient, context):
         channel, ts = event["channel"], event["ts"]
         thread = event.get("thread_ts") or ts
         ctx, more = await self._thread_context(client, channel, event, context.bot_user_id)
@@ -156,6 +169,13 @@ class SlackBot:
                 break
             ids.append(resp["ts"])
         await self.service.link_reply(parts, ids)
+        log.info(
+            "posted %d of %d message(s) in %s (event %s)",
+            len(ids),
+            len(parts.chunks),
+            channel,
+            body.get("event_id", "-"),
+        )
 
     async def _thread_context(
         self, client: AsyncWebClient, channel: str, event: dict, bot_user: str | None
@@ -291,7 +311,6 @@ class SlackBot:
                 is_admin=await self.is_admin(client, user),
                 args=args,
                 file=file,
-                confirmed="confirm" in rest,
             )
         )
         await self._render(client, channel, user, result)
@@ -299,7 +318,8 @@ class SlackBot:
     async def _render(self, client, channel: str, user: str, result: AdminResult) -> None:
         text = result.text
         if result.needs_confirmation:
-            text += " Run `/gesal reset confirm` to go ahead."
+            await self._tell(client, channel, user, text, confirm_blocks(text, channel, user))
+            return
         if result.files:
             try:
                 await client.files_upload_v2(
@@ -315,11 +335,58 @@ class SlackBot:
         await self._tell(client, channel, user, text)
 
     @staticmethod
-    async def _tell(client: AsyncWebClient, channel: str, user: str, text: str) -> None:
+    async def _tell(
+        client: AsyncWebClient, channel: str, user: str, text: str, blocks: list | None = None
+    ) -> None:
         try:
-            await client.chat_postEphemeral(channel=channel, user=user, text=text)
+            await client.chat_postEphemeral(channel=channel, user=user, text=text, blocks=blocks)
         except SlackApiError as exc:
             log.warning("could not answer /gesal: %s", _err(exc))
+
+    # -- the reset buttons -----------------------------------------------------------------
+    async def on_reset_confirm(self, ack, body: dict, action: dict, respond, client) -> None:
+        """The "reset" button. The request is signed by Slack, but whoever presses it is
+        checked here again: the admin who asked, and still an admin (``users.info``)."""
+        await ack()
+        user = body.get("user", {}).get("id", "")
+        try:
+            asked = json.loads(action.get("value") or "{}")
+        except json.JSONDecodeError:
+            asked = {}
+        channel = asked.get("channel") or body.get("channel", {}).get("id", "")
+        if not channel or user != asked.get("user"):
+            await self._answer(
+                respond, client, channel, user, "Only the admin who asked can confirm this."
+            )
+            return
+        team = body.get("team", {}).get("id") or body.get("user", {}).get("team_id") or "T"
+        result = await self.service.handle_admin(
+            AdminCommand(
+                PLATFORM,
+                team,
+                channel,
+                user,
+                "reset",
+                is_admin=await self.is_admin(client, user),
+                confirmed=True,
+            )
+        )
+        await self._answer(respond, client, channel, user, result.text)
+
+    async def on_reset_cancel(self, ack, body: dict, respond, client) -> None:
+        await ack()
+        channel = body.get("channel", {}).get("id", "")
+        await self._answer(
+            respond, client, channel, body.get("user", {}).get("id", ""), "Nothing was reset."
+        )
+
+    async def _answer(self, respond, client, channel: str, user: str, text: str) -> None:
+        """Replace the ephemeral prompt (so its buttons cannot be pressed twice)."""
+        try:
+            await respond(text=text, replace_original=True)
+        except Exception as exc:  # noqa: BLE001 - no response_url, or it expired
+            log.info("response_url failed (%s); answering with a new message", exc)
+            await self._tell(client, channel, user, text)
 
     async def _download_export(self, client: AsyncWebClient, rest: list[str]) -> bytes | str:
         file_id = next((w for w in rest if _FILE_ID.fullmatch(w)), None)
@@ -346,6 +413,34 @@ class SlackBot:
             return f"Downloading the file failed ({type(exc).__name__})."
 
 
+def confirm_blocks(text: str, channel: str, user: str) -> list[dict]:
+    """Block Kit for a reset prompt: the warning and two buttons. The button's value
+    names the channel and the admin who asked; the click handler checks both."""
+    value = json.dumps({"channel": channel, "user": user})
+    return [
+        {"type": "section", "text": {"type": "mrkdwn", "text": text}},
+        {
+            "type": "actions",
+            "block_id": "gesal_reset",
+            "elements": [
+                {
+                    "type": "button",
+                    "action_id": RESET_CONFIRM,
+                    "text": {"type": "plain_text", "text": "Reset this channel"},
+                    "style": "danger",
+                    "value": value,
+                },
+                {
+                    "type": "button",
+                    "action_id": RESET_CANCEL,
+                    "text": {"type": "plain_text", "text": "Cancel"},
+                    "value": value,
+                },
+            ],
+        },
+    ]
+
+
 def build_app(
     service: ChatService, settings: Settings, client: AsyncWebClient | None = None
 ) -> AsyncApp:
@@ -367,19 +462,39 @@ def build_app(
     return app
 
 
-async def run_slack(service: ChatService, settings: Settings, mode: str | None = None) -> None:
+async def run_slack(
+    service: ChatService,
+    settings: Settings,
+    mode: str | None = None,
+    *,
+    health: Health | None = None,
+    client: AsyncWebClient | None = None,
+) -> None:
     """Serve Slack until cancelled: ``mode`` "socket" (needs SLACK_APP_TOKEN) or "http"
-    (listens on SLACK_HTTP_HOST:SLACK_HTTP_PORT at /slack/events); default from settings."""
+    (listens on SLACK_HTTP_HOST:SLACK_HTTP_PORT at /slack/events); default from settings.
+
+    The connection shows in /healthz as ``platform_slack``: in Socket Mode, whether the
+    websocket is connected right now; in HTTP mode Slack connects to us, so the check is
+    the result of ``auth.test`` at start-up (a revoked or mistyped token fails it).
+    ``client`` points the Web API elsewhere (tests use a fake Slack on loopback).
+    """
     import asyncio
 
     mode = mode or settings.slack_mode or "socket"
-    app = build_app(service, settings)
+    app = build_app(service, settings, client=client)
     if mode == "socket":
         from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 
         if settings.slack_app_token is None:
             raise SettingsError("Socket Mode needs SLACK_APP_TOKEN (xapp-…)")
         handler = AsyncSocketModeHandler(app, settings.slack_app_token.get_secret_value())
+
+        async def socket_state() -> Check:
+            ok = await handler.client.is_connected()
+            return Check(ok, "Socket Mode connected" if ok else "Socket Mode not connected")
+
+        if health is not None:
+            health.add(*connection_check("slack", socket_state))
         await handler.connect_async()
         try:
             await asyncio.Event().wait()
@@ -388,6 +503,11 @@ async def run_slack(service: ChatService, settings: Settings, mode: str | None =
     elif mode == "http":
         from aiohttp import web
 
+        auth = Check(False, "auth.test not done yet")
+        if health is not None:
+            health.add(*connection_check("slack", lambda: auth))
+        auth = await _auth_test(app.client)
+        log.info("Slack auth.test: %s", auth.detail)
         runner = web.AppRunner(app.web_app(path="/slack/events"))
         await runner.setup()
         site = web.TCPSite(runner, settings.slack_http_host, settings.slack_http_port)
@@ -403,6 +523,17 @@ async def run_slack(service: ChatService, settings: Settings, mode: str | None =
             await runner.cleanup()
     else:
         raise SettingsError(f"unknown Slack mode {mode!r}: use socket or http")
+
+
+async def _auth_test(client: AsyncWebClient) -> Check:
+    """Does Slack accept the bot token? (HTTP mode's only outgoing connection check.)"""
+    try:
+        resp = await client.auth_test()
+    except SlackApiError as exc:
+        return Check(False, f"auth.test failed: {_err(exc)}")
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        return Check(False, f"auth.test failed: cannot reach Slack ({type(exc).__name__})")
+    return Check(True, f"HTTP mode; auth.test ok as {resp.get('user')} in {resp.get('team_id')}")
 
 
 __all__ = ["EventDeduper", "SlackBot", "build_app", "parse_command", "run_slack"]

@@ -224,3 +224,106 @@ def test_admin_export_import_config_and_reset(engine, settings):
             assert (await engine.stats(key))["nodes"] == 1
 
     asyncio.run(go())
+
+
+def test_healthz_follows_the_discord_connection(engine, settings):
+    """``platform_discord`` is 503 until READY, while the gateway is down and after
+    close; 200 with the heartbeat latency while connected (the real client's state)."""
+    from bot.observability import Health, connection_check
+
+    async def go():
+        bot = make_bot(engine, settings)
+        health = Health()
+        health.add(*connection_check("discord", bot.connection_state))
+
+        async def check():
+            ok, body = await health.report()
+            assert ok is body["checks"]["platform_discord"]["ok"]
+            return body["checks"]["platform_discord"]
+
+        assert (await check()) == {"ok": False, "detail": "connecting (no READY yet)"}
+        async with simcord.run(bot) as env:
+            await world(env)
+            assert (await check()) == {"ok": True, "detail": "ready, gateway latency 0 ms"}
+            bot.dispatch("disconnect")  # what discord.py emits when the websocket drops
+            await env.settle()
+            assert (await check()) == {"ok": False, "detail": "gateway disconnected, reconnecting"}
+            bot.dispatch("resumed")
+            await env.settle()
+            assert (await check())["ok"] is True
+            await bot.close()  # shutting down (simcord itself leaves the client open)
+            assert (await check()) == {"ok": False, "detail": "closed"}
+
+    asyncio.run(go())
+
+
+def test_run_discord_registers_its_connection_in_healthz(engine, settings, monkeypatch):
+    """run_discord wires the check before it logs in: a rejected token leaves
+    /healthz at 503 for platform_discord (Discord's REST faked on loopback)."""
+    from aiohttp import web
+    from pydantic import SecretStr
+
+    from bot.discord_app import run_discord
+    from bot.observability import Health
+
+    from .fakes.health import serve_healthz
+
+    async def unauthorized(_request):
+        return web.json_response({"message": "401: Unauthorized", "code": 0}, status=401)
+
+    async def go():
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", unauthorized)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001
+        monkeypatch.setattr(discord.http.Route, "BASE", f"http://127.0.0.1:{port}/api/v10")
+        health = Health()
+        cfg = settings.model_copy(update={"discord_token": SecretStr("bad.token.value")})
+        try:
+            with pytest.raises(discord.LoginFailure):
+                await run_discord(ChatService(engine, cfg), cfg, health=health)
+            async with serve_healthz(health) as get:
+                status, body = await get()
+            assert status == 503 and body["checks"]["platform_discord"]["ok"] is False
+            assert "bad.token.value" not in json.dumps(body)
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(go())
+
+
+def test_every_log_line_of_a_mention_carries_one_request_id(engine, settings, caplog):
+    """Adapter, service and (metered) engine log lines of one mention share a request
+    id; the next mention gets another one."""
+    import logging
+
+    from bot.observability import MeteredEngine, Metrics, RequestIdFilter
+
+    caplog.set_level(logging.INFO, logger="bot")
+    caplog.handler.addFilter(RequestIdFilter())  # what configure_logging installs
+
+    async def go():
+        service = ChatService(MeteredEngine(engine, Metrics()), settings)
+        bot = GesalDiscordBot(service, settings)
+        async with simcord.run(bot) as env:
+            guild, channel, alice, bob = await world(env)
+            for who in (bob, alice):
+                await who.send(channel, f"{env.bot.user.mention} hello from {who.name}")
+                await env.settle()
+            return len(bot_messages(env, channel))
+
+    assert asyncio.run(go()) == 2
+    tagged = [r for r in caplog.records if r.request_id != "-"]
+    by_rid: dict[str, set[str]] = {}
+    for r in tagged:
+        by_rid.setdefault(r.request_id, set()).add(r.name)
+    assert len(by_rid) == 2, by_rid  # one id per mention
+    for names in by_rid.values():  # ...on the adapter's, the service's and the engine's lines
+        assert {"bot.discord_app", "bot.service", "bot.observability"} <= names
+    replied = [r for r in tagged if r.getMessage().startswith("replied in")]
+    assert len(replied) == 2 and all(r.reply_id for r in replied)
+    untagged = [r.getMessage() for r in caplog.records if r.request_id == "-"]
+    assert not any("mention from" in m or "replied in" in m for m in untagged)

@@ -4,6 +4,7 @@ Socket Mode client, both talking to the fake Slack Web API in `fakes.slack`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -13,11 +14,12 @@ import urllib.parse
 import aiohttp
 import pytest
 from aiohttp import web
+from pydantic import SecretStr
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.service import ChatService
 from bot.settings import load_settings
-from bot.slack_app import build_app, parse_command
+from bot.slack_app import RESET_CANCEL, RESET_CONFIRM, build_app, parse_command
 
 from .fakes.slack import BOT_TOKEN, BOT_USER, TEAM, FakeSlack
 from .fakes.tiny import make_engine
@@ -94,6 +96,35 @@ class Harness:
             }
         )
         return await self.post(body, sign(body), "application/x-www-form-urlencoded")
+
+    async def click(
+        self, blocks: list[dict], action_id: str, user: str, secret: str = SECRET
+    ) -> tuple[int, str]:
+        """Press a button of an ephemeral message: a signed ``block_actions`` request,
+        built the way Slack builds it from the message's blocks."""
+        button = next(
+            e
+            for b in blocks
+            if b["type"] == "actions"
+            for e in b["elements"]
+            if e["action_id"] == action_id
+        )
+        payload = {
+            "type": "block_actions",
+            "user": {"id": user, "username": user.lower(), "team_id": TEAM},
+            "api_app_id": "A1",
+            "token": "legacy",
+            "container": {"type": "message", "channel_id": "C1", "is_ephemeral": True},
+            "trigger_id": "t2",
+            "team": {"id": TEAM, "domain": "town"},
+            "channel": {"id": "C1", "name": "general"},
+            "response_url": self.fake.url + "/response",
+            "actions": [
+                {**button, "block_id": "gesal_reset", "action_ts": str(time.time())},
+            ],
+        }
+        body = urllib.parse.urlencode({"payload": json.dumps(payload)})
+        return await self.post(body, sign(body, secret=secret), "application/x-www-form-urlencoded")
 
 
 async def until(predicate, timeout: float = 20.0):
@@ -215,6 +246,38 @@ def test_signatures_url_verification_mentions_votes_and_retries(engine, settings
     asyncio.run(go())
 
 
+def test_every_log_line_of_a_mention_carries_one_request_id(engine, settings, caplog):
+    import logging
+
+    from bot.observability import MeteredEngine, Metrics, RequestIdFilter
+
+    caplog.set_level(logging.INFO, logger="bot")
+    caplog.handler.addFilter(RequestIdFilter())  # what configure_logging installs
+
+    async def go():
+        fake = await FakeSlack().start()
+        try:
+            async with Harness(MeteredEngine(engine, Metrics()), settings, fake) as h:
+                for n in (1, 2):
+                    q = fake.add_message("C1", text="hi", user="U2")
+                    await h.event(mention_event(f"<@{BOT_USER}> hello {n}", q["ts"]))
+                    await until(lambda n=n: len(fake.called("chat.postMessage")) == n)
+                    await until(
+                        lambda n=n: sum("posted" in r.getMessage() for r in caplog.records) == n
+                    )
+        finally:
+            await fake.stop()
+
+    asyncio.run(go())
+    by_rid: dict[str, set[str]] = {}
+    for r in caplog.records:
+        if r.request_id != "-":
+            by_rid.setdefault(r.request_id, set()).add(r.name)
+    assert len(by_rid) == 2, by_rid
+    for names in by_rid.values():
+        assert {"bot.slack_app", "bot.service", "bot.observability"} <= names
+
+
 def test_slash_commands_admin_check_and_file_round_trip(engine, settings):
     async def go():
         fake = await FakeSlack(users={"UADMIN": {"is_admin": True}}).start()
@@ -224,7 +287,7 @@ def test_slash_commands_admin_check_and_file_round_trip(engine, settings):
                 await h.event(mention_event(f"<@{BOT_USER}> hello world", q["ts"]))
                 await until(lambda: fake.called("chat.postMessage"))
 
-                for sub in ("stats", "export", "reset confirm", "config threshold=0.1", "train"):
+                for sub in ("stats", "export", "reset", "config threshold=0.1", "train"):
                     before = len(fake.called("chat.postEphemeral"))
                     status, _ = await h.command(sub, user="U2")
                     assert status == 200
@@ -247,16 +310,14 @@ def test_slash_commands_admin_check_and_file_round_trip(engine, settings):
                 data = json.loads(upload["data"])
                 assert data["channel"] == KEY and len(data["nodes"]) == 1
 
-                # the allow-listed user resets (after confirming) and imports it back
+                # the allow-listed user resets (with the button) and imports it back
                 await h.command("reset", user="U9")
-                await until(
-                    lambda: "reset confirm" in fake.called("chat.postEphemeral")[-1]["text"]
-                )
+                await until(lambda: "blocks" in fake.called("chat.postEphemeral")[-1])
                 assert (await engine.stats(KEY))["nodes"] == 1
-                await h.command("reset confirm", user="U9")
-                await until(
-                    lambda: "has been reset" in fake.called("chat.postEphemeral")[-1]["text"]
-                )
+                blocks = fake.called("chat.postEphemeral")[-1]["blocks"]
+                assert (await h.click(blocks, RESET_CONFIRM, user="U9"))[0] == 200
+                await until(lambda: fake.responses)
+                assert "has been reset" in fake.responses[-1]["text"]
                 assert (await engine.stats(KEY))["nodes"] == 0
                 await h.command(f"import {fid}", user="U9")
                 await until(
@@ -267,6 +328,65 @@ def test_slash_commands_admin_check_and_file_round_trip(engine, settings):
                 await until(
                     lambda: "file_not_found" in fake.called("chat.postEphemeral")[-1]["text"]
                 )
+        finally:
+            await fake.stop()
+
+    asyncio.run(go())
+
+
+def test_reset_buttons_recheck_the_presser_on_the_server(engine, settings):
+    """``/gesal reset`` shows Block Kit buttons; a click is a signed ``block_actions``
+    request, and the bot re-checks who pressed it before deleting anything."""
+
+    async def go():
+        fake = await FakeSlack(users={"UADMIN": {"is_admin": True}}).start()
+        try:
+            async with Harness(engine, settings, fake) as h:
+                q = fake.add_message("C1", text="hi", user="U2")
+                await h.event(mention_event(f"<@{BOT_USER}> hello world", q["ts"]))
+                await until(lambda: fake.called("chat.postMessage"))
+
+                async def prompt(user: str) -> list[dict]:
+                    before = len(fake.called("chat.postEphemeral"))
+                    await h.command("reset", user=user)
+                    await until(lambda: len(fake.called("chat.postEphemeral")) > before)
+                    said = fake.called("chat.postEphemeral")[-1]
+                    assert "cannot be undone" in said["text"] and said["user"] == user
+                    blocks = said["blocks"]
+                    return json.loads(blocks) if isinstance(blocks, str) else blocks
+
+                async def pressed(blocks, action, user) -> str:
+                    before = len(fake.responses)
+                    status, _ = await h.click(blocks, action, user)
+                    assert status == 200
+                    await until(lambda: len(fake.responses) > before)
+                    assert fake.responses[-1]["replace_original"] is True
+                    return fake.responses[-1]["text"]
+
+                blocks = await prompt("UADMIN")
+                ids = [
+                    e["action_id"] for b in blocks if b["type"] == "actions" for e in b["elements"]
+                ]
+                assert ids == [RESET_CONFIRM, RESET_CANCEL]
+                # a forged signature never reaches the handler
+                assert (await h.click(blocks, RESET_CONFIRM, "UADMIN", secret="wrong"))[0] == 401
+                # someone else pressing the admin's button (e.g. a replayed payload)
+                assert "Only the admin who asked" in await pressed(blocks, RESET_CONFIRM, "U2")
+                assert "Nothing was reset" in await pressed(blocks, RESET_CANCEL, "UADMIN")
+                assert (await engine.stats(KEY))["nodes"] == 1
+                # the admin lost their rights between the prompt and the click
+                fake.users["UADMIN"]["is_admin"] = False
+                assert "only admins" in await pressed(blocks, RESET_CONFIRM, "UADMIN")
+                assert (await engine.stats(KEY))["nodes"] == 1
+                fake.users["UADMIN"]["is_admin"] = True
+                assert "has been reset" in await pressed(blocks, RESET_CONFIRM, "UADMIN")
+                assert (await engine.stats(KEY))["nodes"] == 0
+                # non-admins never get the buttons
+                before = len(fake.called("chat.postEphemeral"))
+                await h.command("reset", user="U2")
+                await until(lambda: len(fake.called("chat.postEphemeral")) > before)
+                said = fake.called("chat.postEphemeral")[-1]
+                assert "only admins" in said["text"] and not said.get("blocks")
         finally:
             await fake.stop()
 
@@ -311,6 +431,106 @@ def test_socket_mode_envelope_is_acked_and_answered(engine, settings):
     asyncio.run(go())
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def _check(get, ok: bool, detail: str = "") -> dict:
+    """Poll /healthz until ``platform_slack`` has the wanted state; return that check."""
+    for _ in range(200):
+        status, body = await get()
+        check = body["checks"].get("platform_slack")
+        if check is not None and check["ok"] is ok and detail in check["detail"]:
+            assert status == (200 if ok else 503) and body["ok"] is ok
+            return check
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"platform_slack never became ok={ok}: {body}")
+
+
+@pytest.mark.parametrize("token", [BOT_TOKEN, "xoxb-revoked"])
+def test_healthz_http_mode_reports_the_startup_auth_test(engine, settings, token):
+    from bot.observability import Health
+    from bot.slack_app import run_slack
+
+    from .fakes.health import serve_healthz
+
+    async def go():
+        fake = await FakeSlack().start()
+        port = _free_port()
+        cfg = settings.model_copy(update={"slack_http_host": "127.0.0.1", "slack_http_port": port})
+        health = Health()
+        client = AsyncWebClient(token=token, base_url=fake.api_url)
+        task = asyncio.create_task(
+            run_slack(ChatService(engine, cfg), cfg, "http", health=health, client=client)
+        )
+        try:
+            async with serve_healthz(health) as get:
+                good = token == BOT_TOKEN
+                check = await _check(get, good, "auth.test ok" if good else "auth.test failed")
+                assert fake.called("auth.test")
+                if token == BOT_TOKEN:
+                    assert "auth.test ok" in check["detail"] and TEAM in check["detail"]
+                    # and the endpoint it reports on really serves Slack's requests
+                    body = json.dumps({"type": "url_verification", "challenge": "c9"})
+                    async with (
+                        aiohttp.ClientSession() as http,
+                        http.post(
+                            f"http://127.0.0.1:{port}/slack/events",
+                            data=body.encode(),
+                            headers={**sign(body), "Content-Type": "application/json"},
+                        ) as resp,
+                    ):
+                        assert resp.status == 200 and "c9" in await resp.text()
+                else:
+                    assert "invalid_auth" in check["detail"]
+                    assert token not in json.dumps(check)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await fake.stop()
+
+    asyncio.run(go())
+
+
+def test_healthz_socket_mode_follows_the_websocket(engine, settings):
+    from bot.observability import Health
+    from bot.slack_app import run_slack
+
+    from .fakes.health import serve_healthz
+
+    async def go():
+        fake = await FakeSlack().start()
+        cfg = settings.model_copy(
+            update={"slack_app_token": SecretStr("xapp-1-test"), "slack_mode": "socket"}
+        )
+        health = Health()
+        client = AsyncWebClient(token=BOT_TOKEN, base_url=fake.api_url)
+        task = asyncio.create_task(
+            run_slack(ChatService(engine, cfg), cfg, health=health, client=client)
+        )
+        try:
+            async with serve_healthz(health) as get:
+                await _check(get, ok=True, detail="Socket Mode connected")
+                await fake.drop_sockets()  # Slack closes the connection
+                await _check(get, ok=False, detail="Socket Mode not connected")
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                await _check(get, ok=False)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await fake.stop()
+
+    asyncio.run(go())
+
+
 def test_manifest_matches_the_listeners():
     """deploy/slack-manifest.yml subscribes to every event the bot listens to."""
     from pathlib import Path
@@ -323,6 +543,7 @@ def test_manifest_matches_the_listeners():
     events = set(manifest["settings"]["event_subscriptions"]["bot_events"])
     assert {"app_mention", "reaction_added", "reaction_removed", "message.channels"} <= events
     assert [c["command"] for c in manifest["features"]["slash_commands"]] == ["/gesal"]
+    assert manifest["settings"]["interactivity"]["is_enabled"]  # the reset buttons
     scopes = set(manifest["oauth_config"]["scopes"]["bot"])
     needed = {"app_mentions:read", "chat:write", "reactions:read", "commands", "users:read"}
     assert needed | {"files:write", "files:read", "channels:history"} <= scopes

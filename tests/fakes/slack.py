@@ -32,6 +32,7 @@ class FakeSlack:
     messages: dict[str, list[dict]] = field(default_factory=dict)  # channel -> messages
     uploads: dict[str, dict] = field(default_factory=dict)  # file id -> {name, data, ...}
     socket_acks: list[dict] = field(default_factory=list)
+    responses: list[dict] = field(default_factory=list)  # bodies POSTed to response_url
     url: str = ""
 
     def __post_init__(self) -> None:
@@ -49,6 +50,7 @@ class FakeSlack:
         app.router.add_post("/upload/{fid}", self._upload)
         app.router.add_get("/download/{fid}", self._download)
         app.router.add_get("/socket", self._socket)
+        app.router.add_post("/response", self._response)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -190,6 +192,11 @@ class FakeSlack:
             return web.Response(status=404)
         return web.Response(body=f["data"])
 
+    async def _response(self, request: web.Request) -> web.Response:
+        """A slash command's or button's ``response_url`` (no token: the URL is the key)."""
+        self.responses.append(await request.json())
+        return web.Response(text="ok")
+
     # -- Socket Mode ---------------------------------------------------------------------
     async def _socket(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
@@ -201,6 +208,12 @@ class FakeSlack:
                 self.socket_acks.append(json.loads(msg.data))
                 self._acked.set()
         return ws
+
+    async def drop_sockets(self) -> None:
+        """Close every Socket Mode connection from Slack's side (a network blip)."""
+        for ws in self._sockets:
+            await ws.close()
+        self._sockets.clear()
 
     async def wait_socket(self, timeout: float = 10.0) -> None:
         for _ in range(int(timeout * 20)):
