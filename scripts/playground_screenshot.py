@@ -24,12 +24,13 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from gesal_core.records import ChannelConfig
+
 QUESTIONS = [
     ("ada", "@gesal What is Redis, in one sentence?"),
     ("ben", "@gesal Give me a tip for writing clean Python."),
     ("chloé", "@gesal What is the capital of France?"),
 ]
-THRESHOLD = "0.97"
 VOTES = [(0, "ada", "up"), (0, "ben", "up"), (1, "chloé", "down"), (2, "dev", "up")]
 
 
@@ -74,13 +75,10 @@ def main(out: str = "docs/playground.png") -> int:
         d, wait = driver, WebDriverWait(driver, 600)
         d.get(url)
         wait.until(EC.visibility_of_element_located((By.ID, "main")))
-        # a stricter threshold than the default, so distinct topics get their own nodes
-        field = d.find_element(By.ID, "threshold")
-        field.clear()
-        field.send_keys(THRESHOLD)
-        d.find_element(By.ID, "set-threshold").click()
-        wait.until(EC.text_to_be_present_in_element((By.ID, "admin-out"), "Updated"))
-        print(f"threshold set to {THRESHOLD}")
+        # the channel's default threshold: routing compares centred embeddings, and the
+        # default θ is the one measured for them (the 0.97 used here before was chosen for
+        # raw cosine similarity, before routing was centred)
+        print(f"threshold: the default θ = {ChannelConfig().threshold}")
         for member, text in QUESTIONS:
             Select(d.find_element(By.ID, "member")).select_by_value(member)
             before = len(d.find_elements(By.CSS_SELECTOR, ".msg.bot"))
