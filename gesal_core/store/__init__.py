@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from ..records import ChannelConfig
-from .base import ConflictError, Store, StoreUnavailableError, UnknownReplyError
+from .base import ConflictError, NodeGoneError, Store, StoreUnavailableError, UnknownReplyError
 from .memory import MemoryStore
 
 Closer = Callable[[], Awaitable[None]]
@@ -79,6 +79,7 @@ async def open_store(
 __all__ = [
     "ConflictError",
     "MemoryStore",
+    "NodeGoneError",
     "Store",
     "StoreUnavailableError",
     "UnknownReplyError",

@@ -24,6 +24,24 @@ class ConflictError(GesalError):
     """A node changed since it was read, or its events were already applied (CAS failed)."""
 
 
+class NodeGoneError(GesalError, KeyError):
+    """A request's node vanished under it: the channel was reset meanwhile.
+
+    Raised instead of writing half of a request into the fresh channel (a reply pointing
+    at a node that no longer exists). Also a KeyError, which a missing node always was.
+    """
+
+    def __init__(self, node_id: str) -> None:
+        super().__init__(
+            "this channel's memory was reset while the answer was being written, so it "
+            "was not kept; please ask again"
+        )
+        self.node_id = node_id
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
 class StoreUnavailableError(GesalError):
     """The database cannot be reached (or refuses writes); nothing was changed.
 
@@ -46,11 +64,23 @@ class Store(Protocol):
     ) -> None: ...
 
     async def observe(self, channel: str, node_id: str, embedding: np.ndarray) -> int:
-        """Atomically fold one prompt embedding into the node's running mean; new count."""
+        """Atomically fold one prompt embedding into the node's running mean; new count.
+
+        Raises NodeGoneError (a KeyError) when the node does not exist.
+        """
         ...
 
     # -- replies and feedback --------------------------------------------------------
-    async def put_reply(self, channel: str, reply: Reply) -> None: ...
+    async def put_reply(self, channel: str, reply: Reply, *, require_node: bool = False) -> None:
+        """Store a reply (replacing one with the same id).
+
+        ``require_node``: refuse with NodeGoneError, storing nothing, unless the reply's
+        node exists or was folded into another (``meta["merged"]``). `respond` sets it so
+        an answer that raced a reset is not kept pointing at a deleted node; imports and
+        tests may store replies on their own.
+        """
+        ...
+
     async def get_reply(self, channel: str, reply_id: str) -> Reply | None: ...
     async def list_replies(self, channel: str) -> list[Reply]: ...
     async def link_message(self, channel: str, reply_id: str, message_id: str) -> None: ...
@@ -94,6 +124,13 @@ class Store(Protocol):
     async def channels(self) -> list[str]: ...
     async def get_config(self, channel: str) -> ChannelConfig: ...
     async def set_config(self, channel: str, config: ChannelConfig) -> None: ...
-    async def reset(self, channel: str) -> None: ...
+    async def reset(self, channel: str) -> None:
+        """Forget the channel's data in one atomic step.
+
+        Concurrent writes land wholly before (and are erased) or wholly after it; the
+        trainer lock is kept (it guards a run, not data).
+        """
+        ...
+
     async def meta(self, channel: str) -> dict: ...
     async def set_meta(self, channel: str, **values) -> None: ...

@@ -75,6 +75,54 @@ return count
 """,
 )
 
+# KEYS: reply, its corrections, replies zset, messages hash, the reply's node, meta hash.
+# ARGV: require node (0/1), node id, reply id, created_at, platform message id or '',
+# number of corrections, the corrections (JSON), then field/value pairs of the reply hash.
+# With require=1 the reply is kept only if its node exists or was folded into another
+# (meta "merged"): an answer that raced a reset is refused whole. Returns the history size.
+PUT_REPLY = Script(
+    "put_reply",
+    """
+if ARGV[1] == '1' and redis.call('EXISTS', KEYS[5]) == 0 then
+  local merged = redis.call('HGET', KEYS[6], 'merged')
+  if not (merged and cjson.decode(merged)[ARGV[2]]) then
+    return redis.error_reply('NONODE the node of the reply does not exist')
+  end
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+local nc = tonumber(ARGV[6])
+redis.call('HSET', KEYS[1], unpack(ARGV, 7 + nc))
+if nc > 0 then redis.call('RPUSH', KEYS[2], unpack(ARGV, 7, 6 + nc)) end
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[4], ARGV[5], ARGV[3]) end
+return redis.call('ZCARD', KEYS[3])
+""",
+)
+
+# KEYS: nodes zset, replies zset, then the channel's fixed keys (messages, feedback,
+# config, meta, seq). ARGV: the channel's key prefix ``gesal:{ch}``.
+# One step, so a concurrent write lands wholly before (erased) or wholly after it. The
+# per-node and per-reply keys are found through the two indexes (every write adds a key
+# and its index entry in one script or MULTI, so nothing is left out); they share the
+# hash tag of the declared keys, so on a cluster they live in this script's slot. The
+# trainer lock is not data and stays. The feedback stream goes with its consumer group:
+# the next vote recreates the stream and `pending` the group (from id 0), so votes
+# after a reset are trained as usual.
+RESET = Script(
+    "reset",
+    """
+local n = 0
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  n = n + redis.call('UNLINK', ARGV[1] .. ':node:' .. id)
+end
+for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  local r = ARGV[1] .. ':reply:' .. id
+  n = n + redis.call('UNLINK', r, r .. ':corr')
+end
+return n + redis.call('UNLINK', unpack(KEYS))
+""",
+)
+
 # KEYS: reply, feedback stream. ARGV: user, value ('' = retract), reply id, ts.
 # The vote (last write wins per user) and its feedback event are written together.
 SET_VOTE = Script(
@@ -205,6 +253,8 @@ ALL = {
         SAVE_NODE,
         SET_NEIGHBORS,
         OBSERVE,
+        PUT_REPLY,
+        RESET,
         SET_VOTE,
         ADD_CORRECTION,
         LINK_MESSAGE,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..records import CORRECTION, VOTE, ChannelConfig, FeedbackEvent, Node, NodeUpdate, Reply
-from .base import ConflictError, UnknownReplyError
+from .base import ConflictError, NodeGoneError, UnknownReplyError
 
 
 @dataclass
@@ -65,14 +65,19 @@ class MemoryStore:
 
     async def observe(self, channel: str, node_id: str, embedding: np.ndarray) -> int:
         async with self._locks[channel]:
-            node = self._ch(channel).nodes[node_id]
+            node = self._ch(channel).nodes.get(node_id)
+            if node is None:
+                raise NodeGoneError(node_id)
             node.count += 1
             node.embedding = node.embedding + (embedding - node.embedding) / node.count
             return node.count
 
     # -- replies and feedback --------------------------------------------------------
-    async def put_reply(self, channel: str, reply: Reply) -> None:
+    async def put_reply(self, channel: str, reply: Reply, *, require_node: bool = False) -> None:
         ch = self._ch(channel)
+        known = reply.node_id in ch.nodes or reply.node_id in ch.meta.get("merged", {})
+        if require_node and not known:
+            raise NodeGoneError(reply.node_id)
         ch.replies[reply.reply_id] = copy.deepcopy(reply)
         if reply.platform_message_id:
             ch.messages[reply.platform_message_id] = reply.reply_id

@@ -55,7 +55,7 @@ from redis.exceptions import (
 
 from ..records import VOTE, ChannelConfig, FeedbackEvent, Node, NodeUpdate, Reply
 from . import lua
-from .base import ConflictError, StoreUnavailableError, UnknownReplyError
+from .base import ConflictError, NodeGoneError, StoreUnavailableError, UnknownReplyError
 from .layout import CHANNELS, GROUP, Keys
 
 log = logging.getLogger(__name__)
@@ -379,12 +379,12 @@ class RedisStore:
             return int(await self._eval(lua.OBSERVE, [key], [_vec_bytes(embedding)]))
         except ResponseError as exc:
             if str(exc).startswith("NONODE"):
-                raise KeyError(node_id) from exc
+                raise NodeGoneError(node_id) from None
             raise ValueError(str(exc)) from exc
 
     # -- replies and feedback ------------------------------------------------------------
     @_guarded
-    async def put_reply(self, channel: str, reply: Reply) -> None:
+    async def put_reply(self, channel: str, reply: Reply, *, require_node: bool = False) -> None:
         k = Keys(channel)
         await self._register(channel)
         d = reply.to_dict()
@@ -393,16 +393,31 @@ class RedisStore:
         fields.update({f"v:{u}": str(int(v)) for u, v in reply.votes.items()})
         if reply.platform_message_id:
             fields["msg"] = reply.platform_message_id
-        async with self._r.pipeline(transaction=True) as p:
-            p.delete(k.reply(reply.reply_id), k.corrections(reply.reply_id))
-            p.hset(k.reply(reply.reply_id), mapping=fields)
-            if reply.corrections:
-                p.rpush(k.corrections(reply.reply_id), *map(json.dumps, reply.corrections))
-            p.zadd(k.replies, {reply.reply_id: float(reply.created_at)})
-            if reply.platform_message_id:
-                p.hset(k.messages, reply.platform_message_id, reply.reply_id)
-            p.zcard(k.replies)
-            size = (await p.execute())[-1]
+        corrections = [json.dumps(c) for c in reply.corrections]
+        keys = [
+            k.reply(reply.reply_id),
+            k.corrections(reply.reply_id),
+            k.replies,
+            k.messages,
+            k.node(reply.node_id),
+            k.meta,
+        ]
+        args = [
+            int(require_node),
+            reply.node_id,
+            reply.reply_id,
+            repr(float(reply.created_at)),
+            reply.platform_message_id or "",
+            len(corrections),
+            *corrections,
+            *(x for kv in fields.items() for x in kv),
+        ]
+        try:
+            size = int(await self._eval(lua.PUT_REPLY, keys, args))
+        except ResponseError as exc:
+            if str(exc).startswith("NONODE"):
+                raise NodeGoneError(reply.node_id) from None
+            raise
         if size > self.max_replies:
             await self._trim_replies(k, size - self.max_replies)
 
@@ -604,17 +619,15 @@ class RedisStore:
 
     @_guarded
     async def reset(self, channel: str) -> None:
-        """Delete every key of the channel (found by SCAN on its prefix)."""
+        """Delete the channel's data in one Lua script (see `lua.RESET`).
+
+        The registry entry goes first: a write racing the reset re-adds it, so at worst
+        the registry names an empty channel (harmless), never hides one with data.
+        """
         k = Keys(channel)
-        batch: list[bytes] = []
-        async for key in self._r.scan_iter(match=k.pattern(), count=500):
-            batch.append(key)
-            if len(batch) >= 500:
-                await self._r.unlink(*batch)
-                batch.clear()
-        if batch:
-            await self._r.unlink(*batch)
         await self._r.srem(CHANNELS, channel)
+        keys = [k.nodes, k.replies, k.messages, k.feedback, k.config, k.meta, k.seq]
+        await self._eval(lua.RESET, keys, [k.base])
 
     @_guarded
     async def meta(self, channel: str) -> dict:
