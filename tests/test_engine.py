@@ -329,8 +329,9 @@ def test_exploration_widens_on_downvotes_and_narrows_back(svf, tiny_tokenizer):
     node = Node("n", np.zeros(4, np.float32), np.ones(svf.z_size, np.float32))
     assert eng._explore(node).temperature == pytest.approx(0.9)
     node.recent = [-2.0] * 8
-    hot = eng._explore(node).temperature
-    assert hot == pytest.approx(eng.config.explore_max_temperature)
+    hot = eng._explore(node)
+    assert hot.temperature == pytest.approx(eng.config.explore_max_temperature) > 0.9
+    assert hot.top_p == eng.config.sampling.top_p  # never the unbounded tail
     node.recent = [-2.0] * 4 + [1.0] * 4
     assert eng._explore(node).temperature == pytest.approx(0.9)
     eng.close()
