@@ -32,7 +32,6 @@ import json
 import logging
 import re
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -41,6 +40,7 @@ from gesal_core.engine import Engine
 from gesal_core.errors import GesalError
 
 from .observability import current_request_id, request_context
+from .ratelimit import MentionLimits, RateLimiter, mention_limits
 from .settings import Settings
 from .text import LIMITS, parse_correction, split_message, vote_for_emoji
 
@@ -217,32 +217,6 @@ class FeedbackResult:
         return self.status in ("up", "down", "retracted", "corrected")
 
 
-# -- rate limiting -------------------------------------------------------------------------
-class RateLimiter:
-    """Sliding window: at most ``limit`` events per ``window`` seconds for each key."""
-
-    def __init__(
-        self, limit: int, window: float = 60.0, clock: Callable[[], float] = time.monotonic
-    ):
-        self.limit, self.window, self.clock = limit, window, clock
-        self._hits: dict[str, deque[float]] = {}
-
-    def retry_after(self, key: str) -> float:
-        """Seconds until ``key`` may act again; 0 when it may act now."""
-        hits = self._hits.get(key)
-        if not hits:
-            return 0.0
-        now = self.clock()
-        while hits and hits[0] <= now - self.window:
-            hits.popleft()
-        if len(hits) < self.limit:
-            return 0.0
-        return hits[0] + self.window - now
-
-    def hit(self, key: str) -> None:
-        self._hits.setdefault(key, deque()).append(self.clock())
-
-
 def _is_unavailable(exc: BaseException) -> bool:
     """Infrastructure trouble (Redis down, timeouts) rather than a bug."""
     if isinstance(exc, ConnectionError | TimeoutError | OSError):
@@ -291,8 +265,16 @@ class ChatService:
         self.engine = engine
         self.settings = settings
         self.on_feedback = on_feedback
-        self.user_limit = RateLimiter(settings.gesal_rate_user, 60.0, clock)
-        self.channel_limit = RateLimiter(settings.gesal_rate_channel, 60.0, clock)
+        # shared by every process when the store is Redis (see bot.ratelimit)
+        self.limits: MentionLimits = mention_limits(
+            engine.store, settings.gesal_rate_user, settings.gesal_rate_channel, clock
+        )
+
+    async def close(self) -> None:
+        """Release the shared rate limiter's Redis connection, if there is one."""
+        close = getattr(self.limits, "close", None)
+        if close is not None:
+            await close()
 
     # -- mentions ------------------------------------------------------------------------
     def build_messages(self, m: Mention) -> tuple[list[dict], bool]:
@@ -325,13 +307,8 @@ class ChatService:
         messages.append({"role": "user", "content": m.text.strip()})
         return messages, truncated
 
-    def _limited(self, m: Mention) -> float:
-        user_key = f"{m.platform}:{m.workspace}:{m.user}"
-        wait = max(self.user_limit.retry_after(user_key), self.channel_limit.retry_after(m.key))
-        if wait <= 0:
-            self.user_limit.hit(user_key)
-            self.channel_limit.hit(m.key)
-        return wait
+    async def _limited(self, m: Mention) -> float:
+        return await self.limits.take(f"{m.platform}:{m.workspace}:{m.user}", m.key)
 
     async def handle_mention(self, m: Mention) -> ReplyParts:
         """Answer a mention. Never raises for user or infrastructure problems.
@@ -366,7 +343,7 @@ class ChatService:
             return ReplyParts(
                 ["Ask me something after the mention, e.g. “@gesal what is Redis?”"], "empty", key
             )
-        wait = self._limited(m)
+        wait = await self._limited(m)
         if wait > 0:
             return ReplyParts(
                 [f"I'm getting a lot of questions; please try again in {int(wait) + 1} s."],

@@ -283,6 +283,61 @@ def test_rate_limits_and_empty_mention(service):
     run(go())
 
 
+def test_rate_limits_are_shared_across_processes_through_redis(
+    tiny_tokenizer, monkeypatch, make_redis_store, redis_client
+):
+    """Two services (two bot processes) on one Redis share the allowance: the user's
+    4th mention is refused even though each process has seen only two."""
+    from bot.ratelimit import RATE_PREFIX, RedisMentionLimits
+
+    _clear_env(monkeypatch)
+    settings = load_settings(None, gesal_rate_user=3, gesal_rate_channel=5)
+
+    async def go():
+        stores = [make_redis_store(), make_redis_store()]
+        engine = make_engine(tiny_tokenizer, store=stores[0])
+        other = make_engine(tiny_tokenizer, store=stores[1])
+        a, b = ChatService(engine, settings), ChatService(other, settings)
+        try:
+            assert isinstance(a.limits, RedisMentionLimits)
+            kinds = [(await svc.handle_mention(mention("hi"))).kind for svc in (a, b, a, b)]
+            assert kinds == ["answer"] * 3 + ["rate_limited"]
+            user_key = f"{RATE_PREFIX}user:discord:g1:u1"
+            assert redis_client.get(user_key) == b"3"
+            assert 0 < redis_client.pttl(user_key) <= 60_000  # INCR and EXPIRE together
+            # the channel's allowance (5) is shared too: u1's refused mention did not count
+            kinds = [
+                (await svc.handle_mention(mention("hi", user=f"v{i}"))).kind
+                for i, svc in enumerate((b, a, b))
+            ]
+            assert kinds == ["answer", "answer", "rate_limited"]
+            assert redis_client.get(f"{RATE_PREFIX}channel:discord:g1:c1") == b"5"
+            refused = await b.handle_mention(mention("hi", user="v9"))
+            assert refused.kind == "rate_limited" and "try again in" in refused.chunks[0]
+        finally:
+            for svc in (a, b):
+                await svc.close()
+            engine.close()
+            other.close()
+            for store in stores:
+                await store.close()
+
+    run(go())
+
+
+def test_rate_limits_fall_back_to_the_process_when_redis_is_down():
+    """An unreachable Redis never blocks or frees everyone: this process's limits apply."""
+    from bot.ratelimit import RedisMentionLimits
+
+    async def go():
+        limits = RedisMentionLimits("redis://127.0.0.1:1/0", per_user=2, per_channel=10)
+        waits = [await limits.take("u", "c") for _ in range(3)]
+        assert waits[:2] == [0, 0] and waits[2] > 0
+        await limits.close()
+
+    run(go())
+
+
 def test_errors_become_words(service):
     async def go():
         async def down(*a, **k):
