@@ -112,11 +112,14 @@ class Store(Protocol):
         ...
 
     def trainer_lock(self, channel: str, ttl: float) -> AbstractAsyncContextManager[bool]:
-        """Try to become the channel's only trainer for up to ``ttl`` seconds.
+        """Try to become the channel's only trainer, for as long as the block runs.
 
+        ``ttl`` is a lease, not a time limit: a heartbeat renews it while the block runs,
+        so a long training keeps the lock, and a trainer that dies without releasing it
+        (SIGKILL, power loss) blocks the channel for at most ``ttl`` seconds.
         Yields False (without waiting) when another trainer holds it. The lock only saves
-        wasted work: correctness comes from `commit`'s checks, since a lock can expire
-        under a slow trainer.
+        wasted work: correctness comes from `commit`'s checks, since a lease can still be
+        lost (a process stalled for longer than ``ttl``).
         """
         ...
 

@@ -247,6 +247,16 @@ return 0
 """,
 )
 
+# KEYS: lock. ARGV: token, lease (ms). Extend only a lock we still hold: a heartbeat
+# must never prolong a lock that expired and another trainer took.
+RENEW_LOCK = Script(
+    "renew_lock",
+    """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+""",
+)
+
 ALL = {
     s.name: s
     for s in (
@@ -261,5 +271,6 @@ ALL = {
         DROP_REPLY,
         COMMIT,
         RELEASE_LOCK,
+        RENEW_LOCK,
     )
 }

@@ -23,6 +23,7 @@ The key layout is described in `layout.py`; the atomic steps are the Lua scripts
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -584,21 +585,46 @@ class RedisStore:
 
     @asynccontextmanager
     async def trainer_lock(self, channel: str, ttl: float) -> AsyncIterator[bool]:
+        """``SET NX PX`` with a random token; a heartbeat renews it every ``ttl / 3``."""
         key, token = Keys(channel).trainlock, uuid.uuid4().hex
+        lease_ms = max(1, int(ttl * 1000))
         try:
-            held = bool(await self._r.set(key, token, nx=True, px=max(1, int(ttl * 1000))))
+            held = bool(await self._r.set(key, token, nx=True, px=lease_ms))
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise StoreUnavailableError(
                 f"the database (Redis at {self.where}) is not reachable right now"
             ) from exc
+        heartbeat = asyncio.create_task(self._keep_lock(key, token, ttl)) if held else None
         try:
             yield held
         finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await heartbeat
             if held:
                 try:
                     await self._eval(lua.RELEASE_LOCK, [key], [token])
                 except (RedisConnectionError, RedisTimeoutError, OSError):
                     log.warning("could not release the trainer lock; it expires in %.0fs", ttl)
+
+    async def _keep_lock(self, key: str, token: str, ttl: float) -> None:
+        """Renew the lease while its holder runs; stop once it is no longer ours."""
+        lease_ms = max(1, int(ttl * 1000))
+        while True:
+            await asyncio.sleep(ttl / 3)
+            try:
+                renewed = await self._eval(lua.RENEW_LOCK, [key], [token, lease_ms])
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                log.warning("could not renew the trainer lock %s (%s); retrying", key, exc)
+                continue
+            if not renewed:
+                log.warning(
+                    "the trainer lock %s expired and was taken over; the commit's checks "
+                    "still keep the data right",
+                    key,
+                )
+                return
 
     # -- channels ------------------------------------------------------------------------
     @_guarded
