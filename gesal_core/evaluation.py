@@ -187,6 +187,14 @@ def _first_int(text: str) -> str:
     return m.group(0) if m else "-"
 
 
+def _shorten(answer: str) -> str:
+    """What a member who wants brevity writes instead: the answer's first sentence, cut
+    to 12 words if it is still long."""
+    first = re.split(r"(?<=[.!?])\s", answer.strip(), maxsplit=1)[0]
+    words = first.split()
+    return first if len(words) <= 15 else " ".join(words[:12]).rstrip(",;:") + "."
+
+
 def brevity() -> Task:
     return Task(
         "brevity",
@@ -195,6 +203,7 @@ def brevity() -> Task:
         HELDOUT_QUESTIONS,
         lambda p, a: 0 < _words(a) <= 15,
         predict=lambda a: f"{min(_words(a) // 10 * 10, 50)}+ words",
+        correct=lambda p, a: _shorten(a),
     )
 
 

@@ -352,3 +352,23 @@ def test_downvoted_answer_is_not_repeated(svf, tiny_tokenizer):
         eng.close()
 
     run(go())
+
+
+def test_correction_curve_raises_the_opener_round_by_round(tiny_tokenizer):
+    from gesal_core.correction_curve import correction_curve
+
+    from .fakes.tiny import make_engine as make_tiny_engine
+
+    eng = make_tiny_engine(tiny_tokenizer)
+    try:
+        points = run(
+            correction_curve(
+                eng, ["hello world", "fox 0123"], ["lazy dog"], "Sure!", rounds=2, per_round=2
+            )
+        )
+    finally:
+        eng.close()
+    assert [p.round for p in points] == [0, 1, 2] and points[-1].corrections == 4
+    assert points[0].status == "base" and all(p.status == "updated" for p in points[1:])
+    lps = [p.opener_logprob for p in points]
+    assert lps[0] < lps[1] < lps[2]  # each round of corrections makes the opener likelier
