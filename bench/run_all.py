@@ -65,9 +65,11 @@ def targets() -> list[dict]:
     for v in ("switch: hot node, LRU hit", "switch: cold node, factored"):
         r = _row(ns, "variant", v)
         add(
-            f"{v}: switch overhead <= 50 ms",
-            f"+{r['over_same_node_ms']:.0f} ms (TTFT {r['median_ms']:.0f} ms)" if r else "not run",
-            r["over_same_node_ms"] <= 50 if r else None,
+            f"{v}: TTFT over the base model's <= 50 ms",
+            f"+{r['over_base_ms']:.0f} ms (TTFT {r['median_ms']:.0f} ms, {r['vs_base']:.2f}x base)"
+            if r
+            else "not run",
+            r["over_base_ms"] <= 50 if r else None,
         )
     r = _row(_rows("multichannel"), "N", 8)
     add(
@@ -80,7 +82,10 @@ def targets() -> list[dict]:
     r = _row(_rows("update_step"), "k", 4)
     add(
         "SVF update on 4 samples <= 1.5 s",
-        f"{r['svf_s']:.2f} s (LoRA {r['lora_s']:.2f} s)" if r else "not run",
+        f"{r['svf_s']:.2f} s ({r['plain_over_svf']:.2f}x faster than plain log-probs; "
+        f"LoRA {r['lora_s']:.2f} s; FLOP bound {r['svf_flop_bound_s']:.2f} s)"
+        if r
+        else "not run",
         r["svf_s"] <= 1.5 if r else None,
     )
     r = _row(_rows("routing"), "nodes", 10000)

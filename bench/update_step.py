@@ -5,22 +5,65 @@
 Both run the same REINFORCE objective with the same inner steps on the same samples:
 SVF through `gesal_core.learning.reinforce_step`, LoRA through the evaluation harness's
 `LoraLearner.train` (the baseline method of issue 4). Samples are real prompts with
-greedy answers of ``--tokens`` tokens, votes alternating 👍/👎.
+greedy answers of ``--tokens`` tokens, votes alternating 👍/👎, `LearningConfig()`
+defaults (its inner steps are recorded in the JSON).
+
+A third variant, "svf plain", runs the same `reinforce_step` with the plain log-prob
+computation it used before issue 7's optimisation (full forward, logits at every
+position, full-vocabulary log_softmax), so the speed-up is measured side by side.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from unittest import mock
 
 import numpy as np
+import torch
 
-from bench.common import PROMPTS, apply_threads, base_args, chat_ids, decode, median, report
+from bench.common import (
+    PROMPTS,
+    apply_threads,
+    base_args,
+    chat_ids,
+    decode,
+    median,
+    report,
+    timed,
+)
 from gesal_core.engine import EngineConfig
 from gesal_core.evaluation import LoraLearner
-from gesal_core.learning import LearningConfig, Sample, reinforce_step
+from gesal_core.learning import LearningConfig, Sample, _batch, reinforce_step
 from gesal_core.model import load_model
 from gesal_core.svf import SVFConfig, SVFModel
+
+
+def plain_sequence_logprobs(svf, z, samples, max_tokens=512, pad_id=0):
+    """The reference computation the optimised `sequence_logprobs` must equal."""
+    ids, attn, resp = _batch(samples, max_tokens, pad_id)
+    with svf.factored(z):
+        logits = svf.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    mask = resp[:, 1:]
+    return (logp * mask).sum(-1), mask.sum(-1)
+
+
+def matmul_gflops(repeats: int = 5) -> float:
+    """Best sustained fp32 matmul rate of this thread on the update's typical shape
+    (a few hundred tokens times a 576x1536 projection): the ceiling for an update."""
+    x, w = torch.randn(256, 576), torch.randn(1536, 576)
+    best = min(timed(lambda: [x @ w.T for _ in range(20)], repeats))
+    return 20 * 2 * 256 * 576 * 1536 / best / 1e9
+
+
+def update_flops(step, k: int) -> int:
+    """FLOPs of one update (forward and backward of every inner step), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step(k)
+    return counter.get_total_flops()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         ]
         res = reinforce_step(svf, z0, samples, 0.0, learning, pad)
         assert res.status == "updated", res.reason
+        return res.z
+
+    def svf_plain_step(k):
+        with mock.patch("gesal_core.learning.sequence_logprobs", plain_sequence_logprobs):
+            return svf_step(k)
 
     def lora_step(k):
         for j, (p, r) in enumerate(pairs[:k]):
@@ -66,22 +114,39 @@ def main(argv: list[str] | None = None) -> int:
 
     svf_step(1)
     lora_step(1)  # warm-up
-    rows, raw = [], {}
+    variants = (("svf", svf_step), ("svf_plain", svf_plain_step), ("lora", lora_step))
+    gflops = matmul_gflops()
+    print(f"sustained fp32 matmul: {gflops:.1f} GFLOP/s on this thread")
+    rows, raw, z_diff = [], {}, {}
     for k in sizes:
-        t = {"svf": [], "lora": []}
+        # both SVF variants must take the same step (the optimisation is exact maths)
+        # (Adam divides by |gradient|, so components whose gradient is ~0 turn float
+        # rounding into visible differences: the relative L2 difference of the steps says
+        # more than the largest component)
+        za, zp = svf_step(k), svf_plain_step(k)
+        z_diff[k] = {
+            "max_abs": float(np.abs(za - zp).max()),
+            "relative_l2_of_step": float(np.linalg.norm(za - zp) / np.linalg.norm(zp - z0)),
+        }
+        t: dict[str, list[float]] = {name: [] for name, _ in variants}
         for _ in range(args.repeats):
-            for name, fn in (("svf", svf_step), ("lora", lora_step)):
+            for name, fn in variants:
                 start = time.perf_counter()
                 fn(k)
                 t[name].append(time.perf_counter() - start)
         raw[k] = t
-        s, lo = median(t["svf"]), median(t["lora"])
+        flops = update_flops(svf_step, k)
+        s, sp, lo = median(t["svf"]), median(t["svf_plain"]), median(t["lora"])
         rows.append(
             {
                 "k": k,
                 "svf_s": s,
+                "svf_plain_s": sp,
+                "plain_over_svf": sp / s,
                 "lora_s": lo,
                 "svf_vs_lora": s / lo,
+                "svf_gflop": flops / 1e9,
+                "svf_flop_bound_s": flops / 1e9 / gflops,
                 "svf_le_1.5s": ("met" if s <= 1.5 else "not met") if k == 4 else "-",
             }
         )
@@ -94,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
             "device": str(lm.device),
             "repeats": args.repeats,
             "inner_steps": learning.inner_steps,
+            "learning_config": learning.__dict__,
+            "matmul_gflops": gflops,
+            "z_difference_svf_vs_plain": z_diff,
             "response_tokens": len(pairs[0][1]),
             "trainable_params": {
                 "svf": svf.z_size,

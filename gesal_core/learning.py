@@ -94,29 +94,78 @@ def _batch(samples: list[Sample], max_tokens: int, pad_id: int):
     return ids, attn, resp
 
 
+def _shared_prefix(ids: torch.Tensor, attn: torch.Tensor, limit: int) -> int:
+    """Length of the token prefix every row shares (at most ``limit``)."""
+    same = (ids == ids[:1]).all(0) & (attn == 1).all(0)
+    differ = (~same[:limit]).nonzero()
+    return int(differ[0]) if len(differ) else min(limit, ids.shape[1])
+
+
 def response_logprobs(
-    model: torch.nn.Module, samples: list[Sample], max_tokens: int = 512, pad_id: int = 0
+    model: torch.nn.Module,
+    samples: list[Sample],
+    max_tokens: int = 512,
+    pad_id: int = 0,
+    share_prefix: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum, count) of log π over each sample's response tokens, for any causal LM.
 
     Sequences are right-padded, so positions are the natural 0..T-1 of each row and the
     token at position t is predicted by the logits at t-1.
+
+    Two exact savings (an update's time is dominated by this function, see issue 7):
+    logits are computed only from the first position that predicts a response token
+    (a prompt position's vocabulary projection is wasted work), and log π(y) is
+    ``logit[y] − logsumexp(logits)`` rather than a full-vocabulary log_softmax. With
+    ``share_prefix`` (every row runs the *same* model: one adapter, not per-row z), the
+    token prefix all rows share (the chat template's system prompt, at least) is run once
+    and its KV cache repeated across the batch: causal attention makes those positions'
+    states identical in every row, and gradients flow through the repeat.
     """
     device = next(model.buffers(), None)
     device = device.device if device is not None else next(model.parameters()).device
     ids, attn, resp = (t.to(device) for t in _batch(samples, max_tokens, pad_id))
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-    mask = resp[:, 1:]
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    width = ids.shape[1]
+    has = resp.any(1)
+    # earliest response token of any row; the logits one position before predict it
+    first = int(torch.where(has, resp.float().argmax(1), width).min()) if has.any() else width
+    first = max(first, 1)
+    prefix = 0
+    if share_prefix and len(samples) > 1:
+        prefix = _shared_prefix(ids, attn, first - 1)  # keep the predicting logits after it
+        if prefix < 8:  # not worth a second model call
+            prefix = 0
+    keep = width - (first - 1)  # positions first-1 .. width-1 (the last predicts nothing)
+    if prefix:
+        head = model(input_ids=ids[:1, :prefix], use_cache=True, logits_to_keep=1)
+        cache = head.past_key_values
+        cache.batch_repeat_interleave(len(samples))
+        logits = model(
+            input_ids=ids[:, prefix:],
+            attention_mask=attn,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=keep,
+        ).logits
+    else:
+        logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits
+    logits = logits[:, :-1].float()
+    target = ids[:, first:]
+    mask = resp[:, first:]
+    picked = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    logp = picked - torch.logsumexp(logits, dim=-1)
     return (logp * mask).sum(-1), mask.sum(-1)
 
 
 def sequence_logprobs(
     svf: SVFModel, z: torch.Tensor, samples: list[Sample], max_tokens: int = 512, pad_id: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`response_logprobs` under adapter z (one (Z,) or per-row (B, Z)); differentiable in z."""
+    """`response_logprobs` under adapter z (one (Z,) or per-row (B, Z)); differentiable in z.
+
+    One shared z means one model for every row, so the common prompt prefix runs once.
+    """
     with svf.factored(z):
-        return response_logprobs(svf.model, samples, max_tokens, pad_id)
+        return response_logprobs(svf.model, samples, max_tokens, pad_id, share_prefix=z.dim() == 1)
 
 
 def prior_baseline(rewards: list[float], cfg) -> float:

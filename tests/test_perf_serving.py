@@ -348,3 +348,57 @@ def test_hot_node_is_premerged_in_idle_time_and_then_served_merged(tiny_tokenize
         asyncio.run(go())
     finally:
         eng.close()
+
+
+# -- fast log-probs for training ---------------------------------------------------------------
+def _reference_logprobs(svf, z, samples, pad_id=0):
+    """The plain computation: full forward, full-vocabulary log_softmax, gather, mask."""
+    from gesal_core.learning import _batch
+
+    ids, attn, resp = _batch(samples, 512, pad_id)
+    with svf.factored(z):
+        logits = svf.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+    logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    mask = resp[:, 1:]
+    return (logp * mask).sum(-1), mask.sum(-1)
+
+
+@pytest.mark.parametrize("shared", [0, 12])
+def test_fast_logprobs_equal_the_reference_values_and_gradients(tiny_tokenizer, shared):
+    """Logits only where a response token is predicted, logsumexp instead of log_softmax
+    and (one z) the common prompt prefix run once: same values and same dz as the plain
+    full-vocabulary computation, prompts of different lengths, a demo and an empty reply."""
+    svf = _svf(tiny_tokenizer)
+    g = torch.Generator().manual_seed(3)
+    head = torch.randint(3, 90, (shared,), generator=g).tolist()
+
+    def rnd(n):
+        return torch.randint(3, 90, (n,), generator=g).tolist()
+
+    samples = [
+        Sample(head + rnd(4), rnd(6), reward=1.0),
+        Sample(head + rnd(9), rnd(3), reward=-2.0),
+        Sample(head + rnd(2), rnd(8), demo=True),
+        Sample(head + rnd(5), [], reward=1.0),
+    ]
+    z0 = torch.from_numpy(_z(svf, 4, scale=0.2))
+    za, zb = svf.trainable(z0), svf.trainable(z0)
+    calls = []
+    hook = svf.model.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    fast, n_fast = sequence_logprobs(svf, za, samples)
+    hook.remove()
+    assert len(calls) == (2 if shared else 1)  # the prefix pass, then the rest
+    ref, n_ref = _reference_logprobs(svf, zb, samples)
+    assert torch.equal(n_fast, n_ref) and n_ref.tolist() == [6, 3, 8, 0]
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    weights = torch.tensor([0.5, -1.5, 2.0, 1.0])
+    (weights * fast).sum().backward()
+    (weights * ref).sum().backward()
+    assert za.grad.abs().sum() > 0
+    torch.testing.assert_close(za.grad, zb.grad, rtol=1e-4, atol=1e-6)
+    # per-row z (serving's old-logprob pass) takes the path without the shared prefix
+    zs = torch.stack([torch.from_numpy(_z(svf, 10 + i, scale=0.2)) for i in range(4)])
+    with torch.no_grad():
+        fast_rows, _ = sequence_logprobs(svf, zs, samples)
+        ref_rows, _ = _reference_logprobs(svf, zs, samples)
+    torch.testing.assert_close(fast_rows, ref_rows, rtol=1e-5, atol=1e-5)
