@@ -7,7 +7,10 @@ update is rolled back if, compared with the base model on the same probes:
 
 * more answers are degenerate (empty, repetition loops, refusals, self-descriptions), or
 * answers stop addressing the question: the mean question/answer embedding similarity
-  drops by more than ``max_topic_drop``.
+  drops by more than ``max_topic_drop``, or
+* a fact the base model states is gone (``FACTS``): a real run's update kept the answer
+  to "What is the capital of France?" fluent, French and on topic ("L'Étoile, la
+  Marseillaise, la femme, …") but without Paris, and no other check saw it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,20 @@ UNRELATED_PROBES = (
     "Write a haiku about the sea.",
     "What is 15 times 3?",
 )
+# Key facts in probe answers: lost only counts where the base model's answer has them.
+FACTS = {"What is the capital of France?": "paris", "What is 15 times 3?": "45"}
+
+
+def lost_facts(probes: list[str], base: list[str], candidate: list[str]) -> list[str]:
+    """Probes whose key fact the base answer states and the candidate answer does not."""
+    out = []
+    for p, b, c in zip(probes, base, candidate, strict=True):
+        fact = FACTS.get(p)
+        if fact and fact in b.lower() and fact not in c.lower():
+            out.append(p)
+    return out
+
+
 _REFUSAL = re.compile(
     r"\b(I can(?:'|no)t (?:help|assist|answer|provide)|I'm sorry, but|as an AI|I am an AI|"
     r"I'm an AI|my name is SmolLM|I am SmolLM|I'm SmolLM|trained by Hugging Face)\b",
@@ -182,6 +199,14 @@ class Guard:
                 if r
             ]
             return GuardVerdict(False, "degenerate answers: " + "; ".join(bad), base, cand)
+        lost = lost_facts(probes, base.answers, cand.answers)
+        if lost:
+            forgot = [
+                f"{p!r} -> {a!r}" for p, a in zip(probes, cand.answers, strict=True) if p in lost
+            ]
+            return GuardVerdict(
+                False, "forgot what the base model knew: " + "; ".join(forgot), base, cand
+            )
         if base.topic - cand.topic > cfg.max_topic_drop:
             return GuardVerdict(
                 False,

@@ -91,3 +91,15 @@ def test_on_topic_accepts_brief_answers_and_rejects_nonsense():
     assert on_topic(q, "Tokyo.", ref, similarity=-0.28)  # brief but right: via the reference
     assert not on_topic(q, "Absolutely safely mistaken", ref, similarity=-0.22)
     assert on_topic(q, "It is a large city in Asia.", ref, similarity=0.45)
+
+
+def test_a_lost_fact_is_caught_even_when_the_answer_stays_fluent_and_on_topic():
+    from gesal_core.guard import lost_facts
+
+    probes = ["What is the capital of France?", "What is 15 times 3?", "Write a haiku."]
+    base = ["The capital of France is Paris.", "15 times 3 is 45.", "Waves fold"]
+    seen = ["L'Étoile, la Marseillaise, la femme, la femme au martyre, la", "It is 45.", "Sea"]
+    assert lost_facts(probes, base, seen) == ["What is the capital of France?"]
+    assert lost_facts(probes, base, ["Paris, of course.", "45", ""]) == []
+    wrong_base = ["I think it is Lyon.", "15 times 3 is 35.", ""]  # nothing to lose
+    assert lost_facts(probes, wrong_base, seen) == []
