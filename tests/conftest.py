@@ -6,6 +6,8 @@ constructed here from scratch. The tokenizer carries a ChatML template like Smol
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -20,6 +22,23 @@ CORPUS = [
     "Please answer briefly. Sure, here is a short answer!",
     "the quick brown fox jumps over the lazy dog 0123456789",
 ] * 4
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Tests that run the CLI or `configure_logging` install a stderr handler on the root
+    logger; pytest closes that captured stream after the test, and later log calls then
+    print "--- Logging error ---" tracebacks. Put the root logger back as it was."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    for h in handlers:
+        if h not in root.handlers:
+            root.addHandler(h)
+    root.setLevel(level)
 
 
 @pytest.fixture(autouse=True)
