@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import asdict, replace
 
+import torch
+
 from bench.common import apply_threads, base_args, report
 from gesal_core.correction_curve import correction_curve
 from gesal_core.engine import Engine, EngineConfig
@@ -28,12 +30,19 @@ def main() -> None:
     ap.add_argument("--per-round", type=int, default=4)
     ap.add_argument("--opener", default="Sure!")
     ap.add_argument("--heldout", type=int, default=6)
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--optimizer", choices=["adam", "ngd"], default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--inner-steps", type=int, default=None)
     ap.add_argument("--max-step", type=float, default=None)
+    ap.add_argument(
+        "--drop-corrected-votes",
+        action="store_true",
+        help="learn a corrected reply from its correction only (correction_replaces_vote)",
+    )
     args = ap.parse_args()
     apply_threads(args.threads)
+    torch.manual_seed(args.seed)  # the same sampled answers for every variant
     if args.quick:
         args.rounds, args.per_round, args.heldout = 1, 2, 2
     changes = {
@@ -46,6 +55,8 @@ def main() -> None:
         ).items()
         if v is not None
     }
+    if args.drop_corrected_votes:
+        changes["correction_replaces_vote"] = True
     learning = replace(LearningConfig(), **changes)
     engine = Engine.load(args.model, config=EngineConfig(learning=learning))
     try:
@@ -73,7 +84,7 @@ def main() -> None:
         for p in points
     ]
     report(
-        "corrections",
+        "corrections-drop-votes" if args.drop_corrected_votes else "corrections",
         rows,
         {
             "model": engine.model_name,

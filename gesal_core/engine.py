@@ -441,11 +441,16 @@ class Engine:
         samples: list[Sample] = []
         rewards: list[float] = []
         downvoted = list(node.downvoted)
+        corrected = {reply.reply_id for reply, _ in corrections}
         for reply in replies:
             r = reply_reward(reply.votes, cfg)
             if r is None:
                 continue
             rewards.append(r)
+            if r < 0 and _norm_text(reply.text) not in downvoted:
+                downvoted.append(_norm_text(reply.text))
+            if reply.reply_id in corrected and self.config.learning.correction_replaces_vote:
+                continue
             samples.append(
                 Sample(
                     reply.prompt_ids,
@@ -455,8 +460,6 @@ class Engine:
                     staleness=max(0, node.version - reply.z_version),
                 )
             )
-            if r < 0 and _norm_text(reply.text) not in downvoted:
-                downvoted.append(_norm_text(reply.text))
         demos = 0
         for reply, text in corrections:
             ids = next((c["ids"] for c in reversed(reply.corrections) if c["text"] == text), None)

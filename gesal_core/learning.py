@@ -45,6 +45,11 @@ class LearningConfig:
     is_clip: float = 2.0
     max_staleness: int = 8
     demo_weight: float = 1.0
+    # True: a corrected reply teaches through its correction only (its 👎 pushes down the
+    # very words the correction reuses). Measured side by side (bench.corrections, seed
+    # 0, 6 rounds): True rolled back 5 of 6 rounds (final log p -8.134), False 2 of 6
+    # (final -8.641); pure demo steps go further and trip the guard more often, so off.
+    correction_replaces_vote: bool = False
     max_tokens: int = 512  # per sample, prompt + response (oldest prompt tokens cut)
 
 

@@ -372,3 +372,31 @@ def test_correction_curve_raises_the_opener_round_by_round(tiny_tokenizer):
     assert points[0].status == "base" and all(p.status == "updated" for p in points[1:])
     lps = [p.opener_logprob for p in points]
     assert lps[0] < lps[1] < lps[2]  # each round of corrections makes the opener likelier
+
+
+@pytest.mark.parametrize("replaces", [True, False])
+def test_a_corrected_replys_downvote_does_not_fight_its_correction(svf, tiny_tokenizer, replaces):
+    """👎 + "Sure! <same answer>" would push down the words the demonstration pushes up; by
+    default the correction alone teaches, so the z equals that of the correction alone."""
+
+    async def go():
+        eng = make_engine(
+            svf,
+            tiny_tokenizer,
+            threshold=-1.0,
+            learning=LearningConfig(correction_replaces_vote=replaces),
+        )
+        for channel, vote in (("voted", -1), ("silent", None)):
+            torch.manual_seed(0)  # the same sampled answer in both channels
+            r = await eng.respond(channel, ask("hello"))
+            if vote:
+                await eng.vote(channel, r.reply_id, "ann", vote)
+            await eng.correct(channel, r.reply_id, "ann", "Sure, here is a short answer!")
+        await eng.train()
+        zs = [(await eng.store.load_nodes(ch))[0].z for ch in ("voted", "silent")]
+        eng.close()
+        return zs
+
+    voted, silent = run(go())
+    assert not np.allclose(voted, 1.0)
+    assert np.array_equal(voted, silent) is replaces
