@@ -50,6 +50,11 @@ PROMPTS = [
 ]
 
 
+def model_meta(lm) -> dict:
+    """What every result file records about the model it measured (a LoadedModel)."""
+    return {"model": lm.name, "dtype": str(lm.dtype), "device": str(lm.device)}
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -25,6 +25,7 @@ from bench.common import (
     decode,
     interleaved,
     median,
+    model_meta,
     report,
     timed,
 )
@@ -155,9 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "decode",
         rows,
         {
-            "model": lm.name,
-            "dtype": str(lm.dtype),
-            "device": str(lm.device),
+            **model_meta(lm),
             "repeats": args.repeats,
             "new_tokens": tokens,
             "prompt_tokens": ids.shape[1],

@@ -29,6 +29,7 @@ from bench.common import (
     decode,
     left_pad,
     median,
+    model_meta,
     node_z,
     report,
 )
@@ -96,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "multichannel" if tokens == default or args.quick else f"multichannel_{tokens}tok",
         rows,
         {
-            "model": lm.name,
-            "dtype": str(lm.dtype),
-            "device": str(lm.device),
+            **model_meta(lm),
             "repeats": args.repeats,
             "new_tokens": tokens,
             "times_s": raw,

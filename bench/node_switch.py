@@ -17,7 +17,17 @@ from __future__ import annotations
 import itertools
 import time
 
-from bench.common import PROMPTS, apply_threads, base_args, chat_ids, decode, median, node_z, report
+from bench.common import (
+    PROMPTS,
+    apply_threads,
+    base_args,
+    chat_ids,
+    decode,
+    median,
+    model_meta,
+    node_z,
+    report,
+)
 from gesal_core.model import load_model
 from gesal_core.svf import SVFConfig, SVFModel
 
@@ -98,9 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         "node_switch",
         rows,
         {
-            "model": lm.name,
-            "dtype": str(lm.dtype),
-            "device": str(lm.device),
+            **model_meta(lm),
             "repeats": repeats,
             "prompt_tokens": ids.shape[1],
             "lru_mb": svf.merged_cache.max_bytes / 2**20,

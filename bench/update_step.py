@@ -29,6 +29,7 @@ from bench.common import (
     chat_ids,
     decode,
     median,
+    model_meta,
     report,
     timed,
 )
@@ -154,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         "update_step",
         rows,
         {
-            "model": lm.name,
-            "dtype": str(lm.dtype),
-            "device": str(lm.device),
+            **model_meta(lm),
             "repeats": args.repeats,
             "inner_steps": learning.inner_steps,
             "learning_config": learning.__dict__,

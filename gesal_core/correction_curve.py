@@ -53,19 +53,16 @@ async def correction_curve(
     await engine.reset(CHANNEL)
     await engine.configure(CHANNEL, threshold=-1.0)  # one node: the per-node rate
     tok, svf, system = engine.tokenizer, engine.svf, engine.config.system
-    prompts = [
-        build_prompt(tok, [{"role": "user", "content": q}], system).input_ids for q in heldout
-    ]
+    prompts = [build_prompt(tok, [{"role": "user", "content": q}], system) for q in heldout]
     opener_ids = tok(opener, add_special_tokens=False)["input_ids"]
 
     def measure(z: np.ndarray) -> tuple[float, float, str]:
         zt = torch.from_numpy(np.asarray(z, dtype=np.float32))
         with torch.inference_mode():
-            lp, _ = sequence_logprobs(svf, zt, [Sample(p, opener_ids) for p in prompts])
-            built = [build_prompt(tok, [{"role": "user", "content": q}], system) for q in heldout]
+            lp, _ = sequence_logprobs(svf, zt, [Sample(p.input_ids, opener_ids) for p in prompts])
             with svf.factored(zt):
                 outs = generate(
-                    svf.model, tok, built, SamplingConfig(max_new_tokens, temperature=0)
+                    svf.model, tok, prompts, SamplingConfig(max_new_tokens, temperature=0)
                 )
         word = opener.rstrip("!.,").lower()
         ok = [o.text.strip().lower().startswith(word) for o in outs]

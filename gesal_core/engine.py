@@ -377,8 +377,13 @@ class Engine:
             if ev.kind == CORRECTION:
                 corrections[node_id].append((reply, ev.text or ""))
             by_node[node_id][reply.reply_id] = reply
-        rewards = [reply_reward(r.votes, cfg) for rs in by_node.values() for r in rs.values()]
-        prior = prior_baseline([r for r in rewards if r is not None], cfg)
+        rewards = {  # reply id -> reward, for the replies that have votes
+            rid: r
+            for rs in by_node.values()
+            for rid, reply in rs.items()
+            if (r := reply_reward(reply.votes, cfg)) is not None
+        }
+        prior = prior_baseline(list(rewards.values()), cfg)
         updates, reports = [], []
         for node_id, replies in by_node.items():
             t0 = time.perf_counter()
@@ -387,7 +392,7 @@ class Engine:
                 reports.append(NodeReport(node_id, "orphaned", "node no longer exists"))
                 continue
             update, rep = await self._train_node(
-                channel, node, list(replies.values()), corrections.get(node_id, []), cfg, prior
+                node, list(replies.values()), corrections.get(node_id, []), rewards, prior
             )
             rep.seconds = time.perf_counter() - t0
             rep.related = [r.prompt_text for r in replies.values()]
@@ -431,19 +436,20 @@ class Engine:
 
     async def _train_node(
         self,
-        channel: str,
         node: Node,
         replies: list[Reply],
         corrections: list[tuple[Reply, str]],
-        cfg: ChannelConfig,
-        prior: float | None = None,
+        channel_rewards: dict[str, float],
+        prior: float,
     ):
+        """One node's update from its rated replies and corrections; ``prior`` is the
+        baseline of a node without history (see `prior_baseline`)."""
         samples: list[Sample] = []
         rewards: list[float] = []
         downvoted = list(node.downvoted)
         corrected = {reply.reply_id for reply, _ in corrections}
         for reply in replies:
-            r = reply_reward(reply.votes, cfg)
+            r = channel_rewards.get(reply.reply_id)
             if r is None:
                 continue
             rewards.append(r)

@@ -189,14 +189,9 @@ def prior_baseline(rewards: list[float], cfg) -> float:
     return (float(sum(rewards)) + midpoint) / (len(rewards) + 1)
 
 
-def advantages(samples: list[Sample], baseline: float | None, cfg: LearningConfig) -> float:
-    """Fill each RL sample's advantage; return the new baseline (EMA over rewards).
-
-    ``baseline=None`` (no history) falls back to the batch's own mean reward.
-    """
+def advantages(samples: list[Sample], baseline: float, cfg: LearningConfig) -> float:
+    """Fill each RL sample's advantage; return the new baseline (EMA over rewards)."""
     rl = [s for s in samples if not s.demo]
-    if baseline is None:
-        baseline = float(np.mean([s.reward for s in rl])) if rl else 0.0
     for s in rl:
         s.advantage = s.reward - baseline
     if cfg.normalize_advantage and len(rl) > 1:
@@ -213,14 +208,13 @@ def reinforce_step(
     svf: SVFModel,
     z0: np.ndarray,
     samples: list[Sample],
-    baseline: float | None,
+    baseline: float,
     cfg: LearningConfig | None = None,
     pad_id: int = 0,
 ) -> StepResult:
     """One bounded policy-gradient update of a node's z. Never raises on bad numbers.
 
-    ``baseline`` is the node's reward EMA, or None for a node that has never been trained
-    on (see `advantages`).
+    ``baseline`` is the node's reward EMA, or `prior_baseline` for a node with no history.
     """
     cfg = cfg or LearningConfig()
     fresh = [s for s in samples if s.demo or s.staleness <= cfg.max_staleness]
@@ -228,7 +222,7 @@ def reinforce_step(
     new_baseline = advantages(fresh, baseline, cfg)
     # what a rollback records: the reward statistics are facts about the community even
     # when the step is thrown away, unless the rewards themselves were non-finite
-    kept = new_baseline if math.isfinite(new_baseline) else (baseline or 0.0)
+    kept = new_baseline if math.isfinite(new_baseline) else baseline
     rl = [s for s in fresh if not s.demo]
     demos = [s for s in fresh if s.demo]
     signal = max((abs(s.advantage) for s in rl), default=0.0)

@@ -138,6 +138,14 @@ class Playground:
             )
         return ch
 
+    def _bot_reply(self, request: web.Request, what: str) -> tuple[Channel, Message]:
+        """The channel and the bot reply a vote or correction is about, or a plain 400."""
+        ch = self._channel(request)
+        msg = ch.find(request.match_info["message"])
+        if msg is None or not msg.is_bot:
+            raise BadRequest(f"{what} go on the bot's replies")
+        return ch, msg
+
     def _member(self, body: dict) -> str:
         member = str(body.get("member", "")).strip()
         if member not in self.members:
@@ -251,10 +259,7 @@ class Playground:
 
     async def vote(self, request: web.Request) -> web.Response:
         """Set a member's reaction on a reply to ``up``, ``down`` or none (``null``)."""
-        ch = self._channel(request)
-        msg = ch.find(request.match_info["message"])
-        if msg is None or not msg.is_bot:
-            raise BadRequest("votes go on the bot's replies")
+        ch, msg = self._bot_reply(request, "votes")
         body = await _json(request)
         member = self._member(body)
         want = body.get("vote")
@@ -276,10 +281,7 @@ class Playground:
         return web.json_response({"status": result.status, "message": asdict(msg)})
 
     async def correct(self, request: web.Request) -> web.Response:
-        ch = self._channel(request)
-        msg = ch.find(request.match_info["message"])
-        if msg is None or not msg.is_bot:
-            raise BadRequest("corrections go on the bot's replies")
+        ch, msg = self._bot_reply(request, "corrections")
         body = await _json(request)
         member = self._member(body)
         better = str(body.get("text", "")).strip()
