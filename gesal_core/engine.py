@@ -384,6 +384,8 @@ class Engine:
             if (r := reply_reward(reply.votes, cfg)) is not None
         }
         prior = prior_baseline(list(rewards.values()), cfg)
+        this_round = {rid for rs in by_node.values() for rid in rs}
+        replay = await self._replay_sets(channel, redirects, cfg, this_round)
         updates, reports = [], []
         for node_id, replies in by_node.items():
             t0 = time.perf_counter()
@@ -392,7 +394,12 @@ class Engine:
                 reports.append(NodeReport(node_id, "orphaned", "node no longer exists"))
                 continue
             update, rep = await self._train_node(
-                node, list(replies.values()), corrections.get(node_id, []), rewards, prior
+                node,
+                list(replies.values()),
+                corrections.get(node_id, []),
+                rewards,
+                prior,
+                replay.get(node_id, []),
             )
             rep.seconds = time.perf_counter() - t0
             rep.related = [r.prompt_text for r in replies.values()]
@@ -434,6 +441,35 @@ class Engine:
         for _, report in todo:
             report.seconds += share
 
+    async def _replay_sets(
+        self, channel: str, redirects: dict[str, str], cfg: ChannelConfig, exclude: set[str]
+    ) -> dict[str, list[Sample]]:
+        """Per node, its earlier liked answers and corrections, newest first, as
+        demonstrations: what `LearningConfig.replay` re-learns alongside new feedback.
+
+        Read from the reply history the store keeps anyway (its retention bounds it), so a
+        node's replay set needs no storage of its own. Replies of this round (``exclude``)
+        are learnt from their fresh feedback instead.
+        """
+        limit = self.config.learning.replay
+        if limit <= 0:
+            return {}
+        sets: dict[str, list[Sample]] = defaultdict(list)
+        history = sorted(await self.store.list_replies(channel), key=lambda r: -r.created_at)
+        for reply in history:
+            if reply.reply_id in exclude:
+                continue
+            node_id = _follow(redirects, reply.node_id)
+            if len(sets[node_id]) >= limit:
+                continue
+            for c in reversed(reply.corrections):
+                sets[node_id].append(Sample(reply.prompt_ids, c["ids"], demo=True))
+            r = reply_reward(reply.votes, cfg)
+            if r is not None and r > 0 and not reply.corrections:
+                sets[node_id].append(Sample(reply.prompt_ids, reply.response_ids, demo=True))
+            del sets[node_id][limit:]
+        return sets
+
     async def _train_node(
         self,
         node: Node,
@@ -441,9 +477,11 @@ class Engine:
         corrections: list[tuple[Reply, str]],
         channel_rewards: dict[str, float],
         prior: float,
+        replay: list[Sample] | None = None,
     ):
         """One node's update from its rated replies and corrections; ``prior`` is the
-        baseline of a node without history (see `prior_baseline`)."""
+        baseline of a node without history (see `prior_baseline`), ``replay`` its earlier
+        liked answers and corrections (see `_replay_sets`)."""
         samples: list[Sample] = []
         rewards: list[float] = []
         downvoted = list(node.downvoted)
@@ -481,6 +519,7 @@ class Engine:
             node.baseline if node.rated else prior,
             self.config.learning,
             self.tokenizer.pad_token_id or 0,
+            replay or [],
         )
         status, reason = result.status, result.reason
         updated = status == "updated"

@@ -39,7 +39,15 @@ from .embedding import PromptEmbedder
 from .engine import Engine, EngineConfig
 from .generate import SamplingConfig, build_prompt, generate
 from .guard import GuardConfig, base_nll, degenerate_reason
-from .learning import LearningConfig, Sample, response_logprobs, sequence_logprobs
+from .learning import (
+    LearningConfig,
+    Sample,
+    feedback_loss,
+    plan_batch,
+    prior_baseline,
+    response_logprobs,
+    sequence_logprobs,
+)
 from .records import ChannelConfig
 from .store import MemoryStore
 from .svf import SVFModel
@@ -392,7 +400,9 @@ class EngineLearner(Learner):
 
 
 class LoraLearner(Learner):
-    """PEFT LoRA r=8 on the same modules, trained by the same REINFORCE objective."""
+    """PEFT LoRA r=8 on the same modules, one adapter for the channel, trained by the same
+    objective as gesal (`plan_batch` + `feedback_loss`: votes, corrections and replay of
+    earlier liked answers and corrections), with a persistent Adam as LoRA usually is."""
 
     def __init__(
         self,
@@ -414,6 +424,8 @@ class LoraLearner(Learner):
         self.baseline: float | None = None
         self.replies: dict[str, tuple[list[int], list[int], str]] = {}
         self.votes: dict[str, int] = {}
+        self.corrections: list[Sample] = []  # new since the last training run
+        self.history: list[Sample] = []  # liked answers and corrections, oldest first
         self.n = 0
 
     async def ask(self, prompts, record=True):
@@ -435,6 +447,13 @@ class LoraLearner(Learner):
     async def vote(self, handle, user, value):
         self.votes[handle] = value
 
+    async def correct(self, handle, user, text):
+        prompt_ids = self.replies[handle][0]
+        ids = self.tokenizer(text.strip(), add_special_tokens=False)["input_ids"]
+        eos = self.tokenizer.eos_token_id
+        self.corrections.append(Sample(prompt_ids, list(ids) + [eos], demo=True))
+        return True
+
     async def train(self):
         lc = self.cfg.learning
         defaults = self.cfg.channel_defaults
@@ -443,22 +462,26 @@ class LoraLearner(Learner):
             prompt_ids, response_ids, _ = self.replies[handle]
             r = defaults.reward_up if v > 0 else defaults.reward_down
             samples.append(Sample(prompt_ids, response_ids, reward=r))
-        self.votes.clear()
-        if not samples:
+        new_demos = self.corrections
+        liked = [Sample(s.prompt_ids, s.response_ids, demo=True) for s in samples if s.reward > 0]
+        replay = list(reversed(self.history))[: lc.replay]
+        self.votes, self.corrections = {}, []
+        self.history += liked + new_demos
+        if not samples and not new_demos:
             return {"updated": 0, "skipped": 0, "rolled_back": 0}
-        from .learning import advantages, prior_baseline
-
         if self.baseline is None:  # the same start as a fresh gesal node
             self.baseline = prior_baseline([s.reward for s in samples], defaults)
-        self.baseline = advantages(samples, self.baseline, lc)
-        if max(abs(s.advantage) for s in samples) < lc.min_advantage:
+        plan = plan_batch(samples + new_demos, self.baseline, lc, replay)
+        self.baseline = plan.baseline
+        if plan.skip:
             return {"updated": 0, "skipped": 1, "rolled_back": 0}
+        batch = plan.rl + plan.demos
+        weights = torch.ones(len(plan.rl))
+        pad = self.tokenizer.pad_token_id or 0
         self.model.train()
         for _ in range(lc.inner_steps):
-            pad = self.tokenizer.pad_token_id or 0
-            logp, _ = response_logprobs(self.model, samples, lc.max_tokens, pad)
-            adv = torch.tensor([s.advantage for s in samples])
-            loss = -(adv * logp).sum() / len(samples)
+            logp, ntok = response_logprobs(self.model, batch, lc.max_tokens, pad)
+            loss = feedback_loss(plan, logp, ntok, weights, lc)
             self.opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.params, lc.max_grad_norm)
@@ -820,6 +843,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=learning.lr, help="Adam lr, or NGD step (L2)")
     p.add_argument("--inner-steps", type=int, default=learning.inner_steps)
     p.add_argument("--max-step", type=float, default=learning.max_step, help="bound on |dz|")
+    p.add_argument("--l2", type=float, default=learning.l2, help="pull of z towards ones")
+    p.add_argument(
+        "--replay",
+        type=int,
+        default=learning.replay,
+        help="earlier liked answers and corrections re-learnt per update (0: off)",
+    )
     p.add_argument("--threshold", type=float, default=None, help="routing θ (default: 0.15)")
 
 
@@ -860,6 +890,8 @@ def run(args: argparse.Namespace) -> int:
             lr=args.lr,
             inner_steps=args.inner_steps,
             max_step=args.max_step,
+            l2=args.l2,
+            replay=args.replay,
         ),
         channel_defaults=channel,
     )
@@ -883,6 +915,7 @@ def run(args: argparse.Namespace) -> int:
         json.dumps(
             {
                 "config": asdict(ec),
+                "learning": asdict(cfg.learning),
                 "model": lm.name,
                 "summary": rows,
                 "runs": [asdict(r) for r in results],

@@ -8,9 +8,13 @@ update is rolled back if, compared with the base model on the same probes:
 * more answers are degenerate (empty, repetition loops, refusals, self-descriptions), or
 * answers stop addressing the question: the mean question/answer embedding similarity
   drops by more than ``max_topic_drop``, or
-* a fact the base model states is gone (``FACTS``): a real run's update kept the answer
-  to "What is the capital of France?" fluent, French and on topic ("L'Étoile, la
-  Marseillaise, la femme, …") but without Paris, and no other check saw it.
+* a fact the base model states is no longer known (``FACTS``): the probability of the
+  fact ("Paris") right where the base model's own answer states it ("The capital of
+  France is") falls by more than ``max_fact_drop`` nats. Knowledge, not wording, is
+  checked: the base model's greedy answer to the France probe is a coin toss between
+  "The capital …" (p 0.15) and "L'Étoile, la …" (p 0.14, French, no Paris), so a check
+  on the greedy string rolled back harmless updates (every early update of a real
+  opener run) while this one still catches "The capital of France is Lyon".
 """
 
 from __future__ import annotations
@@ -33,13 +37,24 @@ UNRELATED_PROBES = (
 FACTS = {"What is the capital of France?": "paris", "What is 15 times 3?": "45"}
 
 
-def lost_facts(probes: list[str], base: list[str], candidate: list[str]) -> list[str]:
-    """Probes whose key fact the base answer states and the candidate answer does not."""
+@dataclass(frozen=True)
+class FactProbe:
+    """Where the base model's answer to a probe states its fact: the answer up to it
+    (``prefix``) and the fact as written there (``fact``)."""
+
+    probe: str
+    prefix: str
+    fact: str
+
+
+def fact_probes(probes: list[str], base_answers: list[str]) -> list[FactProbe]:
+    """The `FACTS` the base model states in its answers (only those can be lost)."""
     out = []
-    for p, b, c in zip(probes, base, candidate, strict=True):
+    for p, answer in zip(probes, base_answers, strict=True):
         fact = FACTS.get(p)
-        if fact and fact in b.lower() and fact not in c.lower():
-            out.append(p)
+        at = answer.lower().find(fact) if fact else -1
+        if at >= 0:
+            out.append(FactProbe(p, answer[:at], answer[at : at + len(fact)]))
     return out
 
 
@@ -118,6 +133,9 @@ class GuardConfig:
     max_extra_degenerate: int = 0
     max_topic_drop: float = 0.15
     related_probes: int = 2
+    # A fact is lost when log p(fact | the base answer up to it) falls by more than this
+    # (ln 4: the candidate finds it four times less likely than the base model does).
+    max_fact_drop: float = 1.386
 
 
 class Guard:
@@ -128,6 +146,7 @@ class Guard:
         self.config = config or GuardConfig()
         self.system = system
         self._base_cache: dict[tuple[str, ...], ProbeResult] = {}
+        self._fact_cache: dict[tuple[str, ...], list[float]] = {}
 
     def probes_for(self, related: list[str]) -> list[str]:
         seen, out = set(), []
@@ -190,6 +209,41 @@ class Guard:
             self._base_cache[tuple(key)] = res
         return [self._base_cache[tuple(p)] for p in probe_lists]
 
+    @torch.inference_mode()
+    def fact_logprobs(self, z: torch.Tensor | None, facts: list[FactProbe]) -> list[float]:
+        """log p(fact | probe, the base answer up to the fact) under z (None: the base)."""
+        from .learning import Sample, sequence_logprobs
+
+        if not facts:
+            return []
+        samples = []
+        for f in facts:
+            prompt = build_prompt(
+                self.tokenizer, [{"role": "user", "content": f.probe}], self.system
+            ).input_ids
+            head = self.tokenizer(f.prefix, add_special_tokens=False)["input_ids"]
+            full = self.tokenizer(f.prefix + f.fact, add_special_tokens=False)["input_ids"]
+            keep = next(
+                (i for i, (a, b) in enumerate(zip(head, full, strict=False)) if a != b),
+                min(len(head), len(full)),
+            )
+            samples.append(Sample(prompt + full[:keep], full[keep:]))
+        zt = self.svf.ones() if z is None else z.float()
+        lp, _ = sequence_logprobs(self.svf, zt, samples, pad_id=self.tokenizer.pad_token_id or 0)
+        return [float(x) for x in lp]
+
+    def _lost_facts(self, z: torch.Tensor, probes: list[str], base: ProbeResult) -> list[str]:
+        facts = fact_probes(probes, base.answers)
+        key = tuple(probes)
+        if key not in self._fact_cache:
+            self._fact_cache[key] = self.fact_logprobs(None, facts)
+        before, after = self._fact_cache[key], self.fact_logprobs(z, facts)
+        return [
+            f"{f.probe!r}: log p({f.fact!r} after {f.prefix!r}) {b:.2f} -> {a:.2f}"
+            for f, b, a in zip(facts, before, after, strict=True)
+            if b - a > self.config.max_fact_drop
+        ]
+
     def _verdict(self, probes: list[str], base: ProbeResult, cand: ProbeResult) -> GuardVerdict:
         cfg = self.config
         if cand.degenerate > base.degenerate + cfg.max_extra_degenerate:
@@ -199,14 +253,6 @@ class Guard:
                 if r
             ]
             return GuardVerdict(False, "degenerate answers: " + "; ".join(bad), base, cand)
-        lost = lost_facts(probes, base.answers, cand.answers)
-        if lost:
-            forgot = [
-                f"{p!r} -> {a!r}" for p, a in zip(probes, cand.answers, strict=True) if p in lost
-            ]
-            return GuardVerdict(
-                False, "forgot what the base model knew: " + "; ".join(forgot), base, cand
-            )
         if base.topic - cand.topic > cfg.max_topic_drop:
             return GuardVerdict(
                 False,
@@ -225,4 +271,12 @@ class Guard:
         bases = self.base_many(probe_lists)
         zs = [torch.from_numpy(np.asarray(z, dtype=np.float32)) for z, _ in items]
         cands = self.run_many(zs, probe_lists)
-        return [self._verdict(p, b, c) for p, b, c in zip(probe_lists, bases, cands, strict=True)]
+        verdicts = []
+        for z, probes, base, cand in zip(zs, probe_lists, bases, cands, strict=True):
+            verdict = self._verdict(probes, base, cand)
+            lost = self._lost_facts(z, probes, base) if verdict.ok else []
+            if lost:
+                reason = "forgot what the base model knew: " + "; ".join(lost)
+                verdict = GuardVerdict(False, reason, base, cand)
+            verdicts.append(verdict)
+        return verdicts

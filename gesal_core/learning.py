@@ -45,6 +45,11 @@ class LearningConfig:
     is_clip: float = 2.0
     max_staleness: int = 8
     demo_weight: float = 1.0
+    # Replay: each update also re-learns (as demonstrations) up to this many of the node's
+    # earlier liked answers and corrections, newest first; 0 turns it off. A handful of
+    # 👍 and corrections is all a community gives, and one bounded step per example was
+    # too little to move held-out answers (see docs/learning.md, "Replay").
+    replay: int = 16
     # True: a corrected reply teaches through its correction only (its 👎 pushes down the
     # very words the correction reuses). Measured side by side (bench.corrections, seed
     # 0, 6 rounds): True rolled back 5 of 6 rounds (final log p -8.134), False 2 of 6
@@ -204,6 +209,64 @@ def advantages(samples: list[Sample], baseline: float, cfg: LearningConfig) -> f
     return baseline
 
 
+@dataclass
+class Batch:
+    """What one update learns from, and whether it should happen at all."""
+
+    rl: list[Sample]  # rated samples with a non-zero advantage
+    demos: list[Sample]  # new corrections, then replayed liked answers and corrections
+    baseline: float  # the node's baseline after this round's rewards
+    dropped_stale: int
+    skip: str = ""  # why no step is taken ("" = step)
+
+
+def plan_batch(
+    samples: list[Sample], baseline: float, cfg: LearningConfig, replay: list[Sample] = ()
+) -> Batch:
+    """Advantages, stale-sample dropping, replay and the no-signal rule, for any adapter.
+
+    ``replay`` (earlier liked answers and corrections, as demonstrations) joins an update
+    that new feedback calls for: new signal, a new correction, or a round the community
+    still mostly votes down (its mean reward is negative: what the node says now is not
+    what it wants, and these examples are what it did want). A round that matches
+    expectations with no complaint moves nothing, so old feedback is not re-applied to a
+    node its community is content with.
+    """
+    fresh = [s for s in samples if s.demo or s.staleness <= cfg.max_staleness]
+    new_baseline = advantages(fresh, baseline, cfg)
+    rl = [s for s in fresh if not s.demo]
+    demos = [s for s in fresh if s.demo]
+    signal = max((abs(s.advantage) for s in rl), default=0.0)
+    unhappy = bool(rl) and float(np.mean([s.reward for s in rl])) < 0
+    replay = [s for s in replay if s.demo][: max(0, cfg.replay)] if demos or unhappy else []
+    skip = ""
+    if math.isfinite(signal) and signal < cfg.min_advantage and not demos and not replay:
+        skip = f"no signal (max |advantage| {signal:.2f} < {cfg.min_advantage})"
+    rl = [s for s in rl if not math.isfinite(s.advantage) or abs(s.advantage) >= 1e-6]
+    return Batch(rl, demos + replay, new_baseline, len(samples) - len(fresh), skip)
+
+
+def feedback_loss(
+    batch: Batch, logp: torch.Tensor, ntok: torch.Tensor, weights: torch.Tensor, cfg
+) -> torch.Tensor:
+    """The votes' policy-gradient term plus the demonstrations' bounded likelihood term.
+
+    ``logp``/``ntok`` are per sample, RL samples first, as `response_logprobs` returns
+    them for ``batch.rl + batch.demos``; ``weights`` are the RL samples' importance
+    weights. The pull towards the base model is the adapter's own business.
+    """
+    n = len(batch.rl) + len(batch.demos)
+    n_rl = len(batch.rl)
+    loss = logp.new_zeros(())
+    if n_rl:
+        adv = torch.tensor([s.advantage for s in batch.rl], device=logp.device)
+        loss = loss - (weights * adv * logp[:n_rl]).sum() / n
+    if batch.demos:
+        demo_lp = logp[n_rl:] / ntok[n_rl:].clamp_min(1)
+        loss = loss - cfg.demo_weight * demo_lp.sum() / n
+    return loss
+
+
 def reinforce_step(
     svf: SVFModel,
     z0: np.ndarray,
@@ -211,57 +274,41 @@ def reinforce_step(
     baseline: float,
     cfg: LearningConfig | None = None,
     pad_id: int = 0,
+    replay: list[Sample] = (),
 ) -> StepResult:
     """One bounded policy-gradient update of a node's z. Never raises on bad numbers.
 
-    ``baseline`` is the node's reward EMA, or `prior_baseline` for a node with no history.
+    ``baseline`` is the node's reward EMA, or `prior_baseline` for a node with no history;
+    ``replay`` joins as `plan_batch` decides.
     """
     cfg = cfg or LearningConfig()
-    fresh = [s for s in samples if s.demo or s.staleness <= cfg.max_staleness]
-    dropped = len(samples) - len(fresh)
-    new_baseline = advantages(fresh, baseline, cfg)
+    plan = plan_batch(samples, baseline, cfg, replay)
+    dropped = plan.dropped_stale
     # what a rollback records: the reward statistics are facts about the community even
     # when the step is thrown away, unless the rewards themselves were non-finite
-    kept = new_baseline if math.isfinite(new_baseline) else baseline
-    rl = [s for s in fresh if not s.demo]
-    demos = [s for s in fresh if s.demo]
-    signal = max((abs(s.advantage) for s in rl), default=0.0)
-    if math.isfinite(signal) and signal < cfg.min_advantage and not demos:
-        return StepResult(
-            None,
-            "skipped",
-            f"no signal (max |advantage| {signal:.2f} < {cfg.min_advantage})",
-            new_baseline,
-            used=0,
-            dropped_stale=dropped,
-        )
+    kept = plan.baseline if math.isfinite(plan.baseline) else baseline
+    if plan.skip:
+        return StepResult(None, "skipped", plan.skip, plan.baseline, dropped_stale=dropped)
     if not np.isfinite(z0).all():
         return StepResult(
             None, "rolled_back", "the node's z is non-finite", kept, dropped_stale=dropped
         )
-    rl = [s for s in rl if not math.isfinite(s.advantage) or abs(s.advantage) >= 1e-6]
-    batch = rl + demos
+    rl, batch = plan.rl, plan.rl + plan.demos
     z = svf.trainable(torch.from_numpy(np.asarray(z0, dtype=np.float32)))
     start = z.detach().clone()
     opt = torch.optim.Adam([z], lr=cfg.lr) if cfg.optimizer == "adam" else None
     n = len(batch)
-    adv = torch.tensor([s.advantage for s in rl], dtype=torch.float32, device=svf.device)
     weights = torch.ones(len(rl), device=svf.device)
     loss_value, grad_norm = float("nan"), float("nan")
     for step in range(cfg.inner_steps):
         z.grad = None
         logp, ntok = sequence_logprobs(svf, z, batch, cfg.max_tokens, pad_id)
-        loss = (cfg.l2 / 2) * ((z - 1) ** 2).sum()
-        if rl:
-            if step == 0:  # truncated importance weights for samples from an older z
-                for i, s in enumerate(rl):
-                    if s.old_logprob is not None and s.staleness > 0:
-                        ratio = math.exp(min(50.0, float(logp[i]) - s.old_logprob))
-                        weights[i] = min(ratio, cfg.is_clip)
-            loss = loss - (weights * adv * logp[: len(rl)]).sum() / n
-        if demos:
-            demo_lp = logp[len(rl) :] / ntok[len(rl) :].clamp_min(1)
-            loss = loss - cfg.demo_weight * demo_lp.sum() / n
+        if step == 0:  # truncated importance weights for samples from an older z
+            for i, s in enumerate(rl):
+                if s.old_logprob is not None and s.staleness > 0:
+                    ratio = math.exp(min(50.0, float(logp[i]) - s.old_logprob))
+                    weights[i] = min(ratio, cfg.is_clip)
+        loss = (cfg.l2 / 2) * ((z - 1) ** 2).sum() + feedback_loss(plan, logp, ntok, weights, cfg)
         if not torch.isfinite(loss):
             return StepResult(None, "rolled_back", "non-finite loss", kept, dropped_stale=dropped)
         loss.backward()
@@ -288,7 +335,7 @@ def reinforce_step(
         new_z,
         "updated",
         "",
-        new_baseline,
+        plan.baseline,
         loss=loss_value,
         grad_norm=grad_norm,
         step_norm=float(np.linalg.norm(new_z - z0)),

@@ -400,3 +400,75 @@ def test_a_corrected_replys_downvote_does_not_fight_its_correction(svf, tiny_tok
     voted, silent = run(go())
     assert not np.allclose(voted, 1.0)
     assert np.array_equal(voted, silent) is replaces
+
+
+def _two_rounds(svf, tok, replay: int, second_vote: int = -1, channel: str = "c"):
+    """Round 1: a 👍 on one answer. Round 2: ``second_vote`` on another. Returns the liked
+    answer as a sample and the node's z after each round."""
+
+    async def go():
+        eng = make_engine(svf, tok, threshold=-1.0, learning=LearningConfig(replay=replay))
+        torch.manual_seed(0)
+        liked = await eng.respond(channel, ask("hello"))
+        await eng.vote(channel, liked.reply_id, "ann", 1)
+        await eng.train()
+        z1 = (await eng.store.load_nodes(channel))[0].z.copy()
+        later = await eng.respond(channel, ask("hello there"))
+        await eng.vote(channel, later.reply_id, "bob", second_vote)
+        report = await eng.train()
+        z2 = (await eng.store.load_nodes(channel))[0].z.copy()
+        reply = await eng.store.get_reply(channel, liked.reply_id)
+        eng.close()
+        return Sample(reply.prompt_ids, reply.response_ids), z1, z2, report
+
+    return run(go())
+
+
+def test_replay_relearns_earlier_liked_answers(svf, tiny_tokenizer):
+    """With replay the second round (a 👎 on something else) still pulls the earlier liked
+    answer up; without it that round only pushes its own answer down."""
+    liked, z1, with_replay, _ = _two_rounds(svf, tiny_tokenizer, replay=16)
+    _, z1_off, without, _ = _two_rounds(svf, tiny_tokenizer, replay=0)
+    assert np.array_equal(z1, z1_off)  # round 1 has nothing to replay: identical
+    gain_on = _logp(svf, with_replay, liked) - _logp(svf, z1, liked)
+    gain_off = _logp(svf, without, liked) - _logp(svf, z1, liked)
+    assert gain_on > gain_off and gain_on > 0
+
+
+def test_replay_steps_only_while_the_community_still_votes_down(svf):
+    """Old feedback is re-learnt when the node's new answers are still rejected, and never
+    re-applied to a node whose community is content (votes as expected, no complaint)."""
+    z0 = np.ones(svf.z_size, dtype=np.float32)
+    liked = [Sample([1, 2, 3], [6, 7], demo=True)] * 4
+    content = Sample([1, 2, 3], [4, 5], reward=1.0)  # exactly what the node expects
+    res = reinforce_step(svf, z0, [content], baseline=1.0, replay=liked)
+    assert res.status == "skipped" and res.z is None
+    rejected = Sample([1, 2, 3], [4, 5], reward=-2.0)  # as expected, but still 👎
+    assert reinforce_step(svf, z0, [rejected], baseline=-2.0).status == "skipped"
+    res = reinforce_step(svf, z0, [rejected], baseline=-2.0, replay=liked)
+    assert res.status == "updated" and res.used == 4  # the replayed answers (A = 0 adds none)
+
+
+def test_replay_stays_within_its_node(svf, tiny_tokenizer):
+    """A liked answer in one node is never replayed into another node's update."""
+
+    async def go(replay):
+        eng = make_engine(
+            svf, tiny_tokenizer, threshold=0.9999, learning=LearningConfig(replay=replay)
+        )
+        torch.manual_seed(0)
+        a = await eng.respond("c", ask("hello world"))
+        await eng.vote("c", a.reply_id, "ann", 1)
+        await eng.train()
+        b = await eng.respond("c", ask("0123456789 the lazy dog jumps"))
+        b2 = await eng.respond("c", ask("0123456789 the lazy dog jumps"))
+        assert b.node_id != a.node_id
+        await eng.vote("c", b.reply_id, "ann", 1)
+        await eng.vote("c", b2.reply_id, "bob", -1)
+        await eng.train()
+        z = (await eng.store.get_node("c", b.node_id)).z.copy()
+        eng.close()
+        return z
+
+    on, off = run(go(16)), run(go(0))
+    assert not np.allclose(on, 1.0) and np.array_equal(on, off)

@@ -134,4 +134,5 @@ def test_corrections_are_sent_and_counted(tiny_llama, tiny_tokenizer, tmp_path):
     assert evaluation.run(args) == 0
     runs = {r["method"]: r for r in json.loads((out / "eval-opener.json").read_text())["runs"]}
     assert runs["gesal"]["corrections"] == 2  # the tiny model never says "Sure": all 👎
-    assert runs["lora"]["corrections"] == 0  # the LoRA baseline learns from votes only
+    # the LoRA baseline learns from the same feedback: votes and corrections
+    assert runs["lora"]["corrections"] == 2 and runs["lora"]["updates"] == 1

@@ -93,13 +93,41 @@ def test_on_topic_accepts_brief_answers_and_rejects_nonsense():
     assert on_topic(q, "It is a large city in Asia.", ref, similarity=0.45)
 
 
-def test_a_lost_fact_is_caught_even_when_the_answer_stays_fluent_and_on_topic():
-    from gesal_core.guard import lost_facts
+def test_a_fact_is_found_where_the_base_answer_states_it():
+    from gesal_core.guard import FactProbe, fact_probes
 
     probes = ["What is the capital of France?", "What is 15 times 3?", "Write a haiku."]
-    base = ["The capital of France is Paris.", "15 times 3 is 45.", "Waves fold"]
-    seen = ["L'Étoile, la Marseillaise, la femme, la femme au martyre, la", "It is 45.", "Sea"]
-    assert lost_facts(probes, base, seen) == ["What is the capital of France?"]
-    assert lost_facts(probes, base, ["Paris, of course.", "45", ""]) == []
-    wrong_base = ["I think it is Lyon.", "15 times 3 is 35.", ""]  # nothing to lose
-    assert lost_facts(probes, wrong_base, seen) == []
+    base = ["The capital of France is Paris.", "15 times 3 is 35.", "Waves fold"]
+    assert fact_probes(probes, base) == [
+        FactProbe("What is the capital of France?", "The capital of France is ", "Paris")
+    ]  # a fact the base model gets wrong (35) cannot be lost
+    french = ["L'Étoile, la Marseillaise, la femme", "45", ""]
+    assert [f.probe for f in fact_probes(probes, french)] == ["What is 15 times 3?"]
+
+
+def test_a_fact_is_lost_when_the_model_stops_knowing_it(tiny_tokenizer, monkeypatch):
+    """The check asks the model for the fact where the base answer states it, so a wording
+    change passes and a z that no longer gives the fact is rolled back."""
+    import torch
+
+    from gesal_core import guard as guard_mod
+
+    svf = SVFModel(make_tiny_llama(len(tiny_tokenizer)), "tiny", SVFConfig(progress=False))
+    loose = GuardConfig(max_new_tokens=6, max_extra_degenerate=99, max_topic_drop=99.0)
+    g = Guard(svf, tiny_tokenizer, loose)
+    base_answer = g.base(["hello"]).answers[0]
+    word = base_answer.split()[-1]
+    monkeypatch.setattr(guard_mod, "FACTS", {"hello": word.lower()})
+    facts = guard_mod.fact_probes(["hello"], [base_answer])
+    assert facts and facts[0].fact == word
+    ones = np.ones(svf.z_size, dtype=np.float32)
+    assert g.check(ones, ["hello"]).ok
+    scrambled = (ones + 3 * np.random.default_rng(0).standard_normal(svf.z_size)).astype(np.float32)
+    before = g.fact_logprobs(None, facts)[0]
+    after = g.fact_logprobs(torch.from_numpy(scrambled), facts)[0]
+    assert before - after > loose.max_fact_drop  # the scrambled z really lost it
+    verdict = g.check(scrambled, ["hello"])
+    assert not verdict.ok and verdict.reason.startswith("forgot what the base model knew")
+    assert repr(word) in verdict.reason
+    lenient = Guard(svf, tiny_tokenizer, GuardConfig(**{**loose.__dict__, "max_fact_drop": 1e9}))
+    assert lenient.check(scrambled, ["hello"]).ok
