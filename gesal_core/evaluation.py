@@ -900,30 +900,32 @@ def run(args: argparse.Namespace) -> int:
         return load_model(args.model, device=args.device, progress=False).model
 
     harness = Harness(svf, lm.tokenizer, cfg, model_factory=factory)
-    results = []
+    out = Path(ec.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"eval-{task.name}"
+    results: list[RunResult] = []
+    md = ""
     for method in ec.methods:
         for seed in ec.seeds:
             print(f"{task.name} / {method} / seed {seed} ...", flush=True)
             results.append(asyncio.run(harness.run(task, method, seed, ec)))
-    rows = summarise(results, ec.checkpoints)
-    out = Path(ec.out)
-    out.mkdir(parents=True, exist_ok=True)
-    md = markdown(task, rows, results)
-    stem = f"eval-{task.name}"
-    (out / f"{stem}.md").write_text(md)
-    (out / f"{stem}.json").write_text(
-        json.dumps(
-            {
-                "config": asdict(ec),
-                "learning": asdict(cfg.learning),
-                "model": lm.name,
-                "summary": rows,
-                "runs": [asdict(r) for r in results],
-            },
-            indent=1,
-        )
-    )
-    plot(task, rows, out / f"{stem}.png")
+            # written after every run: a long comparison stopped part-way keeps what it has
+            rows = summarise(results, ec.checkpoints)
+            md = markdown(task, rows, results)
+            (out / f"{stem}.md").write_text(md)
+            (out / f"{stem}.json").write_text(
+                json.dumps(
+                    {
+                        "config": asdict(ec),
+                        "learning": asdict(cfg.learning),
+                        "model": lm.name,
+                        "summary": rows,
+                        "runs": [asdict(r) for r in results],
+                    },
+                    indent=1,
+                )
+            )
+            plot(task, rows, out / f"{stem}.png")
     print(md)
     print(f"written: {out / stem}.json, .md, .png")
     return 0

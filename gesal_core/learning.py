@@ -242,7 +242,10 @@ def plan_batch(
     skip = ""
     if math.isfinite(signal) and signal < cfg.min_advantage and not demos and not replay:
         skip = f"no signal (max |advantage| {signal:.2f} < {cfg.min_advantage})"
-    rl = [s for s in rl if not math.isfinite(s.advantage) or abs(s.advantage) >= 1e-6]
+    # a sample whose advantage is below the signal bar is noise in the gradient too: its
+    # summed log-prob over a long answer outweighed a length-normalised correction of
+    # that very answer ("Sure! <answer>"), and opener runs learnt nothing in 64 votes
+    rl = [s for s in rl if not math.isfinite(s.advantage) or abs(s.advantage) >= cfg.min_advantage]
     return Batch(rl, demos + replay, new_baseline, len(samples) - len(fresh), skip)
 
 
