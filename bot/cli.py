@@ -129,6 +129,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # -- channel admin -------------------------------------------------------------------------
+async def _with_store(args: argparse.Namespace, fn):
+    """Open the store (REDIS_URL or the embedded Redis) and run ``fn`` on it: for admin
+    commands that need no model (loading one costs seconds and gigabytes)."""
+    from .runtime import open_store
+
+    settings = _settings(args)
+    url = settings.redis_url.get_secret_value() if settings.redis_url else ""
+    store, close = await open_store(url, settings.channel_defaults())
+    try:
+        return await fn(store)
+    finally:
+        await close()
+
+
 async def _with_engine(args: argparse.Namespace, fn):
     """Open the store (REDIS_URL or the embedded Redis), load the engine, run ``fn``."""
     from gesal_core.engine import Engine, EngineConfig
@@ -196,21 +210,23 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_reset(args: argparse.Namespace) -> int:
     _need_yes(args, f"reset deletes everything {args.channel} has learned")
 
-    async def go(engine) -> None:
-        await engine.reset(args.channel)
+    async def go(store) -> None:
+        await store.reset(args.channel)
 
-    asyncio.run(_with_engine(args, go))
+    asyncio.run(_with_store(args, go))
     print(f"reset {args.channel}")
     return EXIT_OK
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    async def go(engine):
-        if args.channel:
-            return await engine.stats(args.channel)
-        return {ch: await engine.stats(ch) for ch in sorted(await engine.store.channels())}
+    from gesal_core.engine import channel_stats
 
-    result = asyncio.run(_with_engine(args, go))
+    async def go(store):
+        if args.channel:
+            return await channel_stats(store, args.channel)
+        return {ch: await channel_stats(store, ch) for ch in sorted(await store.channels())}
+
+    result = asyncio.run(_with_store(args, go))
     if args.json:
         print(json.dumps(result, indent=1, default=str))
         return EXIT_OK

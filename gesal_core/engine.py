@@ -120,6 +120,42 @@ def _follow(redirects: dict[str, str], node_id: str) -> str:
     return node_id
 
 
+async def channel_stats(store: Store, channel: str) -> dict:
+    """A channel's nodes, votes, rewards and updates: store reads only, no model needed
+    (`gesal-bot stats` answers without loading one)."""
+    nodes = await store.load_nodes(channel)
+    replies = await store.list_replies(channel)
+    meta = await store.meta(channel)
+    ups = sum(v > 0 for r in replies for v in r.votes.values())
+    downs = sum(v < 0 for r in replies for v in r.votes.values())
+    return {
+        "channel": channel,
+        "nodes": len(nodes),
+        "prompts": sum(n.count for n in nodes),
+        "replies": len(replies),
+        "votes_up": ups,
+        "votes_down": downs,
+        "corrections": sum(len(r.corrections) for r in replies),
+        "pending_feedback": await store.pending_count(channel),
+        "updates": sum(n.updates for n in nodes),
+        "rollbacks": sum(n.rollbacks for n in nodes),
+        "mean_reward": (sum(n.reward_sum for n in nodes) / max(1, sum(n.rated for n in nodes))),
+        "last_update": meta.get("last_train"),
+        "config": asdict(await store.get_config(channel)),
+        "node_list": [
+            {
+                "id": n.node_id,
+                "count": n.count,
+                "version": n.version,
+                "mean_reward": n.mean_reward,
+                "rated": n.rated,
+                "edges": n.neighbors,
+            }
+            for n in nodes
+        ],
+    }
+
+
 def _norm_text(text: str) -> str:
     return " ".join(text.lower().split())
 
@@ -539,37 +575,7 @@ class Engine:
 
     # -- admin --------------------------------------------------------------------------
     async def stats(self, channel: str) -> dict:
-        nodes = await self.store.load_nodes(channel)
-        replies = await self.store.list_replies(channel)
-        meta = await self.store.meta(channel)
-        ups = sum(v > 0 for r in replies for v in r.votes.values())
-        downs = sum(v < 0 for r in replies for v in r.votes.values())
-        return {
-            "channel": channel,
-            "nodes": len(nodes),
-            "prompts": sum(n.count for n in nodes),
-            "replies": len(replies),
-            "votes_up": ups,
-            "votes_down": downs,
-            "corrections": sum(len(r.corrections) for r in replies),
-            "pending_feedback": await self.store.pending_count(channel),
-            "updates": sum(n.updates for n in nodes),
-            "rollbacks": sum(n.rollbacks for n in nodes),
-            "mean_reward": (sum(n.reward_sum for n in nodes) / max(1, sum(n.rated for n in nodes))),
-            "last_update": meta.get("last_train"),
-            "config": asdict(await self.store.get_config(channel)),
-            "node_list": [
-                {
-                    "id": n.node_id,
-                    "count": n.count,
-                    "version": n.version,
-                    "mean_reward": n.mean_reward,
-                    "rated": n.rated,
-                    "edges": n.neighbors,
-                }
-                for n in nodes
-            ],
-        }
+        return await channel_stats(self.store, channel)
 
     async def configure(self, channel: str, **changes) -> ChannelConfig:
         current = asdict(await self.store.get_config(channel))
@@ -639,4 +645,12 @@ class Engine:
         return {"nodes": len(nodes), "replies": len(replies)}
 
 
-__all__ = ["Engine", "EngineConfig", "ReplyOut", "TrainReport", "UnknownReplyError", "reply_reward"]
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "ReplyOut",
+    "TrainReport",
+    "UnknownReplyError",
+    "channel_stats",
+    "reply_reward",
+]

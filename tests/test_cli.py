@@ -142,7 +142,9 @@ def test_export_import_reset_stats_round_trip(
     wrong.write_text(json.dumps({"format": "something-else"}))
     assert cli.main(["import", "discord:9:9", str(wrong), "--yes"]) == cli.EXIT_USAGE
     capsys.readouterr()
+    monkeypatch.setenv("GESAL_MODEL", str(tmp_path / "no-such-model"))  # stats needs none
     assert cli.main(["stats", "discord:9:9"]) == cli.EXIT_OK
+    monkeypatch.setenv("GESAL_MODEL", str(tiny_model_dir))
     line = capsys.readouterr().out
     assert line.startswith("discord:9:9: 1 nodes, 1 prompts, 1 replies, 1 up / 0 down")
     copy = tmp_path / "copy.json"
