@@ -35,10 +35,17 @@ class LearningConfig:
     # the gradient, so the change concentrates on the components that matter.
     optimizer: str = "adam"
     lr: float = 1e-3
-    inner_steps: int = 2
-    l2: float = 1.0  # λ of (λ/2)‖z−1‖²; ‖z−1‖² is small, so λ≈1 is a gentle pull
+    # 4 Adam steps of lr 1e-3 move z by about 0.9 in L2 (each step moves every component
+    # by about lr). Measured on the real model, 8 corrections "Sure! <answer>" replayed
+    # each round: log p("Sure!") on held-out questions went -9.2 -> -5.5 -> -3.7 -> -2.2
+    # -> -1.2 in four rounds with λ = 0, -1.6 with λ = 0.05, but stalled at -6.2 with
+    # λ = 1: at that pull the length-normalised correction's gradient balances it at
+    # ‖z−1‖ ≈ 0.5, and opener runs learnt nothing in 64 votes. The guard is the real
+    # safety net; λ keeps z from wandering where feedback does not push it.
+    inner_steps: int = 4
+    l2: float = 0.05  # λ of (λ/2)‖z−1‖²
     max_grad_norm: float = 1.0
-    max_step: float = 0.25  # bound on ‖Δz‖₂ of one update
+    max_step: float = 1.0  # bound on ‖Δz‖₂ of one update
     min_advantage: float = 0.2
     baseline_beta: float = 0.8  # EMA weight of the old baseline
     normalize_advantage: bool = False
