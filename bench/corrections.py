@@ -1,7 +1,8 @@
 """How many corrections does a preference the base model never shows need? (issue 3)
 
     python -m bench.corrections [--rounds 6] [--per-round 4] [--opener "Sure!"]
-                                [--optimizer adam --lr 1e-3 --inner-steps 2 --max-step 0.25]
+                                [--optimizer adam --lr 1e-3 --inner-steps 4 --max-step 1.0]
+                                [--l2 0.05]
 
 One channel, one node (θ = -1), the real model, the engine's learning defaults unless
 overridden. Each round answers ``--per-round`` training questions, votes each 👎 and
@@ -35,6 +36,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--inner-steps", type=int, default=None)
     ap.add_argument("--max-step", type=float, default=None)
+    ap.add_argument("--l2", type=float, default=None, help="pull of z towards ones (λ)")
     ap.add_argument(
         "--drop-corrected-votes",
         action="store_true",
@@ -52,6 +54,7 @@ def main() -> None:
             lr=args.lr,
             inner_steps=args.inner_steps,
             max_step=args.max_step,
+            l2=args.l2,
         ).items()
         if v is not None
     }
@@ -83,8 +86,11 @@ def main() -> None:
         }
         for p in points
     ]
+    name = "corrections-drop-votes" if args.drop_corrected_votes else "corrections"
+    if args.l2 is not None:
+        name += f"-l2-{args.l2:g}"
     report(
-        "corrections-drop-votes" if args.drop_corrected_votes else "corrections",
+        name,
         rows,
         {
             "model": engine.model_name,

@@ -36,12 +36,10 @@ class LearningConfig:
     optimizer: str = "adam"
     lr: float = 1e-3
     # 4 Adam steps of lr 1e-3 move z by about 0.9 in L2 (each step moves every component
-    # by about lr). Measured on the real model, 8 corrections "Sure! <answer>" replayed
-    # each round: log p("Sure!") on held-out questions went -9.2 -> -5.5 -> -3.7 -> -2.2
-    # -> -1.2 in four rounds with λ = 0, -1.6 with λ = 0.05, but stalled at -6.2 with
-    # λ = 1: at that pull the length-normalised correction's gradient balances it at
-    # ‖z−1‖ ≈ 0.5, and opener runs learnt nothing in 64 votes. The guard is the real
-    # safety net; λ keeps z from wandering where feedback does not push it.
+    # by about lr). With λ = 1 (the earlier default) the pull balanced a length-normalised
+    # correction's gradient at ‖z−1‖ ≈ 0.5 and opener runs learnt nothing in 64 votes;
+    # `python -m bench.corrections --l2 1` against the defaults shows it. The guard is the
+    # real safety net; λ keeps z from wandering where feedback does not push it.
     inner_steps: int = 4
     l2: float = 0.05  # λ of (λ/2)‖z−1‖²
     max_grad_norm: float = 1.0
