@@ -835,6 +835,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heldout", type=int, default=12, help="held-out prompts used")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--out", default="eval-results", help="folder for JSON, markdown and PNG")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        default=None,
+        help="run nothing: merge eval-*.json files of one task (e.g. seeds run in parallel "
+        "processes) into one table, JSON and plot in --out",
+    )
     p.add_argument("--model", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-guard", action="store_true", help="disable the collapse guard")
@@ -857,10 +865,58 @@ def _ints(s: str) -> tuple[int, ...]:
     return tuple(int(x) for x in s.split(",") if x.strip())
 
 
+def _run_from_dict(d: dict) -> RunResult:
+    cps = [Checkpoint(**c) for c in d.get("checkpoints", [])]
+    return RunResult(**{**d, "checkpoints": cps})
+
+
+def write_results(out: Path, task: Task, results: list[RunResult], meta: dict) -> str:
+    """The markdown table, JSON and PNG of a task's runs; returns the markdown."""
+    checkpoints = tuple(sorted({cp.votes for r in results for cp in r.checkpoints}))
+    rows = summarise(results, checkpoints)
+    md = markdown(task, rows, results)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"eval-{task.name}"
+    (out / f"{stem}.md").write_text(md)
+    payload = {**meta, "summary": rows, "runs": [asdict(r) for r in results]}
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    plot(task, rows, out / f"{stem}.png")
+    return md
+
+
+def merge(paths: list[str], out: str) -> int:
+    """`gesal-bot eval --merge`: one table from runs written by several processes."""
+    docs = []
+    for p in paths:
+        try:
+            docs.append(json.loads(Path(p).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read eval results {p}: {exc}") from None
+    tasks = {d.get("config", {}).get("task") for d in docs}
+    if len(tasks) != 1:
+        raise ValueError(f"the files are from different tasks: {sorted(map(str, tasks))}")
+    task = load_task(tasks.pop())
+    results = [_run_from_dict(r) for d in docs for r in d.get("runs", [])]
+    meta = {
+        "merged_from": [
+            {"file": str(p), "config": d.get("config"), "learning": d.get("learning")}
+            for p, d in zip(paths, docs, strict=True)
+        ],
+        "model": docs[0].get("model"),
+    }
+    md = write_results(Path(out), task, results, meta)
+    print(md)
+    print(f"written: {Path(out) / f'eval-{task.name}'}.json, .md, .png")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """`gesal-bot eval`: run the harness and write results; returns an exit code."""
     from .model import load_model
     from .svf import SVFConfig
+
+    if getattr(args, "merge", None):
+        return merge(args.merge, args.out)
 
     ec = EvalConfig(
         task=args.task,
@@ -901,8 +957,8 @@ def run(args: argparse.Namespace) -> int:
 
     harness = Harness(svf, lm.tokenizer, cfg, model_factory=factory)
     out = Path(ec.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"eval-{task.name}"
+    meta = {"config": asdict(ec), "learning": asdict(cfg.learning), "model": lm.name}
     results: list[RunResult] = []
     md = ""
     for method in ec.methods:
@@ -910,22 +966,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{task.name} / {method} / seed {seed} ...", flush=True)
             results.append(asyncio.run(harness.run(task, method, seed, ec)))
             # written after every run: a long comparison stopped part-way keeps what it has
-            rows = summarise(results, ec.checkpoints)
-            md = markdown(task, rows, results)
-            (out / f"{stem}.md").write_text(md)
-            (out / f"{stem}.json").write_text(
-                json.dumps(
-                    {
-                        "config": asdict(ec),
-                        "learning": asdict(cfg.learning),
-                        "model": lm.name,
-                        "summary": rows,
-                        "runs": [asdict(r) for r in results],
-                    },
-                    indent=1,
-                )
-            )
-            plot(task, rows, out / f"{stem}.png")
+            md = write_results(out, task, results, meta)
     print(md)
     print(f"written: {out / stem}.json, .md, .png")
     return 0

@@ -136,3 +136,30 @@ def test_corrections_are_sent_and_counted(tiny_llama, tiny_tokenizer, tmp_path):
     assert runs["gesal"]["corrections"] == 2  # the tiny model never says "Sure": all 👎
     # the LoRA baseline learns from the same feedback: votes and corrections
     assert runs["lora"]["corrections"] == 2 and runs["lora"]["updates"] == 1
+
+
+def test_runs_from_parallel_processes_merge_into_one_table(tiny_llama, tiny_tokenizer, tmp_path):
+    """Seeds run as separate processes (one core each) merge into one median table."""
+    files = []
+    for seed in (0, 1):
+        out = tmp_path / f"seed{seed}"
+        argv = ["--task", "brevity", "--methods", "gesal", "--seeds", str(seed)]
+        argv += ["--budget", "4", "--checkpoints", "0,4", "--batch", "4", "--heldout", "2"]
+        argv += ["--max-new-tokens", "4", "--out", str(out), "--no-guard"]
+        assert evaluation.run(eval_args(tiny_llama, tiny_tokenizer, tmp_path, argv)) == 0
+        files.append(str(out / "eval-brevity.json"))
+    merged = tmp_path / "merged"
+    args = eval_args(
+        tiny_llama, tiny_tokenizer, tmp_path, ["--merge", *files, "--out", str(merged)]
+    )
+    assert evaluation.run(args) == 0
+    data = json.loads((merged / "eval-brevity.json").read_text())
+    assert sorted(r["seed"] for r in data["runs"]) == [0, 1]
+    row = next(r for r in data["summary"] if r["votes"] == 4)
+    assert len(row["per_seed"]) == 2
+    assert [m["file"] for m in data["merged_from"]] == files
+    assert (merged / "eval-brevity.png").stat().st_size > 1000
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"config": {"task": "opener"}, "runs": []}))
+    with pytest.raises(ValueError, match="different tasks"):
+        evaluation.merge([files[0], str(other)], str(tmp_path / "x"))
