@@ -453,20 +453,21 @@ def test_replay_stays_within_its_node(svf, tiny_tokenizer):
     """A liked answer in one node is never replayed into another node's update."""
 
     async def go(replay):
+        ch = f"c{replay}"  # a store shared by both runs (Redis) keeps them apart
         eng = make_engine(
             svf, tiny_tokenizer, threshold=0.9999, learning=LearningConfig(replay=replay)
         )
         torch.manual_seed(0)
-        a = await eng.respond("c", ask("hello world"))
-        await eng.vote("c", a.reply_id, "ann", 1)
+        a = await eng.respond(ch, ask("hello world"))
+        await eng.vote(ch, a.reply_id, "ann", 1)
         await eng.train()
-        b = await eng.respond("c", ask("0123456789 the lazy dog jumps"))
-        b2 = await eng.respond("c", ask("0123456789 the lazy dog jumps"))
+        b = await eng.respond(ch, ask("0123456789 the lazy dog jumps"))
+        b2 = await eng.respond(ch, ask("0123456789 the lazy dog jumps"))
         assert b.node_id != a.node_id
-        await eng.vote("c", b.reply_id, "ann", 1)
-        await eng.vote("c", b2.reply_id, "bob", -1)
+        await eng.vote(ch, b.reply_id, "ann", 1)
+        await eng.vote(ch, b2.reply_id, "bob", -1)
         await eng.train()
-        z = (await eng.store.get_node("c", b.node_id)).z.copy()
+        z = (await eng.store.get_node(ch, b.node_id)).z.copy()
         eng.close()
         return z
 

@@ -6,6 +6,7 @@ import pytest
 from gesal_core.engine import Engine, EngineConfig
 from gesal_core.generate import SamplingConfig
 from gesal_core.guard import Guard, GuardConfig, degenerate_reason
+from gesal_core.learning import LearningConfig
 from gesal_core.records import ChannelConfig
 from gesal_core.store import MemoryStore
 from gesal_core.svf import SVFConfig, SVFModel
@@ -51,6 +52,8 @@ def test_engine_rolls_back_an_update_the_guard_rejects(svf, tiny_tokenizer):
             sampling=SamplingConfig(max_new_tokens=4),
             guard=GuardConfig(max_new_tokens=4, max_topic_drop=-1.0),
             channel_defaults=ChannelConfig(threshold=-1.0),
+            # a small step: the tiny model stays fluent, so only the topic check can fire
+            learning=LearningConfig(lr=1e-3, inner_steps=2, max_step=0.25),
         )
         eng = Engine(svf, tiny_tokenizer, MemoryStore(cfg.channel_defaults), cfg)
         r = await eng.respond("c", [{"role": "user", "content": "hello"}])
