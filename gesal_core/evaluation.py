@@ -791,19 +791,23 @@ def plot(task: Task, rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    panels = [
+        ("compliance", "held-out compliance"),
+        ("on_topic", "on-topic rate"),
+        ("degenerate", "degenerate rate"),
+        ("ref_nll", "reference NLL (drift from the base model's answers)"),
+    ]
     for method in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == method]
         xs = [r["votes"] for r in rs]
-        axes[0].plot(xs, [r["compliance"] for r in rs], marker="o", label=method)
-        axes[1].plot(xs, [r["on_topic"] for r in rs], marker="o", label=method)
-        axes[2].plot(xs, [r["degenerate"] for r in rs], marker="o", label=method)
-    for ax, title in zip(
-        axes, ["held-out compliance", "on-topic rate", "degenerate rate"], strict=True
-    ):
-        ax.set_title(title)
+        for ax, (key, _) in zip(axes, panels, strict=True):
+            ax.plot(xs, [r[key] for r in rs], marker="o", label=method)
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("votes")
-        ax.set_ylim(-0.02, 1.02)
+        if key != "ref_nll":  # rates; NLL is in nats per token
+            ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle(f"{task.name}: median of seeds")

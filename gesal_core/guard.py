@@ -11,10 +11,10 @@ update is rolled back if, compared with the base model on the same probes:
 * a fact the base model states is no longer known (``FACTS``): the probability of the
   fact ("Paris") right where the base model's own answer states it ("The capital of
   France is") falls by more than ``max_fact_drop`` nats. Knowledge, not wording, is
-  checked: the base model's greedy answer to the France probe is a coin toss between
-  "The capital …" (p 0.15) and "L'Étoile, la …" (p 0.14, French, no Paris), so a check
-  on the greedy string rolled back harmless updates (every early update of a real
-  opener run) while this one still catches "The capital of France is Lyon".
+  checked: the base model's two likeliest first tokens for the France probe are nearly
+  tied, "The capital …" and "L'Étoile, la …" (French, no Paris), so a check on the greedy
+  string rolled back harmless updates (the first round of real opener and brevity runs)
+  while this one still catches "The capital of France is Lyon".
 """
 
 from __future__ import annotations
