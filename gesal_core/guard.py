@@ -65,7 +65,9 @@ _REFUSAL = re.compile(
 )
 
 
-_RUN = re.compile(r"([^\w\s])\1{5,}|\b(\w+)(?:\W+\2\b){3,}", re.IGNORECASE)
+# a punctuation run, or one word four times in a row; a word must start with a letter, so
+# "300,000,000,000,000 meters" (a real answer a real run rolled back) is not a loop
+_RUN = re.compile(r"([^\w\s])\1{5,}|\b([^\W\d]\w*)(?:\W+\2\b){3,}", re.IGNORECASE)
 GIBBERISH_NLL = 4.0  # nats/token of an answer under the base model; fluent text is ~0.5-2
 
 

@@ -25,6 +25,7 @@ from .conftest import make_tiny_llama
         ("I am SmolLM, an AI assistant trained by Hugging Face.", "refusal or self-description"),
         ("The capital of Canada is Ottawa.", None),
         ("Photosynthesis turns light, water and CO2 into sugar and oxygen in plants.", None),
+        ("Sure! The speed of light is approximately 300,000,000,000,000 meters per second.", None),
     ],
 )
 def test_degenerate_answers_are_recognised(text, reason):
