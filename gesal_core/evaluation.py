@@ -451,7 +451,8 @@ class LoraLearner(Learner):
         prompt_ids = self.replies[handle][0]
         ids = self.tokenizer(text.strip(), add_special_tokens=False)["input_ids"]
         eos = self.tokenizer.eos_token_id
-        self.corrections.append(Sample(prompt_ids, list(ids) + [eos], demo=True))
+        stop = [eos] if eos is not None else []  # as Engine.correct
+        self.corrections.append(Sample(prompt_ids, list(ids) + stop, demo=True))
         return True
 
     async def train(self):
