@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             return svf_step(k)
 
     def lora_step(k):
+        lora.history = []  # no replay of earlier calls' liked answers: the same k samples
         for j, (p, r) in enumerate(pairs[:k]):
             lora.replies[f"h{j}"] = (p, r, "")
             lora.votes[f"h{j}"] = 1 if j % 2 == 0 else -1

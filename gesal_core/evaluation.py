@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib.util
 import json
 import logging
@@ -582,7 +583,7 @@ class Harness:
         return self._ref[key]
 
     @torch.inference_mode()
-    def _quality(self, prompts: list[str], answers: list[str]) -> tuple[float, float]:
+    def quality(self, prompts: list[str], answers: list[str]) -> tuple[float, float]:
         """(on-topic rate, degenerate rate) of answers; see `on_topic` and `degenerate_reason`.
 
         Both are judged against the base model, never against the method being measured.
@@ -644,7 +645,7 @@ class Harness:
             threshold = (await learner.engine.store.get_config(learner.channel)).threshold
         else:
             on_model_thread = asyncio.to_thread
-        on_topic, degenerate = await on_model_thread(self._quality, prompts, answers)
+        on_topic, degenerate = await on_model_thread(self.quality, prompts, answers)
         ref_nll = await on_model_thread(self._ref_nll, learner, prompts, nodes, threshold)
         predict = getattr(task, "predict", None) or (lambda a: a.split()[0] if a else "-")
         preds = Counter(predict(a) for a in answers)
@@ -664,7 +665,7 @@ class Harness:
         method: str,
         seed: int,
         ec: EvalConfig,
-        progress: Callable[[str], None] = print,
+        progress: Callable[[str], None] = functools.partial(print, flush=True),
     ) -> RunResult:
         random.seed(seed)
         torch.manual_seed(seed)

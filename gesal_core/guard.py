@@ -69,6 +69,7 @@ _REFUSAL = re.compile(
 # "300,000,000,000,000 meters" (a real answer a real run rolled back) is not a loop
 _RUN = re.compile(r"([^\w\s])\1{5,}|\b([^\W\d]\w*)(?:\W+\2\b){3,}", re.IGNORECASE)
 GIBBERISH_NLL = 4.0  # nats/token of an answer under the base model; fluent text is ~0.5-2
+GIBBERISH_MIN_WORDS = 3
 
 
 def degenerate_reason(text: str, base_nll: float | None = None) -> str | None:
@@ -91,7 +92,10 @@ def degenerate_reason(text: str, base_nll: float | None = None) -> str | None:
         return "repetition loop"
     if _REFUSAL.search(text):
         return "refusal or self-description"
-    if base_nll is not None and base_nll > GIBBERISH_NLL:
+    # Over one or two words the mean NLL measures how unusual it is to answer that briefly
+    # ("Python!"), not whether the words make sense; a brevity community asks for exactly
+    # that, so the rule needs a few words to judge.
+    if base_nll is not None and base_nll > GIBBERISH_NLL and len(words) >= GIBBERISH_MIN_WORDS:
         return f"gibberish (base-model NLL {base_nll:.1f} nats/token)"
     return None
 

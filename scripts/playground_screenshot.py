@@ -18,13 +18,14 @@ import time
 import urllib.request
 from pathlib import Path
 
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from gesal_core.records import ChannelConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
+from tests.chromium import headless_chromium  # noqa: E402
 
 QUESTIONS = [
     ("ada", "@gesal What is Redis, in one sentence?"),
@@ -47,21 +48,6 @@ def main(out: str = "docs/playground.png") -> int:
         + ["--port", str(port)],
         env=env,
     )
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = "/usr/bin/chromium"
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1440,900",
-        f"--user-data-dir={data}/chrome",
-    ):
-        opts.add_argument(flag)
     url = f"http://127.0.0.1:{port}/"
     driver = None
     try:
@@ -71,7 +57,7 @@ def main(out: str = "docs/playground.png") -> int:
                 break
             except OSError:
                 time.sleep(0.2)
-        driver = webdriver.Chrome(options=opts, service=Service("/usr/bin/chromedriver"))
+        driver = headless_chromium(Path(data) / "chrome")
         d, wait = driver, WebDriverWait(driver, 600)
         d.get(url)
         wait.until(EC.visibility_of_element_located((By.ID, "main")))

@@ -85,6 +85,15 @@ def test_gibberish_is_caught_by_base_model_nll():
         "gibberish"
     )
     assert degenerate_reason("The capital of Japan is Tokyo.", base_nll=0.8) is None
+    assert degenerate_reason("Absolutelyutely safely mistaken", base_nll=5.1).startswith(
+        "gibberish"
+    )
+
+
+def test_a_one_word_answer_is_not_gibberish_for_being_surprising():
+    # a real run rolled back "Python!" for its base-model NLL: brevity is not gibberish
+    assert degenerate_reason("Python!", base_nll=6.0) is None
+    assert degenerate_reason("Tokyo, Japan.", base_nll=5.0) is None
 
 
 def test_on_topic_accepts_brief_answers_and_rejects_nonsense():

@@ -18,9 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -29,9 +27,8 @@ from bot.launch import serve
 from bot.observability import OpsSettings
 from bot.settings import load_settings
 
+from .chromium import headless_chromium
 from .fakes.tiny import make_engine
-
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
 def _free_port() -> int:
@@ -108,28 +105,7 @@ def server(tiny_tokenizer, monkeypatch):
 def browser(tmp_path):
     downloads = tmp_path / "downloads"
     downloads.mkdir()
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        "--window-size=1440,900",
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ):
-        opts.add_argument(flag)
-    opts.add_experimental_option(
-        "prefs",
-        {"download.default_directory": str(downloads), "download.prompt_for_download": False},
-    )
-    os.environ.setdefault("SE_AVOID_STATS", "true")
-    driver = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
+    driver = headless_chromium(tmp_path / "profile", downloads)
     driver.downloads = downloads  # type: ignore[attr-defined]
     yield driver
     driver.quit()
@@ -227,15 +203,30 @@ def test_click_through_the_whole_loop(server, browser, tmp_path):
     assert "active" not in page.attr(up, "class")
     assert page.text(".msg.bot .voters") == "ben 👎"
 
-    # a correction
+    # a correction; the half-written text survives the log re-rendering (here: switching
+    # member there and back, which redraws every message)
     page.click(".msg.bot .suggest")
-    d.find_element(By.CSS_SELECTOR, ".correct-text").send_keys("Hello! How can I help?")
+    d.find_element(By.CSS_SELECTOR, ".correct-text").send_keys("Hello! How")
+    Select(d.find_element(By.ID, "member")).select_by_value("ben")
+    wait.until(lambda _: "active" in page.attr(down, "class"))
+    Select(d.find_element(By.ID, "member")).select_by_value("ada")
+    wait.until(lambda _: "active" not in page.attr(down, "class"))
+    area = d.find_element(By.CSS_SELECTOR, ".correct-text")
+    assert area.get_attribute("value") == "Hello! How"
+    area.send_keys(" can I help?")
     page.click(".correct-send")
     wait.until(
         EC.text_to_be_present_in_element(
             (By.CSS_SELECTOR, ".msg.bot .corrections"), "ada: Hello! How can I help?"
         )
     )
+    assert page.count(".correct-box") == 0  # sent: the box closes
+    # a second box can be cancelled; nothing is sent
+    page.click(".msg.bot .suggest")
+    d.find_element(By.CSS_SELECTOR, ".correct-text").send_keys("never mind")
+    page.click(".correct-cancel")
+    wait.until(lambda _: page.count(".correct-box") == 0)
+    assert "never mind" not in page.text(".msg.bot .corrections")
     wait.until(EC.text_to_be_present_in_element((By.ID, "schedule"), "waiting"))
     assert page.text("#schedule").startswith("4 vote(s)")
 

@@ -3,7 +3,10 @@
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-const state = { channel: "general", members: [], selectedReply: null, messages: [] };
+// drafts: open correction boxes (message id -> text so far). The log is re-rendered on
+// every vote and message, so a half-written correction must live here, not in the DOM.
+const state = { channel: "general", members: [], selectedReply: null, messages: [],
+                drafts: new Map() };
 const SVG = "http://www.w3.org/2000/svg";
 
 async function api(path, options = {}) {
@@ -149,6 +152,7 @@ function renderActions(m) {
     wrap.append(el("div", { class: "corrections" },
       ...m.corrections.map((c) => el("div", {}, `✏️ ${c.member}: ${c.text}`))));
   }
+  if (state.drafts.has(m.id)) wrap.append(correctionBox(m));
   return wrap;
 }
 
@@ -193,20 +197,31 @@ async function vote(m, value) {
 }
 
 function openCorrection(m) {
-  const box = document.querySelector(`.msg[data-id="${m.id}"]`);
-  if (box.querySelector(".correct-box")) return;
-  const area = el("textarea", { class: "correct-text", placeholder: "a better answer…" });
+  if (!state.drafts.has(m.id)) state.drafts.set(m.id, "");
+  renderLog();
+  const area = document.querySelector(`.msg[data-id="${m.id}"] .correct-text`);
+  if (area) area.focus();
+}
+
+function correctionBox(m) {
+  const area = el("textarea", { class: "correct-text", placeholder: "a better answer…",
+                                oninput: () => state.drafts.set(m.id, area.value) });
+  area.value = state.drafts.get(m.id);
   const send = el("button", { type: "button", class: "correct-send", onclick: async () => {
+    send.disabled = true;
     try {
       const res = await api(`${chan()}/messages/${m.id}/correct`,
                             { json: { member: member(), text: area.value } });
+      state.drafts.delete(m.id);  // only once the server has it: a failed send keeps the text
       replaceMessage(res.message);
       toast("thanks: the bot will learn from that at the next training");
       await refreshSchedule();
-    } catch (e) { toast(e.message, true); }
+    } catch (e) { toast(e.message, true); send.disabled = false; }
   } }, "Send correction");
-  box.append(el("div", { class: "correct-box" }, area, send));
-  area.focus();
+  const cancel = el("button", { type: "button", class: "correct-cancel",
+                                onclick: () => { state.drafts.delete(m.id); renderLog(); } },
+                    "Cancel");
+  return el("div", { class: "correct-box" }, area, send, cancel);
 }
 
 function selectReply(id) {
