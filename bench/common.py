@@ -111,6 +111,16 @@ def timed(fn: Callable[[], object], repeats: int) -> list[float]:
     return out
 
 
+def with_threads(n: int, fn: Callable[[], object]):
+    """fn() under n torch threads, then back to the thread count before."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

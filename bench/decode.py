@@ -28,6 +28,7 @@ from bench.common import (
     model_meta,
     report,
     timed,
+    with_threads,
 )
 from gesal_core.model import load_model
 
@@ -50,15 +51,6 @@ def weight_bytes_per_token(model) -> int:
     tied = head.data_ptr() == emb.data_ptr()
     emb_bytes = emb.numel() * emb.element_size()
     return total - (0 if tied else emb_bytes)
-
-
-def with_threads(n: int, fn):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(before)
 
 
 @torch.inference_mode()
