@@ -75,6 +75,8 @@ def on_topic(prompt: str, answer: str, reference: str, similarity: float) -> boo
     return similarity >= ON_TOPIC_MIN or bool(words & (_content(prompt) | _content(reference)))
 
 
+_print_now = functools.partial(print, flush=True)  # progress lines reach a log file at once
+
 LORA_LR = 1e-3  # Adam on LoRA A/B, persistent across updates (the usual LoRA set-up)
 
 
@@ -665,7 +667,7 @@ class Harness:
         method: str,
         seed: int,
         ec: EvalConfig,
-        progress: Callable[[str], None] = functools.partial(print, flush=True),
+        progress: Callable[[str], None] = _print_now,
     ) -> RunResult:
         random.seed(seed)
         torch.manual_seed(seed)

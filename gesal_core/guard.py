@@ -183,14 +183,12 @@ class Guard:
             q = embed(self.svf.model, self.tokenizer, [p for _, p in rows])
             a = embed(self.svf.model, self.tokenizer, [x or "." for x in answers])
         sims = (q * a).sum(-1).numpy()
+        nll = base_nll(self.svf, self.tokenizer, [p for _, p in rows], answers, self.system)
         results = []
         for i in range(len(probe_lists)):
             idx = [k for k, (j, _) in enumerate(rows) if j == i]
             texts = [answers[k] for k in idx]
-            nll = base_nll(
-                self.svf, self.tokenizer, [p for j, p in rows if j == i], texts, self.system
-            )
-            reasons = [degenerate_reason(x, n) for x, n in zip(texts, nll, strict=True)]
+            reasons = [degenerate_reason(answers[k], nll[k]) for k in idx]
             results.append(
                 ProbeResult(
                     texts,
@@ -218,6 +216,13 @@ class Guard:
     @torch.inference_mode()
     def fact_logprobs(self, z: torch.Tensor | None, facts: list[FactProbe]) -> list[float]:
         """log p(fact | probe, the base answer up to the fact) under z (None: the base)."""
+        return self._fact_logprobs_many([z] * len(facts), facts)
+
+    @torch.inference_mode()
+    def _fact_logprobs_many(
+        self, zs: list[torch.Tensor | None], facts: list[FactProbe]
+    ) -> list[float]:
+        """`fact_logprobs` with one z per fact, all in one teacher-forced pass."""
         from .learning import Sample, sequence_logprobs
 
         if not facts:
@@ -234,21 +239,41 @@ class Guard:
                 min(len(head), len(full)),
             )
             samples.append(Sample(prompt + full[:keep], full[keep:]))
-        zt = self.svf.ones() if z is None else z.float()
+        ones = self.svf.ones()
+        zt = torch.stack([ones if z is None else z.float() for z in zs])
+        if all(z is zs[0] for z in zs):
+            zt = zt[0]  # one model for every row: the shared prompt prefix runs once
         lp, _ = sequence_logprobs(self.svf, zt, samples, pad_id=self.tokenizer.pad_token_id or 0)
         return [float(x) for x in lp]
 
-    def _lost_facts(self, z: torch.Tensor, probes: list[str], base: ProbeResult) -> list[str]:
-        facts = fact_probes(probes, base.answers)
-        key = tuple(probes)
-        if key not in self._fact_cache:
-            self._fact_cache[key] = self.fact_logprobs(None, facts)
-        before, after = self._fact_cache[key], self.fact_logprobs(z, facts)
-        return [
-            f"{f.probe!r}: log p({f.fact!r} after {f.prefix!r}) {b:.2f} -> {a:.2f}"
-            for f, b, a in zip(facts, before, after, strict=True)
-            if b - a > self.config.max_fact_drop
-        ]
+    def _lost_facts_many(
+        self, zs: list[torch.Tensor], probe_lists: list[list[str]], bases: list[ProbeResult]
+    ) -> list[list[str]]:
+        """For each candidate z, the facts its base answers stated that it no longer knows.
+
+        The base model's log-probs are cached per probe list; every candidate's facts are
+        scored in one pass with a z per row.
+        """
+        facts = [fact_probes(p, b.answers) for p, b in zip(probe_lists, bases, strict=True)]
+        for probes, fs in zip(probe_lists, facts, strict=True):
+            if tuple(probes) not in self._fact_cache:
+                self._fact_cache[tuple(probes)] = self.fact_logprobs(None, fs)
+        flat = [f for fs in facts for f in fs]
+        after = self._fact_logprobs_many(
+            [z for z, fs in zip(zs, facts, strict=True) for _ in fs], flat
+        )
+        out, at = [], 0
+        for probes, fs in zip(probe_lists, facts, strict=True):
+            before, now = self._fact_cache[tuple(probes)], after[at : at + len(fs)]
+            at += len(fs)
+            out.append(
+                [
+                    f"{f.probe!r}: log p({f.fact!r} after {f.prefix!r}) {b:.2f} -> {a:.2f}"
+                    for f, b, a in zip(fs, before, now, strict=True)
+                    if b - a > self.config.max_fact_drop
+                ]
+            )
+        return out
 
     def _verdict(self, probes: list[str], base: ProbeResult, cand: ProbeResult) -> GuardVerdict:
         cfg = self.config
@@ -277,12 +302,16 @@ class Guard:
         bases = self.base_many(probe_lists)
         zs = [torch.from_numpy(np.asarray(z, dtype=np.float32)) for z, _ in items]
         cands = self.run_many(zs, probe_lists)
-        verdicts = []
-        for z, probes, base, cand in zip(zs, probe_lists, bases, cands, strict=True):
-            verdict = self._verdict(probes, base, cand)
-            lost = self._lost_facts(z, probes, base) if verdict.ok else []
-            if lost:
-                reason = "forgot what the base model knew: " + "; ".join(lost)
-                verdict = GuardVerdict(False, reason, base, cand)
-            verdicts.append(verdict)
+        verdicts = [
+            self._verdict(probes, base, cand)
+            for probes, base, cand in zip(probe_lists, bases, cands, strict=True)
+        ]
+        ok = [i for i, v in enumerate(verdicts) if v.ok]  # facts only where nothing else failed
+        lost = self._lost_facts_many(
+            [zs[i] for i in ok], [probe_lists[i] for i in ok], [bases[i] for i in ok]
+        )
+        for i, forgotten in zip(ok, lost, strict=True):
+            if forgotten:
+                reason = "forgot what the base model knew: " + "; ".join(forgotten)
+                verdicts[i] = GuardVerdict(False, reason, bases[i], cands[i])
         return verdicts

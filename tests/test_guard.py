@@ -144,3 +144,7 @@ def test_a_fact_is_lost_when_the_model_stops_knowing_it(tiny_tokenizer, monkeypa
     assert repr(word) in verdict.reason
     lenient = Guard(svf, tiny_tokenizer, GuardConfig(**{**loose.__dict__, "max_fact_drop": 1e9}))
     assert lenient.check(scrambled, ["hello"]).ok
+    # several nodes in one training round: one batched pass, one verdict per node
+    both = g.check_many([(ones, ["hello"]), (scrambled, ["hello"]), (ones, ["hello"])])
+    assert [v.ok for v in both] == [True, False, True]
+    assert both[1].reason == verdict.reason  # the same numbers as checked alone
