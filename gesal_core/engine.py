@@ -24,7 +24,7 @@ from .embedding import PromptEmbedder
 from .errors import GesalError
 from .generate import Prompt, SamplingConfig, build_prompt
 from .guard import Guard, GuardConfig
-from .learning import LearningConfig, Sample, prior_baseline, reinforce_step
+from .learning import LearningConfig, Sample, prior_baseline, reinforce_steps
 from .records import CORRECTION, ChannelConfig, Node, NodeUpdate, Reply
 from .serving import BatchedGenerator, GenRequest, ServingConfig
 from .store import ConflictError, MemoryStore, Store, UnknownReplyError
@@ -547,8 +547,8 @@ class Engine:
                 samples.append(Sample(reply.prompt_ids, ids, demo=True))
                 demos += 1
         recent = (node.recent + rewards)[-self.config.recent_rewards :]
-        result = await self.worker.run(
-            reinforce_step,
+        result = await self.worker.steps(
+            reinforce_steps,
             self.svf,
             node.z,
             samples,

@@ -20,6 +20,7 @@ Safety rails, each learned the hard way in prototypes (see issue 3):
 from __future__ import annotations
 
 import math
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,6 +64,11 @@ class LearningConfig:
     # (final -8.641); pure demo steps go further and trip the guard more often, so off.
     correction_replaces_vote: bool = False
     max_tokens: int = 512  # per sample, prompt + response (oldest prompt tokens cut)
+    # Samples per forward/backward pass. The loss is a sum over samples, so gradients
+    # accumulated over micro-batches are the whole batch's, exactly; the model worker
+    # serves waiting chat between passes (`ModelWorker.steps`), so an answer waits for one
+    # pass, not for an update of 8 votes plus 16 replayed examples times 4 inner steps.
+    micro_batch: int = 4
 
 
 @dataclass
@@ -226,6 +232,17 @@ class Batch:
     dropped_stale: int
     skip: str = ""  # why no step is taken ("" = step)
 
+    def slice(self, lo: int, hi: int) -> Batch:
+        """Samples lo..hi of ``rl + demos`` (the order every loss sees them in)."""
+        n_rl = len(self.rl)
+        return Batch(
+            self.rl[lo:hi],
+            self.demos[max(0, lo - n_rl) : max(0, hi - n_rl)],
+            self.baseline,
+            self.dropped_stale,
+            self.skip,
+        )
+
 
 def plan_batch(
     samples: list[Sample], baseline: float, cfg: LearningConfig, replay: list[Sample] = ()
@@ -257,15 +274,22 @@ def plan_batch(
 
 
 def feedback_loss(
-    batch: Batch, logp: torch.Tensor, ntok: torch.Tensor, weights: torch.Tensor, cfg
+    batch: Batch,
+    logp: torch.Tensor,
+    ntok: torch.Tensor,
+    weights: torch.Tensor,
+    cfg,
+    total: int | None = None,
 ) -> torch.Tensor:
     """The votes' policy-gradient term plus the demonstrations' bounded likelihood term.
 
     ``logp``/``ntok`` are per sample, RL samples first, as `response_logprobs` returns
     them for ``batch.rl + batch.demos``; ``weights`` are the RL samples' importance
-    weights. The pull towards the base model is the adapter's own business.
+    weights. The pull towards the base model is the adapter's own business. The loss is
+    a mean over ``total`` samples (default: this batch's); a micro-batch passes the whole
+    batch's size so that its losses add up to the whole batch's.
     """
-    n = len(batch.rl) + len(batch.demos)
+    n = total or len(batch.rl) + len(batch.demos)
     n_rl = len(batch.rl)
     loss = logp.new_zeros(())
     if n_rl:
@@ -289,8 +313,29 @@ def reinforce_step(
     """One bounded policy-gradient update of a node's z. Never raises on bad numbers.
 
     ``baseline`` is the node's reward EMA, or `prior_baseline` for a node with no history;
-    ``replay`` joins as `plan_batch` decides.
+    ``replay`` joins as `plan_batch` decides. This runs `reinforce_steps` to the end.
     """
+    steps = reinforce_steps(svf, z0, samples, baseline, cfg, pad_id, replay)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def reinforce_steps(
+    svf: SVFModel,
+    z0: np.ndarray,
+    samples: list[Sample],
+    baseline: float,
+    cfg: LearningConfig | None = None,
+    pad_id: int = 0,
+    replay: list[Sample] = (),
+) -> Generator[None, None, StepResult]:
+    """`reinforce_step` as a generator: it yields after every forward/backward pass of
+    ``cfg.micro_batch`` samples and returns the `StepResult`, so whoever drives it can run
+    other model work (answers) in between. Nothing is shared between passes but z, its
+    gradient and the optimiser, so interleaving is safe."""
     cfg = cfg or LearningConfig()
     plan = plan_batch(samples, baseline, cfg, replay)
     dropped = plan.dropped_stale
@@ -309,19 +354,32 @@ def reinforce_step(
     opt = torch.optim.Adam([z], lr=cfg.lr) if cfg.optimizer == "adam" else None
     n = len(batch)
     weights = torch.ones(len(rl), device=svf.device)
+    size = max(1, cfg.micro_batch)
     loss_value, grad_norm = float("nan"), float("nan")
     for step in range(cfg.inner_steps):
         z.grad = None
-        logp, ntok = sequence_logprobs(svf, z, batch, cfg.max_tokens, pad_id)
-        if step == 0:  # truncated importance weights for samples from an older z
-            for i, s in enumerate(rl):
-                if s.old_logprob is not None and s.staleness > 0:
-                    ratio = math.exp(min(50.0, float(logp[i]) - s.old_logprob))
-                    weights[i] = min(ratio, cfg.is_clip)
-        loss = (cfg.l2 / 2) * ((z - 1) ** 2).sum() + feedback_loss(plan, logp, ntok, weights, cfg)
-        if not torch.isfinite(loss):
-            return StepResult(None, "rolled_back", "non-finite loss", kept, dropped_stale=dropped)
-        loss.backward()
+        loss_sum = 0.0
+        for lo in range(0, n, size):
+            part = plan.slice(lo, lo + size)
+            logp, ntok = sequence_logprobs(svf, z, part.rl + part.demos, cfg.max_tokens, pad_id)
+            w = weights[lo : lo + len(part.rl)]
+            if step == 0:  # truncated importance weights for samples from an older z
+                for i, s in enumerate(part.rl):
+                    if s.old_logprob is not None and s.staleness > 0:
+                        ratio = math.exp(min(50.0, float(logp[i].detach()) - s.old_logprob))
+                        w[i] = min(ratio, cfg.is_clip)
+            # every pass divides by the whole batch's size: the sum of the passes' losses
+            # is the whole batch's loss, and so are the accumulated gradients
+            loss = feedback_loss(part, logp, ntok, w, cfg, total=n)
+            if lo == 0:
+                loss = loss + (cfg.l2 / 2) * ((z - 1) ** 2).sum()
+            if not torch.isfinite(loss):
+                return StepResult(
+                    None, "rolled_back", "non-finite loss", kept, dropped_stale=dropped
+                )
+            loss.backward()
+            loss_sum += float(loss.detach())
+            yield
         grad_norm = float(torch.nn.utils.clip_grad_norm_([z], cfg.max_grad_norm))
         if not math.isfinite(grad_norm):
             return StepResult(
@@ -337,7 +395,7 @@ def reinforce_step(
             norm = float(delta.norm())
             if norm > cfg.max_step:
                 z.copy_(start + delta * (cfg.max_step / norm))
-        loss_value = float(loss.detach())
+        loss_value = loss_sum
     new_z = z.detach().cpu().numpy().astype(np.float32)
     if not np.isfinite(new_z).all():
         return StepResult(None, "rolled_back", "non-finite z", kept, dropped_stale=dropped)

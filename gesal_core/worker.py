@@ -13,6 +13,8 @@ Three ways in:
   ``max_batch``; so requests that arrive while the thread is busy join the next batch.
   Leftovers queue another drain at the tail, behind jobs already waiting (a training step
   is never starved by a stream of chat, and chat waits for at most one job in front).
+* ``steps(make, ...)``: a generator job (a training update) advanced one step per turn of
+  the queue, so answers that arrive meanwhile run between its steps.
 * ``when_idle(job)``: a generator run one ``next()`` at a time, only while nothing else is
   queued (used to pre-merge hot nodes' weights without delaying anybody's answer).
 """
@@ -20,10 +22,11 @@ Three ways in:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Generator, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -61,6 +64,15 @@ def _deliver(future: asyncio.Future, result: Any = None, error: BaseException | 
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+def _advance(job: Generator[Any, None, Any]) -> tuple[bool, Any]:
+    """One step of ``job``: (False, None) while it runs, (True, its result) at the end."""
+    try:
+        next(job)
+    except StopIteration as stop:
+        return True, stop.value
+    return False, None
 
 
 class ModelWorker:
@@ -101,6 +113,25 @@ class ModelWorker:
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` on the model thread and await its result."""
         return await asyncio.wrap_future(self._submit(lambda: fn(*args, **kwargs)))
+
+    async def steps(self, make: Callable[..., Generator[Any, None, R]], *args: Any) -> R:
+        """Run the generator ``make(*args)`` one ``next()`` per turn of the queue; return
+        what it returns.
+
+        Each step is queued at the tail, so jobs that arrived meanwhile (answers) run
+        between steps: a long training update delays an answer by one step, not by the
+        whole update, and a stream of answers still cannot starve the update.
+        """
+        job = make(*args)  # a generator: nothing runs until the first next()
+        done = False
+        try:
+            while not done:
+                done, value = await self.run(_advance, job)
+            return value
+        finally:
+            if not done:  # the caller was cancelled: close the job on its own thread, after
+                with contextlib.suppress(RuntimeError):  # the step that may be running
+                    self._submit(job.close)
 
     # -- dynamic batching ----------------------------------------------------------------
     async def batch(

@@ -160,6 +160,36 @@ def test_reward_sign_moves_logprob(svf, reward):
     assert (after > before) if reward > 0 else (after < before)
 
 
+def test_micro_batches_take_the_same_step_as_one_batch(svf):
+    """Gradients accumulated over passes of 1 sample equal one pass over all of them
+    (votes, a stale sample with its importance weight, and demonstrations)."""
+    rng = np.random.default_rng(3)
+
+    def sample(**kw):
+        return Sample(
+            list(rng.integers(3, 90, 6)), list(rng.integers(3, 90, 1 + rng.integers(3, 9))), **kw
+        )
+
+    samples = [
+        sample(reward=1.0),
+        sample(reward=-2.0),
+        sample(reward=-2.0, old_logprob=-30.0, staleness=2),
+        sample(demo=True),
+    ]
+    replay = [sample(demo=True), sample(demo=True)]
+    z0 = np.ones(svf.z_size, dtype=np.float32)
+    whole, parts = (
+        reinforce_step(svf, z0, samples, -0.5, LearningConfig(micro_batch=m), replay=replay)
+        for m in (100, 1)
+    )
+    assert whole.status == parts.status == "updated" and whole.used == parts.used == 6
+    assert whole.loss == pytest.approx(parts.loss, rel=1e-4)
+    assert whole.metrics["mean_weight"] == pytest.approx(parts.metrics["mean_weight"])
+    step = np.linalg.norm(whole.z - z0)
+    assert step > 0.01
+    assert np.linalg.norm(whole.z - parts.z) / step < 1e-3
+
+
 def test_no_step_without_signal(svf):
     sample = Sample([1, 5, 9], [50, 60, 2], reward=1.0)
     z0 = np.ones(svf.z_size, dtype=np.float32)

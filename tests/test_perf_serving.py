@@ -187,6 +187,68 @@ def test_training_and_serving_share_the_worker_fairly():
     assert order[2:] == ["serve2", "serve2"]
 
 
+def test_answers_run_between_the_steps_of_a_training_update():
+    """A stepwise job (a training update) lets an answer that arrives during step 1 run
+    before step 2, instead of after the whole update; the update still finishes."""
+    worker = ModelWorker(batching=BatchConfig(max_batch=8, max_wait_s=0))
+    order: list[str] = []
+    started = threading.Event()
+
+    def update(n):
+        for i in range(n):
+            order.append(f"step{i}")
+            started.set()
+            time.sleep(0.05)  # a forward/backward pass
+            yield
+        return "trained"
+
+    def serve(items):
+        order.append("answer")
+        return items
+
+    async def go():
+        training = asyncio.ensure_future(worker.steps(update, 3))
+        await asyncio.to_thread(started.wait)
+        answer = await worker.batch(serve, "hi")  # arrives while step0 runs
+        return answer, await training
+
+    try:
+        answer, trained = asyncio.run(go())
+    finally:
+        worker.close()
+    assert (answer, trained) == ("hi", "trained")
+    assert order.index("answer") < order.index("step2")  # not held up by the whole update
+    assert [o for o in order if o != "answer"] == ["step0", "step1", "step2"]
+
+
+def test_a_cancelled_stepwise_job_is_closed_and_the_worker_goes_on():
+    worker = ModelWorker()
+    closed = threading.Event()
+
+    def update():
+        try:
+            while True:
+                time.sleep(0.01)
+                yield
+        finally:
+            closed.set()
+
+    async def go():
+        job = asyncio.ensure_future(worker.steps(update))
+        await asyncio.sleep(0.05)
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+        await asyncio.to_thread(closed.wait, 5)
+        return await worker.run(lambda: "still serving")
+
+    try:
+        assert asyncio.run(go()) == "still serving"
+    finally:
+        worker.close()
+    assert closed.is_set()
+
+
 def test_idle_jobs_only_run_when_nothing_is_queued():
     worker = ModelWorker()
     log: list[str] = []
