@@ -24,6 +24,7 @@ SCRIPTS = (
     "node_switch",
     "multichannel",
     "update_step",
+    "train_vs_serve",
     "routing",
     "redis_store",
     "lora_export",
@@ -88,6 +89,16 @@ def targets() -> list[dict]:
         if r
         else "not run",
         min(r["svf_s"], r.get("svf_all_cores_s", r["svf_s"])) <= 1.5 if r else None,
+    )
+    tvs = _rows("train_vs_serve")
+    step, whole = _row(tvs, "mode", "stepwise"), _row(tvs, "mode", "whole update")
+    add(
+        "training and serving share the worker (answer latency during an update)",
+        f"+{step['over_idle_s']:.2f} s over idle, stepwise (whole-update job: "
+        f"+{whole['over_idle_s']:.2f} s)"
+        if step and whole
+        else "not run",
+        None,
     )
     r = _row(_rows("routing"), "nodes", 10000)
     add(
