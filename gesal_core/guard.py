@@ -68,6 +68,10 @@ _REFUSAL = re.compile(
 # a punctuation run, or one word four times in a row; a word must start with a letter, so
 # "300,000,000,000,000 meters" (a real answer a real run rolled back) is not a loop
 _RUN = re.compile(r"([^\w\s])\1{5,}|\b([^\W\d]\w*)(?:\W+\2\b){3,}", re.IGNORECASE)
+# An answer that is one question and nothing else asks instead of answering: "What is the
+# capital of Japan?" -> "What is the capital of France?" was where a brevity run's node
+# ended up after 128 votes (short, so the community liked it; on topic by every measure).
+_ONLY_QUESTION = re.compile(r"[^.!?\n]*\?+[\s\"')]*")
 GIBBERISH_NLL = 4.0  # nats/token of an answer under the base model; fluent text is ~0.5-2
 GIBBERISH_MIN_WORDS = 3
 
@@ -92,6 +96,8 @@ def degenerate_reason(text: str, base_nll: float | None = None) -> str | None:
         return "repetition loop"
     if _REFUSAL.search(text):
         return "refusal or self-description"
+    if _ONLY_QUESTION.fullmatch(text.strip()):
+        return "a question instead of an answer"
     # Over one or two words the mean NLL measures how unusual it is to answer that briefly
     # ("Python!"), not whether the words make sense; a brevity community asks for exactly
     # that, so the rule needs a few words to judge.

@@ -26,6 +26,12 @@ from .conftest import make_tiny_llama
         ("The capital of Canada is Ottawa.", None),
         ("Photosynthesis turns light, water and CO2 into sugar and oxygen in plants.", None),
         ("Sure! The speed of light is approximately 300,000,000,000,000 meters per second.", None),
+        # seen at 128 votes in real brevity runs: the node echoed questions back
+        ("What is the capital of France?", "a question instead of an answer"),
+        ("How do plants grow?", "a question instead of an answer"),
+        ("Kábázás a tác báám nemáníké?", "a question instead of an answer"),
+        ("Tokyo. Anything else you would like to know?", None),
+        ("Is it Tokyo? Yes: Tokyo is the capital of Japan.", None),
     ],
 )
 def test_degenerate_answers_are_recognised(text, reason):
