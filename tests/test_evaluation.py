@@ -76,7 +76,7 @@ def test_eval_command_end_to_end_on_tiny_model(tiny_llama, tiny_tokenizer, tmp_p
             "--batch",
             "4",
             "--heldout",
-            "3",
+            "4",
             "--max-new-tokens",
             "4",
             "--out",
@@ -92,6 +92,7 @@ def test_eval_command_end_to_end_on_tiny_model(tiny_llama, tiny_tokenizer, tmp_p
     }
     for r in runs:
         assert [c["votes"] for c in r["checkpoints"]] == [0, 4, 8]
+        assert all(len(c["samples"]) == 4 for c in r["checkpoints"])  # every held-out answer
         if r["method"] != "none":
             assert r["trains"] == 2  # one training run per batch of 4 votes
             assert r["updates"] + r["skipped"] + r["rolled_back"] >= 2
