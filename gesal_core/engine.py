@@ -24,7 +24,7 @@ from .embedding import PromptEmbedder
 from .errors import GesalError
 from .generate import Prompt, SamplingConfig, build_prompt
 from .guard import Guard, GuardConfig
-from .learning import LearningConfig, Sample, prior_baseline, reinforce_steps
+from .learning import LearningConfig, Sample, prior_baseline, reinforce_steps, settle_scale
 from .records import CORRECTION, ChannelConfig, Node, NodeUpdate, Reply
 from .serving import BatchedGenerator, GenRequest, ServingConfig
 from .store import ConflictError, MemoryStore, Store, UnknownReplyError
@@ -556,6 +556,7 @@ class Engine:
             self.config.learning,
             self.tokenizer.pad_token_id or 0,
             replay or [],
+            settle_scale(recent, demos > 0, self.config.learning),
         )
         status, reason = result.status, result.reason
         updated = status == "updated"

@@ -48,6 +48,7 @@ from .learning import (
     prior_baseline,
     response_logprobs,
     sequence_logprobs,
+    settle_scale,
 )
 from .records import ChannelConfig
 from .store import MemoryStore
@@ -429,6 +430,7 @@ class LoraLearner(Learner):
         self.votes: dict[str, int] = {}
         self.corrections: list[Sample] = []  # new since the last training run
         self.history: list[Sample] = []  # liked answers and corrections, oldest first
+        self.recent: list[float] = []  # the channel's last rewards, as a node's `recent`
         self.n = 0
 
     async def ask(self, prompts, record=True):
@@ -477,8 +479,12 @@ class LoraLearner(Learner):
             self.baseline = prior_baseline([s.reward for s in samples], defaults)
         plan = plan_batch(samples + new_demos, self.baseline, lc, replay)
         self.baseline = plan.baseline
-        if plan.skip:
+        self.recent = (self.recent + [s.reward for s in samples])[-self.cfg.recent_rewards :]
+        scale = settle_scale(self.recent, bool(new_demos), lc)
+        if plan.skip or scale <= 0:
             return {"updated": 0, "skipped": 1, "rolled_back": 0}
+        for group in self.opt.param_groups:  # the same settling as a gesal node
+            group["lr"] = LORA_LR * min(scale, 1.0)
         batch = plan.rl + plan.demos
         weights = torch.ones(len(plan.rl))
         pad = self.tokenizer.pad_token_id or 0
@@ -519,6 +525,9 @@ class Checkpoint:
     ref_nll: float
     predictions: dict
     samples: list[str]
+    # median ‖z − 1‖₂ of the adapters that answered the held-out prompts (SVF methods;
+    # None for lora and for results written before it was recorded)
+    drift: float | None = None
 
 
 @dataclass
@@ -608,18 +617,19 @@ class Harness:
     @torch.inference_mode()
     def _ref_nll(
         self, learner: Learner, prompts: list[str], nodes=None, threshold: float = 0.0
-    ) -> float:
-        """Mean per-token NLL of the base model's own answers under the learned policy."""
+    ) -> tuple[float, float | None]:
+        """Mean per-token NLL of the base model's own answers under the learned policy, and
+        the median drift ‖z − 1‖ of the adapters that answer them (None for lora)."""
         from . import graph
 
         refs = self._reference(prompts)
         if isinstance(learner, LoraLearner):
             lp, n = response_logprobs(learner.model, refs, 512, self.tokenizer.pad_token_id or 0)
-            return float(-lp.sum() / n.sum())
+            return float(-lp.sum() / n.sum()), None
         engine = learner.engine  # type: ignore[attr-defined]
         index = graph.GraphIndex.build(nodes or [])
         by_id = {n.node_id: n for n in nodes or []}
-        total, count = 0.0, 0
+        total, count, drifts = 0.0, 0, []
         for p, ref in zip(prompts, refs, strict=True):
             emb = engine._embed(p)
             route = graph.route(index, emb, threshold)
@@ -628,10 +638,11 @@ class Harness:
                 if route.node_id
                 else graph.initial_z(index, by_id, emb, self.svf.z_size)
             )
+            drifts.append(float(np.linalg.norm(z - 1)))
             lp, n = sequence_logprobs(self.svf, torch.from_numpy(z), [ref])
             total += float(-lp[0])
             count += int(n[0])
-        return total / max(count, 1)
+        return total / max(count, 1), float(np.median(drifts))
 
     async def checkpoint(self, task: Task, learner: Learner, votes: int, seed: int) -> Checkpoint:
         prompts = task.heldout
@@ -648,7 +659,7 @@ class Harness:
         else:
             on_model_thread = asyncio.to_thread
         on_topic, degenerate = await on_model_thread(self.quality, prompts, answers)
-        ref_nll = await on_model_thread(self._ref_nll, learner, prompts, nodes, threshold)
+        ref_nll, drift = await on_model_thread(self._ref_nll, learner, prompts, nodes, threshold)
         predict = getattr(task, "predict", None) or (lambda a: a.split()[0] if a else "-")
         preds = Counter(predict(a) for a in answers)
         return Checkpoint(
@@ -660,6 +671,7 @@ class Harness:
             dict(preds.most_common(6)),
             # every held-out answer: a collapse shows in the words before it shows in a rate
             [f"{p} -> {a[:120]}" for p, a in zip(prompts, answers, strict=True)],
+            drift,
         )
 
     async def run(
@@ -717,6 +729,7 @@ class Harness:
                         f"  {task.name}/{method}/seed {seed}: {votes} votes -> compliance "
                         f"{cp.compliance:.0%}, on-topic {cp.on_topic:.0%}, degenerate "
                         f"{cp.degenerate:.0%}, ref NLL {cp.ref_nll:.2f}"
+                        + ("" if cp.drift is None else f", |z-1| {cp.drift:.2f}")
                     )
         finally:
             learner.close()
@@ -736,6 +749,7 @@ def summarise(results: list[RunResult], checkpoints: tuple[int, ...]) -> list[di
             cps = [cp for r in runs for cp in r.checkpoints if cp.votes == c]
             if not cps:
                 continue
+            drifts = [cp.drift for cp in cps if cp.drift is not None]
             rows.append(
                 {
                     "method": method,
@@ -744,6 +758,7 @@ def summarise(results: list[RunResult], checkpoints: tuple[int, ...]) -> list[di
                     "on_topic": statistics.median(cp.on_topic for cp in cps),
                     "degenerate": statistics.median(cp.degenerate for cp in cps),
                     "ref_nll": statistics.median(cp.ref_nll for cp in cps),
+                    "drift": statistics.median(drifts) if drifts else None,
                     "per_seed": [round(cp.compliance, 3) for cp in cps],
                 }
             )
@@ -754,14 +769,16 @@ def markdown(task: Task, rows: list[dict], results: list[RunResult]) -> str:
     lines = [
         f"### Task `{task.name}`: {task.description}",
         "",
-        "| method | votes | compliance (median) | per seed | on-topic | degenerate | ref NLL |",
-        "|---|---|---|---|---|---|---|",
+        "| method | votes | compliance (median) | per seed | on-topic | degenerate | ref NLL "
+        "| ‖z−1‖ |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         seeds = ", ".join(f"{x:.0%}" for x in r["per_seed"])
+        drift = "–" if r.get("drift") is None else f"{r['drift']:.2f}"
         lines.append(
             f"| {r['method']} | {r['votes']} | {r['compliance']:.0%} | {seeds} | "
-            f"{r['on_topic']:.0%} | {r['degenerate']:.0%} | {r['ref_nll']:.2f} |"
+            f"{r['on_topic']:.0%} | {r['degenerate']:.0%} | {r['ref_nll']:.2f} | {drift} |"
         )
     if getattr(task, "constant_answer_level", None) is not None:
         lines.append(f"\nA constant answer would score {task.constant_answer_level:.0%}.")
@@ -867,6 +884,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=learning.replay,
         help="earlier liked answers and corrections re-learnt per update (0: off)",
     )
+    p.add_argument(
+        "--no-settle",
+        action="store_true",
+        help="full-size steps however content the community is (see LearningConfig.settle)",
+    )
+    p.add_argument(
+        "--max-drift",
+        type=float,
+        default=learning.max_drift,
+        help="bound on a node's |z-1| (0: none)",
+    )
     p.add_argument("--threshold", type=float, default=None, help="routing θ (default: 0.15)")
 
 
@@ -957,6 +985,8 @@ def run(args: argparse.Namespace) -> int:
             max_step=args.max_step,
             l2=args.l2,
             replay=args.replay,
+            settle=not args.no_settle,
+            max_drift=args.max_drift,
         ),
         channel_defaults=channel,
     )

@@ -11,7 +11,10 @@ sampled (prompt and response are concatenated ids, never re-tokenised text).
 
 Safety rails, each learned the hard way in prototypes (see issue 3):
 * no step unless some |A| ≥ ``min_advantage`` (Adam turns noise into full-size steps);
-* gradient-norm clipping and a bound on ‖Δz‖ per update;
+* gradient-norm clipping and a bound on ‖Δz‖ per update, plus an optional bound on a
+  node's total drift ‖z − 1‖;
+* the step shrinks as a node's votes turn positive (`settle_scale`): updates that keep
+  coming after the community is content wore answers down in 128-vote runs;
 * samples from a z more than ``max_staleness`` versions old are dropped, fresher ones
   are re-weighted by a truncated importance ratio π_now/π_then;
 * any non-finite loss, gradient or z rolls the update back.
@@ -69,6 +72,33 @@ class LearningConfig:
     # serves waiting chat between passes (`ModelWorker.steps`), so an answer waits for one
     # pass, not for an update of 8 votes plus 16 replayed examples times 4 inner steps.
     micro_batch: int = 4
+    # Settling: the step (lr and max_step) is scaled by min(1, 2 × the share of 👎 among
+    # the node's recent rated replies), so it is full until half of them are liked and
+    # zero when none is disliked (`settle_scale`); a new correction always gets a full
+    # step. Without it, updates went on after compliance reached 100% at 64 votes, and at
+    # 128 votes answers had degraded (echoed questions, gibberish, wrong facts; README,
+    # "Evaluation"). The mirror image of exploration, which widens as votes turn negative.
+    settle: bool = True
+    settle_min_votes: int = 8  # fewer rated replies than this do not show contentment
+    # Bound on a node's total drift ‖z − 1‖₂ (0: none). Each update is bounded by
+    # max_step, but nothing else bounds how far many updates add up to.
+    max_drift: float = 0.0
+
+
+def settle_scale(recent: list[float], corrected: bool, cfg: LearningConfig) -> float:
+    """How much of a full step a node takes: ``min(1, 2 × share of 👎)`` in ``recent``.
+
+    ``recent`` is the node's last rewards, this round's included. A community that likes
+    most of what a node says has little left to teach it, and every further step on its
+    own sampled text (pushing up what is liked, down the odd miss) is drift that votes did
+    not ask for. A new correction (``corrected``) is a member asking for something else,
+    so it gets a full step whatever the votes say, and so does a node with fewer than
+    ``settle_min_votes`` rated replies: its first 👍 are the signal it learns most from.
+    """
+    if not cfg.settle or corrected or len(recent) < max(1, cfg.settle_min_votes):
+        return 1.0
+    negative = sum(r < 0 for r in recent) / len(recent)
+    return min(1.0, 2.0 * negative)
 
 
 @dataclass
@@ -309,13 +339,15 @@ def reinforce_step(
     cfg: LearningConfig | None = None,
     pad_id: int = 0,
     replay: list[Sample] = (),
+    scale: float = 1.0,
 ) -> StepResult:
     """One bounded policy-gradient update of a node's z. Never raises on bad numbers.
 
     ``baseline`` is the node's reward EMA, or `prior_baseline` for a node with no history;
-    ``replay`` joins as `plan_batch` decides. This runs `reinforce_steps` to the end.
+    ``replay`` joins as `plan_batch` decides; ``scale`` (see `settle_scale`) multiplies
+    the step. This runs `reinforce_steps` to the end.
     """
-    steps = reinforce_steps(svf, z0, samples, baseline, cfg, pad_id, replay)
+    steps = reinforce_steps(svf, z0, samples, baseline, cfg, pad_id, replay, scale)
     while True:
         try:
             next(steps)
@@ -331,6 +363,7 @@ def reinforce_steps(
     cfg: LearningConfig | None = None,
     pad_id: int = 0,
     replay: list[Sample] = (),
+    scale: float = 1.0,
 ) -> Generator[None, None, StepResult]:
     """`reinforce_step` as a generator: it yields after every forward/backward pass of
     ``cfg.micro_batch`` samples and returns the `StepResult`, so whoever drives it can run
@@ -344,6 +377,9 @@ def reinforce_steps(
     kept = plan.baseline if math.isfinite(plan.baseline) else baseline
     if plan.skip:
         return StepResult(None, "skipped", plan.skip, plan.baseline, dropped_stale=dropped)
+    if scale <= 0:
+        reason = "settled (no 👎 among the node's recent rated replies)"
+        return StepResult(None, "skipped", reason, plan.baseline, dropped_stale=dropped)
     if not np.isfinite(z0).all():
         return StepResult(
             None, "rolled_back", "the node's z is non-finite", kept, dropped_stale=dropped
@@ -351,7 +387,8 @@ def reinforce_steps(
     rl, batch = plan.rl, plan.rl + plan.demos
     z = svf.trainable(torch.from_numpy(np.asarray(z0, dtype=np.float32)))
     start = z.detach().clone()
-    opt = torch.optim.Adam([z], lr=cfg.lr) if cfg.optimizer == "adam" else None
+    lr, max_step = cfg.lr * min(scale, 1.0), cfg.max_step * min(scale, 1.0)
+    opt = torch.optim.Adam([z], lr=lr) if cfg.optimizer == "adam" else None
     n = len(batch)
     weights = torch.ones(len(rl), device=svf.device)
     size = max(1, cfg.micro_batch)
@@ -389,12 +426,16 @@ def reinforce_steps(
             opt.step()
         else:
             with torch.no_grad():
-                z -= cfg.lr * z.grad / z.grad.norm().clamp_min(1e-12)
+                z -= lr * z.grad / z.grad.norm().clamp_min(1e-12)
         with torch.no_grad():
             delta = z - start
             norm = float(delta.norm())
-            if norm > cfg.max_step:
-                z.copy_(start + delta * (cfg.max_step / norm))
+            if norm > max_step:
+                z.copy_(start + delta * (max_step / norm))
+            if cfg.max_drift > 0:  # project back into the ball around the base model
+                drift = float((z - 1).norm())
+                if drift > cfg.max_drift:
+                    z.copy_(1 + (z - 1) * (cfg.max_drift / drift))
         loss_value = loss_sum
     new_z = z.detach().cpu().numpy().astype(np.float32)
     if not np.isfinite(new_z).all():
@@ -409,5 +450,5 @@ def reinforce_steps(
         step_norm=float(np.linalg.norm(new_z - z0)),
         used=n,
         dropped_stale=dropped,
-        metrics={"mean_weight": float(weights.mean()) if rl else 1.0},
+        metrics={"mean_weight": float(weights.mean()) if rl else 1.0, "scale": scale},
     )
