@@ -556,7 +556,7 @@ class Engine:
             self.config.learning,
             self.tokenizer.pad_token_id or 0,
             replay or [],
-            settle_scale(recent, demos > 0, self.config.learning),
+            settle_scale(node.recent, rewards, demos > 0, self.config.learning),
         )
         status, reason = result.status, result.reason
         updated = status == "updated"

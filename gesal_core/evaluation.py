@@ -479,8 +479,9 @@ class LoraLearner(Learner):
             self.baseline = prior_baseline([s.reward for s in samples], defaults)
         plan = plan_batch(samples + new_demos, self.baseline, lc, replay)
         self.baseline = plan.baseline
-        self.recent = (self.recent + [s.reward for s in samples])[-self.cfg.recent_rewards :]
-        scale = settle_scale(self.recent, bool(new_demos), lc)
+        rewards = [s.reward for s in samples]
+        scale = settle_scale(self.recent, rewards, bool(new_demos), lc)
+        self.recent = (self.recent + rewards)[-self.cfg.recent_rewards :]
         if plan.skip or scale <= 0:
             return {"updated": 0, "skipped": 1, "rolled_back": 0}
         for group in self.opt.param_groups:  # the same settling as a gesal node

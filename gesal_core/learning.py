@@ -79,25 +79,29 @@ class LearningConfig:
     # 128 votes answers had degraded (echoed questions, gibberish, wrong facts; README,
     # "Evaluation"). The mirror image of exploration, which widens as votes turn negative.
     settle: bool = True
-    settle_min_votes: int = 8  # fewer rated replies than this do not show contentment
+    settle_min_votes: int = 8  # rated replies before a round that can show contentment
     # Bound on a node's total drift ‖z − 1‖₂ (0: none). Each update is bounded by
     # max_step, but nothing else bounds how far many updates add up to.
     max_drift: float = 0.0
 
 
-def settle_scale(recent: list[float], corrected: bool, cfg: LearningConfig) -> float:
-    """How much of a full step a node takes: ``min(1, 2 × share of 👎)`` in ``recent``.
+def settle_scale(
+    before: list[float], now: list[float], corrected: bool, cfg: LearningConfig
+) -> float:
+    """How much of a full step a node takes: ``min(1, 2 × share of 👎)`` among its rewards
+    ``before`` this round (its recent window) and ``now``.
 
-    ``recent`` is the node's last rewards, this round's included. A community that likes
-    most of what a node says has little left to teach it, and every further step on its
-    own sampled text (pushing up what is liked, down the odd miss) is drift that votes did
-    not ask for. A new correction (``corrected``) is a member asking for something else,
-    so it gets a full step whatever the votes say, and so does a node with fewer than
-    ``settle_min_votes`` rated replies: its first 👍 are the signal it learns most from.
+    A community that likes most of what a node says has little left to teach it, and
+    every further step on its own sampled text (pushing up what is liked, down the odd
+    miss) is drift that votes did not ask for. A new correction (``corrected``) is a
+    member asking for something else, so it gets a full step whatever the votes say, and
+    so does a node with fewer than ``settle_min_votes`` rated replies before this round:
+    contentment needs evidence, and a young node's first 👍 are what it learns most from.
     """
-    if not cfg.settle or corrected or len(recent) < max(1, cfg.settle_min_votes):
+    if not cfg.settle or corrected or len(before) < max(1, cfg.settle_min_votes):
         return 1.0
-    negative = sum(r < 0 for r in recent) / len(recent)
+    window = before + now
+    negative = sum(r < 0 for r in window) / len(window)
     return min(1.0, 2.0 * negative)
 
 
