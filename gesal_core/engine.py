@@ -149,6 +149,8 @@ async def channel_stats(store: Store, channel: str) -> dict:
                 "version": n.version,
                 "mean_reward": n.mean_reward,
                 "rated": n.rated,
+                # how far its adapter has moved from the base model (LearningConfig.max_drift)
+                "drift": round(float(np.linalg.norm(n.z - 1)), 4),
                 "edges": n.neighbors,
             }
             for n in nodes

@@ -17,6 +17,7 @@ from gesal_core.learning import (
     prior_baseline,
     reinforce_step,
     sequence_logprobs,
+    settle_scale,
 )
 from gesal_core.records import ChannelConfig
 from gesal_core.store import MemoryStore, UnknownReplyError
@@ -206,6 +207,78 @@ def test_step_is_bounded(svf):
     assert np.linalg.norm(res.z - z0) <= 0.1 + 1e-5
 
 
+def test_settling_shrinks_the_step_as_votes_turn_positive():
+    cfg = LearningConfig()
+    up, down = 1.0, -2.0
+    assert settle_scale([down] * 8, [up] * 8, False, cfg) == 1.0  # half 👎: full step
+    assert settle_scale([up] * 6 + [down] * 2, [up] * 8, False, cfg) == pytest.approx(0.25)
+    assert settle_scale([up] * 8, [up] * 8, False, cfg) == 0.0  # content: no step
+    assert settle_scale([up] * 8, [up] * 7 + [down], False, cfg) == pytest.approx(0.125)
+    # a correction, too little evidence, or settling turned off: full step
+    assert settle_scale([up] * 8, [up] * 8, True, cfg) == 1.0
+    assert settle_scale([up] * 7, [up] * 8, False, cfg) == 1.0
+    assert settle_scale([up] * 8, [up] * 8, False, LearningConfig(settle=False)) == 1.0
+
+
+def test_a_settled_step_is_smaller_and_a_content_node_takes_none(svf):
+    sample = Sample([1, 5, 9], [50, 60, 2], reward=1.0)
+    z0 = np.ones(svf.z_size, dtype=np.float32)
+    cfg = LearningConfig(lr=1.0, max_step=0.1)
+    full = reinforce_step(svf, z0, [sample], 0.0, cfg)
+    half = reinforce_step(svf, z0, [sample], 0.0, cfg, scale=0.5)
+    assert full.status == half.status == "updated"
+    assert full.step_norm == pytest.approx(0.1, rel=1e-3)
+    assert half.step_norm == pytest.approx(0.05, rel=1e-3)
+    none = reinforce_step(svf, z0, [sample], 0.0, cfg, scale=0.0)
+    assert none.status == "skipped" and none.z is None and "settled" in none.reason
+    assert none.baseline == full.baseline  # the reward statistics still count
+
+
+def test_max_drift_bounds_a_nodes_total_distance_from_the_base(svf):
+    sample = Sample([1, 5, 9], [50, 60, 2], reward=1.0)
+    z = np.ones(svf.z_size, dtype=np.float32)
+    cfg = LearningConfig(lr=1.0, max_step=0.3, max_drift=0.5)
+    for _ in range(4):  # each step may move 0.3; together they must stay within 0.5
+        res = reinforce_step(svf, z, [sample], 0.0, cfg)
+        assert res.status == "updated"
+        z = res.z
+        assert np.linalg.norm(z - 1) <= 0.5 + 1e-5
+    assert np.linalg.norm(z - 1) == pytest.approx(0.5, rel=1e-3)
+    unbounded = np.ones(svf.z_size, dtype=np.float32)
+    for _ in range(4):
+        unbounded = reinforce_step(
+            svf, unbounded, [sample], 0.0, LearningConfig(lr=1.0, max_step=0.3)
+        ).z
+    assert np.linalg.norm(unbounded - 1) > 0.5
+
+
+@pytest.mark.parametrize("settle", [True, False])
+def test_a_content_node_stops_updating(svf, tiny_tokenizer, settle):
+    """Through the engine: a node keeps learning while 👎 are in its recent window, and
+    stops once they have all rolled out of it; without settling it goes on updating."""
+
+    async def go():
+        eng = make_engine(
+            svf, tiny_tokenizer, threshold=-1.0, learning=LearningConfig(settle=settle)
+        )
+        statuses = []
+        for round_ in range(4):
+            for i in range(8):
+                r = await eng.respond("c", ask(f"hello {i}"))
+                await eng.vote("c", r.reply_id, "ann", 1 if round_ or i < 4 else -1)
+            (rep,) = (await eng.train()).channels["c"]
+            statuses.append((rep.status, rep.reason))
+        eng.close()
+        return statuses
+
+    statuses = run(go())
+    assert [s for s, _ in statuses[:3]] == ["updated"] * 3
+    if settle:
+        assert statuses[3][0] == "skipped" and "settled" in statuses[3][1]
+    else:
+        assert statuses[3][0] == "updated"
+
+
 def test_nan_rolls_back(svf):
     z0 = np.ones(svf.z_size, dtype=np.float32)
     bad = Sample([1, 5, 9], [50, 60, 2], reward=float("nan"))
@@ -267,6 +340,9 @@ def test_train_commits_and_next_reply_uses_new_z(svf, tiny_tokenizer):
         assert await eng.pending("c") == 0
         node = await eng.store.get_node("c", r.node_id)
         assert node.version == 1 and not np.allclose(node.z, 1.0)
+        (listed,) = (await eng.stats("c"))["node_list"]  # operators see how far it moved
+        assert listed["drift"] > 0
+        assert listed["drift"] == pytest.approx(np.linalg.norm(node.z - 1), abs=1e-3)
         r2 = await eng.respond("c", ask("hello"))
         assert r2.z_version == 1
         again = await eng.train()  # nothing pending: nothing happens

@@ -93,13 +93,16 @@ def test_eval_command_end_to_end_on_tiny_model(tiny_llama, tiny_tokenizer, tmp_p
     for r in runs:
         assert [c["votes"] for c in r["checkpoints"]] == [0, 4, 8]
         assert all(len(c["samples"]) == 4 for c in r["checkpoints"])  # every held-out answer
+        first = r["checkpoints"][0]["drift"]  # |z-1| of the answering adapters
+        assert first is None if r["method"] == "lora" else first == pytest.approx(0.0)
         if r["method"] != "none":
             assert r["trains"] == 2  # one training run per batch of 4 votes
             assert r["updates"] + r["skipped"] + r["rolled_back"] >= 2
     summary = {(row["method"], row["votes"]) for row in data["summary"]}
     assert ("gesal", 8) in summary and ("lora", 0) in summary
     assert (out / "eval-brevity.png").stat().st_size > 1000
-    assert "| gesal | 8 |" in (out / "eval-brevity.md").read_text()
+    table = (out / "eval-brevity.md").read_text()
+    assert "| gesal | 8 |" in table and "‖z−1‖" in table
 
 
 def test_corrections_are_sent_and_counted(tiny_llama, tiny_tokenizer, tmp_path):
@@ -135,6 +138,7 @@ def test_corrections_are_sent_and_counted(tiny_llama, tiny_tokenizer, tmp_path):
     assert evaluation.run(args) == 0
     runs = {r["method"]: r for r in json.loads((out / "eval-opener.json").read_text())["runs"]}
     assert runs["gesal"]["corrections"] == 2  # the tiny model never says "Sure": all 👎
+    assert runs["gesal"]["updates"] >= 1 and runs["gesal"]["checkpoints"][-1]["drift"] > 0
     # the LoRA baseline learns from the same feedback: votes and corrections
     assert runs["lora"]["corrections"] == 2 and runs["lora"]["updates"] == 1
 
