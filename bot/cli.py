@@ -236,12 +236,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
     for s in rows:
         last = s["last_update"]
         when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(last)) if last else "never"
+        drift = max((n["drift"] for n in s["node_list"]), default=0.0)
         print(
             f"{s['channel']}: {s['nodes']} nodes, {s['prompts']} prompts, {s['replies']} replies, "
             f"{s['votes_up']} up / {s['votes_down']} down, {s['corrections']} corrections, "
             f"{s['pending_feedback']} pending, {s['updates']} updates "
             f"({s['rollbacks']} rolled back), mean reward {s['mean_reward']:+.2f}, "
-            f"last trained {when}"
+            f"largest drift |z-1| {drift:.2f}, last trained {when}"
         )
     return EXIT_OK
 

@@ -147,6 +147,7 @@ def test_export_import_reset_stats_round_trip(
     monkeypatch.setenv("GESAL_MODEL", str(tiny_model_dir))
     line = capsys.readouterr().out
     assert line.startswith("discord:9:9: 1 nodes, 1 prompts, 1 replies, 1 up / 0 down")
+    assert "largest drift |z-1| 0.00" in line  # imported, never trained: z is the base
     copy = tmp_path / "copy.json"
     assert cli.main(["export", "discord:9:9", "-o", str(copy)]) == cli.EXIT_OK
     original = json.loads(store_file.read_text())
