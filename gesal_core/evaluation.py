@@ -397,7 +397,11 @@ class EngineLearner(Learner):
         if self.frozen:
             return {"updated": 0, "skipped": 0, "rolled_back": 0}
         report = await self.engine.train(self.channel)
-        return {s: report.count(s) for s in ("updated", "skipped", "rolled_back")}
+        counts = {s: report.count(s) for s in ("updated", "skipped", "rolled_back")}
+        counts["settled"] = sum(
+            r.reason.startswith("settled") for rs in report.channels.values() for r in rs
+        )
+        return counts
 
     def close(self):
         self.engine.close()
@@ -483,7 +487,7 @@ class LoraLearner(Learner):
         scale = settle_scale(self.recent, rewards, bool(new_demos), lc)
         self.recent = (self.recent + rewards)[-self.cfg.recent_rewards :]
         if plan.skip or scale <= 0:
-            return {"updated": 0, "skipped": 1, "rolled_back": 0}
+            return {"updated": 0, "skipped": 1, "rolled_back": 0, "settled": int(not plan.skip)}
         for group in self.opt.param_groups:  # the same settling as a gesal node
             group["lr"] = LORA_LR * min(scale, 1.0)
         batch = plan.rl + plan.demos
@@ -540,6 +544,7 @@ class RunResult:
     trains: int = 0  # training runs (each may update several nodes)
     updates: int = 0  # node updates committed
     skipped: int = 0
+    settled: int = 0  # of the skipped: no step because the community was content
     rolled_back: int = 0
     first_upvote: int | None = None
     corrections: int = 0
@@ -722,6 +727,7 @@ class Harness:
                 update_time += time.perf_counter() - t1
                 result.updates += counts["updated"]
                 result.skipped += counts["skipped"]
+                result.settled += counts.get("settled", 0)
                 result.rolled_back += counts["rolled_back"]
                 if votes in ec.checkpoints:
                     cp = await self.checkpoint(task, learner, votes, seed)
@@ -784,7 +790,8 @@ def markdown(task: Task, rows: list[dict], results: list[RunResult]) -> str:
     if getattr(task, "constant_answer_level", None) is not None:
         lines.append(f"\nA constant answer would score {task.constant_answer_level:.0%}.")
     lines.append(
-        "\n| method | seed | first 👍 at vote | corrections | updates | skipped | rolled back | "
+        "\n| method | seed | first 👍 at vote | corrections | updates | skipped (settled) | "
+        "rolled back | "
         "s/vote | s/update |"
     )
     lines.append("|---|---|---|---|---|---|---|---|---|")
@@ -793,7 +800,7 @@ def markdown(task: Task, rows: list[dict], results: list[RunResult]) -> str:
             continue
         lines.append(
             f"| {r.method} | {r.seed} | {r.first_upvote or '-'} | {r.corrections} | {r.updates} | "
-            f"{r.skipped} | {r.rolled_back} | {r.seconds_per_vote:.2f} | "
+            f"{r.skipped} ({r.settled}) | {r.rolled_back} | {r.seconds_per_vote:.2f} | "
             f"{r.seconds_per_update:.2f} |"
         )
     lines.append("\nHeld-out answers at the last checkpoint (first seed of each method):\n")

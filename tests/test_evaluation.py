@@ -168,3 +168,33 @@ def test_runs_from_parallel_processes_merge_into_one_table(tiny_llama, tiny_toke
     other.write_text(json.dumps({"config": {"task": "opener"}, "runs": []}))
     with pytest.raises(ValueError, match="different tasks"):
         evaluation.merge([files[0], str(other)], str(tmp_path / "x"))
+
+
+def test_a_content_community_stops_the_updates_and_the_table_says_so(
+    tiny_llama, tiny_tokenizer, tmp_path
+):
+    """A community that dislikes the first 4 answers and likes everything after: gesal and
+    lora both learn while the 👎 are in the window, then settle (LearningConfig.settle)."""
+    f = tmp_path / "warming.py"
+    f.write_text(
+        "class Warming:\n"
+        "    name = 'warming'\n"
+        "    description = 'dislikes the first four answers, then likes all'\n"
+        "    train = ['say hi', 'say bye']\n"
+        "    heldout = ['say yes']\n"
+        "    votes = 0\n"
+        "    def complies(self, prompt, answer):\n"
+        "        return True\n"
+        "    def vote(self, prompt, answer):\n"
+        "        self.votes += 1\n"
+        "        return -1 if self.votes % 32 in (1, 2, 3, 4) else 1  # each method's run\n"
+    )
+    out = tmp_path / "out"
+    argv = ["--task", f"{f}:Warming", "--methods", "gesal,lora", "--seeds", "0"]
+    argv += ["--budget", "32", "--checkpoints", "0,32", "--batch", "8", "--heldout", "1"]
+    argv += ["--max-new-tokens", "4", "--threshold", "-1", "--out", str(out), "--no-guard"]
+    assert evaluation.run(eval_args(tiny_llama, tiny_tokenizer, tmp_path, argv)) == 0
+    runs = {r["method"]: r for r in json.loads((out / "eval-warming.json").read_text())["runs"]}
+    for method in ("gesal", "lora"):
+        assert runs[method]["updates"] == 3 and runs[method]["settled"] == 1, method
+    assert "skipped (settled)" in (out / "eval-warming.md").read_text()
