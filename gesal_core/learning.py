@@ -335,23 +335,11 @@ def feedback_loss(
     return loss
 
 
-def reinforce_step(
-    svf: SVFModel,
-    z0: np.ndarray,
-    samples: list[Sample],
-    baseline: float,
-    cfg: LearningConfig | None = None,
-    pad_id: int = 0,
-    replay: list[Sample] = (),
-    scale: float = 1.0,
-) -> StepResult:
-    """One bounded policy-gradient update of a node's z. Never raises on bad numbers.
-
-    ``baseline`` is the node's reward EMA, or `prior_baseline` for a node with no history;
-    ``replay`` joins as `plan_batch` decides; ``scale`` (see `settle_scale`) multiplies
-    the step. This runs `reinforce_steps` to the end.
-    """
-    steps = reinforce_steps(svf, z0, samples, baseline, cfg, pad_id, replay, scale)
+def reinforce_step(*args, **kwargs) -> StepResult:
+    """One bounded policy-gradient update of a node's z, all at once: `reinforce_steps`
+    (same arguments) run to the end, for callers with nothing to interleave. Never raises
+    on bad numbers."""
+    steps = reinforce_steps(*args, **kwargs)
     while True:
         try:
             next(steps)
@@ -369,10 +357,16 @@ def reinforce_steps(
     replay: list[Sample] = (),
     scale: float = 1.0,
 ) -> Generator[None, None, StepResult]:
-    """`reinforce_step` as a generator: it yields after every forward/backward pass of
-    ``cfg.micro_batch`` samples and returns the `StepResult`, so whoever drives it can run
-    other model work (answers) in between. Nothing is shared between passes but z, its
-    gradient and the optimiser, so interleaving is safe."""
+    """One bounded policy-gradient update of a node's z, as a generator: it yields after
+    every forward/backward pass of ``cfg.micro_batch`` samples and returns the
+    `StepResult`, so whoever drives it can run other model work (answers) in between.
+    Nothing is shared between passes but z, its gradient and the optimiser, so
+    interleaving is safe.
+
+    ``baseline`` is the node's reward EMA, or `prior_baseline` for a node with no history;
+    ``replay`` joins as `plan_batch` decides; ``scale`` (see `settle_scale`) multiplies
+    the step.
+    """
     cfg = cfg or LearningConfig()
     plan = plan_batch(samples, baseline, cfg, replay)
     dropped = plan.dropped_stale
