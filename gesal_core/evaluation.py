@@ -687,7 +687,11 @@ class Harness:
         seed: int,
         ec: EvalConfig,
         progress: Callable[[str], None] = _print_now,
+        checkpointed: Callable[[RunResult], None] | None = None,
     ) -> RunResult:
+        """One simulated community's run; ``checkpointed`` sees the run so far after every
+        checkpoint (`gesal-bot eval` writes it out, so an hour-long run shows its answers
+        as it goes and a stopped one keeps them)."""
         random.seed(seed)
         torch.manual_seed(seed)
         rng = random.Random(seed)
@@ -738,6 +742,8 @@ class Harness:
                         f"{cp.degenerate:.0%}, ref NLL {cp.ref_nll:.2f}"
                         + ("" if cp.drift is None else f", |z-1| {cp.drift:.2f}")
                     )
+                    if checkpointed:
+                        checkpointed(result)
         finally:
             learner.close()
         result.seconds_per_vote = vote_time / max(votes, 1)
@@ -1011,8 +1017,13 @@ def run(args: argparse.Namespace) -> int:
     for method in ec.methods:
         for seed in ec.seeds:
             print(f"{task.name} / {method} / seed {seed} ...", flush=True)
-            results.append(asyncio.run(harness.run(task, method, seed, ec)))
-            # written after every run: a long comparison stopped part-way keeps what it has
+
+            def so_far(partial: RunResult) -> None:
+                write_results(out, task, [*results, partial], meta)
+
+            # written after every checkpoint: a long comparison stopped part-way keeps what
+            # it has, and its answers can be read while it runs
+            results.append(asyncio.run(harness.run(task, method, seed, ec, checkpointed=so_far)))
             md = write_results(out, task, results, meta)
     print(md)
     print(f"written: {out / stem}.json, .md, .png")

@@ -198,3 +198,33 @@ def test_a_content_community_stops_the_updates_and_the_table_says_so(
     for method in ("gesal", "lora"):
         assert runs[method]["updates"] == 3 and runs[method]["settled"] == 1, method
     assert "skipped (settled)" in (out / "eval-warming.md").read_text()
+
+
+def test_a_run_stopped_part_way_keeps_its_checkpoints(tiny_llama, tiny_tokenizer, tmp_path):
+    """Results are written after every checkpoint, not only after every run."""
+    f = tmp_path / "stops.py"
+    f.write_text(
+        "class Stops:\n"
+        "    name = 'stops'\n"
+        "    description = 'the machine goes down at the sixth vote'\n"
+        "    train = ['say hi']\n"
+        "    heldout = ['say yes']\n"
+        "    votes = 0\n"
+        "    def complies(self, prompt, answer):\n"
+        "        return True\n"
+        "    def vote(self, prompt, answer):\n"
+        "        self.votes += 1\n"
+        "        if self.votes == 6:\n"
+        "            raise KeyboardInterrupt\n"
+        "        return 1\n"
+    )
+    out = tmp_path / "out"
+    argv = ["--task", f"{f}:Stops", "--methods", "gesal", "--seeds", "0", "--budget", "8"]
+    argv += ["--checkpoints", "0,4,8", "--batch", "4", "--heldout", "1", "--out", str(out)]
+    argv += ["--max-new-tokens", "4", "--no-guard"]
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.run(eval_args(tiny_llama, tiny_tokenizer, tmp_path, argv))
+    (run,) = json.loads((out / "eval-stops.json").read_text())["runs"]
+    assert [c["votes"] for c in run["checkpoints"]] == [0, 4]
+    assert run["checkpoints"][1]["samples"][0].startswith("say yes -> ")  # its answers
+    ]
