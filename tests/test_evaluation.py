@@ -227,4 +227,3 @@ def test_a_run_stopped_part_way_keeps_its_checkpoints(tiny_llama, tiny_tokenizer
     (run,) = json.loads((out / "eval-stops.json").read_text())["runs"]
     assert [c["votes"] for c in run["checkpoints"]] == [0, 4]
     assert run["checkpoints"][1]["samples"][0].startswith("say yes -> ")  # its answers
-    ]
