@@ -23,7 +23,7 @@ from . import graph
 from .embedding import PromptEmbedder
 from .errors import GesalError
 from .generate import Prompt, SamplingConfig, build_prompt
-from .guard import Guard, GuardConfig
+from .guard import Guard, GuardConfig, degenerate_reason
 from .learning import LearningConfig, Sample, prior_baseline, reinforce_steps, settle_scale
 from .records import CORRECTION, ChannelConfig, Node, NodeUpdate, Reply
 from .serving import BatchedGenerator, GenRequest, ServingConfig
@@ -424,6 +424,14 @@ class Engine:
         prior = prior_baseline(list(rewards.values()), cfg)
         this_round = {rid for rs in by_node.values() for rid in rs}
         replay = await self._replay_sets(channel, redirects, cfg, this_round)
+        unlearnt = {
+            rid
+            for rs in by_node.values()
+            for rid, reply in rs.items()
+            if rid in rewards and not self._learnable(reply, rewards[rid])
+        }
+        if unlearnt:
+            log.info("channel %s: 👍 on degenerate replies not learnt: %s", channel, unlearnt)
         updates, reports = [], []
         for node_id, replies in by_node.items():
             t0 = time.perf_counter()
@@ -438,6 +446,7 @@ class Engine:
                 rewards,
                 prior,
                 replay.get(node_id, []),
+                unlearnt,
             )
             rep.seconds = time.perf_counter() - t0
             rep.related = [r.prompt_text for r in replies.values()]
@@ -479,6 +488,16 @@ class Engine:
         for _, report in todo:
             report.seconds += share
 
+    def _learnable(self, reply: Reply, reward: float) -> bool:
+        """False for a 👍 on a degenerate answer: a loop, a refusal, or an echo of the
+        system prompt. A community may like those ("Hugging Face" is a fine short answer
+        to a brevity community), but learning them is how a node collapses; the guard
+        would only see it afterwards, on its few probes."""
+        if reward <= 0:
+            return True
+        template = self.guard.template  # the words of the system prompt replies run under
+        return degenerate_reason(reply.text, None, reply.prompt_text, template) is None
+
     async def _replay_sets(
         self, channel: str, redirects: dict[str, str], cfg: ChannelConfig, exclude: set[str]
     ) -> dict[str, list[Sample]]:
@@ -503,7 +522,7 @@ class Engine:
             for c in reversed(reply.corrections):
                 sets[node_id].append(Sample(reply.prompt_ids, c["ids"], demo=True))
             r = reply_reward(reply.votes, cfg)
-            if r is not None and r > 0 and not reply.corrections:
+            if r is not None and r > 0 and not reply.corrections and self._learnable(reply, r):
                 sets[node_id].append(Sample(reply.prompt_ids, reply.response_ids, demo=True))
             del sets[node_id][limit:]
         return sets
@@ -516,10 +535,12 @@ class Engine:
         channel_rewards: dict[str, float],
         prior: float,
         replay: list[Sample] | None = None,
+        unlearnt: set[str] = frozenset(),
     ):
         """One node's update from its rated replies and corrections; ``prior`` is the
         baseline of a node without history (see `prior_baseline`), ``replay`` its earlier
-        liked answers and corrections (see `_replay_sets`)."""
+        liked answers and corrections (see `_replay_sets`). Replies in ``unlearnt`` count
+        in the node's votes but are not learnt from (see `_learnable`)."""
         samples: list[Sample] = []
         rewards: list[float] = []
         downvoted = list(node.downvoted)
@@ -531,6 +552,8 @@ class Engine:
             rewards.append(r)
             if r < 0 and _norm_text(reply.text) not in downvoted:
                 downvoted.append(_norm_text(reply.text))
+            if reply.reply_id in unlearnt:
+                continue
             if reply.reply_id in corrected and self.config.learning.correction_replaces_vote:
                 continue
             samples.append(

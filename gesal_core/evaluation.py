@@ -39,7 +39,7 @@ import torch
 from .embedding import PromptEmbedder
 from .engine import Engine, EngineConfig
 from .generate import SamplingConfig, build_prompt, generate
-from .guard import GuardConfig, base_nll, degenerate_reason
+from .guard import GuardConfig, base_nll, content_words, degenerate_reason, template_words
 from .learning import (
     LearningConfig,
     Sample,
@@ -57,23 +57,16 @@ from .svf import SVFModel
 log = logging.getLogger(__name__)
 METHODS = ("none", "gesal", "svf-single", "lora")
 ON_TOPIC_MIN = 0.3  # centred cosine(question, answer); good answers measured 0.4-0.66
-_STOP = frozenset(
-    """what which when where does the this that these those with from into about your have
-    there their they them than then also very just some more most such many much make made
-    write tell describe explain give short poem story""".split()  # noqa: SIM905
-)
-
-
-def _content(text: str) -> set[str]:
-    return {w[:5] for w in re.findall(r"[a-z]{4,}", text.lower()) if w not in _STOP}
 
 
 def on_topic(prompt: str, answer: str, reference: str, similarity: float) -> bool:
     """Does the answer address the question? Either it is close to it in the (centred)
     embedding, or it shares a content word with the question or with the base model's own
     answer ("Tokyo." answers "What is the capital of Japan?" through the reference)."""
-    words = _content(answer)
-    return similarity >= ON_TOPIC_MIN or bool(words & (_content(prompt) | _content(reference)))
+    words = content_words(answer)
+    return similarity >= ON_TOPIC_MIN or bool(
+        words & (content_words(prompt) | content_words(reference))
+    )
 
 
 _print_now = functools.partial(print, flush=True)  # progress lines reach a log file at once
@@ -617,7 +610,11 @@ class Harness:
             on_topic(p, x, r, float(s))
             for p, x, r, s in zip(prompts, answers, refs, sims, strict=True)
         ]
-        bad = [degenerate_reason(x, n) is not None for x, n in zip(answers, nll, strict=True)]
+        template = template_words(self.tokenizer, self.cfg.system)
+        bad = [
+            degenerate_reason(x, n, p, template) is not None
+            for p, x, n in zip(prompts, answers, nll, strict=True)
+        ]
         return float(np.mean(topical)), float(np.mean(bad))
 
     @torch.inference_mode()

@@ -5,7 +5,8 @@ refusals and "I am SmolLM" self-descriptions), and reference NLL barely moves wh
 happens. So after each update the node's z answers a few probe prompts greedily, and the
 update is rolled back if, compared with the base model on the same probes:
 
-* more answers are degenerate (empty, repetition loops, refusals, self-descriptions), or
+* more answers are degenerate (empty, repetition loops, refusals, self-descriptions,
+  echoes of the system prompt), or
 * answers stop addressing the question: the mean question/answer embedding similarity
   drops by more than ``max_topic_drop``, or
 * a fact the base model states is no longer known (``FACTS``): the probability of the
@@ -72,16 +73,49 @@ _RUN = re.compile(r"([^\w\s])\1{5,}|\b([^\W\d]\w*)(?:\W+\2\b){3,}", re.IGNORECAS
 # capital of Japan?" -> "What is the capital of France?" was where a brevity run's node
 # ended up after 128 votes (short, so the community liked it; on topic by every measure).
 _ONLY_QUESTION = re.compile(r"[^.!?\n]*\?+[\s\"')]*")
+# Content words: 5-letter stems of words of 4+ letters, minus question boilerplate.
+_STOP = frozenset(
+    """what which when where does the this that these those with from into about your have
+    there their they them than then also very just some more most such many much make made
+    write tell describe explain give short poem story""".split()  # noqa: SIM905
+)
+_ROLES = frozenset({"syste", "user", "assis", "start"})  # chat-template markup, not content
+_ABOUT_YOU = re.compile(r"\b(you|your|yourself)\b", re.IGNORECASE)  # "Who made you?"
+
+
+def content_words(text: str) -> set[str]:
+    """The words that carry what a text is about, stemmed to five letters, so "Tokyo."
+    and "Tokyo is" meet and "capital"/"capitals" match."""
+    return {w[:5] for w in re.findall(r"[a-z]{4,}", text.lower()) if w not in _STOP}
+
+
+def template_words(tokenizer, system: str | None) -> frozenset[str]:
+    """Content words the prompt template puts before every question: the system prompt,
+    SmolLM2's default one ("You are a helpful AI assistant named SmolLM, trained by
+    Hugging Face") when none is set. An answer made of these alone echoes the template."""
+    ids = build_prompt(tokenizer, [{"role": "user", "content": "."}], system).input_ids
+    return frozenset(content_words(tokenizer.decode(ids)) - _ROLES)
+
+
 GIBBERISH_NLL = 4.0  # nats/token of an answer under the base model; fluent text is ~0.5-2
 GIBBERISH_MIN_WORDS = 3
 
 
-def degenerate_reason(text: str, base_nll: float | None = None) -> str | None:
+def degenerate_reason(
+    text: str,
+    base_nll: float | None = None,
+    question: str = "",
+    template: frozenset[str] = frozenset(),
+) -> str | None:
     """Why an answer is degenerate, or None. Conservative: flags only clear failures.
 
     ``base_nll`` (mean per-token NLL of the answer under the base model, see `base_nll`)
     catches fluent-looking gibberish such as "Absolutelyutely safely mistaken" that no
     string rule sees; a collapsed adapter produces text its own base model finds absurd.
+
+    ``template`` (see `template_words`) catches an answer that only repeats the system
+    prompt: a brevity run's nodes answered "What is electricity?" with "Hugging Face",
+    two words the community liked for being short, and no other rule saw it.
     """
     words = text.split()
     if not words:
@@ -98,6 +132,15 @@ def degenerate_reason(text: str, base_nll: float | None = None) -> str | None:
         return "refusal or self-description"
     if _ONLY_QUESTION.fullmatch(text.strip()):
         return "a question instead of an answer"
+    said = content_words(text)
+    if (
+        template
+        and said
+        and said <= template
+        and not said & content_words(question)
+        and not _ABOUT_YOU.search(question)  # asked about itself, it may describe itself
+    ):
+        return "echoes the system prompt (a self-description)"
     # Over one or two words the mean NLL measures how unusual it is to answer that briefly
     # ("Python!"), not whether the words make sense; a brevity community asks for exactly
     # that, so the rule needs a few words to judge.
@@ -157,6 +200,7 @@ class Guard:
         self.svf, self.tokenizer = svf, tokenizer
         self.config = config or GuardConfig()
         self.system = system
+        self.template = template_words(tokenizer, system)
         self._base_cache: dict[tuple[str, ...], ProbeResult] = {}
         self._fact_cache: dict[tuple[str, ...], list[float]] = {}
 
@@ -194,7 +238,9 @@ class Guard:
         for i in range(len(probe_lists)):
             idx = [k for k, (j, _) in enumerate(rows) if j == i]
             texts = [answers[k] for k in idx]
-            reasons = [degenerate_reason(answers[k], nll[k]) for k in idx]
+            reasons = [
+                degenerate_reason(answers[k], nll[k], rows[k][1], self.template) for k in idx
+            ]
             results.append(
                 ProbeResult(
                     texts,

@@ -279,6 +279,35 @@ def test_a_content_node_stops_updating(svf, tiny_tokenizer, settle):
         assert statuses[3][0] == "updated"
 
 
+def test_a_liked_echo_of_the_system_prompt_is_not_learnt(svf, tiny_tokenizer):
+    """A 👍 on an answer that only repeats the system prompt counts as a vote but is
+    not learnt (a real brevity node collapsed to "Hugging Face" that way); the same 👍 on
+    a real answer is."""
+
+    async def go():
+        eng = make_engine(
+            svf, tiny_tokenizer, threshold=-1.0, system="You are Gesal, made by Acme Labs."
+        )
+        for channel, text in (("echo", "Acme Labs."), ("fine", "Bright sunny weather.")):
+            r = await eng.respond(channel, ask("What is the weather like?"))
+            reply = await eng.store.get_reply(channel, r.reply_id)
+            reply.text = text
+            reply.response_ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+            await eng.store.put_reply(channel, reply)
+            await eng.vote(channel, r.reply_id, "ann", 1)
+        report = await eng.train()
+        stats = {c: await eng.stats(c) for c in ("echo", "fine")}
+        eng.close()
+        return report, stats
+
+    report, stats = run(go())
+    (echo,), (fine,) = report.channels["echo"], report.channels["fine"]
+    assert fine.status == "updated"
+    assert echo.status == "skipped" and echo.samples == 1  # the vote still counts
+    assert stats["echo"]["node_list"][0]["drift"] == 0
+    assert stats["echo"]["mean_reward"] == 1.0
+
+
 def test_nan_rolls_back(svf):
     z0 = np.ones(svf.z_size, dtype=np.float32)
     bad = Sample([1, 5, 9], [50, 60, 2], reward=float("nan"))

@@ -5,7 +5,7 @@ import pytest
 
 from gesal_core.engine import Engine, EngineConfig
 from gesal_core.generate import SamplingConfig
-from gesal_core.guard import Guard, GuardConfig, degenerate_reason
+from gesal_core.guard import Guard, GuardConfig, degenerate_reason, template_words
 from gesal_core.learning import LearningConfig
 from gesal_core.records import ChannelConfig
 from gesal_core.store import MemoryStore
@@ -100,6 +100,31 @@ def test_a_one_word_answer_is_not_gibberish_for_being_surprising():
     # a real run rolled back "Python!" for its base-model NLL: brevity is not gibberish
     assert degenerate_reason("Python!", base_nll=6.0) is None
     assert degenerate_reason("Tokyo, Japan.", base_nll=5.0) is None
+
+
+SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+@pytest.mark.parametrize(
+    "question,answer,echo",
+    [
+        # a real brevity run: short, so liked, and on no other rule's radar
+        ("What is electricity?", "Hugging Face", True),
+        ("What is the capital of Japan?", "Named SmolLM.", True),
+        ("What is the capital of Japan?", "Tokyo.", False),
+        ("What is the capital of Japan?", "Sure!", False),
+        ("Who trained you?", "Hugging Face", False),  # asked about itself
+        ("What does Hugging Face make?", "Hugging Face makes open models.", False),
+    ],
+)
+def test_an_answer_that_only_echoes_the_system_prompt_is_degenerate(
+    tiny_tokenizer, question, answer, echo
+):
+    template = template_words(tiny_tokenizer, SMOLLM_SYSTEM)
+    assert {"huggi", "face", "smoll"} <= template and "syste" not in template
+    reason = degenerate_reason(answer, None, question, template)
+    assert (reason == "echoes the system prompt (a self-description)") is echo
+    assert degenerate_reason(answer, None, question) in (None, "refusal or self-description")
 
 
 def test_on_topic_accepts_brief_answers_and_rejects_nonsense():
