@@ -113,9 +113,16 @@ def test_soak_votes_with_worker_killed_repeatedly(svf, tiny_tokenizer, redis_url
 
     run(build())
 
+    kills = crashes = events = 0
+    t0 = time.perf_counter()
+
     async def vote_stream(acked: list[str]):
         s = RedisStore(redis_url)
         for start in range(0, n_votes, 50):
+            # paced by the chaos, so a loaded machine still sees its kills mid-stream:
+            # one kill or crash per four batches
+            while events < start // 200 and time.perf_counter() - t0 < 300:
+                await asyncio.sleep(0.05)
             batch = range(start, min(n_votes, start + 50))
             acked += await asyncio.gather(
                 *(s.set_vote(CH, f"r{i}", f"user{i % 37}", values[i]) for i in batch)
@@ -123,13 +130,10 @@ def test_soak_votes_with_worker_killed_repeatedly(svf, tiny_tokenizer, redis_url
             await asyncio.sleep(0.4)
         await s.close()
 
-    kills = crashes = 0
-    t0 = time.perf_counter()
-
     async def chaos(done: asyncio.Event):
-        nonlocal kills, crashes
+        nonlocal kills, crashes, events
         while not done.is_set():
-            if rng.random() < 0.25:
+            if events % 4 == 1:  # every fourth worker dies right before its commit
                 code = await asyncio.to_thread(lambda: zygote.wait(zygote.spawn("crash")))
                 crashes += code == CRASH_EXIT
             else:
@@ -137,6 +141,7 @@ def test_soak_votes_with_worker_killed_repeatedly(svf, tiny_tokenizer, redis_url
                 await asyncio.sleep(rng.uniform(0.2, 1.2))
                 await asyncio.to_thread(zygote.kill, pid)
                 kills += 1
+            events += 1
 
     async def storm():
         acked: list[str] = []
