@@ -39,7 +39,7 @@ import torch
 from .embedding import PromptEmbedder
 from .engine import Engine, EngineConfig
 from .generate import SamplingConfig, build_prompt, generate
-from .guard import GuardConfig, base_nll, content_words, degenerate_reason, template_words
+from .guard import GuardConfig, base_nll, degenerate_reason, on_topic, template_words
 from .learning import (
     LearningConfig,
     Sample,
@@ -56,17 +56,6 @@ from .svf import SVFModel
 
 log = logging.getLogger(__name__)
 METHODS = ("none", "gesal", "svf-single", "lora")
-ON_TOPIC_MIN = 0.3  # centred cosine(question, answer); good answers measured 0.4-0.66
-
-
-def on_topic(prompt: str, answer: str, reference: str, similarity: float) -> bool:
-    """Does the answer address the question? Either it is close to it in the (centred)
-    embedding, or it shares a content word with the question or with the base model's own
-    answer ("Tokyo." answers "What is the capital of Japan?" through the reference)."""
-    words = content_words(answer)
-    return similarity >= ON_TOPIC_MIN or bool(
-        words & (content_words(prompt) | content_words(reference))
-    )
 
 
 _print_now = functools.partial(print, flush=True)  # progress lines reach a log file at once

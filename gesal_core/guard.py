@@ -7,8 +7,10 @@ update is rolled back if, compared with the base model on the same probes:
 
 * more answers are degenerate (empty, repetition loops, refusals, self-descriptions,
   echoes of the system prompt), or
-* answers stop addressing the question: the mean question/answer embedding similarity
-  drops by more than ``max_topic_drop``, or
+* answers stop addressing the question: more answers than the base model's share no
+  content word with their question or the base answer and sit far from the question in
+  the centred embedding (`on_topic`), or the mean question/answer similarity drops by
+  more than ``max_topic_drop``, or
 * a fact the base model states is no longer known (``FACTS``): the probability of the
   fact ("Paris") right where the base model's own answer states it ("The capital of
   France is") falls by more than ``max_fact_drop`` nats. Knowledge, not wording, is
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .embedding import PromptEmbedder
 from .generate import SamplingConfig, build_prompt, embed, generate
 from .svf import SVFModel
 
@@ -95,6 +98,19 @@ def template_words(tokenizer, system: str | None) -> frozenset[str]:
     Hugging Face") when none is set. An answer made of these alone echoes the template."""
     ids = build_prompt(tokenizer, [{"role": "user", "content": "."}], system).input_ids
     return frozenset(content_words(tokenizer.decode(ids)) - _ROLES)
+
+
+ON_TOPIC_MIN = 0.3  # centred cosine(question, answer); good answers measured 0.4-0.66
+
+
+def on_topic(prompt: str, answer: str, reference: str, similarity: float) -> bool:
+    """Does the answer address the question? Either it is close to it in the (centred)
+    embedding, or it shares a content word with the question or with the base model's own
+    answer ("Tokyo." answers "What is the capital of Japan?" through the reference)."""
+    words = content_words(answer)
+    return similarity >= ON_TOPIC_MIN or bool(
+        words & (content_words(prompt) | content_words(reference))
+    )
 
 
 GIBBERISH_NLL = 4.0  # nats/token of an answer under the base model; fluent text is ~0.5-2
@@ -171,6 +187,7 @@ class ProbeResult:
     degenerate: int
     topic: float  # mean cosine(question, answer) under the base embedding
     reasons: list[str] = field(default_factory=list)
+    similarity: list[float] = field(default_factory=list)  # centred, per answer (`on_topic`)
 
 
 @dataclass
@@ -187,7 +204,11 @@ class GuardConfig:
     max_new_tokens: int = 32
     max_extra_degenerate: int = 0
     max_topic_drop: float = 0.15
-    related_probes: int = 2
+    # Answers that share no content word with their question or the base model's answer
+    # and are not close to the question (`on_topic`, the evaluation's own measure). The
+    # mean similarity above hardly moved when one probe of five read "Hugging Face".
+    max_extra_off_topic: int = 0
+    related_probes: int = 4
     # A fact is lost when log p(fact | the base answer up to it) falls by more than this
     # (ln 4: the candidate finds it four times less likely than the base model does).
     max_fact_drop: float = 1.386
@@ -201,6 +222,7 @@ class Guard:
         self.config = config or GuardConfig()
         self.system = system
         self.template = template_words(tokenizer, system)
+        self.embedder = PromptEmbedder(svf, tokenizer)
         self._base_cache: dict[tuple[str, ...], ProbeResult] = {}
         self._fact_cache: dict[tuple[str, ...], list[float]] = {}
 
@@ -229,10 +251,12 @@ class Guard:
         sampling = SamplingConfig(max_new_tokens=self.config.max_new_tokens, temperature=0)
         with self.svf.factored(z_rows):
             answers = [g.text for g in generate(self.svf.model, self.tokenizer, prompts, sampling)]
+        questions, replies = [p for _, p in rows], [x or "." for x in answers]
         with self.svf.factored(ones):
-            q = embed(self.svf.model, self.tokenizer, [p for _, p in rows])
-            a = embed(self.svf.model, self.tokenizer, [x or "." for x in answers])
+            q = embed(self.svf.model, self.tokenizer, questions)
+            a = embed(self.svf.model, self.tokenizer, replies)
         sims = (q * a).sum(-1).numpy()
+        centred = (self.embedder(questions) * self.embedder(replies)).sum(-1)
         nll = base_nll(self.svf, self.tokenizer, [p for _, p in rows], answers, self.system)
         results = []
         for i in range(len(probe_lists)):
@@ -247,6 +271,7 @@ class Guard:
                     sum(r is not None for r in reasons),
                     float(np.mean(sims[idx])),
                     [r or "" for r in reasons],
+                    [float(centred[k]) for k in idx],
                 )
             )
         return results
@@ -336,6 +361,15 @@ class Guard:
                 if r
             ]
             return GuardVerdict(False, "degenerate answers: " + "; ".join(bad), base, cand)
+        rows = zip(probes, cand.answers, base.answers, cand.similarity, strict=True)
+        astray = [f"{p!r} -> {a!r}" for p, a, b, sim in rows if not on_topic(p, a, b, sim)]
+        base_astray = sum(
+            not on_topic(p, b, b, sim)
+            for p, b, sim in zip(probes, base.answers, base.similarity, strict=True)
+        )
+        if len(astray) > base_astray + cfg.max_extra_off_topic:
+            reason = "answers stopped addressing the question: " + "; ".join(astray)
+            return GuardVerdict(False, reason, base, cand)
         if base.topic - cand.topic > cfg.max_topic_drop:
             return GuardVerdict(
                 False,

@@ -128,7 +128,7 @@ def test_an_answer_that_only_echoes_the_system_prompt_is_degenerate(
 
 
 def test_on_topic_accepts_brief_answers_and_rejects_nonsense():
-    from gesal_core.evaluation import on_topic
+    from gesal_core.guard import on_topic
 
     q = "What is the capital of Japan?"
     ref = "The capital of Japan is Tokyo."
@@ -157,7 +157,9 @@ def test_a_fact_is_lost_when_the_model_stops_knowing_it(tiny_tokenizer, monkeypa
     from gesal_core import guard as guard_mod
 
     svf = SVFModel(make_tiny_llama(len(tiny_tokenizer)), "tiny", SVFConfig(progress=False))
-    loose = GuardConfig(max_new_tokens=6, max_extra_degenerate=99, max_topic_drop=99.0)
+    loose = GuardConfig(
+        max_new_tokens=6, max_extra_degenerate=99, max_topic_drop=99.0, max_extra_off_topic=99
+    )
     g = Guard(svf, tiny_tokenizer, loose)
     base_answer = g.base(["hello"]).answers[0]
     word = base_answer.split()[-1]
@@ -179,3 +181,35 @@ def test_a_fact_is_lost_when_the_model_stops_knowing_it(tiny_tokenizer, monkeypa
     both = g.check_many([(ones, ["hello"]), (scrambled, ["hello"]), (ones, ["hello"])])
     assert [v.ok for v in both] == [True, False, True]
     assert both[1].reason == verdict.reason  # the same numbers as checked alone
+
+
+def test_one_answer_that_stops_addressing_its_question_rolls_the_update_back(
+    tiny_tokenizer, monkeypatch
+):
+    """Per answer, not on average: a seed-1 brevity node answered "What is electricity?"
+    with "Hating the most." while its other probes were fine."""
+    from gesal_core.guard import ProbeResult
+
+    svf = SVFModel(make_tiny_llama(len(tiny_tokenizer)), "tiny", SVFConfig(progress=False))
+    g = Guard(svf, tiny_tokenizer, GuardConfig())
+    probes = ["What is electricity?", "What is the capital of Japan?"]
+    base = ProbeResult(["Electricity is a flow of charge.", "The capital is Tokyo."], 0, 0.8)
+    base.similarity = [0.5, 0.5]
+    answers = {
+        "astray": (["Hating the most.", "Tokyo."], [0.1, -0.2]),
+        "brief": (["A flow of charge.", "Tokyo."], [0.1, -0.2]),  # short, and on topic
+    }
+    for name, (texts, sims) in answers.items():
+        cand = ProbeResult(texts, 0, 0.8, ["", ""], sims)
+        monkeypatch.setattr(g, "probes_for", lambda related: probes)
+        monkeypatch.setattr(g, "base_many", lambda lists: [base])
+        monkeypatch.setattr(g, "run_many", lambda zs, lists, c=cand: [c])
+        (verdict,) = g.check_many([(np.ones(svf.z_size, np.float32), [])])
+        if name == "astray":
+            assert not verdict.ok
+            assert verdict.reason == (
+                "answers stopped addressing the question: 'What is electricity?' -> "
+                "'Hating the most.'"
+            )
+        else:
+            assert verdict.ok, verdict.reason
