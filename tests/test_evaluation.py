@@ -170,24 +170,36 @@ def test_runs_from_parallel_processes_merge_into_one_table(tiny_llama, tiny_toke
         evaluation.merge([files[0], str(other)], str(tmp_path / "x"))
 
 
-def test_a_content_community_stops_the_updates_and_the_table_says_so(
-    tiny_llama, tiny_tokenizer, tmp_path
-):
-    """A community that dislikes the first 4 answers and likes everything after: gesal and
-    lora both learn while the 👎 are in the window, then settle (LearningConfig.settle)."""
-    f = tmp_path / "warming.py"
+def voting_task(tmp_path, name: str, description: str, train: list[str], vote: str):
+    """A task file whose member counts the votes and then runs ``vote`` (its body)."""
+    f = tmp_path / f"{name.lower()}.py"
     f.write_text(
-        "class Warming:\n"
-        "    name = 'warming'\n"
-        "    description = 'dislikes the first four answers, then likes all'\n"
-        "    train = ['say hi', 'say bye']\n"
+        f"class {name}:\n"
+        f"    name = {name.lower()!r}\n"
+        f"    description = {description!r}\n"
+        f"    train = {train!r}\n"
         "    heldout = ['say yes']\n"
         "    votes = 0\n"
         "    def complies(self, prompt, answer):\n"
         "        return True\n"
         "    def vote(self, prompt, answer):\n"
         "        self.votes += 1\n"
-        "        return -1 if self.votes % 32 in (1, 2, 3, 4) else 1  # each method's run\n"
+        f"        {vote}\n"
+    )
+    return f
+
+
+def test_a_content_community_stops_the_updates_and_the_table_says_so(
+    tiny_llama, tiny_tokenizer, tmp_path
+):
+    """A community that dislikes the first 4 answers and likes everything after: gesal and
+    lora both learn while the 👎 are in the window, then settle (LearningConfig.settle)."""
+    f = voting_task(
+        tmp_path,
+        "Warming",
+        "dislikes the first four answers, then likes all",
+        ["say hi", "say bye"],
+        "return -1 if self.votes % 32 in (1, 2, 3, 4) else 1  # each method's run",
     )
     out = tmp_path / "out"
     argv = ["--task", f"{f}:Warming", "--methods", "gesal,lora", "--seeds", "0"]
@@ -202,21 +214,12 @@ def test_a_content_community_stops_the_updates_and_the_table_says_so(
 
 def test_a_run_stopped_part_way_keeps_its_checkpoints(tiny_llama, tiny_tokenizer, tmp_path):
     """Results are written after every checkpoint, not only after every run."""
-    f = tmp_path / "stops.py"
-    f.write_text(
-        "class Stops:\n"
-        "    name = 'stops'\n"
-        "    description = 'the machine goes down at the sixth vote'\n"
-        "    train = ['say hi']\n"
-        "    heldout = ['say yes']\n"
-        "    votes = 0\n"
-        "    def complies(self, prompt, answer):\n"
-        "        return True\n"
-        "    def vote(self, prompt, answer):\n"
-        "        self.votes += 1\n"
-        "        if self.votes == 6:\n"
-        "            raise KeyboardInterrupt\n"
-        "        return 1\n"
+    f = voting_task(
+        tmp_path,
+        "Stops",
+        "the machine goes down at the sixth vote",
+        ["say hi"],
+        "if self.votes == 6:\n            raise KeyboardInterrupt\n        return 1",
     )
     out = tmp_path / "out"
     argv = ["--task", f"{f}:Stops", "--methods", "gesal", "--seeds", "0", "--budget", "8"]
