@@ -361,12 +361,18 @@ class Guard:
                 if r
             ]
             return GuardVerdict(False, "degenerate answers: " + "; ".join(bad), base, cand)
-        rows = zip(probes, cand.answers, base.answers, cand.similarity, strict=True)
-        astray = [f"{p!r} -> {a!r}" for p, a, b, sim in rows if not on_topic(p, a, b, sim)]
-        base_astray = sum(
-            not on_topic(p, b, b, sim)
-            for p, b, sim in zip(probes, base.answers, base.similarity, strict=True)
-        )
+        # The node's own prompts only: answers to "Write a haiku about the sea." vary too
+        # freely ("The sea is a mirror …" shares no 4-letter word with it), and the first
+        # real runs of this rule rolled back every first update for that.
+        rows = [
+            (p, a, b, sim, base_sim)
+            for p, a, b, sim, base_sim in zip(
+                probes, cand.answers, base.answers, cand.similarity, base.similarity, strict=True
+            )
+            if p not in UNRELATED_PROBES
+        ]
+        astray = [f"{p!r} -> {a!r}" for p, a, b, sim, _ in rows if not on_topic(p, a, b, sim)]
+        base_astray = sum(not on_topic(p, b, b, s) for p, _, b, _, s in rows)
         if len(astray) > base_astray + cfg.max_extra_off_topic:
             reason = "answers stopped addressing the question: " + "; ".join(astray)
             return GuardVerdict(False, reason, base, cand)

@@ -192,15 +192,21 @@ def test_one_answer_that_stops_addressing_its_question_rolls_the_update_back(
 
     svf = SVFModel(make_tiny_llama(len(tiny_tokenizer)), "tiny", SVFConfig(progress=False))
     g = Guard(svf, tiny_tokenizer, GuardConfig())
-    probes = ["What is electricity?", "What is the capital of Japan?"]
-    base = ProbeResult(["Electricity is a flow of charge.", "The capital is Tokyo."], 0, 0.8)
-    base.similarity = [0.5, 0.5]
+    haiku = "Write a haiku about the sea."  # an unrelated probe: free answers are fine
+    probes = ["What is electricity?", "What is the capital of Japan?", haiku]
+    base = ProbeResult(
+        ["Electricity is a flow of charge.", "The capital is Tokyo.", "Waves, a silent beauty"],
+        0,
+        0.8,
+    )
+    base.similarity = [0.5, 0.5, 0.5]
+    mirror = "The sea is a mirror that reflects our souls."
     answers = {
-        "astray": (["Hating the most.", "Tokyo."], [0.1, -0.2]),
-        "brief": (["A flow of charge.", "Tokyo."], [0.1, -0.2]),  # short, and on topic
+        "astray": (["Hating the most.", "Tokyo.", mirror], [0.1, -0.2, 0.1]),
+        "brief": (["A flow of charge.", "Tokyo.", mirror], [0.1, -0.2, 0.1]),  # on topic
     }
     for name, (texts, sims) in answers.items():
-        cand = ProbeResult(texts, 0, 0.8, ["", ""], sims)
+        cand = ProbeResult(texts, 0, 0.8, ["", "", ""], sims)
         monkeypatch.setattr(g, "probes_for", lambda related: probes)
         monkeypatch.setattr(g, "base_many", lambda lists: [base])
         monkeypatch.setattr(g, "run_many", lambda zs, lists, c=cand: [c])
