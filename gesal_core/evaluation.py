@@ -661,8 +661,9 @@ class Harness:
             degenerate,
             ref_nll,
             dict(preds.most_common(6)),
-            # every held-out answer: a collapse shows in the words before it shows in a rate
-            [f"{p} -> {a[:120]}" for p, a in zip(prompts, answers, strict=True)],
+            # every held-out answer, whole, so that the rates can be re-judged later: a
+            # collapse shows in the words before it shows in a rate
+            [f"{p} -> {a}" for p, a in zip(prompts, answers, strict=True)],
             drift,
         )
 
@@ -803,7 +804,7 @@ def markdown(task: Task, rows: list[dict], results: list[RunResult]) -> str:
         shown.add(r.method)
         last = r.checkpoints[-1]
         lines.append(f"- **{r.method}** ({last.votes} votes), predictions {last.predictions}:")
-        lines.extend(f"  - `{x}`" for x in last.samples)
+        lines.extend(f"  - `{x[:160]}`" for x in last.samples)
     return "\n".join(lines) + "\n"
 
 

@@ -76,6 +76,15 @@ _RUN = re.compile(r"([^\w\s])\1{5,}|\b([^\W\d]\w*)(?:\W+\2\b){3,}", re.IGNORECAS
 # capital of Japan?" -> "What is the capital of France?" was where a brevity run's node
 # ended up after 128 votes (short, so the community liked it; on topic by every measure).
 _ONLY_QUESTION = re.compile(r"[^.!?\n]*\?+[\s\"')]*")
+# ...but a statement that ends in a follow-up question has answered: "The largest planet
+# in the universe is Neptune, but what about our solar system?" (a real run's answer, and
+# the base model's too) is one sentence ending in "?", yet it opens with a clause that is
+# not a question.
+_STATEMENT_FIRST = re.compile(
+    r"\s*(?!(?:what|how|why|who|whom|whose|where|when|which|is|are|was|were|do|does|did|"
+    r"can|could|would|will|should|shall|may|might|have|has|had)\b)[^,?]+,",
+    re.IGNORECASE,
+)
 # Content words: 5-letter stems of words of 4+ letters, minus question boilerplate.
 _STOP = frozenset(
     """what which when where does the this that these those with from into about your have
@@ -146,7 +155,7 @@ def degenerate_reason(
         return "repetition loop"
     if _REFUSAL.search(text):
         return "refusal or self-description"
-    if _ONLY_QUESTION.fullmatch(text.strip()):
+    if _ONLY_QUESTION.fullmatch(text.strip()) and not _STATEMENT_FIRST.match(text):
         return "a question instead of an answer"
     said = content_words(text)
     if (

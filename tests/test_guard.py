@@ -32,6 +32,14 @@ from .conftest import make_tiny_llama
         ("Kábázás a tác báám nemáníké?", "a question instead of an answer"),
         ("Tokyo. Anything else you would like to know?", None),
         ("Is it Tokyo? Yes: Tokyo is the capital of Japan.", None),
+        # a real brevity answer at 16 votes (the base model also says Neptune): a statement
+        # with a follow-up question has answered; a question with commas has not
+        (
+            "The largest planet in the universe is Neptune, but what about the largest "
+            "planet in our solar system?",
+            None,
+        ),
+        ("What, then, is the capital of France?", "a question instead of an answer"),
     ],
 )
 def test_degenerate_answers_are_recognised(text, reason):
