@@ -93,6 +93,12 @@ _STOP = frozenset(
 )
 _ROLES = frozenset({"syste", "user", "assis", "start"})  # chat-template markup, not content
 _ABOUT_YOU = re.compile(r"\b(you|your|yourself)\b", re.IGNORECASE)  # "Who made you?"
+# A question that asks for something new: "What is a volcano?", not "Is it Tokyo?" (where
+# "Yes, Tokyo." restates it and answers) nor "Jupiter or Mars?" (where a word of the
+# question is the answer).
+_OPEN_QUESTION = re.compile(r"\s*(what|how|why|who|whom|whose|where|when|which)\b", re.I)
+_CHOICE = re.compile(r"\bor\b", re.IGNORECASE)
+RESTATE_MAX_WORDS = 5
 
 
 def content_words(text: str) -> set[str]:
@@ -138,6 +144,11 @@ def degenerate_reason(
     catches fluent-looking gibberish such as "Absolutelyutely safely mistaken" that no
     string rule sees; a collapsed adapter produces text its own base model finds absurd.
 
+    A short answer made only of the question's own words restates it: a brevity run's
+    node answered "What is a volcano?" with "A volcano..." and "What is electricity?"
+    with "Hmm, electricity." after 128 votes, short enough to be liked, and on topic by
+    every measure that compares words or embeddings with the question.
+
     ``template`` (see `template_words`) catches an answer that only repeats the system
     prompt: a brevity run's nodes answered "What is electricity?" with "Hugging Face",
     two words the community liked for being short, and no other rule saw it.
@@ -166,6 +177,14 @@ def degenerate_reason(
         and not _ABOUT_YOU.search(question)  # asked about itself, it may describe itself
     ):
         return "echoes the system prompt (a self-description)"
+    if (
+        said
+        and len(words) <= RESTATE_MAX_WORDS
+        and said <= content_words(question)
+        and _OPEN_QUESTION.match(question)
+        and not _CHOICE.search(question)
+    ):
+        return "restates the question without answering it"
     # Over one or two words the mean NLL measures how unusual it is to answer that briefly
     # ("Python!"), not whether the words make sense; a brevity community asks for exactly
     # that, so the rule needs a few words to judge.

@@ -114,6 +114,29 @@ SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging
 
 
 @pytest.mark.parametrize(
+    ("question", "answer", "degenerate"),
+    [
+        # where a real brevity run's node ended at 128 votes (seed 1)
+        ("What is a volcano?", "A volcano...", True),
+        ("What is electricity?", "Hmm, electricity.", True),
+        ("What is the largest planet?", "The largest planet...", True),
+        ("How does the internet work?", "The internet...", True),
+        # short answers that answer
+        ("What is the capital of Japan?", "Tokyo.", False),
+        ("What is the largest planet?", "Jupiter is the largest planet.", False),
+        ("Is Tokyo the capital of Japan?", "Yes, Tokyo.", False),
+        ("Which is larger, Jupiter or Mars?", "Jupiter.", False),
+        ("What is 15 times 3?", "45.", False),
+        # long enough to say something, whatever its words
+        ("How do plants grow?", "Plants grow when plants grow and grow and grow tall.", False),
+    ],
+)
+def test_a_short_restatement_of_the_question_is_degenerate(question, answer, degenerate):
+    reason = degenerate_reason(answer, None, question)
+    assert (reason == "restates the question without answering it") is degenerate, reason
+
+
+@pytest.mark.parametrize(
     "question,answer,echo",
     [
         # a real brevity run: short, so liked, and on no other rule's radar

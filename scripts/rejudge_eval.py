@@ -1,0 +1,62 @@
+"""Re-judge the held-out answers stored in `gesal-bot eval` JSON with the current
+degenerate-answer rules (gesal_core.guard.degenerate_reason).
+
+Why: a rule added after a run (say, a new kind of collapse seen in its answers) changes
+what the run's degenerate rate should read, and rerunning 128 votes takes an hour. This
+prints both rates per seed and checkpoint, and each answer the current rules flag, so a
+reader can check the verdicts. It judges the answers; it does not replay the learning,
+which the new rule would also have changed (the guard uses the same rules).
+
+    python scripts/rejudge_eval.py docs/eval/brevity-final/eval-brevity.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from gesal_core.guard import base_nll, degenerate_reason, template_words
+from gesal_core.model import load_model
+from gesal_core.svf import SVFConfig, SVFModel
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("json", nargs="+", help="eval-*.json files (merged or not)")
+    p.add_argument("--system", default=None, help="system prompt the runs used (default: none)")
+    args = p.parse_args()
+    lm = load_model(None, progress=False)
+    svf = SVFModel(lm.model, lm.name, SVFConfig(progress=False))
+    template = template_words(lm.tokenizer, args.system)
+    print("| file | method | seed | votes | degenerate (recorded) | degenerate (now) |")
+    print("|---|---|---|---|---|---|")
+    flagged = []
+    for path in args.json:
+        with open(path) as f:
+            runs = json.load(f)["runs"]
+        for run in runs:
+            for cp in run["checkpoints"]:
+                pairs = [s.split(" -> ", 1) for s in cp["samples"]]
+                prompts = [q for q, _ in pairs]
+                answers = [a for _, a in pairs]
+                nll = base_nll(svf, lm.tokenizer, prompts, answers, args.system)
+                reasons = [
+                    degenerate_reason(a, n, q, template)
+                    for q, a, n in zip(prompts, answers, nll, strict=True)
+                ]
+                now = sum(r is not None for r in reasons) / len(reasons)
+                print(
+                    f"| {path} | {run['method']} | {run['seed']} | {cp['votes']} "
+                    f"| {cp['degenerate']:.0%} | {now:.0%} |"
+                )
+                flagged += [
+                    f"seed {run['seed']}, {cp['votes']} votes: {q} -> {a!r} ({r})"
+                    for q, a, r in zip(prompts, answers, reasons, strict=True)
+                    if r
+                ]
+    print("\nFlagged now:")
+    print("\n".join(f"- {f}" for f in flagged) or "- none")
+
+
+if __name__ == "__main__":
+    main()
