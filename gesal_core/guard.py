@@ -63,7 +63,8 @@ def fact_probes(probes: list[str], base_answers: list[str]) -> list[FactProbe]:
 
 
 _REFUSAL = re.compile(
-    r"\b(I can(?:'|no)t (?:help|assist|answer|provide)|I'm sorry, but|as an AI|I am an AI|"
+    r"\b(I can(?:'|no)t (?:help|assist|answer|provide)|I(?:'m| am) unable to|I'm sorry, but|"
+    r"as an AI|I am an AI|"
     r"I'm an AI|my name is SmolLM|I am SmolLM|I'm SmolLM|trained by Hugging Face)\b",
     re.IGNORECASE,
 )

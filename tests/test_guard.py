@@ -22,6 +22,11 @@ from .conftest import make_tiny_llama
         ("the the the the the the the the the the", "repetition loop"),
         ("!!!!!!!!!!!!!!!!!!!!", "repetition loop"),
         ("I'm sorry, but I can't help with that.", "refusal or self-description"),
+        # brevity, seed 1, 64 votes
+        (
+            "I'm sorry for your mistake, but I'm unable to provide electricity",
+            "refusal or self-description",
+        ),
         ("I am SmolLM, an AI assistant trained by Hugging Face.", "refusal or self-description"),
         ("The capital of Canada is Ottawa.", None),
         ("Photosynthesis turns light, water and CO2 into sugar and oxygen in plants.", None),
