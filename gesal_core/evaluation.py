@@ -39,7 +39,7 @@ import torch
 from .embedding import PromptEmbedder
 from .engine import Engine, EngineConfig
 from .generate import SamplingConfig, build_prompt, generate
-from .guard import GuardConfig, base_nll, degenerate_reason, on_topic, template_words
+from .guard import GuardConfig, judge_answers, on_topic
 from .learning import (
     LearningConfig,
     Sample,
@@ -583,7 +583,7 @@ class Harness:
 
     @torch.inference_mode()
     def quality(self, prompts: list[str], answers: list[str]) -> tuple[float, float]:
-        """(on-topic rate, degenerate rate) of answers; see `on_topic` and `degenerate_reason`.
+        """(on-topic rate, degenerate rate) of answers; see `on_topic` and `judge_answers`.
 
         Both are judged against the base model, never against the method being measured.
         """
@@ -594,16 +594,12 @@ class Harness:
         q = self._embedder(prompts)
         a = self._embedder([x or "." for x in answers])
         sims = (q * a).sum(-1)
-        nll = base_nll(self.svf, self.tokenizer, prompts, answers, self.cfg.system)
         topical = [
             on_topic(p, x, r, float(s))
             for p, x, r, s in zip(prompts, answers, refs, sims, strict=True)
         ]
-        template = template_words(self.tokenizer, self.cfg.system)
-        bad = [
-            degenerate_reason(x, n, p, template) is not None
-            for p, x, n in zip(prompts, answers, nll, strict=True)
-        ]
+        reasons = judge_answers(self.svf, self.tokenizer, prompts, answers, self.cfg.system)
+        bad = [r is not None for r in reasons]
         return float(np.mean(topical)), float(np.mean(bad))
 
     @torch.inference_mode()

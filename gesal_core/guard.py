@@ -81,11 +81,9 @@ _ONLY_QUESTION = re.compile(r"[^.!?\n]*\?+[\s\"')]*")
 # in the universe is Neptune, but what about our solar system?" (a real run's answer, and
 # the base model's too) is one sentence ending in "?", yet it opens with a clause that is
 # not a question.
-_STATEMENT_FIRST = re.compile(
-    r"\s*(?!(?:what|how|why|who|whom|whose|where|when|which|is|are|was|were|do|does|did|"
-    r"can|could|would|will|should|shall|may|might|have|has|had)\b)[^,?]+,",
-    re.IGNORECASE,
-)
+_WH = "what|how|why|who|whom|whose|where|when|which"
+_AUX = "is|are|was|were|do|does|did|can|could|would|will|should|shall|may|might|have|has|had"
+_STATEMENT_FIRST = re.compile(rf"\s*(?!(?:{_WH}|{_AUX})\b)[^,?]+,", re.IGNORECASE)
 # Content words: 5-letter stems of words of 4+ letters, minus question boilerplate.
 _STOP = frozenset(
     """what which when where does the this that these those with from into about your have
@@ -97,7 +95,7 @@ _ABOUT_YOU = re.compile(r"\b(you|your|yourself)\b", re.IGNORECASE)  # "Who made 
 # A question that asks for something new: "What is a volcano?", not "Is it Tokyo?" (where
 # "Yes, Tokyo." restates it and answers) nor "Jupiter or Mars?" (where a word of the
 # question is the answer).
-_OPEN_QUESTION = re.compile(r"\s*(what|how|why|who|whom|whose|where|when|which)\b", re.I)
+_OPEN_QUESTION = re.compile(rf"\s*(?:{_WH})\b", re.IGNORECASE)
 _CHOICE = re.compile(r"\bor\b", re.IGNORECASE)
 RESTATE_MAX_WORDS = 5
 
@@ -208,6 +206,19 @@ def base_nll(
         samples.append(Sample(ids, resp or [tokenizer.eos_token_id or 0]))
     lp, n = sequence_logprobs(svf, svf.ones(), samples, pad_id=tokenizer.pad_token_id or 0)
     return [float(-x / max(int(k), 1)) for x, k in zip(lp, n, strict=True)]
+
+
+def judge_answers(
+    svf: SVFModel, tokenizer, prompts: list[str], answers: list[str], system: str | None = None
+) -> list[str | None]:
+    """`degenerate_reason` of each answer to its prompt, with every rule on: the base
+    model's NLL and the words of the system prompt the answers ran under. One place for
+    the evaluation and for re-judging stored answers, so both judge alike."""
+    nll = base_nll(svf, tokenizer, prompts, answers, system)
+    template = template_words(tokenizer, system)
+    return [
+        degenerate_reason(a, n, q, template) for q, a, n in zip(prompts, answers, nll, strict=True)
+    ]
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Re-judge the held-out answers stored in `gesal-bot eval` JSON with the current
-degenerate-answer rules (gesal_core.guard.degenerate_reason).
+degenerate-answer rules (gesal_core.guard.judge_answers, which the
+evaluation uses).
 
 Why: a rule added after a run (say, a new kind of collapse seen in its answers) changes
 what the run's degenerate rate should read, and rerunning 128 votes takes an hour. This
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from gesal_core.guard import base_nll, degenerate_reason, template_words
+from gesal_core.guard import judge_answers
 from gesal_core.model import load_model
 from gesal_core.svf import SVFConfig, SVFModel
 
@@ -27,7 +28,6 @@ def main() -> None:
     args = p.parse_args()
     lm = load_model(None, progress=False)
     svf = SVFModel(lm.model, lm.name, SVFConfig(progress=False))
-    template = template_words(lm.tokenizer, args.system)
     print("| file | method | seed | votes | degenerate (recorded) | degenerate (now) |")
     print("|---|---|---|---|---|---|")
     flagged = []
@@ -39,11 +39,7 @@ def main() -> None:
                 pairs = [s.split(" -> ", 1) for s in cp["samples"]]
                 prompts = [q for q, _ in pairs]
                 answers = [a for _, a in pairs]
-                nll = base_nll(svf, lm.tokenizer, prompts, answers, args.system)
-                reasons = [
-                    degenerate_reason(a, n, q, template)
-                    for q, a, n in zip(prompts, answers, nll, strict=True)
-                ]
+                reasons = judge_answers(svf, lm.tokenizer, prompts, answers, args.system)
                 now = sum(r is not None for r in reasons) / len(reasons)
                 print(
                     f"| {path} | {run['method']} | {run['seed']} | {cp['votes']} "
