@@ -76,6 +76,8 @@ class Task:
     constant_answer_level: float | None = None  # best score of one constant answer
     predict: Callable[[str], str] | None = None  # what the answer "says", for distributions
     correct: Callable[[str, str], str] | None = None  # a member's better answer, if any
+    # key facts per held-out prompt: words of which a right answer names at least one
+    facts: dict[str, tuple[str, ...]] | None = None
 
     def vote(self, prompt: str, answer: str) -> int:
         return 1 if self.complies(prompt, answer) else -1
@@ -121,6 +123,57 @@ HELDOUT_QUESTIONS = [
     "What is a comet?",
     "How are mountains formed?",
 ]
+# What a right answer to each held-out question names (one of them, as a word or a word's
+# start, any case). Written from what the questions ask before reading runs' answers; one
+# word ("food") came later, from a right answer the list missed. Why: an
+# answer can be short, fluent, on topic and empty or wrong ("Electricity is like magic in
+# the moon's magic.", "The largest planet is Neptune.", "The plant grows."), and neither
+# the on-topic nor the degenerate rate sees that. It is a floor on content, not a truth
+# check: "Jupiter? No, Saturn." would pass.
+_FACT_WORDS = {
+    "What is the capital of Japan?": "tokyo",
+    "How do plants grow?": (
+        "photosynth, sunlight, light, water, nutrient, soil, root, seed, carbon dioxide, food"
+    ),
+    "What is a volcano?": "magma, lava, erupt, molten, vent, opening, crust, ash, mountain, ruptur",
+    "Why do cats purr?": (
+        "content, happ, relax, calm, vibrat, laryn, vocal, diaphragm, communicat, "
+        "comfort, stress, pain"
+    ),
+    "How does the internet work?": (
+        "network, computer, server, data, packet, protocol, connect, router, cable"
+    ),
+    "What is electricity?": "electron, charge, current, flow, energy, voltage, particle",
+    "What is the largest planet?": "jupiter",
+    "How do fish breathe?": "gill, oxygen",
+    "What is climate change?": (
+        "temperature, warming, greenhouse, carbon, emission, weather, fossil, heat"
+    ),
+    "Why is exercise healthy?": (
+        "heart, muscle, weight, strength, strong, mood, stress, disease, blood, bone, "
+        "energy, fitness, immun"
+    ),
+    "What is a comet?": "ice, icy, dust, tail, orbit, sun, rock, frozen, nucleus",
+    "How are mountains formed?": (
+        "tectonic, plate, crust, collid, collision, volcan, erosion, fold, uplift, magma"
+    ),
+}
+KEY_FACTS: dict[str, tuple[str, ...]] = {q: tuple(w.split(", ")) for q, w in _FACT_WORDS.items()}
+
+
+def states_fact(answer: str, facts: tuple[str, ...]) -> bool:
+    """Does the answer name one of the facts (as a word or the start of one)?"""
+    return any(re.search(rf"\b{re.escape(f)}", answer, re.IGNORECASE) for f in facts)
+
+
+def fact_rate(task: Task, prompts: list[str], answers: list[str]) -> float | None:
+    """Share of answers that name a key fact of their question, over the prompts the task
+    has facts for; None when it has none (creative prompts, counting, most own tasks)."""
+    facts = getattr(task, "facts", None) or {}
+    hits = [states_fact(a, facts[p]) for p, a in zip(prompts, answers, strict=True) if p in facts]
+    return float(np.mean(hits)) if hits else None
+
+
 CREATIVE = [
     "Write a short poem about autumn.",
     "Tell me a story about a dragon.",
@@ -198,6 +251,7 @@ def brevity() -> Task:
         lambda p, a: 0 < _words(a) <= 15,
         predict=lambda a: f"{min(_words(a) // 10 * 10, 50)}+ words",
         correct=lambda p, a: _shorten(a),
+        facts=KEY_FACTS,
     )
 
 
@@ -210,6 +264,7 @@ def emoji() -> Task:
         lambda p, a: bool(_EMOJI.search(a)),
         predict=lambda a: "emoji" if _EMOJI.search(a) else "none",
         correct=lambda p, a: f"{a.rstrip()} 😊",
+        facts=KEY_FACTS,
     )
 
 
@@ -222,6 +277,7 @@ def opener() -> Task:
         lambda p, a: a.strip().lower().startswith("sure"),
         predict=lambda a: (a.split() or ["-"])[0][:12],
         correct=lambda p, a: f"Sure! {a.strip()}",
+        facts=KEY_FACTS,
     )
 
 
@@ -236,6 +292,7 @@ def no_markdown() -> Task:
         HELDOUT_QUESTIONS,
         plain,
         predict=lambda a: "plain" if plain("", a) else "md",
+        facts=KEY_FACTS,
     )
 
 
@@ -273,6 +330,7 @@ def two_cluster() -> Task:
         QUESTIONS[:12] + CREATIVE,
         HELDOUT_QUESTIONS[:6] + CREATIVE_HELDOUT,
         wants,
+        facts=KEY_FACTS,
     )
 
 
@@ -515,6 +573,8 @@ class Checkpoint:
     # median ‖z − 1‖₂ of the adapters that answered the held-out prompts (SVF methods;
     # None for lora and for results written before it was recorded)
     drift: float | None = None
+    # share of answers naming a key fact of their question (`fact_rate`; None: no facts)
+    facts: float | None = None
 
 
 @dataclass
@@ -661,6 +721,7 @@ class Harness:
             # collapse shows in the words before it shows in a rate
             [f"{p} -> {a}" for p, a in zip(prompts, answers, strict=True)],
             drift,
+            fact_rate(task, prompts, answers),
         )
 
     async def run(
@@ -723,6 +784,7 @@ class Harness:
                         f"  {task.name}/{method}/seed {seed}: {votes} votes -> compliance "
                         f"{cp.compliance:.0%}, on-topic {cp.on_topic:.0%}, degenerate "
                         f"{cp.degenerate:.0%}, ref NLL {cp.ref_nll:.2f}"
+                        + ("" if cp.facts is None else f", key facts {cp.facts:.0%}")
                         + ("" if cp.drift is None else f", |z-1| {cp.drift:.2f}")
                     )
                     if checkpointed:
@@ -746,6 +808,7 @@ def summarise(results: list[RunResult], checkpoints: tuple[int, ...]) -> list[di
             if not cps:
                 continue
             drifts = [cp.drift for cp in cps if cp.drift is not None]
+            facts = [cp.facts for cp in cps if cp.facts is not None]
             rows.append(
                 {
                     "method": method,
@@ -755,6 +818,7 @@ def summarise(results: list[RunResult], checkpoints: tuple[int, ...]) -> list[di
                     "degenerate": statistics.median(cp.degenerate for cp in cps),
                     "ref_nll": statistics.median(cp.ref_nll for cp in cps),
                     "drift": statistics.median(drifts) if drifts else None,
+                    "facts": statistics.median(facts) if facts else None,
                     "per_seed": [round(cp.compliance, 3) for cp in cps],
                 }
             )
@@ -765,16 +829,18 @@ def markdown(task: Task, rows: list[dict], results: list[RunResult]) -> str:
     lines = [
         f"### Task `{task.name}`: {task.description}",
         "",
-        "| method | votes | compliance (median) | per seed | on-topic | degenerate | ref NLL "
-        "| ‖z−1‖ |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | votes | compliance (median) | per seed | on-topic | degenerate | key facts "
+        "| ref NLL | ‖z−1‖ |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         seeds = ", ".join(f"{x:.0%}" for x in r["per_seed"])
         drift = "–" if r.get("drift") is None else f"{r['drift']:.2f}"
+        facts = "–" if r.get("facts") is None else f"{r['facts']:.0%}"
         lines.append(
             f"| {r['method']} | {r['votes']} | {r['compliance']:.0%} | {seeds} | "
-            f"{r['on_topic']:.0%} | {r['degenerate']:.0%} | {r['ref_nll']:.2f} | {drift} |"
+            f"{r['on_topic']:.0%} | {r['degenerate']:.0%} | {facts} | {r['ref_nll']:.2f} "
+            f"| {drift} |"
         )
     if getattr(task, "constant_answer_level", None) is not None:
         lines.append(f"\nA constant answer would score {task.constant_answer_level:.0%}.")
@@ -810,18 +876,20 @@ def plot(task: Task, rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
     panels = [
         ("compliance", "held-out compliance"),
         ("on_topic", "on-topic rate"),
         ("degenerate", "degenerate rate"),
+        ("facts", "answers naming a key fact"),
         ("ref_nll", "reference NLL (drift from the base model's answers)"),
     ]
+    panels = [(k, t) for k, t in panels if any(r.get(k) is not None for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.6))
     for method in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == method]
-        xs = [r["votes"] for r in rs]
         for ax, (key, _) in zip(axes, panels, strict=True):
-            ax.plot(xs, [r[key] for r in rs], marker="o", label=method)
+            pts = [(r["votes"], r[key]) for r in rs if r.get(key) is not None]
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=method)
     for ax, (key, title) in zip(axes, panels, strict=True):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("votes")
@@ -899,8 +967,15 @@ def _ints(s: str) -> tuple[int, ...]:
     return tuple(int(x) for x in s.split(",") if x.strip())
 
 
-def _run_from_dict(d: dict) -> RunResult:
+def _run_from_dict(d: dict, task: Task | None = None) -> RunResult:
+    """A stored run; checkpoints written before key facts were measured get them judged
+    from their stored answers (the same `fact_rate`, so old and new runs compare)."""
     cps = [Checkpoint(**c) for c in d.get("checkpoints", [])]
+    for cp in cps:
+        if cp.facts is None and task is not None:
+            pairs = [s.split(" -> ", 1) for s in cp.samples]
+            if all(len(x) == 2 for x in pairs):
+                cp.facts = fact_rate(task, [q for q, _ in pairs], [a for _, a in pairs])
     return RunResult(**{**d, "checkpoints": cps})
 
 
@@ -930,7 +1005,7 @@ def merge(paths: list[str], out: str) -> int:
     if len(tasks) != 1:
         raise ValueError(f"the files are from different tasks: {sorted(map(str, tasks))}")
     task = load_task(tasks.pop())
-    results = [_run_from_dict(r) for d in docs for r in d.get("runs", [])]
+    results = [_run_from_dict(r, task) for d in docs for r in d.get("runs", [])]
     meta = {
         "merged_from": [
             {"file": str(p), "config": d.get("config"), "learning": d.get("learning")}

@@ -1,5 +1,6 @@
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -35,6 +36,31 @@ def test_builtin_tasks_have_sane_rules():
     assert set(tc.train).isdisjoint(tc.heldout)
     for task in (b, c, tc):
         assert set(task.train).isdisjoint(task.heldout)
+
+
+def test_key_facts_tell_an_empty_short_answer_from_a_right_one():
+    """Answers real brevity runs gave: short, on topic, and some of them empty or wrong."""
+    b = load_task("brevity")
+    right = {
+        "What is the capital of Japan?": "The capital of Japan is Tokyo.",
+        "How do fish breathe?": "Fishes breathe through a system called gills.",
+        "How do plants grow?": "Plants grow by making their own food.",
+    }
+    empty = {
+        "What is the largest planet?": "The largest planet is Neptune, orbiting the Sun.",
+        "What is electricity?": "Electricity is like magic in the moon's magic.",
+        "How do plants grow?": "The plant grows.",
+        "What is a volcano?": "A volcano is a fascinating geological feature!",
+    }
+    assert evaluation.fact_rate(b, list(right), list(right.values())) == 1.0
+    assert evaluation.fact_rate(b, list(empty), list(empty.values())) == 0.0
+    # a fact inside another word does not count ("ice" in "device"), its start does
+    assert not evaluation.states_fact("A comet is a device.", ("ice",))
+    assert evaluation.states_fact("Comets are icy bodies.", ("icy",))
+    # only prompts with facts are counted; a task without any has no rate
+    assert evaluation.fact_rate(b, ["Write a poem.", *right], ["x", *right.values()]) == 1.0
+    assert evaluation.fact_rate(load_task("counting"), ["q"], ["a"]) is None
+    assert set(evaluation.KEY_FACTS) == set(evaluation.HELDOUT_QUESTIONS)
 
 
 def test_user_task_from_file(tmp_path):
@@ -102,7 +128,9 @@ def test_eval_command_end_to_end_on_tiny_model(tiny_llama, tiny_tokenizer, tmp_p
     assert ("gesal", 8) in summary and ("lora", 0) in summary
     assert (out / "eval-brevity.png").stat().st_size > 1000
     table = (out / "eval-brevity.md").read_text()
-    assert "| gesal | 8 |" in table and "‖z−1‖" in table
+    assert "| gesal | 8 |" in table and "‖z−1‖" in table and "key facts" in table
+    for r in runs:  # a random tiny model names no facts; the rate is measured, not absent
+        assert all(c["facts"] == 0.0 for c in r["checkpoints"])
 
 
 def test_corrections_are_sent_and_counted(tiny_llama, tiny_tokenizer, tmp_path):
@@ -163,6 +191,16 @@ def test_runs_from_parallel_processes_merge_into_one_table(tiny_llama, tiny_toke
     row = next(r for r in data["summary"] if r["votes"] == 4)
     assert len(row["per_seed"]) == 2
     assert [m["file"] for m in data["merged_from"]] == files
+    # a file written before key facts were measured gets them judged from its answers
+    old = json.loads(Path(files[0]).read_text())
+    run = old["runs"][0]
+    for cp in run["checkpoints"]:
+        del cp["facts"]
+    run["checkpoints"][-1]["samples"] = ["What is the capital of Japan? -> Tokyo."] * 2
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    evaluation.merge([str(tmp_path / "old.json")], str(tmp_path / "old-merged"))
+    redone = json.loads((tmp_path / "old-merged" / "eval-brevity.json").read_text())
+    assert [c["facts"] for c in redone["runs"][0]["checkpoints"]] == [0.0, 1.0]
     assert (merged / "eval-brevity.png").stat().st_size > 1000
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"config": {"task": "opener"}, "runs": []}))
