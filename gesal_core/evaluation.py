@@ -993,6 +993,13 @@ def write_results(out: Path, task: Task, results: list[RunResult], meta: dict) -
     return md
 
 
+def _tasks_of(doc: dict) -> set[str | None]:
+    """The task a results file is about: its config's, or (a merged file has no config of
+    its own) the one its runs name."""
+    task = doc.get("config", {}).get("task")
+    return {task} if task else {r.get("task") for r in doc.get("runs", [])} or {None}
+
+
 def merge(paths: list[str], out: str) -> int:
     """`gesal-bot eval --merge`: one table from runs written by several processes."""
     docs = []
@@ -1001,7 +1008,7 @@ def merge(paths: list[str], out: str) -> int:
             docs.append(json.loads(Path(p).read_text()))
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"cannot read eval results {p}: {exc}") from None
-    tasks = {d.get("config", {}).get("task") for d in docs}
+    tasks = {t for d in docs for t in _tasks_of(d)}
     if len(tasks) != 1:
         raise ValueError(f"the files are from different tasks: {sorted(map(str, tasks))}")
     task = load_task(tasks.pop())

@@ -191,6 +191,10 @@ def test_runs_from_parallel_processes_merge_into_one_table(tiny_llama, tiny_toke
     row = next(r for r in data["summary"] if r["votes"] == 4)
     assert len(row["per_seed"]) == 2
     assert [m["file"] for m in data["merged_from"]] == files
+    # a merged file (no config of its own) merges again, e.g. to re-table old results
+    again = tmp_path / "again"
+    evaluation.merge([str(merged / "eval-brevity.json")], str(again))
+    assert json.loads((again / "eval-brevity.json").read_text())["summary"] == data["summary"]
     # a file written before key facts were measured gets them judged from its answers
     old = json.loads(Path(files[0]).read_text())
     run = old["runs"][0]
