@@ -8,6 +8,10 @@ prints both rates per seed and checkpoint, and each answer the current rules fla
 reader can check the verdicts. It judges the answers; it does not replay the learning,
 which the new rule would also have changed (the guard uses the same rules).
 
+It also prints how many key facts the task's simulated member keeps when correcting the
+base model's answers (the 0-vote ones): a community whose corrections drop content
+teaches the bot to drop it, and that is the level to read a run's key facts against.
+
     python scripts/rejudge_eval.py docs/eval/brevity-final/eval-brevity.json
 """
 
@@ -35,6 +39,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|")
     flagged = []
+    base: dict[str, tuple] = {}  # task -> (task, prompts, base answers) at 0 votes
     for path in args.json:
         with open(path) as f:
             runs = json.load(f)["runs"]
@@ -50,6 +55,10 @@ def main() -> None:
                 reasons = judge_answers(svf, lm.tokenizer, prompts, answers, args.system)
                 now = sum(r is not None for r in reasons) / len(reasons)
                 facts = task and fact_rate(task, prompts, answers)
+                if cp["votes"] == 0 and task is not None and getattr(task, "correct", None):
+                    seen = base.setdefault(task.name, (task, [], []))
+                    seen[1].extend(prompts)
+                    seen[2].extend(answers)
                 print(
                     f"| {path} | {run['method']} | {run['seed']} | {cp['votes']} "
                     f"| {cp['degenerate']:.0%} | {now:.0%} "
@@ -62,6 +71,15 @@ def main() -> None:
                 ]
     print("\nFlagged now:")
     print("\n".join(f"- {f}" for f in flagged) or "- none")
+    for name, (task, prompts, answers) in base.items():
+        fixed = [task.correct(q, a) for q, a in zip(prompts, answers, strict=True)]
+        before, after = fact_rate(task, prompts, answers), fact_rate(task, prompts, fixed)
+        if before is not None:
+            print(
+                f"\n{name}: key facts in the base model's answers (0 votes, {len(prompts)} "
+                f"answers): {before:.0%}; in the simulated member's corrections of them: "
+                f"{after:.0%}"
+            )
 
 
 if __name__ == "__main__":
