@@ -98,12 +98,31 @@ _ABOUT_YOU = re.compile(r"\b(you|your|yourself)\b", re.IGNORECASE)  # "Who made 
 _OPEN_QUESTION = re.compile(rf"\s*(?:{_WH})\b", re.IGNORECASE)
 _CHOICE = re.compile(r"\bor\b", re.IGNORECASE)
 RESTATE_MAX_WORDS = 5
+# Words that add nothing to a restatement ("A volcano...", "Hmm, electricity.").
+_FILLER = frozenset(
+    """a an the is are was were be it its this that of in on at to by for and but so as with
+    hmm hm oh ah um uh well""".split()  # noqa: SIM905
+)
 
 
 def content_words(text: str) -> set[str]:
     """The words that carry what a text is about, stemmed to five letters, so "Tokyo."
     and "Tokyo is" meet and "capital"/"capitals" match."""
     return {w[:5] for w in re.findall(r"[a-z]{4,}", text.lower()) if w not in _STOP}
+
+
+def new_words(answer: str, question: str) -> set[str]:
+    """Words of the answer that are neither in the question nor filler, numbers and short
+    words included: "45" answers "What is 15 times 3?" in "15 times 3 is 45.", "ice"
+    answers "What is a comet?" in "A comet is ice.", though neither is a `content_words`
+    word (a real run's guard rolled back an update for "15 times 3 is 45.")."""
+    asked = set(re.findall(r"\w+", question.lower()))
+    stems = content_words(question)
+    return {
+        w
+        for w in re.findall(r"\w+", answer.lower())
+        if w not in asked and w not in _FILLER and w[:5] not in stems
+    }
 
 
 def template_words(tokenizer, system: str | None) -> frozenset[str]:
@@ -180,6 +199,7 @@ def degenerate_reason(
         said
         and len(words) <= RESTATE_MAX_WORDS
         and said <= content_words(question)
+        and not new_words(text, question)
         and _OPEN_QUESTION.match(question)
         and not _CHOICE.search(question)
     ):

@@ -132,6 +132,12 @@ SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging
         ("Is Tokyo the capital of Japan?", "Yes, Tokyo.", False),
         ("Which is larger, Jupiter or Mars?", "Jupiter.", False),
         ("What is 15 times 3?", "45.", False),
+        # the guard rolled back a brevity update (seed 2) for the first of these
+        ("What is 15 times 3?", "15 times 3 is 45.", False),
+        ("What is a comet?", "A comet is ice.", False),
+        # ...and rightly for these (the same run)
+        ("Why is the ocean salty?", "The ocean salty.", True),
+        ("What is a black hole?", "A black hole.", True),
         # long enough to say something, whatever its words
         ("How do plants grow?", "Plants grow when plants grow and grow and grow tall.", False),
     ],
