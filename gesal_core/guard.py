@@ -72,7 +72,9 @@ _REFUSAL = re.compile(
 
 # a punctuation run, or one word four times in a row; a word must start with a letter, so
 # "300,000,000,000,000 meters" (a real answer a real run rolled back) is not a loop
-_RUN = re.compile(r"([^\w\s])\1{5,}|\b([^\W\d]\w*)(?:\W+\2\b){3,}", re.IGNORECASE)
+# ...but one character 16 times running is a loop whatever it is: a LoRA brevity run
+# answered "The largest planet is approximately 9.9222222222222222222222222222222".
+_RUN = re.compile(r"([^\w\s])\1{5,}|(\w)\2{15,}|\b([^\W\d]\w*)(?:\W+\3\b){3,}", re.IGNORECASE)
 # An answer that is one question and nothing else asks instead of answering: "What is the
 # capital of Japan?" -> "What is the capital of France?" was where a brevity run's node
 # ended up after 128 votes (short, so the community liked it; on topic by every measure).

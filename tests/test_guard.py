@@ -31,6 +31,9 @@ from .conftest import make_tiny_llama
         ("The capital of Canada is Ottawa.", None),
         ("Photosynthesis turns light, water and CO2 into sugar and oxygen in plants.", None),
         ("Sure! The speed of light is approximately 300,000,000,000,000 meters per second.", None),
+        ("A googol is 1 followed by 100 zeros: 1000000000000 is only a trillion.", None),
+        # LoRA brevity, seed 0, 128 votes
+        ("The largest planet is approximately 9.92222222222222222222222222222", "repetition loop"),
         # seen at 128 votes in real brevity runs: the node echoed questions back
         ("What is the capital of France?", "a question instead of an answer"),
         ("How do plants grow?", "a question instead of an answer"),
