@@ -124,12 +124,12 @@ HELDOUT_QUESTIONS = [
     "How are mountains formed?",
 ]
 # What a right answer to each held-out question names (one of them, as a word or a word's
-# start, any case). Written from what the questions ask before reading runs' answers; one
-# word ("food") came later, from a right answer the list missed. Why: an
-# answer can be short, fluent, on topic and empty or wrong ("Electricity is like magic in
-# the moon's magic.", "The largest planet is Neptune.", "The plant grows."), and neither
-# the on-topic nor the degenerate rate sees that. It is a floor on content, not a truth
-# check: "Jupiter? No, Saturn." would pass.
+# start, any case). Why: an answer can be short, fluent, on topic and empty or wrong
+# ("Electricity is like magic in the moon's magic.", "The largest planet is Neptune.",
+# "The plant grows."), and neither the on-topic nor the degenerate rate sees that. It is
+# a floor on content, not a truth check: "Jupiter? No, Saturn." would pass. Written from
+# what the questions ask before reading runs' answers; one word ("food") came later, from
+# a right answer the list missed ("Plants grow by making their own food.").
 _FACT_WORDS = {
     "What is the capital of Japan?": "tokyo",
     "How do plants grow?": (
