@@ -719,7 +719,7 @@ class Harness:
             dict(preds.most_common(6)),
             # every held-out answer, whole, so that the rates can be re-judged later: a
             # collapse shows in the words before it shows in a rate
-            [f"{p} -> {a}" for p, a in zip(prompts, answers, strict=True)],
+            [f"{p}{SAMPLE_SEP}{a}" for p, a in zip(prompts, answers, strict=True)],
             drift,
             fact_rate(task, prompts, answers),
         )
@@ -967,15 +967,26 @@ def _ints(s: str) -> tuple[int, ...]:
     return tuple(int(x) for x in s.split(",") if x.strip())
 
 
+SAMPLE_SEP = " -> "  # between the prompt and the answer in a checkpoint's samples
+
+
+def split_samples(samples: list[str]) -> tuple[list[str], list[str]] | None:
+    """(prompts, answers) of a checkpoint's stored samples; None when any lacks the
+    separator (results written before answers were stored whole)."""
+    pairs = [s.split(SAMPLE_SEP, 1) for s in samples]
+    if not all(len(x) == 2 for x in pairs):
+        return None
+    return [q for q, _ in pairs], [a for _, a in pairs]
+
+
 def _run_from_dict(d: dict, task: Task | None = None) -> RunResult:
     """A stored run; checkpoints written before key facts were measured get them judged
     from their stored answers (the same `fact_rate`, so old and new runs compare)."""
     cps = [Checkpoint(**c) for c in d.get("checkpoints", [])]
     for cp in cps:
-        if cp.facts is None and task is not None:
-            pairs = [s.split(" -> ", 1) for s in cp.samples]
-            if all(len(x) == 2 for x in pairs):
-                cp.facts = fact_rate(task, [q for q, _ in pairs], [a for _, a in pairs])
+        split = split_samples(cp.samples) if cp.facts is None and task is not None else None
+        if split:
+            cp.facts = fact_rate(task, *split)
     return RunResult(**{**d, "checkpoints": cps})
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from gesal_core.evaluation import fact_rate, load_task
+from gesal_core.evaluation import fact_rate, load_task, split_samples
 from gesal_core.guard import judge_answers
 from gesal_core.model import load_model
 from gesal_core.svf import SVFConfig, SVFModel
@@ -49,9 +49,7 @@ def main() -> None:
             except ValueError:  # an own task whose file is not here: no key facts
                 task = None
             for cp in run["checkpoints"]:
-                pairs = [s.split(" -> ", 1) for s in cp["samples"]]
-                prompts = [q for q, _ in pairs]
-                answers = [a for _, a in pairs]
+                prompts, answers = split_samples(cp["samples"])
                 reasons = judge_answers(svf, lm.tokenizer, prompts, answers, args.system)
                 now = sum(r is not None for r in reasons) / len(reasons)
                 facts = task and fact_rate(task, prompts, answers)
