@@ -39,7 +39,7 @@ import torch
 from .embedding import PromptEmbedder
 from .engine import Engine, EngineConfig
 from .generate import SamplingConfig, build_prompt, generate
-from .guard import GuardConfig, judge_answers, on_topic
+from .guard import GuardConfig, content_words, judge_answers, on_topic
 from .learning import (
     LearningConfig,
     Sample,
@@ -234,12 +234,41 @@ def _first_int(text: str) -> str:
     return m.group(0) if m else "-"
 
 
-def _shorten(answer: str) -> str:
-    """What a member who wants brevity writes instead: the answer's first sentence, cut
-    to 12 words if it is still long."""
-    first = re.split(r"(?<=[.!?])\s", answer.strip(), maxsplit=1)[0]
-    words = first.split()
-    return first if len(words) <= 15 else " ".join(words[:12]).rstrip(",;:") + "."
+_CLAUSE_END = re.compile(r",|;|:| - | which\b| but\b| and\b")
+
+
+def _clip(sentence: str) -> str:
+    """A sentence cut to at most 15 words, at its last clause boundary that leaves five
+    or more ("Plants grow by using a process called photosynthesis."), else to 12 words."""
+    words = sentence.split()
+    if len(words) <= 15:
+        return sentence
+    head = " ".join(words[:15])
+    cuts = [m.start() for m in _CLAUSE_END.finditer(head) if len(head[: m.start()].split()) >= 5]
+    if cuts:
+        return head[: cuts[-1]].rstrip(",;: ") + "."
+    return " ".join(words[:12]).rstrip(",;:") + "."
+
+
+def _shorten(question: str, answer: str) -> str:
+    """What a member who wants brevity writes instead: the answer's sentence that says the
+    most (content words beyond the question's; the first of equals), clipped to 15 words.
+
+    Why not simply the first sentence (the member of every run before 2026-12-02): the
+    base model's first sentences are often empty ("Cats purr due to a natural
+    instinct."), and those corrections kept 54% of the base answers' key facts (the
+    answers had 88%), so the community taught the bot to drop content. This member kept
+    75% on the same answers. A sentence cut off by the token limit counts only when it is
+    the only one.
+    """
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", answer.strip()) if s]
+    if len(sentences) > 1 and not re.search(r"[.!?][\"')]*$", sentences[-1]):
+        sentences = sentences[:-1]
+    if not sentences:
+        return answer
+    asked = content_words(question)
+    clipped = [_clip(s) for s in sentences]
+    return max(clipped, key=lambda s: (len(content_words(s) - asked), -clipped.index(s)))
 
 
 def brevity() -> Task:
@@ -250,7 +279,7 @@ def brevity() -> Task:
         HELDOUT_QUESTIONS,
         lambda p, a: 0 < _words(a) <= 15,
         predict=lambda a: f"{min(_words(a) // 10 * 10, 50)}+ words",
-        correct=lambda p, a: _shorten(a),
+        correct=_shorten,
         facts=KEY_FACTS,
     )
 

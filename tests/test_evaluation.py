@@ -63,6 +63,30 @@ def test_key_facts_tell_an_empty_short_answer_from_a_right_one():
     assert set(evaluation.KEY_FACTS) == set(evaluation.HELDOUT_QUESTIONS)
 
 
+def test_the_brevity_member_corrects_to_the_sentence_that_says_something():
+    """Base-model answers from real runs: the first sentence is often empty, and a member
+    who wants short answers keeps the one that carries the content, short and whole."""
+    fix = load_task("brevity").correct
+    purr = fix(
+        "Why do cats purr?",
+        "Cats purr due to a natural instinct. Cats purr to relax and relieve stress. "
+        "When they're happy or",  # cut off by the token limit
+    )
+    assert purr == "Cats purr to relax and relieve stress."
+    plants = fix(
+        "How do plants grow?",
+        "Plants grow by using a process called photosynthesis, which is a natural "
+        "self-sustaining process that involves the combination of light, water, carbon",
+    )
+    assert plants == "Plants grow by using a process called photosynthesis."
+    # nothing to choose between: the answer as it is; equals: the first
+    assert fix("What is the capital of Japan?", "Tokyo.") == "Tokyo."
+    assert fix("Q?", "Cats sleep. Dogs bark.") == "Cats sleep."
+    long = fix("Q?", " ".join(f"word{i}" for i in range(30)) + ".")
+    assert len(long.split()) == 12 and long.endswith(".")
+    assert load_task("brevity").vote("Why do cats purr?", purr) == 1
+
+
 def test_user_task_from_file(tmp_path):
     f = tmp_path / "mytask.py"
     f.write_text(
