@@ -559,15 +559,21 @@ class LoraLearner(Learner):
             return {"updated": 0, "skipped": 1, "rolled_back": 0, "settled": int(not plan.skip)}
         for group in self.opt.param_groups:  # the same settling as a gesal node
             group["lr"] = LORA_LR * min(scale, 1.0)
-        batch = plan.rl + plan.demos
-        weights = torch.ones(len(plan.rl))
+        n = len(plan.rl) + len(plan.demos)
+        size = max(1, lc.micro_batch)
         pad = self.tokenizer.pad_token_id or 0
         self.model.train()
         for _ in range(lc.inner_steps):
-            logp, ntok = response_logprobs(self.model, batch, lc.max_tokens, pad)
-            loss = feedback_loss(plan, logp, ntok, weights, lc)
             self.opt.zero_grad()
-            loss.backward()
+            # passes of `micro_batch` samples, as gesal's update: the gradients add up to
+            # the whole batch's, and memory stays that of one pass (one pass of all 24+
+            # samples peaked at 8.8 GB RSS, which kept LoRA runs from running side by side)
+            for lo in range(0, n, size):
+                part = plan.slice(lo, lo + size)
+                batch = part.rl + part.demos
+                logp, ntok = response_logprobs(self.model, batch, lc.max_tokens, pad)
+                weights = torch.ones(len(part.rl))
+                feedback_loss(part, logp, ntok, weights, lc, total=n).backward()
             torch.nn.utils.clip_grad_norm_(self.params, lc.max_grad_norm)
             self.opt.step()
         self.model.eval()
