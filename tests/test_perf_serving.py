@@ -14,7 +14,7 @@ from gesal_core.generate import SamplingConfig, build_prompt, generate
 from gesal_core.guard import GuardConfig
 from gesal_core.learning import Sample, sequence_logprobs
 from gesal_core.records import ChannelConfig
-from gesal_core.serving import BatchedGenerator, GenRequest
+from gesal_core.serving import BatchedGenerator, GenRequest, ServingConfig
 from gesal_core.store import MemoryStore
 from gesal_core.svf import SVFConfig, SVFModel
 from gesal_core.svf.cache import MergedCache
@@ -464,3 +464,49 @@ def test_fast_logprobs_equal_the_reference_values_and_gradients(tiny_tokenizer, 
         fast_rows, _ = sequence_logprobs(svf, zs, samples)
         ref_rows, _ = _reference_logprobs(svf, zs, samples)
     torch.testing.assert_close(fast_rows, ref_rows, rtol=1e-5, atol=1e-5)
+
+
+def _eos_first(svf, tok, prompt, strength: float, spare=None) -> None:
+    """Point the tiny model's EOS output row at the prompt's last hidden state, so that
+    it ends the answer at the first token with a probability that grows with
+    ``strength`` (as a node taught brevity sometimes does); orthogonal to ``spare``'s
+    state, whose EOS logit stays 0."""
+    model = svf.model
+
+    def last_state(p) -> torch.Tensor:
+        out = model(input_ids=torch.tensor([p.input_ids]), output_hidden_states=True)
+        return out.hidden_states[-1][0, -1]
+
+    with torch.no_grad():
+        h = last_state(prompt)
+        if spare is not None:
+            s = last_state(spare)
+            h = h - (h @ s) / (s @ s) * s
+        model.lm_head.weight[tok.eos_token_id] = strength * h / h.norm()
+
+
+def test_an_empty_answer_is_resampled_within_the_bound(tiny_tokenizer):
+    svf = _svf(tiny_tokenizer)
+    hello = build_prompt(tiny_tokenizer, [{"role": "user", "content": "hello"}])
+    other = build_prompt(tiny_tokenizer, [{"role": "user", "content": "the lazy dog"}])
+    z = svf.ones().numpy()
+    sampled = SamplingConfig(max_new_tokens=5, temperature=1.0, top_p=1.0)
+
+    _eos_first(svf, tiny_tokenizer, hello, 15.0, other)  # p(empty) 0.57
+    texts = {}
+    for tries in (0, 10):
+        gen = BatchedGenerator(
+            svf, tiny_tokenizer, ModelWorker(), ServingConfig(max_resamples=tries)
+        )
+        torch.manual_seed(0)
+        texts[tries] = [o.text for o, _ in gen([GenRequest(hello, z, None, sampled)] * 6)]
+        gen.worker.close()
+    assert "" in texts[0]  # without the retry some answers come out empty...
+    assert all(t.strip() for t in texts[10]), texts  # ...with it none does
+
+    _eos_first(svf, tiny_tokenizer, hello, 40.0, other)  # always empty: the retry gives up
+    gen = BatchedGenerator(svf, tiny_tokenizer, ModelWorker())
+    outs = gen([GenRequest(hello, z, None, GREEDY), GenRequest(other, z, None, GREEDY)])
+    assert [bool(o.text) for o, _ in outs] == [False, True]
+    assert gen.stats.resamples == gen.config.max_resamples  # the empty row only, bounded
+    gen.worker.close()
