@@ -85,21 +85,27 @@ def test_a_killed_trainer_frees_the_channel_within_one_lease(make_redis_store, r
             await asyncio.sleep(TTL * 4)  # alive: its heartbeat keeps the lock
             alive = await try_lock()
             os.kill(holder.pid, signal.SIGKILL)
-            await asyncio.to_thread(holder.wait, 10)
             killed_at = time.monotonic()
+            # before reaping the process, which on a loaded machine can outlast the
+            # lease's remaining 1/3 to 2/3; a check that late would find it (rightly) free
             right_after = await try_lock()
+            checked_after = time.monotonic() - killed_at
+            await asyncio.to_thread(holder.wait, 10)
             while not await try_lock():
                 assert time.monotonic() - killed_at < 5, "the dead trainer's lock never freed"
                 await asyncio.sleep(0.02)
-            return alive, right_after, time.monotonic() - killed_at
+            return alive, right_after, checked_after, time.monotonic() - killed_at
 
-        alive, right_after, freed_after = run(go())
+        alive, right_after, checked_after, freed_after = run(go())
     finally:
         if holder.poll() is None:
             holder.kill()
             holder.wait(10)
     print(f"lock of a SIGKILLed trainer freed after {freed_after:.2f}s (lease {TTL}s)")
-    assert not alive and not right_after  # held while alive, and for a moment after
+    assert not alive  # held while alive
+    # ...and for a moment after: the lease expires, nothing releases it at the kill
+    # (heartbeats every third of a lease leave two thirds; one third allows a late one)
+    assert not right_after or checked_after >= TTL / 3
     assert freed_after <= TTL + 1.0  # one lease, plus polling on a busy machine
 
 
