@@ -800,9 +800,11 @@ class Harness:
                     await learner.vote(handle, user, v)
                     fix = getattr(task, "correct", None)
                     if v < 0 and fix and result.corrections < ec.corrections:
-                        result.corrections += int(
-                            await learner.correct(handle, user, fix(prompt, answer))
-                        )
+                        # a member with nothing better to offer (a brevity member given an
+                        # empty answer) just votes: the engine refuses an empty correction
+                        better = fix(prompt, answer)
+                        if better.strip():
+                            result.corrections += int(await learner.correct(handle, user, better))
                     votes += 1
                 vote_time += time.perf_counter() - t0
                 t1 = time.perf_counter()

@@ -344,3 +344,27 @@ def test_lora_updates_in_passes_equal_one_pass(tiny_tokenizer):
         torch.testing.assert_close(passes[name], value, rtol=1e-4, atol=1e-5)
         moved += int(not torch.allclose(value, torch.zeros_like(value)))
     assert moved == len(whole)
+
+
+def test_a_member_with_no_better_answer_just_votes(tiny_llama, tiny_tokenizer, tmp_path):
+    """A correction that comes out empty (the brevity member given an empty answer) is
+    not sent: the engine would refuse it and stop the whole run."""
+    f = tmp_path / "mute.py"
+    f.write_text(
+        "class Mute:\n"
+        "    name = 'mute'\n"
+        "    description = 'never satisfied, never helpful'\n"
+        "    train = ['say hi', 'say bye']\n"
+        "    heldout = ['say yes']\n"
+        "    def complies(self, prompt, answer):\n"
+        "        return False\n"
+        "    def correct(self, prompt, answer):\n"
+        "        return '  '\n"
+    )
+    out = tmp_path / "out"
+    argv = ["--task", f"{f}:Mute", "--methods", "gesal", "--seeds", "0", "--budget", "4"]
+    argv += ["--checkpoints", "0,4", "--batch", "4", "--heldout", "1", "--max-new-tokens", "4"]
+    argv += ["--corrections", "2", "--out", str(out), "--no-guard"]
+    assert evaluation.run(eval_args(tiny_llama, tiny_tokenizer, tmp_path, argv)) == 0
+    run = json.loads((out / "eval-mute.json").read_text())["runs"][0]
+    assert run["corrections"] == 0 and run["checkpoints"][-1]["votes"] == 4
