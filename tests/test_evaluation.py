@@ -1,12 +1,19 @@
 import argparse
+import asyncio
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from gesal_core import evaluation
-from gesal_core.evaluation import BUILTIN, load_task
+from gesal_core.engine import EngineConfig
+from gesal_core.evaluation import BUILTIN, LoraLearner, load_task
+from gesal_core.learning import LearningConfig
+from gesal_core.svf import SVFConfig, SVFModel
+
+from .conftest import make_tiny_llama
 
 
 def eval_args(model, tokenizer, tmp_path, argv: list[str]) -> argparse.Namespace:
@@ -303,15 +310,6 @@ def test_lora_updates_in_passes_equal_one_pass(tiny_tokenizer):
     """The LoRA baseline accumulates gradients over passes of `micro_batch` samples, as
     gesal's update does (one pass over every sample peaked at 8.8 GB on the real model);
     the adapter it ends with is the one a single pass gives."""
-    import asyncio
-    from dataclasses import replace
-
-    from gesal_core.engine import EngineConfig
-    from gesal_core.evaluation import LoraLearner
-    from gesal_core.learning import LearningConfig
-    from gesal_core.svf import SVFConfig, SVFModel
-
-    from .conftest import make_tiny_llama
 
     def factory():
         return make_tiny_llama(len(tiny_tokenizer))

@@ -86,8 +86,8 @@ def test_a_killed_trainer_frees_the_channel_within_one_lease(make_redis_store, r
             alive = await try_lock()
             os.kill(holder.pid, signal.SIGKILL)
             killed_at = time.monotonic()
-            # before reaping the process, which on a loaded machine can outlast the
-            # lease's remaining 1/3 to 2/3; a check that late would find it (rightly) free
+            # before reaping the process, which on a loaded machine can outlast what is
+            # left of the lease (2/3 of it or more); a check that late finds it rightly free
             right_after = await try_lock()
             checked_after = time.monotonic() - killed_at
             await asyncio.to_thread(holder.wait, 10)
