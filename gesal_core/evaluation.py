@@ -269,7 +269,7 @@ def _shorten(question: str, answer: str) -> str:
         return answer
     asked = content_words(question)
     clipped = [_clip(s) for s in sentences]
-    return max(clipped, key=lambda s: (len(content_words(s) - asked), -clipped.index(s)))
+    return max(clipped, key=lambda s: len(content_words(s) - asked))  # max keeps the first
 
 
 def brevity() -> Task:
@@ -561,7 +561,6 @@ class LoraLearner(Learner):
         for group in self.opt.param_groups:  # the same settling as a gesal node
             group["lr"] = LORA_LR * min(scale, 1.0)
         n = len(plan.rl) + len(plan.demos)
-        size = max(1, lc.micro_batch)
         pad = self.tokenizer.pad_token_id or 0
         self.model.train()
         for _ in range(lc.inner_steps):
@@ -569,8 +568,7 @@ class LoraLearner(Learner):
             # passes of `micro_batch` samples, as gesal's update: the gradients add up to
             # the whole batch's, and memory stays that of one pass (one pass of all 24+
             # samples peaked at 8.8 GB RSS, which kept LoRA runs from running side by side)
-            for lo in range(0, n, size):
-                part = plan.slice(lo, lo + size)
+            for _, part in plan.passes(lc.micro_batch):
                 batch = part.rl + part.demos
                 logp, ntok = response_logprobs(self.model, batch, lc.max_tokens, pad)
                 weights = torch.ones(len(part.rl))

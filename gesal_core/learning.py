@@ -23,7 +23,7 @@ Safety rails, each learned the hard way in prototypes (see issue 3):
 from __future__ import annotations
 
 import math
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -266,6 +266,13 @@ class Batch:
     dropped_stale: int
     skip: str = ""  # why no step is taken ("" = step)
 
+    def passes(self, size: int) -> Iterator[tuple[int, Batch]]:
+        """(offset, samples) of each forward/backward pass of ``size`` samples, in the
+        order of ``rl + demos``; every adapter's update accumulates over these."""
+        n, size = len(self.rl) + len(self.demos), max(1, size)
+        for lo in range(0, n, size):
+            yield lo, self.slice(lo, lo + size)
+
     def slice(self, lo: int, hi: int) -> Batch:
         """Samples lo..hi of ``rl + demos`` (the order every loss sees them in)."""
         n_rl = len(self.rl)
@@ -389,13 +396,11 @@ def reinforce_steps(
     opt = torch.optim.Adam([z], lr=lr) if cfg.optimizer == "adam" else None
     n = len(batch)
     weights = torch.ones(len(rl), device=svf.device)
-    size = max(1, cfg.micro_batch)
     loss_value, grad_norm = float("nan"), float("nan")
     for step in range(cfg.inner_steps):
         z.grad = None
         loss_sum = 0.0
-        for lo in range(0, n, size):
-            part = plan.slice(lo, lo + size)
+        for lo, part in plan.passes(cfg.micro_batch):
             logp, ntok = sequence_logprobs(svf, z, part.rl + part.demos, cfg.max_tokens, pad_id)
             w = weights[lo : lo + len(part.rl)]
             if step == 0:  # truncated importance weights for samples from an older z

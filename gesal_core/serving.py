@@ -130,7 +130,7 @@ class BatchedGenerator:
             redo = [
                 i
                 for i, o in enumerate(outs)
-                if not o.text.strip() or self.normalize(o.text) in requests[i].avoid
+                if not o.text or self.normalize(o.text) in requests[i].avoid  # text is stripped
             ]
             if not redo:
                 break
