@@ -250,6 +250,31 @@ def _clip(sentence: str) -> str:
     return " ".join(words[:12]).rstrip(",;:") + "."
 
 
+def _sentences(answer: str) -> list[str]:
+    """The answer's sentences; one cut off by the token limit counts only when it is the
+    only one."""
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", answer.strip()) if s]
+    if len(sentences) > 1 and not re.search(r"[.!?][\"')]*$", sentences[-1]):
+        sentences = sentences[:-1]
+    return sentences
+
+
+def _add_emoji(question: str, answer: str) -> str:
+    """What a member who wants an emoji writes instead: the same answer with a smiley
+    after its first sentence.
+
+    Why not at the end (the member before 2026-12-02): most base answers run into the
+    token limit, so an emoji after the last word sits where no answer of that length
+    reaches, and the bot is taught a habit it cannot show. A cut-off single sentence
+    gets it at the end.
+    """
+    text = answer.strip()
+    end = re.search(r"[.!?][\"')]*(?=\s)", text)
+    if end is None:
+        return f"{text} 😊"
+    return f"{text[: end.end()]} 😊{text[end.end() :]}"
+
+
 def _shorten(question: str, answer: str) -> str:
     """What a member who wants brevity writes instead: the answer's sentence that says the
     most (content words beyond the question's; the first of equals), clipped to 15 words.
@@ -259,12 +284,9 @@ def _shorten(question: str, answer: str) -> str:
     instinct."): on the base answers stored by four 3-seed runs (88% of them name a key
     fact), first sentences kept 50-54% and this member keeps 58-75%
     (`scripts/rejudge_eval.py` prints it per run). A community that cuts content teaches
-    the bot to drop it. A sentence cut off by the token limit counts only when it is the
-    only one.
+    the bot to drop it.
     """
-    sentences = [s for s in re.split(r"(?<=[.!?])\s+", answer.strip()) if s]
-    if len(sentences) > 1 and not re.search(r"[.!?][\"')]*$", sentences[-1]):
-        sentences = sentences[:-1]
+    sentences = _sentences(answer)
     if not sentences:
         return answer
     asked = content_words(question)
@@ -293,7 +315,7 @@ def emoji() -> Task:
         HELDOUT_QUESTIONS,
         lambda p, a: bool(_EMOJI.search(a)),
         predict=lambda a: "emoji" if _EMOJI.search(a) else "none",
-        correct=lambda p, a: f"{a.rstrip()} 😊",
+        correct=_add_emoji,
         facts=KEY_FACTS,
     )
 

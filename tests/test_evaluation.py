@@ -95,6 +95,20 @@ def test_the_brevity_member_corrects_to_the_sentence_that_says_something():
     assert load_task("brevity").vote("Why do cats purr?", purr) == 1
 
 
+def test_the_emoji_member_puts_the_smiley_where_an_answer_of_that_length_reaches():
+    """A base answer cut off by the token limit: a smiley after its last word would teach a
+    habit no answer that long shows, so the member puts it after the first sentence."""
+    emoji = load_task("emoji")
+    cut = "The capital of Japan is Tokyo. It is a city of many people and"
+    fixed = emoji.correct("What is the capital of Japan?", cut)
+    assert fixed == "The capital of Japan is Tokyo. 😊 It is a city of many people and"
+    assert emoji.vote("q", fixed) == 1 and emoji.vote("q", cut) == -1
+    # one sentence, cut off or whole: at the end; the first "!" or "?" ends a sentence too
+    assert emoji.correct("q", "Cats purr due to a") == "Cats purr due to a 😊"
+    assert emoji.correct("q", "Tokyo.") == "Tokyo. 😊"
+    assert emoji.correct("q", "Hi! How are you?") == "Hi! 😊 How are you?"
+
+
 def test_user_task_from_file(tmp_path):
     f = tmp_path / "mytask.py"
     f.write_text(
