@@ -75,6 +75,11 @@ _REFUSAL = re.compile(
 # ...but one character 16 times running is a loop whatever it is: a LoRA brevity run
 # answered "The largest planet is approximately 9.9222222222222222222222222222222".
 _RUN = re.compile(r"([^\w\s])\1{5,}|(\w)\2{15,}|\b([^\W\d]\w*)(?:\W+\3\b){3,}", re.IGNORECASE)
+# A letter or digit of any script. An emoji run has none, and the base-model NLL rule
+# does not see it: an emoji is several byte tokens of which all but the first are nearly
+# certain, so "🏨🏨🔏⚕🐦❀ ✌🌬 🌞🌰🎓✨" (an emoji run's held-out answer to "How does the
+# internet work?") averages below the gibberish bar.
+_WORD_CHAR = re.compile(r"[^\W_]")
 # An answer that is one question and nothing else asks instead of answering: "What is the
 # capital of Japan?" -> "What is the capital of France?" was where a brevity run's node
 # ended up after 128 votes (short, so the community liked it; on topic by every measure).
@@ -184,6 +189,8 @@ def degenerate_reason(
         return "repetition loop"
     if _RUN.search(text):
         return "repetition loop"
+    if not _WORD_CHAR.search(text):
+        return "no words"
     if _REFUSAL.search(text):
         return "refusal or self-description"
     if _ONLY_QUESTION.fullmatch(text.strip()) and not _STATEMENT_FIRST.match(text):

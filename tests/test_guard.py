@@ -48,6 +48,12 @@ from .conftest import make_tiny_llama
             None,
         ),
         ("What, then, is the capital of France?", "a question instead of an answer"),
+        # emoji, seed 1, 16 votes: no letter or digit, under the NLL bar
+        ("🏨🏨🔏⚕🐦❀ ✌🌬 🌞🌰🎓✨⏌🔄🔌🔊", "no words"),
+        ("…", "no words"),
+        ("42", None),
+        ("東京です。", None),
+        ("Tokyo 🗼✨", None),
     ],
 )
 def test_degenerate_answers_are_recognised(text, reason):
