@@ -48,12 +48,16 @@ from .conftest import make_tiny_llama
             None,
         ),
         ("What, then, is the capital of France?", "a question instead of an answer"),
-        # emoji, seed 1, 16 votes: no letter or digit, under the NLL bar
-        ("🏨🏨🔏⚕🐦❀ ✌🌬 🌞🌰🎓✨⏌🔄🔌🔊", "no words"),
+        # emoji, seed 1, 16 votes (its start): no letter or digit, under the NLL bar
+        ("🏨🏨🔏⚕🐦❀ ✌🌬", "no words"),
         ("…", "no words"),
         ("42", None),
         ("東京です。", None),
         ("Tokyo 🗼✨", None),
+        # emoji, seed 0, 64 votes: mixed emoji that no repeated-character rule sees
+        ("Cats purr because they need to relax. 🐖🐖🌱🌍🌈🌌🌊🌌🌌🌈🌊🌌", "repetition loop"),
+        ("🌟 Electricity is energy. 🌟\n\n1️⊕⌘🌍🌊⌍️🌐⌍️🌊", "repetition loop"),
+        ("Paris 🇫🇷🇩🇪🇮🇹 and friends... 😊🎉!", None),
     ],
 )
 def test_degenerate_answers_are_recognised(text, reason):
