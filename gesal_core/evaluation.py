@@ -1019,6 +1019,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="bound on a node's |z-1| (0: none)",
     )
     p.add_argument("--threshold", type=float, default=None, help="routing θ (default: 0.15)")
+    p.add_argument(
+        "--explore-max-temperature",
+        type=float,
+        default=EngineConfig.explore_max_temperature,
+        help="sampling temperature of a node voted down (its base temperature: no exploring)",
+    )
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -1125,6 +1131,7 @@ def run(args: argparse.Namespace) -> int:
     channel = ChannelConfig() if args.threshold is None else ChannelConfig(args.threshold)
     cfg = EngineConfig(
         sampling=SamplingConfig(max_new_tokens=ec.max_new_tokens),
+        explore_max_temperature=args.explore_max_temperature,
         guard=GuardConfig(enabled=not args.no_guard),
         learning=LearningConfig(
             optimizer=args.optimizer,
@@ -1145,7 +1152,12 @@ def run(args: argparse.Namespace) -> int:
     harness = Harness(svf, lm.tokenizer, cfg, model_factory=factory)
     out = Path(ec.out)
     stem = f"eval-{task.name}"
-    meta = {"config": asdict(ec), "learning": asdict(cfg.learning), "model": lm.name}
+    meta = {
+        "config": asdict(ec),
+        "learning": asdict(cfg.learning),
+        "explore_max_temperature": cfg.explore_max_temperature,
+        "model": lm.name,
+    }
     results: list[RunResult] = []
     md = ""
     for method in ec.methods:

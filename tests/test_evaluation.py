@@ -154,10 +154,13 @@ def test_eval_command_end_to_end_on_tiny_model(tiny_llama, tiny_tokenizer, tmp_p
             "--out",
             str(out),
             "--no-guard",
+            "--explore-max-temperature",
+            "0.7",
         ],
     )
     assert evaluation.run(args) == 0
     data = json.loads((out / "eval-brevity.json").read_text())
+    assert data["explore_max_temperature"] == 0.7  # the engine's, recorded with the run
     runs = data["runs"]
     assert {(r["method"], r["seed"]) for r in runs} == {
         (m, s) for m in ("none", "gesal", "svf-single", "lora") for s in (0, 1)
