@@ -250,15 +250,6 @@ def _clip(sentence: str) -> str:
     return " ".join(words[:12]).rstrip(",;:") + "."
 
 
-def _sentences(answer: str) -> list[str]:
-    """The answer's sentences; one cut off by the token limit counts only when it is the
-    only one."""
-    sentences = [s for s in re.split(r"(?<=[.!?])\s+", answer.strip()) if s]
-    if len(sentences) > 1 and not re.search(r"[.!?][\"')]*$", sentences[-1]):
-        sentences = sentences[:-1]
-    return sentences
-
-
 def _add_emoji(question: str, answer: str) -> str:
     """What a member who wants an emoji writes instead: the same answer with a smiley
     after its first sentence.
@@ -284,9 +275,12 @@ def _shorten(question: str, answer: str) -> str:
     instinct."): on the base answers stored by four 3-seed runs (88% of them name a key
     fact), first sentences kept 50-54% and this member keeps 58-75%
     (`scripts/rejudge_eval.py` prints it per run). A community that cuts content teaches
-    the bot to drop it.
+    the bot to drop it. A sentence cut off by the token limit counts only when it is the
+    only one.
     """
-    sentences = _sentences(answer)
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", answer.strip()) if s]
+    if len(sentences) > 1 and not re.search(r"[.!?][\"')]*$", sentences[-1]):
+        sentences = sentences[:-1]
     if not sentences:
         return answer
     asked = content_words(question)
