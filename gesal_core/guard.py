@@ -74,11 +74,13 @@ _REFUSAL = re.compile(
 # "300,000,000,000,000 meters" (a real answer a real run rolled back) is not a loop
 # ...but one character 16 times running is a loop whatever it is: a LoRA brevity run
 # answered "The largest planet is approximately 9.9222222222222222222222222222222".
-_RUN = re.compile(r"([^\w\s])\1{5,}|(\w)\2{15,}|\b([^\W\d]\w*)(?:\W+\3\b){3,}", re.IGNORECASE)
 # ...and so is a run of eight or more symbols that are not ASCII punctuation, mixed or
 # not: an emoji run's answers ended "Cats purr because they need to relax. 🐖🐖🌱🌍🌈🌌🌊🌌🌌🌈🌊🌌"
 # (its members liked it: it has an emoji). Three flags in a row (six characters) pass.
-_SYMBOL_RUN = re.compile(r"[^\w\s!-/:-@\[-`{-~]{8,}")
+_RUN = re.compile(
+    r"([^\w\s])\1{5,}|(\w)\2{15,}|\b([^\W\d]\w*)(?:\W+\3\b){3,}|[^\w\s!-/:-@\[-`{-~]{8,}",
+    re.IGNORECASE,
+)
 # A letter or digit of any script. An emoji run has none, and the base-model NLL rule
 # does not see it: an emoji is several byte tokens of which all but the first are nearly
 # certain, so "🏨🏨🔏⚕🐦❀ ✌🌬" (the start of an emoji run's held-out answer to "How does
@@ -191,7 +193,7 @@ def degenerate_reason(
             return "repetition loop"
     if len(text) >= 12 and len(set(text.replace(" ", ""))) <= 3:
         return "repetition loop"
-    if _RUN.search(text) or _SYMBOL_RUN.search(text):
+    if _RUN.search(text):
         return "repetition loop"
     if not _WORD_CHAR.search(text):
         return "no words"
