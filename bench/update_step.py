@@ -8,18 +8,24 @@ SVF through `gesal_core.learning.reinforce_step`, LoRA through the evaluation ha
 greedy answers of ``--tokens`` tokens, votes alternating 👍/👎, `LearningConfig()`
 defaults (its inner steps are recorded in the JSON).
 
-"svf all cores" is the same SVF update under as many torch threads as the machine has
+Each is measured with the update's products in fp32 and in bf16
+(`LearningConfig.compute_dtype`, `gesal_core.svf.precision`); the model itself is fp32
+in both. "auto", the default, picks bf16 where this machine runs it faster; the JSON
+records what it picked, and how far the bf16 step points from the fp32 one.
+
+"all cores" is the same SVF update under as many torch threads as the machine has
 cores: the bot does not limit torch's threads, so on a host of its own that is how it
 trains (the suite's default of one thread is for a shared host, see `bench.common`).
 
-A further variant, "svf plain", runs the same `reinforce_step` with the plain log-prob
-computation it used before issue 7's optimisation (full forward, logits at every
+A further variant, "svf plain", runs the same fp32 `reinforce_step` with the plain
+log-prob computation it used before issue 7's optimisation (full forward, logits at every
 position, full-vocabulary log_softmax), so the speed-up is measured side by side.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from unittest import mock
@@ -41,9 +47,16 @@ from bench.common import (
 )
 from gesal_core.engine import EngineConfig
 from gesal_core.evaluation import LoraLearner
-from gesal_core.learning import LearningConfig, Sample, _batch, reinforce_step
+from gesal_core.learning import (
+    LearningConfig,
+    Sample,
+    _batch,
+    reinforce_step,
+    sequence_logprobs,
+)
 from gesal_core.model import load_model
 from gesal_core.svf import SVFConfig, SVFModel
+from gesal_core.svf.precision import LowPrecisionWeights, resolve_compute_dtype
 
 
 def plain_sequence_logprobs(svf, z, samples, max_tokens=512, pad_id=0):
@@ -56,10 +69,10 @@ def plain_sequence_logprobs(svf, z, samples, max_tokens=512, pad_id=0):
     return (logp * mask).sum(-1), mask.sum(-1)
 
 
-def matmul_gflops(repeats: int = 5) -> float:
-    """Best sustained fp32 matmul rate of this thread on the update's typical shape
-    (a few hundred tokens times a 576x1536 projection): the ceiling for an update."""
-    x, w = torch.randn(256, 576), torch.randn(1536, 576)
+def matmul_gflops(repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Best sustained matmul rate of this thread on the update's typical shape (a few
+    hundred tokens times a 576x1536 projection): the ceiling for an update."""
+    x, w = torch.randn(256, 576).to(dtype), torch.randn(1536, 576).to(dtype)
     best = min(timed(lambda: [x @ w.T for _ in range(20)], repeats))
     return 20 * 2 * 256 * 576 * 1536 / best / 1e9
 
@@ -84,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     tok = lm.tokenizer
     svf = SVFModel(lm.model, lm.name, SVFConfig(progress=False))
     learning = LearningConfig()
+    precision = {
+        name: dataclasses.replace(learning, compute_dtype=name) for name in ("float32", "bfloat16")
+    }
     pairs = []
     for i in range(max(sizes)):
         ids = chat_ids(tok, PROMPTS[i % len(PROMPTS)])
@@ -99,11 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     pad = tok.pad_token_id or 0
     z0 = np.ones(svf.z_size, dtype=np.float32)
 
-    def svf_step(k):
+    def svf_step(k, dtype="float32"):
         samples = [
             Sample(p, r, reward=1.0 if j % 2 == 0 else -2.0) for j, (p, r) in enumerate(pairs[:k])
         ]
-        res = reinforce_step(svf, z0, samples, 0.0, learning, pad)
+        res = reinforce_step(svf, z0, samples, 0.0, precision[dtype], pad)
         assert res.status == "updated", res.reason
         return res.z
 
@@ -111,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         with mock.patch("gesal_core.learning.sequence_logprobs", plain_sequence_logprobs):
             return svf_step(k)
 
-    def lora_step(k):
+    def lora_step(k, dtype="float32"):
+        lora.cfg = dataclasses.replace(cfg, learning=precision[dtype])
         lora.history = []  # no replay of earlier calls' liked answers: the same k samples
         for j, (p, r) in enumerate(pairs[:k]):
             lora.replies[f"h{j}"] = (p, r, "")
@@ -120,31 +137,54 @@ def main(argv: list[str] | None = None) -> int:
         res = asyncio.run(lora.train())
         assert res["updated"] == 1, res
 
-    svf_step(1)
-    lora_step(1)  # warm-up
+    for dtype in precision:  # warm-up (and the low-precision copies are made once)
+        svf_step(1, dtype)
+        lora_step(1, dtype)
     cores = os.cpu_count() or 1
-
-    def svf_all_cores_step(k):
-        return with_threads(cores, lambda: svf_step(k))
+    auto = resolve_compute_dtype("auto", lm.dtype, svf.device)
+    auto = "bfloat16" if auto is torch.bfloat16 else "float32"
 
     variants = (
         ("svf", svf_step),
-        ("svf_all_cores", svf_all_cores_step),
+        ("svf_bf16", lambda k: svf_step(k, "bfloat16")),
+        ("svf_all_cores", lambda k: with_threads(cores, lambda: svf_step(k))),
+        ("svf_bf16_all_cores", lambda k: with_threads(cores, lambda: svf_step(k, "bfloat16"))),
         ("svf_plain", svf_plain_step),
         ("lora", lora_step),
+        ("lora_bf16", lambda k: lora_step(k, "bfloat16")),
     )
     gflops = matmul_gflops()
-    print(f"sustained fp32 matmul: {gflops:.1f} GFLOP/s on this thread")
+    gflops_bf16 = matmul_gflops(dtype=torch.bfloat16)
+    print(f"sustained matmul on this thread: fp32 {gflops:.1f}, bf16 {gflops_bf16:.1f} GFLOP/s")
+    print(f'compute_dtype "auto" picks {auto} here')
+    copies_mb = LowPrecisionWeights(svf.model, torch.bfloat16).nbytes() / 2**20
+    print(f"bf16 copies of the frozen weights, kept for updates: {copies_mb:.0f} MB")
     rows, raw, z_diff = [], {}, {}
     for k in sizes:
         # both SVF variants must take the same step (the optimisation is exact maths)
         # (Adam divides by |gradient|, so components whose gradient is ~0 turn float
         # rounding into visible differences: the relative L2 difference of the steps says
         # more than the largest component)
-        za, zp = svf_step(k), svf_plain_step(k)
+        za, zp, zb = svf_step(k), svf_plain_step(k), svf_step(k, "bfloat16")
+        # what a stale sample's importance weight sees: log π of its answer in bf16
+        # against the fp32 value recorded when it was sampled
+        rated = [Sample(p, r) for p, r in pairs[:k]]
+        with torch.no_grad():
+            lp32 = sequence_logprobs(svf, svf.ones(), rated, pad_id=pad)[0]
+            with svf.compute_precision("bfloat16"):
+                lp16 = sequence_logprobs(svf, svf.ones(), rated, pad_id=pad)[0]
+        step, step_bf16 = za - z0, zb - z0
         z_diff[k] = {
             "max_abs": float(np.abs(za - zp).max()),
             "relative_l2_of_step": float(np.linalg.norm(za - zp) / np.linalg.norm(zp - z0)),
+            # bf16 is not exact: how far its step is from the fp32 one
+            "bf16_vs_fp32_cosine": float(
+                step @ step_bf16 / np.linalg.norm(step) / np.linalg.norm(step_bf16)
+            ),
+            "bf16_vs_fp32_relative_l2": float(
+                np.linalg.norm(step_bf16 - step) / np.linalg.norm(step)
+            ),
+            "bf16_logprob_max_abs_error_nats": float((lp16 - lp32).abs().max()),
         }
         t: dict[str, list[float]] = {name: [] for name, _ in variants}
         for _ in range(args.repeats):
@@ -154,21 +194,33 @@ def main(argv: list[str] | None = None) -> int:
                 t[name].append(time.perf_counter() - start)
         raw[k] = t
         flops = update_flops(svf_step, k)
-        s, sp, lo = median(t["svf"]), median(t["svf_plain"]), median(t["lora"])
-        sc = median(t["svf_all_cores"])
+        m = {name: median(v) for name, v in t.items()}
+        s, sb = m["svf"], m["svf_bf16"]
+        # the bot's own setting: what "auto" picks, on one thread or on every core
+        best = (
+            min(m["svf_bf16"], m["svf_bf16_all_cores"])
+            if auto == "bfloat16"
+            else min(m["svf"], m["svf_all_cores"])
+        )
         rows.append(
             {
                 "k": k,
                 "svf_s": s,
+                "svf_bf16_s": sb,
+                "fp32_over_bf16": s / sb,
+                "svf_all_cores_s": m["svf_all_cores"],
+                "svf_bf16_all_cores_s": m["svf_bf16_all_cores"],
                 "svf_per_inner_step_s": s / learning.inner_steps,
-                "svf_all_cores_s": sc,
-                "svf_plain_s": sp,
-                "plain_over_svf": sp / s,
-                "lora_s": lo,
-                "svf_vs_lora": s / lo,
+                "svf_plain_s": m["svf_plain"],
+                "plain_over_svf": m["svf_plain"] / s,
+                "lora_s": m["lora"],
+                "lora_bf16_s": m["lora_bf16"],
+                "svf_vs_lora": s / m["lora"],
+                "svf_vs_lora_bf16": sb / m["lora_bf16"],
                 "svf_gflop": flops / 1e9,
                 "svf_flop_bound_s": flops / 1e9 / gflops,
-                "svf_le_1.5s": ("met" if min(s, sc) <= 1.5 else "not met") if k == 4 else "-",
+                "svf_bf16_flop_bound_s": flops / 1e9 / gflops_bf16,
+                "svf_le_1.5s": ("met" if best <= 1.5 else "not met") if k == 4 else "-",
             }
         )
     report(
@@ -180,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
             "inner_steps": learning.inner_steps,
             "learning_config": learning.__dict__,
             "matmul_gflops": gflops,
+            "matmul_gflops_bf16": gflops_bf16,
+            "auto_compute_dtype": auto,
+            "bf16_weight_copies_mb": copies_mb,
             "z_difference_svf_vs_plain": z_diff,
             "response_tokens": len(pairs[0][1]),
             "cores": cores,

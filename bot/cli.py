@@ -145,7 +145,7 @@ async def _with_store(args: argparse.Namespace, fn):
 
 async def _with_engine(args: argparse.Namespace, fn):
     """Open the store (REDIS_URL or the embedded Redis), load the engine, run ``fn``."""
-    from gesal_core.engine import Engine, EngineConfig
+    from gesal_core.engine import Engine
 
     from .runtime import open_store
 
@@ -158,7 +158,7 @@ async def _with_engine(args: argparse.Namespace, fn):
             Engine.load,
             settings.gesal_model,
             store,
-            EngineConfig(channel_defaults=settings.channel_defaults()),
+            settings.engine_config(),
             None if settings.gesal_device == "auto" else settings.gesal_device,
             settings.gesal_dtype,
         )

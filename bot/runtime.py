@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gesal_core.engine import Engine, EngineConfig
+from gesal_core.engine import Engine
 
 from .boot import BootProgress, in_thread, run_step
 from .observability import Health, MeteredEngine, Metrics, engine_checks
@@ -102,7 +102,7 @@ async def load_engine_steps(settings: Settings, store, progress: BootProgress) -
         return svf
 
     svf = await run_step(progress, "SVD of the adapted weights (cached later)", svd_step)
-    config = EngineConfig(channel_defaults=settings.channel_defaults())
+    config = settings.engine_config()
     return Engine(svf, lm.tokenizer, store, config, model_name=lm.name)
 
 

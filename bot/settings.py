@@ -22,6 +22,8 @@ Variable names (case-insensitive):
                                ``float32``/``bfloat16``/``float16``
 ``GESAL_THRESHOLD``            default similarity threshold of new channels
 ``GESAL_REWARD_UP/DOWN``       default rewards of 👍 / 👎
+``GESAL_UPDATE_DTYPE``         matrix products of a training update: ``auto`` (bf16
+                               where measured faster here), ``float32``, ``bfloat16``
 ``GESAL_TRAIN_INTERVAL``       seconds between scheduled training runs
 ``GESAL_TRAIN_EARLY_VOTES``    train early once one node has this many new votes or
                                corrections
@@ -37,13 +39,16 @@ Variable names (case-insensitive):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gesal_core.errors import GesalError
 from gesal_core.records import ChannelConfig
+
+if TYPE_CHECKING:
+    from gesal_core.engine import EngineConfig
 
 _DEFAULTS = ChannelConfig()
 
@@ -81,6 +86,7 @@ class Settings(BaseSettings):
     gesal_threshold: float = Field(_DEFAULTS.threshold, ge=-1.0, le=1.0)
     gesal_reward_up: float = Field(_DEFAULTS.reward_up, gt=0)
     gesal_reward_down: float = Field(_DEFAULTS.reward_down, lt=0)
+    gesal_update_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
     # -- training schedule ----------------------------------------------------------
     gesal_train_interval: float = Field(300.0, ge=1.0)
@@ -162,6 +168,16 @@ class Settings(BaseSettings):
             reward_up=self.gesal_reward_up,
             reward_down=self.gesal_reward_down,
         ).validate()
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's configuration: library defaults plus what a deployment sets."""
+        from gesal_core.engine import EngineConfig  # torch: only once an engine is built
+        from gesal_core.learning import LearningConfig
+
+        return EngineConfig(
+            channel_defaults=self.channel_defaults(),
+            learning=LearningConfig(compute_dtype=self.gesal_update_dtype),
+        )
 
     def is_slack_admin(self, user_id: str) -> bool:
         return user_id in self.slack_admin_users

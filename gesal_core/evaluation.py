@@ -53,6 +53,7 @@ from .learning import (
 from .records import ChannelConfig
 from .store import MemoryStore
 from .svf import SVFModel
+from .svf.precision import COMPUTE_DTYPES, ComputePrecision, resolve_compute_dtype
 
 log = logging.getLogger(__name__)
 METHODS = ("none", "gesal", "svf-single", "lora")
@@ -515,6 +516,9 @@ class LoraLearner(Learner):
         )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(self.params, lr=LORA_LR)
+        # the same products as gesal's update (LearningConfig.compute_dtype), so the two
+        # are compared on learning, not on arithmetic speed or rounding
+        self.precision = ComputePrecision(self.model)
         self.baseline: float | None = None
         self.replies: dict[str, tuple[list[int], list[int], str]] = {}
         self.votes: dict[str, int] = {}
@@ -586,7 +590,8 @@ class LoraLearner(Learner):
             # samples peaked at 8.8 GB RSS, which kept LoRA runs from running side by side)
             for _, part in plan.passes(lc.micro_batch):
                 batch = part.rl + part.demos
-                logp, ntok = response_logprobs(self.model, batch, lc.max_tokens, pad)
+                with self.precision(lc.compute_dtype):
+                    logp, ntok = response_logprobs(self.model, batch, lc.max_tokens, pad)
                 weights = torch.ones(len(part.rl))
                 feedback_loss(part, logp, ntok, weights, lc, total=n).backward()
             torch.nn.utils.clip_grad_norm_(self.params, lc.max_grad_norm)
@@ -1012,6 +1017,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=learning.max_drift,
         help="bound on a node's |z-1| (0: none)",
     )
+    p.add_argument(
+        "--compute-dtype",
+        choices=COMPUTE_DTYPES,
+        default=learning.compute_dtype,
+        help="dtype of an update's matrix products (auto: bf16 where this machine runs it "
+        "faster; answers are always computed in the model's dtype)",
+    )
     p.add_argument("--threshold", type=float, default=None, help="routing θ (default: 0.15)")
     p.add_argument(
         "--explore-max-temperature",
@@ -1136,6 +1148,7 @@ def run(args: argparse.Namespace) -> int:
             replay=args.replay,
             settle=not args.no_settle,
             max_drift=args.max_drift,
+            compute_dtype=args.compute_dtype,
         ),
         channel_defaults=channel,
     )
@@ -1149,6 +1162,10 @@ def run(args: argparse.Namespace) -> int:
     meta = {
         "config": asdict(ec),
         "learning": asdict(cfg.learning),
+        # what "auto" chose on the machine that ran this (None: the model's own dtype)
+        "update_products": str(
+            resolve_compute_dtype(cfg.learning.compute_dtype, lm.dtype, svf.device) or lm.dtype
+        ),
         "explore_max_temperature": cfg.explore_max_temperature,
         "model": lm.name,
     }

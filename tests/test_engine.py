@@ -148,16 +148,16 @@ def _logp(svf, z, sample):
         return float(sequence_logprobs(svf, torch.from_numpy(z), [sample])[0][0])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # the update's products
 @pytest.mark.parametrize("reward", [1.0, -2.0])
-def test_reward_sign_moves_logprob(svf, reward):
+def test_reward_sign_moves_logprob(svf, reward, dtype):
     sample = Sample([1, 5, 9, 12, 40], [50, 60, 70, 2], reward=reward)
     z0 = np.ones(svf.z_size, dtype=np.float32)
     before = _logp(svf, z0, sample)
-    res = reinforce_step(
-        svf, z0, [sample], baseline=0.0, cfg=LearningConfig(lr=1e-2, inner_steps=3, max_step=5.0)
-    )
-    assert res.status == "updated"
-    after = _logp(svf, res.z, sample)
+    cfg = LearningConfig(lr=1e-2, inner_steps=3, max_step=5.0, compute_dtype=dtype)
+    res = reinforce_step(svf, z0, [sample], baseline=0.0, cfg=cfg)
+    assert res.status == "updated" and res.z.dtype == np.float32
+    after = _logp(svf, res.z, sample)  # judged in fp32, as answers are served
     assert (after > before) if reward > 0 else (after < before)
 
 
@@ -179,8 +179,9 @@ def test_micro_batches_take_the_same_step_as_one_batch(svf):
     ]
     replay = [sample(demo=True), sample(demo=True)]
     z0 = np.ones(svf.z_size, dtype=np.float32)
+    cfg = {"compute_dtype": "float32"}  # exact maths: bf16 rounds each pass differently
     whole, parts = (
-        reinforce_step(svf, z0, samples, -0.5, LearningConfig(micro_batch=m), replay=replay)
+        reinforce_step(svf, z0, samples, -0.5, LearningConfig(micro_batch=m, **cfg), replay=replay)
         for m in (100, 1)
     )
     assert whole.status == parts.status == "updated" and whole.used == parts.used == 6

@@ -446,7 +446,8 @@ def test_fast_logprobs_equal_the_reference_values_and_gradients(tiny_tokenizer, 
     z0 = torch.from_numpy(_z(svf, 4, scale=0.2))
     za, zb = svf.trainable(z0), svf.trainable(z0)
     calls = []
-    hook = svf.model.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    decoder = svf.model.get_decoder()  # the prefix runs without the LM head
+    hook = decoder.register_forward_pre_hook(lambda mod, args: calls.append(1))
     fast, n_fast = sequence_logprobs(svf, za, samples)
     hook.remove()
     assert len(calls) == (2 if shared else 1)  # the prefix pass, then the rest

@@ -49,6 +49,10 @@ def test_settings_from_env_and_dotenv(monkeypatch, tmp_path):
     assert s.slack_admin_users == frozenset({"U1", "U2"})
     assert s.gesal_train_interval == 42
     assert s.channel_defaults().threshold == 0.7
+    assert s.engine_config().learning.compute_dtype == "auto"  # the library's default
+    assert s.engine_config().channel_defaults.threshold == 0.7
+    monkeypatch.setenv("GESAL_UPDATE_DTYPE", "float32")
+    assert load_settings(env).engine_config().learning.compute_dtype == "float32"
     # secrets never show up in reprs or the loggable summary
     assert "abc.def" not in repr(s) and "abc.def" not in str(s.describe())
     assert s.describe()["discord_token"] == "set"
@@ -70,6 +74,7 @@ def test_settings_none_configured_means_playground(monkeypatch):
         ({"GESAL_THRESHOLD": "2"}, "GESAL_THRESHOLD"),
         ({"GESAL_RATE_USER": "lots"}, "GESAL_RATE_USER"),
         ({"GESAL_DEVICE": "tpu"}, "GESAL_DEVICE"),
+        ({"GESAL_UPDATE_DTYPE": "fp8"}, "GESAL_UPDATE_DTYPE"),
     ],
 )
 def test_settings_errors_are_clear_and_hide_values(monkeypatch, env, words):

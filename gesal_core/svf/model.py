@@ -25,6 +25,7 @@ from ..paths import cache_dir
 from .cache import MergedCache
 from .config import ATTENTION_PARENTS, MLP_PARENTS, TARGET_SETS, SVFConfig
 from .layer import SVFLinear, SVFState
+from .precision import ComputePrecision
 
 log = logging.getLogger(__name__)
 _merge_keys = itertools.count()
@@ -164,6 +165,8 @@ class SVFModel:
         self.z_size = offset
         self.device = next(iter(self.layers.values())).U.device
         self.merged_cache = MergedCache(int(self.config.merged_cache_mb * 2**20))
+        # `compute_precision("auto")`: an update's products in bf16 where that is fast
+        self.compute_precision = ComputePrecision(model)
         model.requires_grad_(False)
 
     # -- z vectors -------------------------------------------------------------------

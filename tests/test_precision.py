@@ -1,0 +1,107 @@
+"""Low-precision updates: bf16 products for the gradient of z, fp32 for everything else."""
+
+import numpy as np
+import pytest
+import torch
+
+from gesal_core.errors import SVFError
+from gesal_core.learning import LearningConfig, Sample, reinforce_step
+from gesal_core.svf import SVFConfig, SVFModel
+from gesal_core.svf.precision import LowPrecisionWeights, bf16_speedup, resolve_compute_dtype
+
+from .conftest import make_tiny_llama
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def svf(tiny_llama):
+    return SVFModel(tiny_llama, "tiny-precision", SVFConfig(progress=False, cache_svd=False))
+
+
+def _weights(model):
+    return {n: t for n, t in model.state_dict(keep_vars=True).items()}
+
+
+def test_compute_dtype_names_and_model_dtypes():
+    assert resolve_compute_dtype("float32", torch.float32, CPU) is None
+    assert resolve_compute_dtype("bfloat16", torch.float32, CPU) is torch.bfloat16
+    # a model loaded in low precision already computes in it: nothing is lowered
+    assert resolve_compute_dtype("bfloat16", torch.bfloat16, CPU) is None
+    assert resolve_compute_dtype("bfloat16", torch.float16, CPU) is None
+    auto = resolve_compute_dtype("auto", torch.float32, CPU)
+    assert auto is (torch.bfloat16 if bf16_speedup("cpu") >= 1.5 else None)
+    with pytest.raises(SVFError, match="unknown compute dtype 'fp8'"):
+        resolve_compute_dtype("fp8", torch.float32, CPU)
+
+
+def test_low_precision_copies_are_swapped_in_and_always_back_out(svf):
+    ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    before = _weights(svf.model)
+    with torch.no_grad():
+        full = svf.model(input_ids=ids).logits
+    low = LowPrecisionWeights(svf.model, torch.bfloat16)
+    # every SVF factor and every frozen projection (attention, tied LM head)
+    assert low.nbytes() > 0
+    with low.active(), torch.no_grad():
+        layer = next(iter(svf.layers.values()))
+        assert layer.U.dtype == layer.Vh.dtype == torch.bfloat16
+        assert svf.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+        assert svf.model.lm_head.weight.dtype == torch.bfloat16
+        # the embedding is a lookup, not a product: it stays, and the tie survives
+        assert svf.model.model.embed_tokens.weight.dtype == torch.float32
+        lowered = svf.model(input_ids=ids).logits
+    assert not torch.equal(lowered.float(), full)  # really computed in bf16
+    assert torch.allclose(lowered.float(), full, atol=0.1 * float(full.abs().max()))
+    with pytest.raises(RuntimeError, match="boom"), low.active():
+        raise RuntimeError("boom")
+    after = _weights(svf.model)
+    assert after.keys() == before.keys()
+    assert all(after[k] is before[k] for k in before)  # the very same tensors
+    assert svf.model.lm_head.weight is svf.model.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(svf.model(input_ids=ids).logits, full)
+
+
+def test_trainable_weights_are_never_copied():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        make_tiny_llama(64), LoraConfig(r=4, target_modules=["gate_proj", "up_proj"])
+    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    low = LowPrecisionWeights(model, torch.bfloat16)
+    ids = torch.randint(3, 60, (1, 6))
+    with low.active():
+        logits = model(input_ids=ids).logits
+        assert all(p.dtype == torch.float32 for p in trainable)
+    logits.float().logsumexp(-1).sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
+    assert any(float(p.grad.abs().sum()) > 0 for p in trainable)
+
+
+def test_a_bf16_step_points_the_way_the_fp32_one_does(svf):
+    """(That each moves log π the way its reward asks: test_engine's reward-sign test.)"""
+    samples = [
+        Sample([1, 5, 9, 12, 40], [50, 60, 70, 2], reward=1.0),
+        Sample([1, 7, 3, 30], [80, 20, 2], reward=-2.0),
+    ]
+    z0 = np.ones(svf.z_size, dtype=np.float32)
+    steps = []
+    for dtype in ("float32", "bfloat16"):
+        cfg = LearningConfig(lr=1e-2, inner_steps=3, max_step=5.0, compute_dtype=dtype)
+        res = reinforce_step(svf, z0, samples, 0.0, cfg)
+        assert res.status == "updated"
+        steps.append(res.z - z0)
+    a, b = steps
+    assert not np.array_equal(a, b)  # the bf16 path really ran
+    assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.9
+    # the served model is untouched by the update's low-precision copies
+    assert next(iter(svf.layers.values())).U.dtype == torch.float32
+
+
+def test_a_non_finite_bf16_update_rolls_back(svf):
+    sample = Sample([1, 5, 9], [50, 60, 2], reward=float("nan"))
+    z0 = np.ones(svf.z_size, dtype=np.float32)
+    res = reinforce_step(svf, z0, [sample], 0.0, LearningConfig(compute_dtype="bfloat16"))
+    assert res.status == "rolled_back" and res.z is None and "non-finite" in res.reason
