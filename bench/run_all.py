@@ -24,6 +24,7 @@ SCRIPTS = (
     "node_switch",
     "multichannel",
     "update_step",
+    "update_precision",
     "train_vs_serve",
     "routing",
     "redis_store",

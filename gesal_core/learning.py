@@ -358,6 +358,25 @@ def feedback_loss(
     return loss
 
 
+def _logprobs_now(svf, z, rl, stale, logp, cfg, pad_id) -> list[float]:
+    """log π_z now of the stale samples ``rl[i] for i in stale``, in the precision their
+    ``old_logprob`` was recorded in (the model's own, when they were answered).
+
+    The update's bf16 log-probs are fine for a gradient but not for a ratio: a summed
+    log-prob in bf16 differed from the fp32 one by up to ~0.5 nats on the bundled model
+    (`bench.update_precision`), a 1.6x error in the weight. Those samples are scored once
+    more, without gradient, in the model's dtype; an fp32 update reuses its own values.
+    """
+    if not stale:
+        return []
+    if not svf.compute_precision.lowers(cfg.compute_dtype):
+        return [float(logp[i].detach()) for i in stale]
+    samples = [rl[i] for i in stale]
+    with torch.no_grad():
+        exact, _ = sequence_logprobs(svf, z.detach(), samples, cfg.max_tokens, pad_id)
+    return [float(v) for v in exact]
+
+
 def reinforce_step(*args, **kwargs) -> StepResult:
     """One bounded policy-gradient update of a node's z, all at once: `reinforce_steps`
     (same arguments) run to the end, for callers with nothing to interleave. Never raises
@@ -421,10 +440,15 @@ def reinforce_steps(
                 logp, ntok = sequence_logprobs(svf, z, part.rl + part.demos, cfg.max_tokens, pad_id)
             w = weights[lo : lo + len(part.rl)]
             if step == 0:  # truncated importance weights for samples from an older z
-                for i, s in enumerate(part.rl):
-                    if s.old_logprob is not None and s.staleness > 0:
-                        ratio = math.exp(min(50.0, float(logp[i].detach()) - s.old_logprob))
-                        w[i] = min(ratio, cfg.is_clip)
+                stale = [
+                    i
+                    for i, s in enumerate(part.rl)
+                    if s.old_logprob is not None and s.staleness > 0
+                ]
+                now = _logprobs_now(svf, z, part.rl, stale, logp, cfg, pad_id)
+                for i, lp in zip(stale, now, strict=True):
+                    ratio = math.exp(min(50.0, lp - part.rl[i].old_logprob))
+                    w[i] = min(ratio, cfg.is_clip)
             # every pass divides by the whole batch's size: the sum of the passes' losses
             # is the whole batch's loss, and so are the accumulated gradients
             loss = feedback_loss(part, logp, ntok, w, cfg, total=n)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gesal_core.errors import SVFError
-from gesal_core.learning import LearningConfig, Sample, reinforce_step
+from gesal_core.learning import LearningConfig, Sample, reinforce_step, sequence_logprobs
 from gesal_core.svf import SVFConfig, SVFModel
 from gesal_core.svf.precision import LowPrecisionWeights, bf16_speedup, resolve_compute_dtype
 
@@ -105,3 +105,29 @@ def test_a_non_finite_bf16_update_rolls_back(svf):
     z0 = np.ones(svf.z_size, dtype=np.float32)
     res = reinforce_step(svf, z0, [sample], 0.0, LearningConfig(compute_dtype="bfloat16"))
     assert res.status == "rolled_back" and res.z is None and "non-finite" in res.reason
+
+
+def test_a_stale_samples_weight_compares_like_with_like(svf):
+    """Its old log-prob was recorded by the fp32 model that answered; a bf16 log-prob
+    now would put bf16's rounding into the ratio, so the weight is the fp32 update's."""
+    prompt, answer = [1, 5, 9, 12, 40, 7, 33], [50, 60, 70, 80, 90, 2]
+    with torch.no_grad():
+        z1 = torch.ones(svf.z_size)
+        now = float(sequence_logprobs(svf, z1, [Sample(prompt, answer)])[0][0])
+        with svf.compute_precision("bfloat16"):
+            now_bf16 = float(sequence_logprobs(svf, z1, [Sample(prompt, answer)])[0][0])
+    assert now_bf16 != now  # bf16 really differs, so the check below can fail
+    weights = {}
+    for dtype in ("float32", "bfloat16"):
+        stale = Sample(prompt, answer, reward=1.0, old_logprob=now - 0.3, staleness=1)
+        res = reinforce_step(
+            svf,
+            np.ones(svf.z_size, dtype=np.float32),
+            [stale],
+            0.0,
+            LearningConfig(compute_dtype=dtype),
+        )
+        assert res.status == "updated"
+        weights[dtype] = res.metrics["mean_weight"]
+    assert weights["float32"] == pytest.approx(np.exp(0.3), rel=1e-4)
+    assert weights["bfloat16"] == pytest.approx(weights["float32"], rel=1e-5)

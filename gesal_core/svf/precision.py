@@ -179,10 +179,18 @@ class ComputePrecision:
         self.model = model
         self._copies: dict[torch.dtype, LowPrecisionWeights] = {}
 
+    def resolve(self, name: str = "auto") -> torch.dtype | None:
+        """The dtype ``name`` means for this model here (None: the model's own)."""
+        some = next(self.model.parameters())
+        return resolve_compute_dtype(name, some.dtype, some.device)
+
+    def lowers(self, name: str = "auto") -> bool:
+        """True when ``name`` makes this model's products less precise than its own."""
+        return self.resolve(name) is not None
+
     @contextlib.contextmanager
     def __call__(self, name: str = "auto") -> Iterator[None]:
-        some = next(self.model.parameters())
-        dtype = resolve_compute_dtype(name, some.dtype, some.device)
+        dtype = self.resolve(name)
         if dtype is None:
             yield
             return
