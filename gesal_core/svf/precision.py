@@ -71,7 +71,9 @@ def bf16_speedup(device_type: str) -> float:
     return speedup
 
 
-def resolve_compute_dtype(name: str, model_dtype: torch.dtype, device: torch.device):
+def resolve_compute_dtype(
+    name: str, model_dtype: torch.dtype, device: torch.device
+) -> torch.dtype | None:
     """The dtype an update's products run in, or None for the model's own.
 
     Only an fp32 model is ever lowered: a model loaded in bf16 or fp16 already computes
@@ -171,8 +173,9 @@ class ComputePrecision:
     """What an update's forward pass runs under, per model: ``with precision("auto"):``.
 
     Resolves the dtype name (`resolve_compute_dtype`) and makes the low-precision copies
-    on first use, then keeps them (half the size of the model's fp32 weights), so later
-    updates pay no casts. One per model: the SVF engine and the LoRA baseline share it.
+    on first use, then keeps them (half the size of the fp32 weights they copy), so later
+    updates pay no casts. One per model: `SVFModel.compute_precision` is the engine's,
+    and the evaluation's LoRA baseline makes its own.
     """
 
     def __init__(self, model: nn.Module) -> None:
