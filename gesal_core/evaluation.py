@@ -53,7 +53,7 @@ from .learning import (
 from .records import ChannelConfig
 from .store import MemoryStore
 from .svf import SVFModel
-from .svf.precision import COMPUTE_DTYPES, ComputePrecision, resolve_compute_dtype
+from .svf.precision import COMPUTE_DTYPES, ComputePrecision
 
 log = logging.getLogger(__name__)
 METHODS = ("none", "gesal", "svf-single", "lora")
@@ -1164,7 +1164,7 @@ def run(args: argparse.Namespace) -> int:
         "learning": asdict(cfg.learning),
         # what "auto" chose on the machine that ran this (None: the model's own dtype)
         "update_products": str(
-            resolve_compute_dtype(cfg.learning.compute_dtype, lm.dtype, svf.device) or lm.dtype
+            svf.compute_precision.resolve(cfg.learning.compute_dtype) or lm.dtype
         ),
         "explore_max_temperature": cfg.explore_max_temperature,
         "model": lm.name,

@@ -187,6 +187,10 @@ class ComputePrecision:
         some = next(self.model.parameters())
         return resolve_compute_dtype(name, some.dtype, some.device)
 
+    def nbytes(self) -> int:
+        """Memory held by the low-precision copies made so far."""
+        return sum(copies.nbytes() for copies in self._copies.values())
+
     def lowers(self, name: str = "auto") -> bool:
         """True when ``name`` makes this model's products less precise than its own."""
         return self.resolve(name) is not None
