@@ -23,6 +23,7 @@ SCRIPTS = (
     "decode",
     "node_switch",
     "multichannel",
+    "serving_logprob",
     "update_step",
     "update_precision",
     "train_vs_serve",
@@ -80,6 +81,14 @@ def targets() -> list[dict]:
         if r
         else "not run",
         r["batched_vs_merged"] >= 3 if r else None,
+    )
+    r = _row(_rows("serving_logprob"), "N", 8)
+    add(
+        "answering 8 channels: log π recorded while generating vs scored after",
+        f"{r['speedup']:.2f}x faster ({r['recorded_s']:.2f} s vs {r['scored_after_s']:.2f} s)"
+        if r
+        else "not run",
+        None,
     )
     r = _row(_rows("update_step"), "k", 4)
     bf16 = r.get("svf_bf16_s") if r else None

@@ -16,6 +16,7 @@ moments (a few layers per step), so its later answers run merged without anyone 
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -105,14 +106,19 @@ class BatchedGenerator:
             z = zs[0] if single else zs
             with self.svf.factored(z):
                 outs = self._generate_with(z, requests, sampling)
-        with torch.no_grad():
-            lp, _ = sequence_logprobs(
-                self.svf,
-                zs[0] if single else zs,
-                [Sample(o.prompt_ids, o.response_ids) for o in outs],
-                pad_id=self.tokenizer.pad_token_id or 0,
-            )
-        return [(o, float(lp[i])) for i, o in enumerate(outs)]
+        # each answer's log π under its own z, recorded while it was generated
+        unscored = [i for i, o in enumerate(outs) if math.isnan(o.logprob)]
+        if unscored:  # only if `generate` could not record it (see `generate.generate`)
+            with torch.no_grad():
+                lp, _ = sequence_logprobs(
+                    self.svf,
+                    zs[0] if single else zs[unscored],
+                    [Sample(outs[i].prompt_ids, outs[i].response_ids) for i in unscored],
+                    pad_id=self.tokenizer.pad_token_id or 0,
+                )
+            for j, i in enumerate(unscored):
+                outs[i].logprob = float(lp[j])
+        return [(o, o.logprob) for o in outs]
 
     def _generate_with(
         self, z: torch.Tensor | None, requests: list[GenRequest], sampling: SamplingConfig

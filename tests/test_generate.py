@@ -115,3 +115,70 @@ def test_embed_is_unit_norm_and_discriminates(tiny_llama, tiny_tokenizer):
     assert torch.allclose(e.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert torch.allclose(e[0], e[1], atol=1e-5)
     assert (e[0] @ e[2]) < 0.9999
+
+
+def _scored(model, g) -> float:
+    """log π of ``g``'s response, from one plain forward pass over prompt + response."""
+    ids = torch.tensor([g.prompt_ids + g.response_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    picked = logp.gather(-1, ids[0, 1:, None]).squeeze(-1)
+    return float(picked[len(g.prompt_ids) - 1 :].sum())
+
+
+def test_generation_records_each_answers_logprob_under_its_own_z(tiny_llama, tiny_tokenizer):
+    """Sampled (temperature, top-p, repetition penalty), left-padded prompts of different
+    lengths, a z per row: each recorded log π is the raw model's score of that answer."""
+    svf = SVFModel(tiny_llama, "tiny", SVFConfig(progress=False))
+    prompts = [
+        build_prompt(tiny_tokenizer, [{"role": "user", "content": t}])
+        for t in ("hi", "what is the capital of France? tell me more", "the quick fox")
+    ]
+    assert len({len(p.input_ids) for p in prompts}) == 3
+    cfg = SamplingConfig(max_new_tokens=10, temperature=1.7, top_p=0.8, repetition_penalty=1.3)
+    g = torch.Generator().manual_seed(3)
+    zs = 1 + 0.6 * torch.randn(3, svf.z_size, generator=g)
+    with svf.factored(zs):
+        outs = generate(svf.model, tiny_tokenizer, prompts, cfg, seed=5)
+    for row, out in enumerate(outs):
+        svf.set_merged(zs[row])
+        ref = _scored(svf.model, out)
+        assert out.response_ids and ref < -1.0  # a real score, not a default
+        assert abs(out.logprob - ref) < 1e-3 * max(1.0, abs(ref))
+
+
+def test_a_finished_answer_is_scored_up_to_its_stop_token(tiny_llama, tiny_tokenizer):
+    """Rows that stop early are padded in the output; padding is not in their score."""
+    eos = tiny_tokenizer.eos_token_id
+    prompts = [
+        build_prompt(tiny_tokenizer, [{"role": "user", "content": t}]) for t in ("hello", "fox")
+    ]
+    calls = []
+
+    def stop_row_zero(_module, _inputs, logits):
+        calls.append(1)
+        if len(calls) == 2:  # the second token of row 0 is its stop token
+            logits = logits.clone()
+            logits[0, -1, eos] = 1e4
+        return logits
+
+    handle = tiny_llama.lm_head.register_forward_hook(stop_row_zero)
+    try:
+        outs = generate(tiny_llama, tiny_tokenizer, prompts, GREEDY)
+    finally:
+        handle.remove()
+    assert outs[0].finished and len(outs[0].response_ids) == 2
+    assert not outs[1].finished and len(outs[1].response_ids) == 8
+    assert abs(outs[1].logprob - _scored(tiny_llama, outs[1])) < 1e-3
+    # row 0's stop token was forced (log π ≈ 0 there under the boost); its first token is not
+    first = outs[0].__class__(**{**outs[0].__dict__, "response_ids": outs[0].response_ids[:1]})
+    assert abs(outs[0].logprob - _scored(tiny_llama, first)) < 1e-3
+
+
+def test_a_peft_model_generates_and_records_its_logprob(tiny_llama, tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    p = build_prompt(tiny_tokenizer, [{"role": "user", "content": "hello"}])
+    out = generate(model, tiny_tokenizer, [p], GREEDY)[0]
+    assert abs(out.logprob - _scored(model, out)) < 1e-3

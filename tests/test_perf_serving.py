@@ -319,6 +319,30 @@ def test_batched_per_row_z_generation_matches_one_by_one(tiny_tokenizer):
     gen.worker.close()
 
 
+def test_serving_scores_answers_itself_when_generation_could_not(tiny_tokenizer, monkeypatch):
+    """The recorded log π feeds the importance weights of stale samples; if `generate`
+    cannot record it (its forward passes did not line up), serving scores it instead."""
+    import gesal_core.generate as generation
+
+    svf = _svf(tiny_tokenizer)
+    gen = BatchedGenerator(svf, tiny_tokenizer, ModelWorker())
+    texts = ["hello world", "the quick brown fox"]
+    prompts = [build_prompt(tiny_tokenizer, [{"role": "user", "content": t}]) for t in texts]
+    zs = [_z(svf, 30 + i, scale=0.6) for i in range(2)]
+    reqs = [
+        GenRequest(p, z, ("c", i, 0), GREEDY)
+        for i, (p, z) in enumerate(zip(prompts, zs, strict=True))
+    ]
+    monkeypatch.setattr(generation._ChosenLogprobs, "finish", lambda self, new: None)
+    try:
+        batched = gen(reqs)
+    finally:
+        gen.worker.close()
+    for (o, lp), z in zip(batched, zs, strict=True):
+        ref, _ = sequence_logprobs(svf, torch.from_numpy(z), [Sample(o.prompt_ids, o.response_ids)])
+        assert abs(float(ref[0]) - lp) < 1e-3 and o.logprob == lp
+
+
 def test_batched_generation_resamples_only_downvoted_rows(tiny_tokenizer):
     """Greedy decoding repeats itself, so a banned answer is retried exactly max_resamples
     times, and only in the rows whose node voted it down."""
