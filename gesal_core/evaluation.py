@@ -630,6 +630,9 @@ class Checkpoint:
     drift: float | None = None
     # share of answers naming a key fact of their question (`fact_rate`; None: no facts)
     facts: float | None = None
+    # nodes of the channel's graph (gesal and svf-single; None for lora and older
+    # results): how far routing splits the community's votes
+    nodes: int | None = None
 
 
 @dataclass
@@ -777,6 +780,7 @@ class Harness:
             [f"{p}{SAMPLE_SEP}{a}" for p, a in zip(prompts, answers, strict=True)],
             drift,
             fact_rate(task, prompts, answers),
+            None if nodes is None else len(nodes),
         )
 
     async def run(
@@ -843,6 +847,7 @@ class Harness:
                         f"{cp.degenerate:.0%}, ref NLL {cp.ref_nll:.2f}"
                         + ("" if cp.facts is None else f", key facts {cp.facts:.0%}")
                         + ("" if cp.drift is None else f", |z-1| {cp.drift:.2f}")
+                        + ("" if cp.nodes is None else f", {cp.nodes} node(s)")
                     )
                     if checkpointed:
                         checkpointed(result)
@@ -866,6 +871,7 @@ def summarise(results: list[RunResult], checkpoints: tuple[int, ...]) -> list[di
                 continue
             drifts = [cp.drift for cp in cps if cp.drift is not None]
             facts = [cp.facts for cp in cps if cp.facts is not None]
+            nodes = [cp.nodes for cp in cps if cp.nodes is not None]
             rows.append(
                 {
                     "method": method,
@@ -876,6 +882,7 @@ def summarise(results: list[RunResult], checkpoints: tuple[int, ...]) -> list[di
                     "ref_nll": statistics.median(cp.ref_nll for cp in cps),
                     "drift": statistics.median(drifts) if drifts else None,
                     "facts": statistics.median(facts) if facts else None,
+                    "nodes": statistics.median(nodes) if nodes else None,
                     "per_seed": [round(cp.compliance, 3) for cp in cps],
                 }
             )
@@ -887,17 +894,18 @@ def markdown(task: Task, rows: list[dict], results: list[RunResult]) -> str:
         f"### Task `{task.name}`: {task.description}",
         "",
         "| method | votes | compliance (median) | per seed | on-topic | degenerate | key facts "
-        "| ref NLL | ‖z−1‖ |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| ref NLL | ‖z−1‖ | nodes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         seeds = ", ".join(f"{x:.0%}" for x in r["per_seed"])
         drift = "–" if r.get("drift") is None else f"{r['drift']:.2f}"
         facts = "–" if r.get("facts") is None else f"{r['facts']:.0%}"
+        nodes = "–" if r.get("nodes") is None else f"{r['nodes']:g}"
         lines.append(
             f"| {r['method']} | {r['votes']} | {r['compliance']:.0%} | {seeds} | "
             f"{r['on_topic']:.0%} | {r['degenerate']:.0%} | {facts} | {r['ref_nll']:.2f} "
-            f"| {drift} |"
+            f"| {drift} | {nodes} |"
         )
     if getattr(task, "constant_answer_level", None) is not None:
         lines.append(f"\nA constant answer would score {task.constant_answer_level:.0%}.")

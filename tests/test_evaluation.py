@@ -170,6 +170,12 @@ def test_eval_command_end_to_end_on_tiny_model(tiny_llama, tiny_tokenizer, tmp_p
         assert all(len(c["samples"]) == 4 for c in r["checkpoints"])  # every held-out answer
         first = r["checkpoints"][0]["drift"]  # |z-1| of the answering adapters
         assert first is None if r["method"] == "lora" else first == pytest.approx(0.0)
+        nodes = [c["nodes"] for c in r["checkpoints"]]  # how routing split the votes
+        assert nodes == [None] * 3 if r["method"] == "lora" else nodes[0] == 0
+        if r["method"] == "svf-single":
+            assert nodes[1:] == [1, 1]
+        if r["method"] == "gesal":
+            assert all(n >= 1 for n in nodes[1:])
         if r["method"] != "none":
             assert r["trains"] == 2  # one training run per batch of 4 votes
             assert r["updates"] + r["skipped"] + r["rolled_back"] >= 2
@@ -178,6 +184,8 @@ def test_eval_command_end_to_end_on_tiny_model(tiny_llama, tiny_tokenizer, tmp_p
     assert (out / "eval-brevity.png").stat().st_size > 1000
     table = (out / "eval-brevity.md").read_text()
     assert "| gesal | 8 |" in table and "‖z−1‖" in table and "key facts" in table
+    single = next(line for line in table.splitlines() if line.startswith("| svf-single | 8 |"))
+    assert single.endswith("| 1 |")  # the nodes column: svf-single has its one node
     for r in runs:  # a random tiny model names no facts; the rate is measured, not absent
         assert all(c["facts"] == 0.0 for c in r["checkpoints"])
 
