@@ -24,6 +24,7 @@ SCRIPTS = (
     "node_switch",
     "multichannel",
     "serving_logprob",
+    "serving_batch",
     "update_step",
     "update_precision",
     "train_vs_serve",
@@ -81,6 +82,16 @@ def targets() -> list[dict]:
         if r
         else "not run",
         r["batched_vs_merged"] >= 3 if r else None,
+    )
+    r = _row(_rows("serving_batch"), "N", 8)
+    add(
+        "8 channels batched >= 3x one by one, through the serving path (nodes hot, head cache)",
+        f"{r['batched vs one by one (head cache)']:.2f}x (head cache off: "
+        f"{r['batched vs one by one (no head cache)']:.2f}x; the cache speeds batches up "
+        f"{r['head cache speed-up, batched']:.2f}x)"
+        if r
+        else "not run",
+        r["batched vs one by one (head cache)"] >= 3 if r else None,
     )
     r = _row(_rows("serving_logprob"), "N", 8)
     add(

@@ -7,6 +7,7 @@ the prompt/response boundary.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -48,6 +49,9 @@ class Prompt:
     messages: list[Message]
     dropped_turns: int = 0
     truncated_chars: int = 0
+    # leading ids every chat under the same system prompt starts with (the template's
+    # head): their KV cache depends only on the adapter, so serving can keep it per node
+    head: int = 0
 
     @property
     def truncated(self) -> bool:
@@ -112,7 +116,64 @@ def build_prompt(
             turns[-1]["content"] = tokenizer.decode(content_ids[-keep:])
             cut = len(content) - len(turns[-1]["content"])
             ids = _render(tokenizer, head + turns)
-    return Prompt(input_ids=ids, messages=head + turns, dropped_turns=dropped, truncated_chars=cut)
+    shared = _head_length(tokenizer, system)
+    return Prompt(
+        input_ids=ids,
+        messages=head + turns,
+        dropped_turns=dropped,
+        truncated_chars=cut,
+        head=shared if ids[:shared] == _head_ids(tokenizer, system) else 0,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _head_ids(tokenizer, system: str | None) -> list[int]:
+    """The ids two different one-message chats under ``system`` share from the start."""
+    head = [{"role": "system", "content": system}] if system else []
+    a = _render(tokenizer, [*head, {"role": "user", "content": "a"}])
+    b = _render(tokenizer, [*head, {"role": "user", "content": "Zq 9"}])
+    n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return a[:n]
+
+
+def _head_length(tokenizer, system: str | None) -> int:
+    return len(_head_ids(tokenizer, system))
+
+
+@dataclass
+class PrefixKV:
+    """The KV cache of the first ``length`` ids every prompt of a batch shares, one row per
+    prompt (each row computed under that row's adapter), per layer (keys, values).
+
+    Why: a chat's template head (the system prompt, ~30 of a short question's ~42 ids for
+    SmolLM2) is the same for every answer, so its KV cache depends only on the adapter.
+    Serving keeps it per node, and a prompt's prefill shrinks to its own words. The batch
+    is laid out as [head][left padding][rest]: padding sits after the shared head, and
+    positions follow the attention mask, so every row sees the positions it would alone.
+    """
+
+    length: int
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def rows(self, index: list[int]) -> PrefixKV:
+        return PrefixKV(self.length, [(k[index], v[index]) for k, v in self.layers])
+
+    def cache(self):
+        """A fresh HF cache holding these keys and values (generation appends to it)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(self.layers):
+            cache.update(k, v, i)
+        return cache
+
+
+def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) per layer of an HF cache, across transformers versions."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [(layer.keys, layer.values) for layer in layers]
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))
 
 
 class _ChosenLogprobs:
@@ -183,24 +244,36 @@ def generate(
     prompts: Sequence[Prompt],
     sampling: SamplingConfig | None = None,
     seed: int | None = None,
+    prefix: PrefixKV | None = None,
 ) -> list[Generation]:
     """Generate one answer per prompt in a single left-padded batch.
 
     Which adapter is used is decided by the SVF state around this call (merged z, or a
     z per batch row through `SVFModel.factored`), so the same function serves both.
+    ``prefix``: the KV cache of the ids all prompts start with, computed under the same
+    adapters (see `PrefixKV`); only the rest of each prompt is prefilled.
     """
     sampling = sampling or SamplingConfig()
     if not prompts:
         return []
     device = next(model.parameters(), None)
     device = device.device if device is not None else next(model.buffers()).device
+    shared = prefix.length if prefix is not None else 0
+    if prefix is not None and any(
+        len(p.input_ids) <= shared or p.input_ids[:shared] != prompts[0].input_ids[:shared]
+        for p in prompts
+    ):
+        raise ValueError("every prompt must start with the cached prefix and go beyond it")
     width = max(len(p.input_ids) for p in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     attention = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, p in enumerate(prompts):
-        input_ids[row, width - len(p.input_ids) :] = torch.tensor(p.input_ids)
-        attention[row, width - len(p.input_ids) :] = 1
+        # [shared prefix][padding][rest of the prompt]: with no prefix, plain left padding
+        input_ids[row, :shared] = torch.tensor(p.input_ids[:shared], dtype=torch.long)
+        attention[row, :shared] = 1
+        input_ids[row, width - len(p.input_ids) + shared :] = torch.tensor(p.input_ids[shared:])
+        attention[row, width - len(p.input_ids) + shared :] = 1
     stops = _stop_ids(model, tokenizer)
     kwargs = dict(
         max_new_tokens=sampling.max_new_tokens,
@@ -217,6 +290,8 @@ def generate(
             top_p=sampling.top_p,
             top_k=sampling.top_k or None,
         )
+    if prefix is not None:
+        kwargs["past_key_values"] = prefix.cache()
     if seed is not None:
         torch.manual_seed(seed)
     start = time.perf_counter()

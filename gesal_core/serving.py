@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .generate import Generation, Prompt, SamplingConfig, generate
+from .generate import Generation, PrefixKV, Prompt, SamplingConfig, cache_layers, generate
 from .learning import Sample, sequence_logprobs
 from .svf import SVFModel
+from .svf.cache import MergedCache
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,10 @@ class ServingConfig:
     layers_per_step: int = 4  # idle-time merge granularity (~8 ms per layer on a CPU)
     max_resamples: int = 3  # tries to avoid an empty answer or a downvoted one
     track_nodes: int = 4096  # how many nodes' use counts are remembered
+    # LRU of each node's KV cache of the chat template's head (`generate.PrefixKV`);
+    # ~1.4 MB a node for SmolLM2 with the default system prompt; 0 turns it off
+    prefix_cache_mb: float = 64.0
+    min_prefix: int = 4  # shorter shared heads are not worth a cache entry
 
 
 @dataclass
@@ -59,6 +64,8 @@ class BatchStats:
     factored_batches: int = 0
     resamples: int = 0
     premerges: int = 0
+    prefix_hits: int = 0  # rows whose template head came from the prefix LRU
+    prefix_misses: int = 0  # rows whose head was computed (and then kept)
 
 
 class BatchedGenerator:
@@ -82,6 +89,7 @@ class BatchedGenerator:
         self.stats = BatchStats()
         self._uses: OrderedDict[Hashable, int] = OrderedDict()
         self._premerging: set[Hashable] = set()
+        self.prefixes = MergedCache(int(self.config.prefix_cache_mb * 2**20))
 
     def __call__(self, requests: list[GenRequest]) -> list[tuple[Generation, float]]:
         if not requests:
@@ -131,7 +139,8 @@ class BatchedGenerator:
         token (one held-out answer of 32 in a brevity run, "Why do cats purr?" -> "").
         """
         prompts = [r.prompt for r in requests]
-        outs = generate(self.svf.model, self.tokenizer, prompts, sampling)
+        prefix = self._prefix(z, requests)
+        outs = self._generate(prompts, sampling, prefix)
         for _ in range(self.config.max_resamples):
             redo = [
                 i
@@ -143,14 +152,80 @@ class BatchedGenerator:
             self.stats.resamples += len(redo)
             log.info("resampling %d answer(s) that were empty or voted down before", len(redo))
             sub = [prompts[i] for i in redo]
+            part = prefix.rows(redo) if prefix is not None else None
             if z is not None and z.dim() == 2:  # per-row adapters: keep only the redone rows
                 with self.svf.factored(z[redo]):
-                    again = generate(self.svf.model, self.tokenizer, sub, sampling)
+                    again = self._generate(sub, sampling, part)
             else:
-                again = generate(self.svf.model, self.tokenizer, sub, sampling)
+                again = self._generate(sub, sampling, part)
             for i, o in zip(redo, again, strict=True):
                 outs[i] = o
         return outs
+
+    def _generate(
+        self, prompts: list[Prompt], sampling: SamplingConfig, prefix: PrefixKV | None
+    ) -> list[Generation]:
+        if prefix is not None:
+            try:
+                return generate(self.svf.model, self.tokenizer, prompts, sampling, prefix=prefix)
+            except (TypeError, ValueError, AttributeError) as exc:
+                # a model or transformers version whose generate takes no such cache: answer
+                # without it from now on (slower prefill, same answers)
+                log.warning("prefix KV cache turned off, generation refused it: %r", exc)
+                self.prefixes.max_bytes = 0
+                self.prefixes.clear()
+        return generate(self.svf.model, self.tokenizer, prompts, sampling)
+
+    def _prefix(self, z: torch.Tensor | None, requests: list[GenRequest]) -> PrefixKV | None:
+        """The batch's shared template head as a KV cache, one row per request under its
+        own adapter: from the LRU, or computed now (all missing rows in one pass) and kept.
+
+        Runs inside the SVF state the batch generates under (``z``: None when merged, one
+        z, or a z per row), so a row's head is exactly what prefilling it would compute.
+        Anonymous adapters (key None) are not cached: nothing could find them again.
+        """
+        shared = min(r.prompt.head for r in requests)
+        head = requests[0].prompt.input_ids[:shared]
+        if (
+            self.prefixes.max_bytes <= 0
+            or shared < self.config.min_prefix
+            or any(r.key is None for r in requests)
+            or any(r.prompt.input_ids[:shared] != head for r in requests)
+        ):
+            return None
+        keys = [(r.key, tuple(head)) for r in requests]
+        found = {key: self.prefixes.get(key) for key in dict.fromkeys(keys)}
+        missing = [key for key, kv in found.items() if kv is None]
+        self.stats.prefix_misses += sum(found[key] is None for key in keys)
+        self.stats.prefix_hits += sum(found[key] is not None for key in keys)
+        if missing:
+            rows = [keys.index(key) for key in missing]
+            ids = torch.tensor([head] * len(rows), device=self.svf.device)
+            if z is not None and z.dim() == 2:
+                with self.svf.factored(z[rows]), torch.inference_mode():
+                    layers = cache_layers(_decoder(self.svf.model)(input_ids=ids).past_key_values)
+            else:
+                with torch.inference_mode():
+                    layers = cache_layers(_decoder(self.svf.model)(input_ids=ids).past_key_values)
+            for j, key in enumerate(missing):
+                kv = {
+                    f"{i}{n}": t[j : j + 1].clone()
+                    for i, pair in enumerate(layers)
+                    for n, t in zip("kv", pair, strict=True)
+                }
+                self.prefixes.put(key, kv)
+                found[key] = kv
+        depth = len(found[keys[0]]) // 2
+        return PrefixKV(
+            shared,
+            [
+                (
+                    torch.cat([found[key][f"{i}k"] for key in keys]),
+                    torch.cat([found[key][f"{i}v"] for key in keys]),
+                )
+                for i in range(depth)
+            ],
+        )
 
     def _count_use(self, request: GenRequest) -> None:
         key = request.key
@@ -176,3 +251,10 @@ class BatchedGenerator:
             )
         finally:
             self._premerging.discard(key)
+
+
+def _decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack without the LM head: a head's logits would be thrown away."""
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    return decoder if decoder is not None else model

@@ -387,6 +387,7 @@ def test_engine_batches_concurrent_channels_and_keeps_each_channels_z(tiny_token
             r = await eng.respond(ch, [{"role": "user", "content": "hello"}])
             node = await eng.store.get_node(ch, r.node_id)
             node.z = _z(svf, 40 + i, scale=0.6)
+            node.version += 1  # as an update commits it: a (node, version) key means one z
             await eng.store.save_node(ch, node)
         eng.worker.batch_sizes.clear()
         outs = await asyncio.gather(
@@ -535,3 +536,98 @@ def test_an_empty_answer_is_resampled_within_the_bound(tiny_tokenizer):
     assert [bool(o.text) for o, _ in outs] == [False, True]
     assert gen.stats.resamples == gen.config.max_resamples  # the empty row only, bounded
     gen.worker.close()
+
+
+# -- the template head's KV cache ------------------------------------------------------------
+def _head_requests(tok, svf, texts, version=0, sampling=GREEDY):
+    prompts = [
+        build_prompt(tok, [{"role": "user", "content": t}], "You are a careful bot.") for t in texts
+    ]
+    return [
+        GenRequest(p, _z(svf, 50 + i, scale=0.6), ("ch", i, version), sampling)
+        for i, p in enumerate(prompts)
+    ]
+
+
+def test_prompts_under_one_system_prompt_share_a_template_head(tiny_tokenizer):
+    a, b = (
+        build_prompt(tiny_tokenizer, [{"role": "user", "content": t}], "Be brief.")
+        for t in ("hello", "what is the capital of France?")
+    )
+    other = build_prompt(tiny_tokenizer, [{"role": "user", "content": "hello"}], "Be long.")
+    assert a.head == b.head > 4 and a.input_ids[: a.head] == b.input_ids[: b.head]
+    assert other.input_ids[: other.head] != a.input_ids[: a.head]
+    assert "Be brief." in tiny_tokenizer.decode(a.input_ids[: a.head])  # the system prompt
+    assert "hello" not in tiny_tokenizer.decode(a.input_ids[: a.head])  # not the question
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_cached_template_heads_give_the_same_answers_and_logprobs(tiny_tokenizer, sampled):
+    """Per-row z, prompts of different lengths: answers and their log π are those of a full
+    prefill; the second round takes every head from the LRU."""
+    svf = _svf(tiny_tokenizer)
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.3) if sampled else GREEDY
+    texts = ["hello world", "what is the capital of France? tell me", "fox"]
+    plain = BatchedGenerator(svf, tiny_tokenizer, ModelWorker(), ServingConfig(prefix_cache_mb=0))
+    cached = BatchedGenerator(svf, tiny_tokenizer, ModelWorker())
+    try:
+        for round_ in range(2):
+            torch.manual_seed(round_)
+            want = plain(_head_requests(tiny_tokenizer, svf, texts, sampling=sampling))
+            torch.manual_seed(round_)
+            got = cached(_head_requests(tiny_tokenizer, svf, texts, sampling=sampling))
+            assert [o.response_ids for o, _ in got] == [o.response_ids for o, _ in want]
+            for (_, a), (_, b) in zip(got, want, strict=True):
+                assert abs(a - b) < 1e-3
+        assert plain.stats.prefix_hits == plain.stats.prefix_misses == 0
+        assert cached.stats.prefix_misses == 3 and cached.stats.prefix_hits == 3
+        assert len({o.text for o, _ in got}) > 1  # the rows' adapters really differ
+        # a node's next version is another adapter: its head is computed again
+        cached(_head_requests(tiny_tokenizer, svf, texts[:1], version=1, sampling=sampling))
+        assert cached.stats.prefix_misses == 4
+    finally:
+        plain.worker.close()
+        cached.worker.close()
+
+
+def test_a_hot_node_answers_merged_with_its_cached_head(tiny_tokenizer):
+    svf = _svf(tiny_tokenizer)
+    gen = BatchedGenerator(svf, tiny_tokenizer, ModelWorker())
+    reqs = _head_requests(tiny_tokenizer, svf, ["hello", "hello"])
+    reqs[1] = GenRequest(reqs[1].prompt, reqs[0].z, reqs[0].key, GREEDY)
+    svf.set_merged(torch.from_numpy(reqs[0].z), key=reqs[0].key)
+    try:
+        first, again = gen(reqs[:1]), gen(reqs[1:])
+    finally:
+        gen.worker.close()
+    assert gen.stats.merged_batches == 2 and gen.stats.prefix_hits == 1
+    o, lp = again[0]
+    assert o.response_ids == first[0][0].response_ids
+    ref, _ = sequence_logprobs(
+        svf, torch.from_numpy(reqs[0].z), [Sample(o.prompt_ids, o.response_ids)]
+    )
+    assert abs(float(ref[0]) - lp) < 1e-3
+
+
+def test_the_prefix_cache_is_bounded_in_bytes(tiny_tokenizer):
+    svf = _svf(tiny_tokenizer)
+    probe = BatchedGenerator(svf, tiny_tokenizer, ModelWorker())
+    probe(_head_requests(tiny_tokenizer, svf, ["hello"]))
+    one = probe.prefixes.bytes
+    probe.worker.close()
+    gen = BatchedGenerator(
+        svf, tiny_tokenizer, ModelWorker(), ServingConfig(prefix_cache_mb=2.5 * one / 2**20)
+    )
+    try:
+        gen(_head_requests(tiny_tokenizer, svf, ["a", "b", "c", "d"]))
+    finally:
+        gen.worker.close()
+    assert one > 0 and len(gen.prefixes) == 2 and gen.prefixes.bytes <= 2.5 * one
+
+
+def test_generation_refuses_a_prefix_the_prompts_do_not_start_with(tiny_llama, tiny_tokenizer):
+    from gesal_core.generate import PrefixKV
+
+    p = build_prompt(tiny_tokenizer, [{"role": "user", "content": "hello"}])
+    with pytest.raises(ValueError, match="cached prefix"):
+        generate(tiny_llama, tiny_tokenizer, [p], GREEDY, prefix=PrefixKV(len(p.input_ids), []))
