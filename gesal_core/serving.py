@@ -19,6 +19,7 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -201,12 +202,9 @@ class BatchedGenerator:
         if missing:
             rows = [keys.index(key) for key in missing]
             ids = torch.tensor([head] * len(rows), device=self.svf.device)
-            if z is not None and z.dim() == 2:
-                with self.svf.factored(z[rows]), torch.inference_mode():
-                    layers = cache_layers(_decoder(self.svf.model)(input_ids=ids).past_key_values)
-            else:
-                with torch.inference_mode():
-                    layers = cache_layers(_decoder(self.svf.model)(input_ids=ids).past_key_values)
+            per_row = z is not None and z.dim() == 2  # else the batch's state is every row's
+            with self.svf.factored(z[rows]) if per_row else nullcontext(), torch.inference_mode():
+                layers = cache_layers(_decoder(self.svf.model)(input_ids=ids).past_key_values)
             for j, key in enumerate(missing):
                 kv = {
                     f"{i}{n}": t[j : j + 1].clone()
