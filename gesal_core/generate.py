@@ -8,6 +8,7 @@ the prompt/response boundary.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import time
 from collections.abc import Sequence
@@ -176,6 +177,13 @@ def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return list(zip(cache.key_cache, cache.value_cache, strict=True))
 
 
+def _cache_argument(model) -> str:
+    """What this transformers calls a cache passed in: ``cache`` (5.x, which warns on the
+    old name) or ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class _ChosenLogprobs:
     """Records log π of every token `model.generate` picks, from the model's own logits.
 
@@ -291,7 +299,7 @@ def generate(
             top_k=sampling.top_k or None,
         )
     if prefix is not None:
-        kwargs["past_key_values"] = prefix.cache()
+        kwargs[_cache_argument(model)] = prefix.cache()
     if seed is not None:
         torch.manual_seed(seed)
     start = time.perf_counter()
