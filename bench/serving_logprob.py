@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             )
     finally:
         worker.close()
+    default = ap.get_default("tokens")
     report(
-        "serving_logprob",
+        "serving_logprob" if tokens == default or args.quick else f"serving_logprob_{tokens}tok",
         rows,
         {**model_meta(lm), "repeats": args.repeats, "max_new_tokens": tokens, "times_s": raw},
     )
