@@ -612,6 +612,7 @@ class Engine:
 
     async def reset(self, channel: str) -> None:
         await self.store.reset(channel)
+        await self.worker.run(self.serving.forget, channel)
 
     async def export(self, channel: str) -> dict:
         """A versioned, self-contained JSON-able snapshot of a channel's graph and history.
@@ -668,6 +669,9 @@ class Engine:
             await self.store.save_node(channel, n)
         for r in replies:
             await self.store.put_reply(channel, r)
+        # the imported nodes keep their ids and versions: what this process cached under
+        # those keys may be another z (an export of a copy trained elsewhere)
+        await self.worker.run(self.serving.forget, channel)
         return {"nodes": len(nodes), "replies": len(replies)}
 
 

@@ -163,6 +163,22 @@ class BatchedGenerator:
                 outs[i] = o
         return outs
 
+    def forget(self, channel: str) -> None:
+        """Drop everything cached for ``channel``'s nodes: merged weights, template heads and
+        use counts. Keys are (channel, node, version), and an import restores nodes with
+        their ids and versions but possibly another z; runs on the model thread."""
+
+        def ours(key: Hashable) -> bool:
+            return isinstance(key, tuple) and bool(key) and key[0] == channel
+
+        self.svf.forget(ours)
+        for key in self.prefixes.keys():  # noqa: SIM118 (a list copy: safe to discard from)
+            if ours(key[0]):
+                self.prefixes.discard(key)
+        for key in [k for k in self._uses if ours(k)]:
+            del self._uses[key]
+        self._premerging -= {k for k in self._premerging if ours(k)}
+
     def _generate(
         self, prompts: list[Prompt], sampling: SamplingConfig, prefix: PrefixKV | None
     ) -> list[Generation]:
@@ -243,10 +259,15 @@ class BatchedGenerator:
             self.worker.when_idle(self._premerge(request.z, key))
 
     def _premerge(self, z: np.ndarray, key: Hashable):
+        steps = self.svf.merge_steps(
+            torch.from_numpy(np.asarray(z, dtype=np.float32)), key, self.config.layers_per_step
+        )
         try:
-            yield from self.svf.merge_steps(
-                torch.from_numpy(np.asarray(z, dtype=np.float32)), key, self.config.layers_per_step
-            )
+            for _ in steps:
+                yield
+                if key not in self._premerging:  # forgotten meanwhile: never store it
+                    steps.close()
+                    return
         finally:
             self._premerging.discard(key)
 

@@ -631,3 +631,35 @@ def test_generation_refuses_a_prefix_the_prompts_do_not_start_with(tiny_llama, t
     p = build_prompt(tiny_tokenizer, [{"role": "user", "content": "hello"}])
     with pytest.raises(ValueError, match="cached prefix"):
         generate(tiny_llama, tiny_tokenizer, [p], GREEDY, prefix=PrefixKV(len(p.input_ids), []))
+
+
+def test_an_import_that_restores_a_node_with_another_z_is_served_with_that_z(tiny_tokenizer):
+    """Serving caches (merged weights, template heads) are keyed by (channel, node,
+    version); an import restores ids and versions, so the channel's caches are dropped."""
+    from gesal_core.records import vec_to_b64
+
+    svf = _svf(tiny_tokenizer)
+    eng = _engine(svf, tiny_tokenizer, BatchConfig(max_batch=8, max_wait_s=0.0))
+    ask = [{"role": "user", "content": "hello"}]
+
+    async def go():
+        for _ in range(3):  # hot: merged weights and the template head cached
+            first = await eng.respond("ch", ask)
+        await asyncio.sleep(0.3)  # the idle-time merge finishes
+        data = await eng.export("ch")
+        other = _z(svf, 77, scale=0.8)
+        data["nodes"][0]["z"] = vec_to_b64(other)  # same id, same version, another z
+        await eng.import_graph("ch", data)
+        again = await eng.respond("ch", ask)
+        return first, again, other, await eng.store.get_reply("ch", again.reply_id)
+
+    try:
+        first, again, other, reply = asyncio.run(go())
+    finally:
+        eng.close()
+    assert again.node_id == first.node_id and again.z_version == first.z_version
+    assert eng.serving.stats.prefix_hits >= 2  # the caches were in use before the import
+    ref, _ = sequence_logprobs(
+        svf, torch.from_numpy(other), [Sample(reply.prompt_ids, reply.response_ids)]
+    )
+    assert abs(float(ref[0]) - reply.logprob) < 1e-3  # answered with the imported z

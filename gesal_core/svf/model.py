@@ -14,7 +14,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
 
 import torch
@@ -213,6 +213,19 @@ class SVFModel:
             and self.state.mode == "merged"
             or (key in self.merged_cache)
         )
+
+    def forget(self, drop: Callable[[Hashable], bool]) -> None:
+        """Drop the merged weights of every key ``drop`` accepts, current ones included.
+
+        A key must always mean the same z; an import can break that (it restores nodes
+        with their ids and versions but another z), so the engine forgets the channel.
+        """
+        for key in self.merged_cache.keys():  # noqa: SIM118 (a list copy: safe to discard from)
+            if drop(key):
+                self.merged_cache.discard(key)
+        if drop(self.state.merged_key):  # the layers re-merge before their next merged use
+            self.state.merged_key = ("anon", next(_merge_keys))
+            self.state.merged_z = None
 
     def merge_steps(self, z: torch.Tensor | None, key: Hashable, layers_per_step: int = 4):
         """Merge z into the LRU a few layers at a time, without touching the current weights.
