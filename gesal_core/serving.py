@@ -41,7 +41,7 @@ class ServingConfig:
     max_resamples: int = 3  # tries to avoid an empty answer or a downvoted one
     track_nodes: int = 4096  # how many nodes' use counts are remembered
     # LRU of each node's KV cache of the chat template's head (`generate.PrefixKV`);
-    # ~1.4 MB a node for SmolLM2 with the default system prompt; 0 turns it off
+    # one entry per (node, version) and system prompt; 0 turns it off
     prefix_cache_mb: float = 64.0
     min_prefix: int = 4  # shorter shared heads are not worth a cache entry
 
