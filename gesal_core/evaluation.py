@@ -1039,6 +1039,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=EngineConfig.explore_max_temperature,
         help="sampling temperature of a node voted down (its base temperature: no exploring)",
     )
+    p.add_argument(
+        "--targets",
+        choices=("mlp", "attention", "all"),
+        default="mlp",
+        help="weights SVF adapts (and the LoRA baseline with it; default: mlp)",
+    )
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -1141,7 +1147,7 @@ def run(args: argparse.Namespace) -> int:
     task = load_task(ec.task)
     task.heldout = list(task.heldout)[: ec.heldout]
     lm = load_model(args.model, device=args.device)
-    svf = SVFModel(lm.model, lm.name, SVFConfig())
+    svf = SVFModel(lm.model, lm.name, SVFConfig(targets=args.targets))
     channel = ChannelConfig() if args.threshold is None else ChannelConfig(args.threshold)
     cfg = EngineConfig(
         sampling=SamplingConfig(max_new_tokens=ec.max_new_tokens),
@@ -1175,6 +1181,8 @@ def run(args: argparse.Namespace) -> int:
             svf.compute_precision.resolve(cfg.learning.compute_dtype) or lm.dtype
         ),
         "explore_max_temperature": cfg.explore_max_temperature,
+        "targets": args.targets,
+        "z_size": svf.z_size,
         "model": lm.name,
     }
     results: list[RunResult] = []

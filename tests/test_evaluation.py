@@ -393,3 +393,21 @@ def test_a_member_with_no_better_answer_just_votes(tiny_llama, tiny_tokenizer, t
     assert evaluation.run(eval_args(tiny_llama, tiny_tokenizer, tmp_path, argv)) == 0
     run = json.loads((out / "eval-mute.json").read_text())["runs"][0]
     assert run["corrections"] == 0 and run["checkpoints"][-1]["votes"] == 4
+
+
+def test_eval_can_adapt_attention_too_and_records_what_it_adapted(
+    tiny_llama, tiny_tokenizer, tmp_path
+):
+    """`--targets all` puts SVF on attention and MLP, and LoRA on the same modules."""
+    sizes = {}
+    for targets in ("mlp", "all"):
+        out = tmp_path / targets
+        argv = ["--task", "opener", "--methods", "gesal,lora", "--seeds", "0", "--budget", "4"]
+        argv += ["--checkpoints", "0,4", "--batch", "4", "--heldout", "2"]
+        argv += ["--max-new-tokens", "3", "--no-guard", "--targets", targets, "--out", str(out)]
+        assert evaluation.run(eval_args(tiny_llama, tiny_tokenizer, tmp_path, argv)) == 0
+        data = json.loads((out / "eval-opener.json").read_text())
+        assert data["targets"] == targets
+        assert {r["method"] for r in data["runs"]} == {"gesal", "lora"}
+        sizes[targets] = data["z_size"]
+    assert sizes["all"] > sizes["mlp"] > 0
