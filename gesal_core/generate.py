@@ -146,11 +146,12 @@ class PrefixKV:
     """The KV cache of the first ``length`` ids every prompt of a batch shares, one row per
     prompt (each row computed under that row's adapter), per layer (keys, values).
 
-    Why: a chat's template head (the system prompt, ~30 of a short question's ~42 ids for
-    SmolLM2) is the same for every answer, so its KV cache depends only on the adapter.
-    Serving keeps it per node, and a prompt's prefill shrinks to its own words. The batch
-    is laid out as [head][left padding][rest]: padding sits after the shared head, and
-    positions follow the attention mask, so every row sees the positions it would alone.
+    Why: a chat's template head (the system prompt; 24 of a short question's 42 ids for
+    SmolLM2, as `bench.serving_batch` prints) is the same for every answer, so its KV
+    cache depends only on the adapter. Serving keeps it per node, and a prompt's prefill
+    shrinks to its own words. The batch is laid out as [head][left padding][rest]:
+    padding sits after the shared head, and positions follow the attention mask, so every
+    row sees the positions it would alone.
     """
 
     length: int
@@ -188,11 +189,12 @@ class _ChosenLogprobs:
     """Records log π of every token `model.generate` picks, from the model's own logits.
 
     Why: the engine keeps each answer's log π for the importance weights of stale
-    samples. Scoring it afterwards was a second forward pass over prompt and answer,
-    19–40% on top of generating on our CPU (`bench.serving_logprob`). A forward hook sees
-    the logits of each step; the token picked from them arrives as the next step's input
-    (the last one is read from the output), so the log-softmax is gathered then. Raw
-    logits, so temperature, top-p and repetition penalty do not change the score.
+    samples. Scoring it afterwards was a second forward pass over prompt and answer:
+    answering took 1.26–1.49x as long with it on our CPU (`bench.serving_logprob`). A
+    forward hook sees the logits of each step; the token picked from them arrives as the
+    next step's input (the last one is read from the output), so the log-softmax is
+    gathered then. Raw logits, so temperature, top-p and repetition penalty do not change
+    the score.
     """
 
     def __init__(self, model) -> None:
