@@ -185,6 +185,22 @@ def node_z(z_size: int, seed: int, scale: float = 0.1) -> torch.Tensor:
     return 1 + scale * torch.randn(z_size, generator=g)
 
 
+def node_requests(tokenizer, z_size: int, n: int, sampling, system=None, keyed: bool = False):
+    """``n`` one-question chats, each on its own node (z = `node_z`, seeds 10, 11, ...), as
+    `gesal_core.serving.GenRequest`s; ``keyed``: adapter keys ("bench", i), else anonymous
+    (never merged or cached)."""
+    from gesal_core.generate import build_prompt
+    from gesal_core.serving import GenRequest
+
+    requests = []
+    for i in range(n):
+        chat = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+        key = ("bench", i) if keyed else None
+        z = node_z(z_size, 10 + i).numpy()
+        requests.append(GenRequest(build_prompt(tokenizer, chat, system), z, key, sampling))
+    return requests
+
+
 def lora_model(factory: Callable[[], torch.nn.Module], targets: list[str], r: int = 8):
     """A PEFT LoRA on the same modules SVF adapts, with non-zero B (a 'trained' adapter)."""
     from peft import LoraConfig, get_peft_model

@@ -18,20 +18,21 @@ Variants run interleaved round by round.
 
 from __future__ import annotations
 
+import torch
+
 from bench.common import (
-    PROMPTS,
     apply_threads,
     base_args,
     interleaved,
     median,
     model_meta,
-    node_z,
+    node_requests,
     report,
 )
 from gesal_core.engine import EngineConfig
-from gesal_core.generate import SamplingConfig, build_prompt
+from gesal_core.generate import SamplingConfig
 from gesal_core.model import load_model
-from gesal_core.serving import BatchedGenerator, GenRequest, ServingConfig
+from gesal_core.serving import BatchedGenerator, ServingConfig
 from gesal_core.svf import SVFConfig, SVFModel
 from gesal_core.worker import ModelWorker
 
@@ -57,14 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     greedy = SamplingConfig(max_new_tokens=tokens, temperature=0)
     system = EngineConfig().system
-    requests = []
-    for i in range(n_max):
-        prompt = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
-        z = node_z(svf.z_size, 10 + i)
-        svf.set_merged(z, key=("bench", i))  # hot: in the merged LRU
-        requests.append(
-            GenRequest(build_prompt(lm.tokenizer, prompt, system), z.numpy(), ("bench", i), greedy)
-        )
+    requests = node_requests(lm.tokenizer, svf.z_size, n_max, greedy, system, keyed=True)
+    for r in requests:
+        svf.set_merged(torch.from_numpy(r.z), key=r.key)  # hot: in the merged LRU
     head = requests[0].prompt.head
     variants = {}
     for name, gen in gens.items():

@@ -17,19 +17,18 @@ from __future__ import annotations
 from unittest import mock
 
 from bench.common import (
-    PROMPTS,
     apply_threads,
     base_args,
     interleaved,
     median,
     model_meta,
-    node_z,
+    node_requests,
     report,
 )
 from gesal_core import generate as generation
-from gesal_core.generate import SamplingConfig, build_prompt
+from gesal_core.generate import SamplingConfig
 from gesal_core.model import load_model
-from gesal_core.serving import BatchedGenerator, GenRequest
+from gesal_core.serving import BatchedGenerator
 from gesal_core.svf import SVFConfig, SVFModel
 from gesal_core.worker import ModelWorker
 
@@ -47,15 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     worker = ModelWorker()
     gen = BatchedGenerator(svf, lm.tokenizer, worker)
     greedy = SamplingConfig(max_new_tokens=tokens, temperature=0)
-    requests = [
-        GenRequest(
-            build_prompt(lm.tokenizer, [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]),
-            node_z(svf.z_size, 10 + i).numpy(),
-            None,  # anonymous adapters: never merged, so every batch runs factored
-            greedy,
-        )
-        for i in range(max(sizes))
-    ]
+    # anonymous adapters: never merged, so every batch runs factored
+    requests = node_requests(lm.tokenizer, svf.z_size, max(sizes), greedy)
 
     def scored_after(batch):
         with mock.patch.object(generation._ChosenLogprobs, "finish", lambda self, new: None):

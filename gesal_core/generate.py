@@ -117,28 +117,24 @@ def build_prompt(
             turns[-1]["content"] = tokenizer.decode(content_ids[-keep:])
             cut = len(content) - len(turns[-1]["content"])
             ids = _render(tokenizer, head + turns)
-    shared = _head_length(tokenizer, system)
+    shared = _head_ids(tokenizer, system)
     return Prompt(
         input_ids=ids,
         messages=head + turns,
         dropped_turns=dropped,
         truncated_chars=cut,
-        head=shared if ids[:shared] == _head_ids(tokenizer, system) else 0,
+        head=len(shared) if tuple(ids[: len(shared)]) == shared else 0,
     )
 
 
 @functools.lru_cache(maxsize=64)
-def _head_ids(tokenizer, system: str | None) -> list[int]:
+def _head_ids(tokenizer, system: str | None) -> tuple[int, ...]:
     """The ids two different one-message chats under ``system`` share from the start."""
     head = [{"role": "system", "content": system}] if system else []
     a = _render(tokenizer, [*head, {"role": "user", "content": "a"}])
     b = _render(tokenizer, [*head, {"role": "user", "content": "Zq 9"}])
     n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-    return a[:n]
-
-
-def _head_length(tokenizer, system: str | None) -> int:
-    return len(_head_ids(tokenizer, system))
+    return tuple(a[:n])
 
 
 @dataclass
@@ -178,10 +174,18 @@ def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return list(zip(cache.key_cache, cache.value_cache, strict=True))
 
 
-def _cache_argument(model) -> str:
+def decoder_of(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The decoder stack without the LM head (None if the model does not say): a prefix's
+    KV cache needs no logits, and the head's product over a 49k vocabulary is wasted."""
+    get_decoder = getattr(model, "get_decoder", None)
+    return get_decoder() if callable(get_decoder) else None
+
+
+@functools.cache
+def _cache_argument(model_type: type) -> str:
     """What this transformers calls a cache passed in: ``cache`` (5.x, which warns on the
-    old name) or ``past_key_values``."""
-    params = inspect.signature(model.forward).parameters
+    old name) or ``past_key_values`` (looked up once per model class)."""
+    params = inspect.signature(model_type.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
@@ -301,7 +305,7 @@ def generate(
             top_k=sampling.top_k or None,
         )
     if prefix is not None:
-        kwargs[_cache_argument(model)] = prefix.cache()
+        kwargs[_cache_argument(type(model))] = prefix.cache()
     if seed is not None:
         torch.manual_seed(seed)
     start = time.perf_counter()

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .generate import decoder_of
 from .svf import SVFModel
 
 
@@ -168,8 +169,7 @@ def _prefix_cache(model: torch.nn.Module, ids: torch.Tensor):
     """The KV cache of a prefix, from the decoder alone: the prefix's logits are never
     used, and under bf16 products the LM head's one-position product cost a transposed
     copy of the whole 49k x 576 head, seen in a profile of one update."""
-    get_decoder = getattr(model, "get_decoder", None)
-    decoder = get_decoder() if callable(get_decoder) else None
+    decoder = decoder_of(model)
     if decoder is None:
         return model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
     return decoder(input_ids=ids, use_cache=True).past_key_values

@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .generate import Generation, PrefixKV, Prompt, SamplingConfig, cache_layers, generate
+from .generate import (
+    Generation,
+    PrefixKV,
+    Prompt,
+    SamplingConfig,
+    cache_layers,
+    decoder_of,
+    generate,
+)
 from .learning import Sample, sequence_logprobs
 from .svf import SVFModel
 from .svf.cache import MergedCache
@@ -220,7 +228,8 @@ class BatchedGenerator:
             ids = torch.tensor([head] * len(rows), device=self.svf.device)
             per_row = z is not None and z.dim() == 2  # else the batch's state is every row's
             with self.svf.factored(z[rows]) if per_row else nullcontext(), torch.inference_mode():
-                layers = cache_layers(_decoder(self.svf.model)(input_ids=ids).past_key_values)
+                decoder = decoder_of(self.svf.model) or self.svf.model
+                layers = cache_layers(decoder(input_ids=ids).past_key_values)
             for j, key in enumerate(missing):
                 kv = {
                     f"{i}{n}": t[j : j + 1].clone()
@@ -270,10 +279,3 @@ class BatchedGenerator:
                     return
         finally:
             self._premerging.discard(key)
-
-
-def _decoder(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder stack without the LM head: a head's logits would be thrown away."""
-    get_decoder = getattr(model, "get_decoder", None)
-    decoder = get_decoder() if callable(get_decoder) else None
-    return decoder if decoder is not None else model
