@@ -30,6 +30,7 @@ from bench.common import (
     timed,
     with_threads,
 )
+from gesal_core.generate import cache_kwargs, cache_of
 from gesal_core.model import load_model
 
 
@@ -57,10 +58,10 @@ def weight_bytes_per_token(model) -> int:
 def greedy_loop(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """The least a decoder can do per token: one forward with the KV cache, one argmax."""
     out = model(input_ids=ids, use_cache=True)
-    past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    past, nxt = cache_of(out), out.logits[:, -1].argmax(-1, keepdim=True)
     for _ in range(new_tokens - 1):
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        out = model(input_ids=nxt, use_cache=True, **cache_kwargs(model, past))
+        past, nxt = cache_of(out), out.logits[:, -1].argmax(-1, keepdim=True)
     return nxt
 
 

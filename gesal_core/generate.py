@@ -184,9 +184,24 @@ def decoder_of(model: torch.nn.Module) -> torch.nn.Module | None:
 @functools.cache
 def _cache_argument(model_type: type) -> str:
     """What this transformers calls a cache passed in: ``cache`` (5.x, which warns on the
-    old name) or ``past_key_values`` (looked up once per model class)."""
+    old name and drops it in 5.40) or ``past_key_values`` (looked up once per model class)."""
     params = inspect.signature(model_type.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model: torch.nn.Module, cache) -> dict:
+    """``{name: cache}`` for a forward or ``generate`` call, under the name this
+    transformers takes. A PEFT wrapper's forward only has ``**kwargs``, so the name is
+    looked up on the model it wraps."""
+    get_base = getattr(model, "get_base_model", None)
+    return {_cache_argument(type(get_base() if callable(get_base) else model)): cache}
+
+
+def cache_of(output):
+    """The KV cache a forward returned: ``output.cache`` in transformers 5.x, where
+    ``past_key_values`` is a deprecated alias, else ``output.past_key_values``."""
+    fields = getattr(output, "__dataclass_fields__", {})
+    return output.cache if "cache" in fields else output.past_key_values
 
 
 class _ChosenLogprobs:
@@ -305,7 +320,7 @@ def generate(
             top_k=sampling.top_k or None,
         )
     if prefix is not None:
-        kwargs[_cache_argument(type(model))] = prefix.cache()
+        kwargs.update(cache_kwargs(model, prefix.cache()))
     if seed is not None:
         torch.manual_seed(seed)
     start = time.perf_counter()

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .generate import decoder_of
+from .generate import cache_kwargs, cache_of, decoder_of
 from .svf import SVFModel
 
 
@@ -171,8 +171,8 @@ def _prefix_cache(model: torch.nn.Module, ids: torch.Tensor):
     copy of the whole 49k x 576 head, seen in a profile of one update."""
     decoder = decoder_of(model)
     if decoder is None:
-        return model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
-    return decoder(input_ids=ids, use_cache=True).past_key_values
+        return cache_of(model(input_ids=ids, use_cache=True, logits_to_keep=1))
+    return cache_of(decoder(input_ids=ids, use_cache=True))
 
 
 def response_logprobs(
@@ -216,8 +216,8 @@ def response_logprobs(
         logits = model(
             input_ids=ids[:, prefix:],
             attention_mask=attn,
-            past_key_values=cache,
             use_cache=True,
+            **cache_kwargs(model, cache),
             logits_to_keep=keep,
         ).logits
     else:

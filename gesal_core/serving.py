@@ -31,6 +31,7 @@ from .generate import (
     Prompt,
     SamplingConfig,
     cache_layers,
+    cache_of,
     decoder_of,
     generate,
 )
@@ -229,7 +230,7 @@ class BatchedGenerator:
             per_row = z is not None and z.dim() == 2  # else the batch's state is every row's
             with self.svf.factored(z[rows]) if per_row else nullcontext(), torch.inference_mode():
                 decoder = decoder_of(self.svf.model) or self.svf.model
-                layers = cache_layers(decoder(input_ids=ids).past_key_values)
+                layers = cache_layers(cache_of(decoder(input_ids=ids)))
             for j, key in enumerate(missing):
                 kv = {
                     f"{i}{n}": t[j : j + 1].clone()
