@@ -5,9 +5,11 @@
 * memory bandwidth: a large tensor read (sum) and copy, in GB/s;
 * the decode bound: weight bytes read per token / read bandwidth (batch 1 decoding reads
   every weight once per token, so it cannot beat this);
-* eager HF ``generate`` (the baseline), HF with a static KV cache, a minimal greedy loop
-  (forward + argmax, no logits processors: what is left is the model itself), and with
-  ``--compile`` the static cache under ``torch.compile``.
+* eager HF ``generate`` on the weights as HF stores them (the baseline), HF with a static
+  KV cache, a minimal greedy loop (forward + argmax, no logits processors: what is left is
+  the model itself), and with ``--compile`` the static cache under ``torch.compile``;
+* eager ``generate`` and the greedy loop again on the same weights stored input-major, as
+  `gesal_core.model.load_model` stores them on a CPU (`gesal_core.layout`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from bench.common import (
     with_threads,
 )
 from gesal_core.generate import cache_kwargs, cache_of
+from gesal_core.layout import set_weight_layout
 from gesal_core.model import load_model
 
 
@@ -74,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     apply_threads(args.threads)
     tokens = 8 if args.quick else args.tokens
     lm = load_model(args.model, progress=False)
-    model, ids = lm.model, chat_ids(lm.tokenizer, PROMPTS[0])
+    ours, ids = lm.model, chat_ids(lm.tokenizer, PROMPTS[0])
+    model = load_model(args.model, progress=False).model
+    set_weight_layout(model, on=False)  # the baseline: weights as HF stores them
     bw = bandwidth_gbs(64 if args.quick else args.bandwidth_mb, args.repeats)
     per_token = weight_bytes_per_token(model)
     variants = {
@@ -83,12 +88,15 @@ def main(argv: list[str] | None = None) -> int:
             model, ids, tokens, cache_implementation="static"
         ),
         "minimal greedy loop": lambda: greedy_loop(model, ids, tokens),
+        "HF generate, eager, input-major weights": lambda: decode(ours, ids, tokens),
+        "minimal greedy loop, input-major weights": lambda: greedy_loop(ours, ids, tokens),
     }
     eager = variants["HF generate, eager (baseline)"]
     many = f"HF generate, eager, {os.cpu_count()} threads"
     compile_s = None
     if args.compile:
         model_c = load_model(args.model, progress=False).model
+        set_weight_layout(model_c, on=False)
         model_c.forward = torch.compile(model_c.forward)
         start = time.perf_counter()
         decode(model_c, ids, tokens, cache_implementation="static")  # compiles

@@ -25,6 +25,7 @@ SCRIPTS = (
     "multichannel",
     "serving_logprob",
     "serving_batch",
+    "weight_layout",
     "update_step",
     "update_precision",
     "train_vs_serve",
@@ -92,6 +93,12 @@ def targets() -> list[dict]:
         if r
         else "not run",
         r["batched vs one by one (head cache)"] >= 3 if r else None,
+    )
+    lay = {r["variant"]: r["speed-up"] for r in _rows("weight_layout")}
+    add(
+        "weights stored input-major vs as HF stores them (same answers)",
+        ", ".join(f"{v} {x:.2f}x" for v, x in lay.items()) if lay else "not run",
+        None,
     )
     r = _row(_rows("serving_logprob"), "N", 8)
     add(

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelNotFoundError
+from .layout import set_weight_layout, wants_input_major
 from .paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -221,6 +222,8 @@ def load_model(
     model.to(dev)
     model.eval()
     model.requires_grad_(False)
+    if wants_input_major(dev):
+        set_weight_layout(model)  # faster CPU products, same values (gesal_core.layout)
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=display, source=source, device=dev, dtype=dt
     )

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gesal_core.generate import SamplingConfig, build_prompt, generate
+from gesal_core.layout import is_input_major
 from gesal_core.model import load_model
 from gesal_core.svf import SVFConfig, SVFModel
 
@@ -25,6 +26,11 @@ def test_cached_load_takes_seconds(real_lm):
     assert real_lm.load_seconds < 15, f"cached load took {real_lm.load_seconds:.1f}s"
     assert real_lm.dtype == torch.float32
     assert type(real_lm.model).__name__ == "LlamaForCausalLM"
+    # stored input-major on a CPU (gesal_core.layout), the tied head included
+    model = real_lm.model
+    assert is_input_major(model.lm_head.weight)
+    assert is_input_major(model.model.layers[0].self_attn.q_proj.weight)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
 
 
 def test_real_answer(real_lm):

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import layout
+
 
 @dataclass
 class SVFState:
@@ -45,13 +47,17 @@ class SVFLinear(nn.Module):
         bias: torch.Tensor | None,
         state: SVFState,
         offset: int,
+        input_major: bool = False,
     ) -> None:
         super().__init__()
         self.out_features, self.rank = U.shape
         self.in_features = Vh.shape[1]
-        self.register_buffer("U", U.contiguous())
+        # the storage order of the weight this layer replaces (`gesal_core.layout`): U and
+        # Vh are (out, r) and (r, in) operands of the same ``F.linear`` products
+        self.input_major = input_major
+        self.register_buffer("U", layout.input_major(U, input_major))
         self.register_buffer("S", S.contiguous())
-        self.register_buffer("Vh", Vh.contiguous())
+        self.register_buffer("Vh", layout.input_major(Vh, input_major))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("merged_weight", self._compose(torch.ones_like(S)))
         self.state = state
@@ -65,7 +71,8 @@ class SVFLinear(nn.Module):
     def _compose(self, z: torch.Tensor) -> torch.Tensor:
         """W' = U diag(σ ⊙ z) Vᵀ, accumulated in float32 and stored in the factors' dtype."""
         scale = (self.S.float() * z.float().to(self.S.device)).unsqueeze(0)
-        return ((self.U.float() * scale) @ self.Vh.float()).to(self.U.dtype)
+        merged = ((self.U.float() * scale) @ self.Vh.float()).to(self.U.dtype)
+        return layout.input_major(merged, self.input_major)
 
     def merge(self, z_full: torch.Tensor | None, key: object) -> None:
         """Materialise W' for the flat vector ``z_full`` (None means all ones)."""

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import SVFError
+from ..layout import is_input_major
 from ..paths import cache_dir
 from .cache import MergedCache
 from .config import ATTENTION_PARENTS, MLP_PARENTS, TARGET_SETS, SVFConfig
@@ -157,7 +158,9 @@ class SVFModel:
             base = modules[name]
             weight = _linear_weight(base)
             U, S, Vh = (t.to(device=weight.device, dtype=weight.dtype) for t in factors[name])
-            layer = SVFLinear(U, S, Vh, base.bias, self.state, offset)
+            layer = SVFLinear(
+                U, S, Vh, base.bias, self.state, offset, input_major=is_input_major(weight)
+            )
             parent_name, _, leaf = name.rpartition(".")
             setattr(modules[parent_name] if parent_name else model, leaf, layer)
             self.layers[name] = layer
