@@ -52,12 +52,13 @@ class SVFLinear(nn.Module):
         super().__init__()
         self.out_features, self.rank = U.shape
         self.in_features = Vh.shape[1]
-        # the storage order of the weight this layer replaces (`gesal_core.layout`): U and
-        # Vh are (out, r) and (r, in) operands of the same ``F.linear`` products
+        # merged weights take the storage order of the weight this layer replaces
+        # (`gesal_core.layout`); the factors stay row-major, which batches and updates
+        # ran as fast in (`bench.weight_layout`)
         self.input_major = input_major
-        self.register_buffer("U", layout.input_major(U, input_major))
+        self.register_buffer("U", U.contiguous())
         self.register_buffer("S", S.contiguous())
-        self.register_buffer("Vh", layout.input_major(Vh, input_major))
+        self.register_buffer("Vh", Vh.contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("merged_weight", self._compose(torch.ones_like(S)))
         self.state = state
