@@ -10,10 +10,11 @@ orders side by side). Values, shapes and therefore answers stay the same.
 Only the strides change, so every caller that reads a weight as (out, in) keeps working;
 a caller that needs contiguous bytes (safetensors, hashing) calls ``.contiguous()``, as
 it must for any view. The order is applied where a model is loaded for CPU
-(`gesal_core.model.load_model`); on CUDA nothing is changed, because the gain was measured
-on a CPU only (no GPU has been lent to us yet). `SVFLinear` stores its merged weights in the order of the
-weight it replaced; its SVD factors stay row-major (input-major factors made the batch
-of 8 0.95x and the update no faster, in one run of the same bench).
+(`gesal_core.model.load_model`); on CUDA nothing is changed, because the gain was
+measured on a CPU only (no GPU has been lent to us yet). `SVFLinear` stores its merged
+weights in the order of the weight it replaced; its SVD factors stay row-major
+(input-major factors made the batch of 8 0.95x and the update no faster, in one run of
+the same bench).
 """
 
 from __future__ import annotations
