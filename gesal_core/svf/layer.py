@@ -13,8 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import layout
-
 
 @dataclass
 class SVFState:
@@ -70,10 +68,13 @@ class SVFLinear(nn.Module):
         return slice(self.offset, self.offset + self.rank)
 
     def _compose(self, z: torch.Tensor) -> torch.Tensor:
-        """W' = U diag(σ ⊙ z) Vᵀ, accumulated in float32 and stored in the factors' dtype."""
+        """W' = U diag(σ ⊙ z) Vᵀ, accumulated in float32 and stored in the factors' dtype,
+        in the storage order of the weight this layer replaced."""
         scale = (self.S.float() * z.float().to(self.S.device)).unsqueeze(0)
-        merged = ((self.U.float() * scale) @ self.Vh.float()).to(self.U.dtype)
-        return layout.input_major(merged, self.input_major)
+        us = self.U.float() * scale
+        if self.input_major:  # (V (U diag)ᵀ)ᵀ is W' stored (in, out) with no extra copy
+            return (self.Vh.float().t() @ us.t()).t().to(self.U.dtype)
+        return (us @ self.Vh.float()).to(self.U.dtype)
 
     def merge(self, z_full: torch.Tensor | None, key: object) -> None:
         """Materialise W' for the flat vector ``z_full`` (None means all ones)."""
