@@ -24,6 +24,9 @@ Variable names (case-insensitive):
 ``GESAL_REWARD_UP/DOWN``       default rewards of 👍 / 👎
 ``GESAL_UPDATE_DTYPE``         matrix products of a training update: ``auto`` (bf16
                                where measured faster here), ``float32``, ``bfloat16``
+``GESAL_LEARNING_RATE``        Adam step size of a training update (6e-3 with max step 6
+                               learns faster and keeps less; README, "Evaluation")
+``GESAL_MAX_STEP``             bound on how far one update moves a node's z (L2)
 ``GESAL_TRAIN_INTERVAL``       seconds between scheduled training runs
 ``GESAL_TRAIN_EARLY_VOTES``    train early once one node has this many new votes or
                                corrections
@@ -87,6 +90,10 @@ class Settings(BaseSettings):
     gesal_reward_up: float = Field(_DEFAULTS.reward_up, gt=0)
     gesal_reward_down: float = Field(_DEFAULTS.reward_down, lt=0)
     gesal_update_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # The library's defaults (LearningConfig), repeated here so the reference shows them
+    # without importing torch; a test keeps the two equal.
+    gesal_learning_rate: float = Field(3e-3, gt=0, le=0.1)
+    gesal_max_step: float = Field(3.0, gt=0, le=100.0)
 
     # -- training schedule ----------------------------------------------------------
     gesal_train_interval: float = Field(300.0, ge=1.0)
@@ -176,7 +183,11 @@ class Settings(BaseSettings):
 
         return EngineConfig(
             channel_defaults=self.channel_defaults(),
-            learning=LearningConfig(compute_dtype=self.gesal_update_dtype),
+            learning=LearningConfig(
+                compute_dtype=self.gesal_update_dtype,
+                lr=self.gesal_learning_rate,
+                max_step=self.gesal_max_step,
+            ),
         )
 
     def is_slack_admin(self, user_id: str) -> bool:

@@ -53,6 +53,18 @@ def test_settings_from_env_and_dotenv(monkeypatch, tmp_path):
     assert s.engine_config().channel_defaults.threshold == 0.7
     monkeypatch.setenv("GESAL_UPDATE_DTYPE", "float32")
     assert load_settings(env).engine_config().learning.compute_dtype == "float32"
+    # the step size: the library's defaults unless a deployment sets it
+    from gesal_core.learning import LearningConfig
+
+    lib = LearningConfig()
+    assert (s.engine_config().learning.lr, s.engine_config().learning.max_step) == (
+        lib.lr,
+        lib.max_step,
+    )
+    monkeypatch.setenv("GESAL_LEARNING_RATE", "6e-3")
+    monkeypatch.setenv("GESAL_MAX_STEP", "6")
+    learning = load_settings(env).engine_config().learning
+    assert (learning.lr, learning.max_step) == (6e-3, 6.0)
     # secrets never show up in reprs or the loggable summary
     assert "abc.def" not in repr(s) and "abc.def" not in str(s.describe())
     assert s.describe()["discord_token"] == "set"
@@ -75,6 +87,8 @@ def test_settings_none_configured_means_playground(monkeypatch):
         ({"GESAL_RATE_USER": "lots"}, "GESAL_RATE_USER"),
         ({"GESAL_DEVICE": "tpu"}, "GESAL_DEVICE"),
         ({"GESAL_UPDATE_DTYPE": "fp8"}, "GESAL_UPDATE_DTYPE"),
+        ({"GESAL_LEARNING_RATE": "0"}, "GESAL_LEARNING_RATE"),
+        ({"GESAL_MAX_STEP": "-1"}, "GESAL_MAX_STEP"),
     ],
 )
 def test_settings_errors_are_clear_and_hide_values(monkeypatch, env, words):
