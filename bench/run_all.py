@@ -26,6 +26,7 @@ SCRIPTS = (
     "serving_logprob",
     "serving_batch",
     "weight_layout",
+    "factored_order",
     "update_step",
     "update_precision",
     "train_vs_serve",
@@ -98,6 +99,14 @@ def targets() -> list[dict]:
     add(
         "weights stored input-major vs as HF stores them (same answers)",
         ", ".join(f"{v} {x:.2f}x" for v, x in lay.items()) if lay else "not run",
+        None,
+    )
+    order = [r for r in _rows("factored_order") if r["rows"] == 8]
+    add(
+        "factored product on 8 rows, weight-first vs x-first, per layer",
+        ", ".join(f"{r['shape']} {r['weight-first speed-up']:.2f}x" for r in order)
+        if order
+        else "not run",
         None,
     )
     r = _row(_rows("serving_logprob"), "N", 8)

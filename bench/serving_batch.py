@@ -13,6 +13,9 @@ new tokens (the answers are the same in every variant, so the work is too):
 
 Each with the template-head cache warm (the nodes have answered before, the steady state)
 and turned off (``ServingConfig(prefix_cache_mb=0)``: every prompt prefilled whole).
+One more variant runs the batch with the factored products x-first, ``(x Vhᵀ ⊙ σz) Uᵀ``,
+instead of weight-first, ``(U (σz ⊙ Vh xᵀ))ᵀ``, which a CPU uses from 8 rows on
+(`gesal_core.layout.weight_first_rows`): the same sums in another operand order.
 Variants run interleaved round by round.
 """
 
@@ -68,6 +71,16 @@ def main(argv: list[str] | None = None) -> int:
         variants[f"one by one, {name}"] = lambda n, gen=gen: [
             a for r in requests[:n] for a in gen([r])
         ]
+    first = svf.state.weight_first_rows
+
+    def x_first(n: int, gen=gens["head cache"]):
+        svf.state.weight_first_rows = 0
+        try:
+            return gen(requests[:n])
+        finally:
+            svf.state.weight_first_rows = first
+
+    variants["batched, head cache, x-first products"] = x_first
     rows, raw = [], {}
     try:
         for n in sizes:
@@ -89,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                     / m["batched, head cache"],
                     "batched vs one by one (no head cache)": m["one by one, no head cache"]
                     / m["batched, no head cache"],
+                    "weight-first vs x-first, batched": m["batched, head cache, x-first products"]
+                    / m["batched, head cache"],
                     "head cache speed-up, batched": m["batched, no head cache"]
                     / m["batched, head cache"],
                     "head cache speed-up, one by one": m["one by one, no head cache"]

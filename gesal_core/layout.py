@@ -40,6 +40,16 @@ def wants_input_major(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def weight_first_rows(device: torch.device) -> int:
+    """From how many rows a factored SVF product runs weight-first (`SVFLinear`); 0: never.
+
+    CPU only, as measured there (`bench.factored_order`, one thread, factors streamed
+    from memory): weight-first ran 1.16-1.20x per layer at 8 rows and 1.26-1.39x at 16,
+    about 1x at 144, but 0.57-0.70x at 2 rows and 0.86-0.95x at 4.
+    """
+    return 8 if device.type == "cpu" else 0
+
+
 def set_weight_layout(model: nn.Module, on: bool = True) -> int:
     """Store every frozen ``nn.Linear`` weight of ``model`` input-major (``on``) or
     row-major; returns how many were re-stored.

@@ -87,6 +87,31 @@ def test_layer_has_linear_semantics_with_bias(leading):
     assert torch.allclose(layer(x), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("leading", [(9,), (2, 5), (3, 4, 2)])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_weight_first_products_equal_the_x_first_ones(leading, per_row):
+    """The CPU's many-row path (`SVFState.weight_first_rows`) computes the same layer."""
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 7, bias=True)
+    U, S, Vh = torch.linalg.svd(lin.weight.detach(), full_matrices=False)
+    state = SVFState(mode="factored")
+    layer = SVFLinear(U, S, Vh, lin.bias, state, offset=0)
+    state.z = 1 + 0.5 * torch.randn(leading[0], 7) if per_row else 1 + 0.5 * torch.randn(7)
+    x = torch.randn(*leading, 12)
+    state.weight_first_rows = 0
+    x_first = layer(x)
+    state.weight_first_rows = 1
+    weight_first = layer(x)
+    assert weight_first.shape == x_first.shape == (*leading, 7)
+    assert weight_first.is_contiguous()
+    assert torch.allclose(weight_first, x_first, atol=1e-5)
+    # a z being trained takes the x-first path, whose backward is autograd's own
+    z = state.z.clone().requires_grad_(True)
+    state.z = z
+    layer(x).square().sum().backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all()
+
+
 def test_z_one_reproduces_base_logits_tiny(tiny_llama):
     ids = _ids(vocab=tiny_llama.config.vocab_size)
     base = tiny_llama(ids).logits.clone()

@@ -28,6 +28,9 @@ class SVFState:
     z: torch.Tensor | None = None
     merged_z: torch.Tensor | None = None
     merged_key: object = ("ones",)
+    # factored products without gradients on at least this many rows run weight-first
+    # (`SVFLinear._weight_first`); 0: never. `layout.weight_first_rows` picks it.
+    weight_first_rows: int = 0
 
 
 class SVFLinear(nn.Module):
@@ -101,15 +104,38 @@ class SVFLinear(nn.Module):
                 self.merge(state.merged_z, state.merged_key)
             return F.linear(x, self.merged_weight, self.bias)
         z = state.z[..., self.z_slice].to(x.dtype)
-        h = F.linear(x, self.Vh)
         scale = self.S * z
+        if scale.dim() == 2 and scale.shape[0] != x.shape[0]:
+            raise ValueError(f"per-row z has {scale.shape[0]} rows but the batch has {x.shape[0]}")
+        rows = x.numel() // self.in_features
+        if (
+            state.weight_first_rows
+            and rows >= state.weight_first_rows
+            and not (torch.is_grad_enabled() and z.requires_grad)
+        ):
+            return self._weight_first(x, scale)
+        h = F.linear(x, self.Vh)
         if scale.dim() == 2:  # one adapter per batch row: (B, r) -> (B, 1, ..., 1, r)
-            if scale.shape[0] != x.shape[0]:
-                raise ValueError(
-                    f"per-row z has {scale.shape[0]} rows but the batch has {x.shape[0]}"
-                )
             scale = scale.view(scale.shape[0], *([1] * (x.dim() - 2)), self.rank)
         return F.linear(h * scale, self.U, self.bias)
+
+    def _weight_first(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The factored product as ``(U (σz ⊙ (Vh xᵀ)))ᵀ``: the same sums, with the big
+        factor as the left operand. On our CPU host MKL streams a factor from memory
+        faster this way than it runs ``x Vhᵀ`` on a few rows, whose weight it packs
+        first (`bench.factored_order`; a whole batch of 8: `bench.serving_batch`,
+        "x-first products"). The result is made contiguous:
+        a transposed activation sent later linears (the LM head) down a slower path."""
+        h = self.Vh @ x.reshape(-1, self.in_features).t()  # (r, rows)
+        if scale.dim() == 2:  # rows are batch-major: (r, B, rows per B) × (r, B, 1)
+            h = h.view(self.rank, scale.shape[0], -1) * scale.t().unsqueeze(-1)
+            h = h.view(self.rank, -1)
+        else:
+            h = h * scale.unsqueeze(1)
+        y = (self.U @ h).t().contiguous()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import SVFError
-from ..layout import is_input_major
+from ..layout import is_input_major, weight_first_rows
 from ..paths import cache_dir
 from .cache import MergedCache
 from .config import ATTENTION_PARENTS, MLP_PARENTS, TARGET_SETS, SVFConfig
@@ -167,6 +167,7 @@ class SVFModel:
             offset += layer.rank
         self.z_size = offset
         self.device = next(iter(self.layers.values())).U.device
+        self.state.weight_first_rows = weight_first_rows(self.device)
         self.merged_cache = MergedCache(int(self.config.merged_cache_mb * 2**20))
         # `compute_precision("auto")`: an update's products in bf16 where that is fast
         self.compute_precision = ComputePrecision(model)
