@@ -2,15 +2,15 @@
 
     python -m bench.factored_order [--repeats 5] [--layers 60]
 
-`SVFLinear` computes ``(x Vhᵀ ⊙ σz) Uᵀ`` ("x-first"). On a CPU, from
-`gesal_core.layout.weight_first_rows` rows on, it computes the same sums as
+`SVFLinear` computes ``(x Vhᵀ ⊙ σz) Uᵀ`` ("x-first"). On a CPU, at the row counts
+`gesal_core.layout.weight_first_rows` gives, it computes the same sums as
 ``(U (σz ⊙ Vh xᵀ))ᵀ`` ("weight-first"). This times both on the bundled model's MLP
 shapes (gate/up: 576 -> 1536, down: 1536 -> 576, rank 576) with random factors, looping
 over ``--layers`` distinct factor pairs so that they stream from memory as in the model
 (one pair fits in cache, 60 do not). The third column, x-first on weights MKL has packed
 beforehand (``torch.ops.mkl._mkl_linear``, where this torch has it), tests the
 explanation: if packing each call is what x-first pays for, prepacked x-first runs like
-weight-first. Rows: 1 is one answer's decode step, 8 and 16 batches, 144 a batch prefill.
+weight-first. Rows: 1 is one answer's decode step, 8 to 48 batches, 64 and 144 prefills.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def x_first_prepacked(
 def main(argv: list[str] | None = None) -> int:
     ap = base_args(__doc__, repeats=5)
     ap.add_argument("--layers", type=int, default=60)
-    ap.add_argument("--sizes", default="1,2,4,8,16,144")
+    ap.add_argument("--sizes", default="1,2,4,8,16,32,48,64,144")
     args = ap.parse_args(argv)
     apply_threads(args.threads)
     layers = 4 if args.quick else args.layers

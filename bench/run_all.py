@@ -85,16 +85,17 @@ def targets() -> list[dict]:
         else "not run",
         r["batched_vs_merged"] >= 3 if r else None,
     )
-    r = _row(_rows("serving_batch"), "N", 8)
-    add(
-        "8 channels batched >= 3x one by one, through the serving path (nodes hot, head cache)",
-        f"{r['batched vs one by one (head cache)']:.2f}x (head cache off: "
-        f"{r['batched vs one by one (no head cache)']:.2f}x; the cache speeds batches up "
-        f"{r['head cache speed-up, batched']:.2f}x)"
-        if r
-        else "not run",
-        r["batched vs one by one (head cache)"] >= 3 if r else None,
-    )
+    for suffix, threads in (("", "1 thread"), ("_2threads", "2 threads")):
+        r = _row(_rows(f"serving_batch{suffix}"), "N", 8)
+        add(
+            f"8 channels batched >= 3x one by one, serving path (nodes hot), {threads}",
+            f"{r['batched vs one by one (head cache)']:.2f}x (head cache off: "
+            f"{r['batched vs one by one (no head cache)']:.2f}x; weight-first products "
+            f"{r['weight-first vs x-first, batched']:.2f}x x-first)"
+            if r
+            else "not run",
+            r["batched vs one by one (head cache)"] >= 3 if r else None,
+        )
     lay = {r["variant"]: r["speed-up"] for r in _rows("weight_layout")}
     add(
         "weights stored input-major vs as HF stores them (same answers)",

@@ -14,7 +14,7 @@ new tokens (the answers are the same in every variant, so the work is too):
 Each with the template-head cache warm (the nodes have answered before, the steady state)
 and turned off (``ServingConfig(prefix_cache_mb=0)``: every prompt prefilled whole).
 One more variant runs the batch with the factored products x-first, ``(x Vhᵀ ⊙ σz) Uᵀ``,
-instead of weight-first, ``(U (σz ⊙ Vh xᵀ))ᵀ``, which a CPU uses from 8 rows on
+instead of weight-first, ``(U (σz ⊙ Vh xᵀ))ᵀ``, which a CPU uses from 8 to 63 rows
 (`gesal_core.layout.weight_first_rows`): the same sums in another operand order.
 Variants run interleaved round by round.
 """
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     first = svf.state.weight_first_rows
 
     def x_first(n: int, gen=gens["head cache"]):
-        svf.state.weight_first_rows = 0
+        svf.state.weight_first_rows = (0, 0)
         try:
             return gen(requests[:n])
         finally:
@@ -113,10 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         worker.close()
     print(f"template head: {head} of the first prompt's {len(requests[0].prompt.input_ids)} ids")
+    name = "serving_batch"
+    if tokens != ap.get_default("tokens") and not args.quick:
+        name += f"_{tokens}tok"
+    if torch.get_num_threads() == 2 and not args.quick:  # the bot's own setting on a 2-core host
+        name += "_2threads"
     report(
-        "serving_batch"
-        if tokens == ap.get_default("tokens") or args.quick
-        else f"serving_batch_{tokens}tok",
+        name,
         rows,
         {
             **model_meta(lm),

@@ -40,14 +40,15 @@ def wants_input_major(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def weight_first_rows(device: torch.device) -> int:
-    """From how many rows a factored SVF product runs weight-first (`SVFLinear`); 0: never.
+def weight_first_rows(device: torch.device) -> tuple[int, int]:
+    """The row counts ``[lo, hi)`` at which a factored SVF product runs weight-first
+    (`SVFLinear`); ``(0, 0)``: never.
 
-    CPU only, as measured there (`bench.factored_order`, one thread, factors streamed
-    from memory): weight-first ran 1.16-1.20x per layer at 8 rows and 1.26-1.39x at 16,
-    about 1x at 144, but 0.57-0.70x at 2 rows and 0.86-0.95x at 4.
+    CPU only, as measured there (`bench.factored_order`, factors streamed from memory):
+    on one thread and on two, weight-first ran 1.1-1.8x per layer from 8 to 48 rows, but
+    0.57-0.70x at 2 rows, and on two threads 0.85-0.96x from 64 rows on (a prefill).
     """
-    return 8 if device.type == "cpu" else 0
+    return (8, 64) if device.type == "cpu" else (0, 0)
 
 
 def set_weight_layout(model: nn.Module, on: bool = True) -> int:

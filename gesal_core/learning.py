@@ -46,8 +46,8 @@ class LearningConfig:
     # side in `gesal-bot eval` (README, "Evaluation"), lr 3e-3 learnt brevity and the
     # opener faster than 1e-3 (seed 0 at 64 votes: 100% vs 62%). The collapse guard is the
     # real safety net; λ keeps z from wandering where feedback does not push it.
-    # lr 6e-3 with max_step 6 complied sooner on all three 128-vote tasks but kept 38 and
-    # 25% of brevity's key facts against 62% (README, "A larger step"), so 3e-3 stays;
+    # lr 6e-3 with max_step 6 complied sooner on all three 128-vote tasks but kept a median
+    # 38% of brevity's key facts against 62% (README, "A larger step"), so 3e-3 stays;
     # deployments choose with GESAL_LEARNING_RATE / GESAL_MAX_STEP.
     lr: float = 3e-3
     inner_steps: int = 4

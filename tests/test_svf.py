@@ -98,9 +98,9 @@ def test_weight_first_products_equal_the_x_first_ones(leading, per_row):
     layer = SVFLinear(U, S, Vh, lin.bias, state, offset=0)
     state.z = 1 + 0.5 * torch.randn(leading[0], 7) if per_row else 1 + 0.5 * torch.randn(7)
     x = torch.randn(*leading, 12)
-    state.weight_first_rows = 0
+    state.weight_first_rows = (0, 0)
     x_first = layer(x)
-    state.weight_first_rows = 1
+    state.weight_first_rows = (1, 100)
     weight_first = layer(x)
     assert weight_first.shape == x_first.shape == (*leading, 7)
     assert weight_first.is_contiguous()

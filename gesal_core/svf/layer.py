@@ -28,9 +28,9 @@ class SVFState:
     z: torch.Tensor | None = None
     merged_z: torch.Tensor | None = None
     merged_key: object = ("ones",)
-    # factored products without gradients on at least this many rows run weight-first
-    # (`SVFLinear._weight_first`); 0: never. `layout.weight_first_rows` picks it.
-    weight_first_rows: int = 0
+    # factored products without gradients on lo <= rows < hi rows run weight-first
+    # (`SVFLinear._weight_first`); (0, 0): never. `layout.weight_first_rows` picks it.
+    weight_first_rows: tuple[int, int] = (0, 0)
 
 
 class SVFLinear(nn.Module):
@@ -107,11 +107,9 @@ class SVFLinear(nn.Module):
         scale = self.S * z
         if scale.dim() == 2 and scale.shape[0] != x.shape[0]:
             raise ValueError(f"per-row z has {scale.shape[0]} rows but the batch has {x.shape[0]}")
-        rows = x.numel() // self.in_features
-        if (
-            state.weight_first_rows
-            and rows >= state.weight_first_rows
-            and not (torch.is_grad_enabled() and z.requires_grad)
+        lo, hi = state.weight_first_rows
+        if lo <= x.numel() // self.in_features < hi and not (
+            torch.is_grad_enabled() and z.requires_grad
         ):
             return self._weight_first(x, scale)
         h = F.linear(x, self.Vh)
