@@ -122,8 +122,8 @@ class SVFLinear(nn.Module):
         factor as the left operand. On our CPU host MKL streams a factor from memory
         faster this way than it runs ``x Vhᵀ`` on a few rows, whose weight it packs
         first (`bench.factored_order`; a whole batch of 8: `bench.serving_batch`,
-        "x-first products"). The result is made contiguous:
-        a transposed activation sent later linears (the LM head) down a slower path."""
+        "x-first products"). The result is made contiguous: a transposed activation sent
+        later linears (the LM head) down a slower path."""
         h = self.Vh @ x.reshape(-1, self.in_features).t()  # (r, rows)
         if scale.dim() == 2:  # rows are batch-major: (r, B, rows per B) × (r, B, 1)
             h = h.view(self.rank, scale.shape[0], -1) * scale.t().unsqueeze(-1)
