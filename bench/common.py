@@ -15,6 +15,20 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Smoke runs (--quick) write here, so they never overwrite a full run's figures.
+QUICK_RESULTS = RESULTS / "quick"
+_quick = False
+
+
+def set_quick(on: bool) -> None:
+    """Mark this process as a smoke run (``base_args``' parser calls it)."""
+    global _quick
+    _quick = on
+
+
+def results_dir(quick: bool | None = None) -> Path:
+    """Where results go: `QUICK_RESULTS` for a smoke run, else `RESULTS`."""
+    return QUICK_RESULTS if (_quick if quick is None else quick) else RESULTS
 
 
 def machine() -> dict:
@@ -65,7 +79,13 @@ def base_args(description: str | None, repeats: int = 3):
     """The options every script shares: --repeats, --model, --quick, --threads."""
     import argparse
 
-    ap = argparse.ArgumentParser(description=description)
+    class _Parser(argparse.ArgumentParser):
+        def parse_args(self, *a, **kw):  # type: ignore[override]
+            ns = super().parse_args(*a, **kw)
+            set_quick(bool(getattr(ns, "quick", False)))
+            return ns
+
+    ap = _Parser(description=description)
     ap.add_argument("--repeats", type=int, default=repeats)
     ap.add_argument("--model", default=None, help="model to load (default: the bundled one)")
     ap.add_argument("--quick", action="store_true", help="fewer tokens and sizes (smoke run)")
@@ -133,8 +153,9 @@ def report(name: str, rows: list[dict], meta: dict) -> Path:
     print("-|-".join("-" * widths[c] for c in cols))
     for r in rows:
         print(" | ".join(_fmt(r[c]).ljust(widths[c]) for c in cols))
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    out = results_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
     meta = {**meta, "peak_rss_mb": round(peak_rss_mb(), 1)}
     print(f"peak RSS {meta['peak_rss_mb']:.0f} MB")
     path.write_text(

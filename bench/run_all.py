@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 
-from bench.common import RESULTS
+from bench.common import results_dir, set_quick
 
 SCRIPTS = (
     "generation",
@@ -38,7 +38,7 @@ SCRIPTS = (
 
 
 def _rows(name: str) -> list[dict]:
-    path = RESULTS / f"{name}.json"
+    path = results_dir() / f"{name}.json"
     return json.loads(path.read_text())["rows"] if path.exists() else []
 
 
@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--summary-only", action="store_true", help="only re-read the results")
     args = ap.parse_args(argv)
+    set_quick(args.quick)  # a smoke run's summary reads the smoke results
     chosen = [s.strip() for s in args.only.split(",") if s.strip()] or list(SCRIPTS)
     unknown = sorted(set(chosen) - set(SCRIPTS))
     if unknown:
