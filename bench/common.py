@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -26,9 +27,9 @@ def set_quick(on: bool) -> None:
     _quick = on
 
 
-def results_dir(quick: bool | None = None) -> Path:
+def results_dir() -> Path:
     """Where results go: `QUICK_RESULTS` for a smoke run, else `RESULTS`."""
-    return QUICK_RESULTS if (_quick if quick is None else quick) else RESULTS
+    return QUICK_RESULTS if _quick else RESULTS
 
 
 def machine() -> dict:
@@ -75,16 +76,18 @@ def peak_rss_mb() -> float:
     return peak / (2**20 if sys.platform == "darwin" else 1024)
 
 
-def base_args(description: str | None, repeats: int = 3):
+class _Parser(argparse.ArgumentParser):
+    """Records --quick as it parses, so `report` knows where a script's results go
+    without every script passing the flag on."""
+
+    def parse_args(self, *a, **kw):  # type: ignore[override]
+        ns = super().parse_args(*a, **kw)
+        set_quick(bool(getattr(ns, "quick", False)))
+        return ns
+
+
+def base_args(description: str | None, repeats: int = 3) -> argparse.ArgumentParser:
     """The options every script shares: --repeats, --model, --quick, --threads."""
-    import argparse
-
-    class _Parser(argparse.ArgumentParser):
-        def parse_args(self, *a, **kw):  # type: ignore[override]
-            ns = super().parse_args(*a, **kw)
-            set_quick(bool(getattr(ns, "quick", False)))
-            return ns
-
     ap = _Parser(description=description)
     ap.add_argument("--repeats", type=int, default=repeats)
     ap.add_argument("--model", default=None, help="model to load (default: the bundled one)")

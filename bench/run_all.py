@@ -155,14 +155,11 @@ def targets() -> list[dict]:
     best = max(
         (d for d in dec if "bound" not in d["variant"]), key=lambda d: d["vs_eager"], default=None
     )
-    bound = None
-    if best:  # the bound of the thread count the best variant ran on
-        two = "2 threads" in best["variant"]
-        bound = _row(
-            dec,
-            "variant",
-            "bandwidth bound (weights / read GB/s" + (", 2 threads)" if two else ")"),
-        )
+    two = best is not None and "2 threads" in best["variant"]
+    bound = next(  # the bound of the thread count the best variant ran on
+        (d for d in dec if "bound" in d["variant"] and ("2 threads" in d["variant"]) == two),
+        None,
+    )
     add(
         "base decoding >= 2x eager HF generate",
         f"best {best['vs_eager']:.2f}x ({best['variant']})"

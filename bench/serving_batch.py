@@ -116,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     name = "serving_batch"
     if tokens != ap.get_default("tokens") and not args.quick:
         name += f"_{tokens}tok"
-    if torch.get_num_threads() == 2 and not args.quick:  # the bot's own setting on a 2-core host
-        name += "_2threads"
+    threads = torch.get_num_threads()
+    if threads != 1 and not args.quick:  # 2: the bot's own setting on a 2-core host
+        name += f"_{threads}threads"
     report(
         name,
         rows,
