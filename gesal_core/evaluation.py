@@ -579,6 +579,7 @@ class LoraLearner(Learner):
         if plan.skip or scale <= 0:
             return {"updated": 0, "skipped": 1, "rolled_back": 0, "settled": int(not plan.skip)}
         for group in self.opt.param_groups:  # the same settling as a gesal node
+            # (the usual LoRA lr at most: `rejected_step` is gesal's own setting)
             group["lr"] = LORA_LR * min(scale, 1.0)
         n = len(plan.rl) + len(plan.demos)
         pad = self.tokenizer.pad_token_id or 0
@@ -1020,6 +1021,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="full-size steps however content the community is (see LearningConfig.settle)",
     )
     p.add_argument(
+        "--rejected-step",
+        type=float,
+        default=learning.rejected_step,
+        help="step multiple for a node whose recent votes are all 👎 (1: off; "
+        "see LearningConfig.rejected_step)",
+    )
+    p.add_argument(
         "--max-drift",
         type=float,
         default=learning.max_drift,
@@ -1161,6 +1169,7 @@ def run(args: argparse.Namespace) -> int:
             l2=args.l2,
             replay=args.replay,
             settle=not args.no_settle,
+            rejected_step=args.rejected_step,
             max_drift=args.max_drift,
             compute_dtype=args.compute_dtype,
         ),

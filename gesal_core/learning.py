@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .errors import GesalError
 from .generate import cache_kwargs, cache_of, decoder_of
 from .svf import SVFModel
 
@@ -84,6 +85,12 @@ class LearningConfig:
     # "Evaluation"). The mirror image of exploration, which widens as votes turn negative.
     settle: bool = True
     settle_min_votes: int = 8  # rated replies before a round that can show contentment
+    # The step's multiple (lr and max_step) for a node whose recent votes are all 👎,
+    # rising linearly from 1 where half of them are (`settle_scale`); 1: off. A node the
+    # community keeps rejecting has the most to learn and the least to lose, and the
+    # collapse guard rolls back a step that breaks its answers. The mirror image of
+    # settling, and the learning side of exploration's wider sampling.
+    rejected_step: float = 1.0
     # Bound on a node's total drift ‖z − 1‖₂ (0: none). Each update is bounded by
     # max_step, but nothing else bounds how far many updates add up to.
     max_drift: float = 0.0
@@ -94,12 +101,19 @@ class LearningConfig:
     # faster, and its step pointed the way the fp32 one does (cosine 0.993).
     compute_dtype: str = "auto"
 
+    def __post_init__(self) -> None:
+        if not self.rejected_step >= 1.0:  # (also catches NaN)
+            raise GesalError(
+                f"rejected_step must be at least 1 (1 turns it off), got {self.rejected_step}"
+            )
+
 
 def settle_scale(
     before: list[float], now: list[float], corrected: bool, cfg: LearningConfig
 ) -> float:
     """How much of a full step a node takes: ``min(1, 2 × share of 👎)`` among its rewards
-    ``before`` this round (its recent window) and ``now``.
+    ``before`` this round (its recent window) and ``now``, times the rejected node's
+    larger step (``cfg.rejected_step``) once more than half of them are 👎.
 
     A community that likes most of what a node says has little left to teach it, and
     every further step on its own sampled text (pushing up what is liked, down the odd
@@ -107,12 +121,15 @@ def settle_scale(
     member asking for something else, so it gets a full step whatever the votes say, and
     so does a node with fewer than ``settle_min_votes`` rated replies before this round:
     contentment needs evidence, and a young node's first 👍 are what it learns most from.
+    The other way round, a node whose answers keep being rejected (young or not) steps
+    up to ``rejected_step`` times further: what it says now is what members do not want.
     """
-    if not cfg.settle or corrected or len(before) < max(1, cfg.settle_min_votes):
-        return 1.0
     window = before + now
-    negative = sum(r < 0 for r in window) / len(window)
-    return min(1.0, 2.0 * negative)
+    negative = sum(r < 0 for r in window) / len(window) if window else 0.0
+    rejected = 1.0 + (cfg.rejected_step - 1.0) * max(0.0, 2.0 * negative - 1.0)
+    if not cfg.settle or corrected or len(before) < max(1, cfg.settle_min_votes):
+        return max(1.0, rejected)
+    return min(1.0, 2.0 * negative) * rejected
 
 
 @dataclass
@@ -430,7 +447,7 @@ def reinforce_steps(
     rl, batch = plan.rl, plan.rl + plan.demos
     z = svf.trainable(torch.from_numpy(np.asarray(z0, dtype=np.float32)))
     start = z.detach().clone()
-    lr, max_step = cfg.lr * min(scale, 1.0), cfg.max_step * min(scale, 1.0)
+    lr, max_step = cfg.lr * scale, cfg.max_step * scale
     opt = torch.optim.Adam([z], lr=lr) if cfg.optimizer == "adam" else None
     n = len(batch)
     weights = torch.ones(len(rl), device=svf.device)

@@ -221,6 +221,36 @@ def test_settling_shrinks_the_step_as_votes_turn_positive():
     assert settle_scale([up] * 8, [up] * 8, False, LearningConfig(settle=False)) == 1.0
 
 
+def test_a_rejected_node_steps_further():
+    cfg = LearningConfig(rejected_step=4.0)
+    up, down = 1.0, -2.0
+    assert settle_scale([down] * 8, [down] * 8, False, cfg) == 4.0  # all 👎
+    assert settle_scale([down] * 6 + [up] * 2, [down] * 8, False, cfg) == pytest.approx(3.25)
+    assert settle_scale([down] * 8, [up] * 8, False, cfg) == 1.0  # half: as before
+    assert settle_scale([up] * 6 + [down] * 2, [up] * 8, False, cfg) == pytest.approx(0.25)
+    # young, corrected, or not settling: at least a full step, further when rejected
+    assert settle_scale([], [down] * 4, False, cfg) == 4.0
+    assert settle_scale([up] * 8, [up] * 8, True, cfg) == 1.0
+    assert settle_scale([down] * 3, [up], False, cfg) == pytest.approx(2.5)
+    assert settle_scale([], [], True, cfg) == 1.0  # a correction and no votes at all
+    # off by default, and nonsense is refused
+    assert settle_scale([down] * 8, [down] * 8, False, LearningConfig()) == 1.0
+    for bad in (0.5, float("nan")):
+        with pytest.raises(GesalError, match="rejected_step"):
+            LearningConfig(rejected_step=bad)
+
+
+def test_a_rejected_step_moves_z_further(svf):
+    sample = Sample([1, 5, 9], [50, 60, 2], reward=1.0)
+    z0 = np.ones(svf.z_size, dtype=np.float32)
+    cfg = LearningConfig(rejected_step=4.0)
+    full = reinforce_step(svf, z0, [sample], 0.0, cfg, scale=1.0)
+    further = reinforce_step(svf, z0, [sample], 0.0, cfg, scale=4.0)
+    assert full.status == further.status == "updated"
+    assert further.step_norm > 2.5 * full.step_norm
+    assert further.step_norm <= 4 * cfg.max_step + 1e-4
+
+
 def test_a_settled_step_is_smaller_and_a_content_node_takes_none(svf):
     sample = Sample([1, 5, 9], [50, 60, 2], reward=1.0)
     z0 = np.ones(svf.z_size, dtype=np.float32)
