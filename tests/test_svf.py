@@ -116,8 +116,8 @@ def test_weight_first_products_equal_the_x_first_ones(leading, per_row):
 @pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 def test_gradients_of_a_layer_in_training_are_exact(leading, per_row, bias):
-    """An update's hand-written backward (`_FactoredProduct`) against finite differences,
-    for the input and for z, shared or one per batch row."""
+    """A layer's gradients in an update against finite differences, for the input and for
+    z, shared or one per batch row."""
     torch.manual_seed(0)
     lin = nn.Linear(6, 4, bias=bias).double()
     U, S, Vh = torch.linalg.svd(lin.weight.detach(), full_matrices=False)
@@ -136,6 +136,22 @@ def test_gradients_of_a_layer_in_training_are_exact(leading, per_row, bias):
     state.z = z0
     layer(x.detach()).sum().backward()
     assert z0.grad is not None and torch.isfinite(z0.grad).all()
+
+
+def test_a_small_step_of_z_reaches_a_bf16_product():
+    """An update's bf16 forward passes (`gesal_core.svf.precision`) must see z move by one
+    Adam step (3e-3); in bf16, 1.002 is 1."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32, bias=False)
+    U, S, Vh = torch.linalg.svd(lin.weight.detach(), full_matrices=False)
+    state = SVFState(mode="factored")
+    layer = SVFLinear(U.bfloat16(), S, Vh.bfloat16(), None, state, offset=0)
+    x = torch.randn(4, 64).bfloat16()
+    state.z = torch.ones(32)
+    before = layer(x)
+    state.z = torch.full((32,), 1.002)
+    assert before.dtype == torch.bfloat16
+    assert not torch.equal(layer(x), before)
 
 
 def test_z_one_reproduces_base_logits_tiny(tiny_llama):

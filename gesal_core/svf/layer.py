@@ -103,20 +103,20 @@ class SVFLinear(nn.Module):
             if self._merged_key != state.merged_key:
                 self.merge(state.merged_z, state.merged_key)
             return F.linear(x, self.merged_weight, self.bias)
-        # σz in fp32 whatever the products run in: z near 1 in bf16 is a multiple of
-        # 1/128, which would round a step of 3e-3 away
+        # σz is formed in fp32 and only then rounded to the products' dtype: z itself in
+        # bf16 reads every value within 1/256 of 1 as exactly 1, so the first steps of an
+        # update (3e-3 each) were invisible to its own bf16 forward passes
         z = state.z[..., self.z_slice]
         scale = self.S * z.to(torch.promote_types(z.dtype, torch.float32))
         if scale.dim() == 2 and scale.shape[0] != x.shape[0]:
             raise ValueError(f"per-row z has {scale.shape[0]} rows but the batch has {x.shape[0]}")
-        learning = torch.is_grad_enabled() and state.z.requires_grad
         lo, hi = state.weight_first_rows
-        if not learning and lo <= x.numel() // self.in_features < hi:
+        if lo <= x.numel() // self.in_features < hi and not (
+            torch.is_grad_enabled() and state.z.requires_grad
+        ):
             return self._weight_first(x, scale)
         if scale.dim() == 2:  # one adapter per batch row: (B, r) -> (B, 1, ..., 1, r)
             scale = scale.view(scale.shape[0], *([1] * (x.dim() - 2)), self.rank)
-        if learning:
-            return _FactoredProduct.apply(x, scale, self.U, self.Vh, self.bias)
         h = F.linear(x, self.Vh)
         return F.linear(h * scale.to(h.dtype), self.U, self.bias)
 
@@ -141,36 +141,3 @@ class SVFLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"
-
-
-class _FactoredProduct(torch.autograd.Function):
-    """``((x Vhᵀ) ⊙ s) Uᵀ + b`` with gradients to ``s`` and ``x`` only, for updates.
-
-    Autograd composed from the plain ops costs, per layer and pass, a promotion of the
-    bf16 product to fp32 at ``⊙ s`` (s is fp32), a cast back down for the next product,
-    and the backward of each (`bench.update_step`'s profile: casts and small elementwise
-    ops took about half of an update). Here the scaling runs in the products' dtype and
-    only the reduction into ``s``'s gradient is widened to fp32, which is where the
-    precision matters (it sums over every token). The products run in whatever dtype
-    ``F.linear`` picks (bf16 under `LowPrecisionWeights`' autocast, else the model's).
-    """
-
-    @staticmethod
-    def forward(ctx, x, scale, U, Vh, bias):
-        h = F.linear(x, Vh)
-        s = scale.to(h.dtype)
-        ctx.save_for_backward(h, s, U, Vh)
-        ctx.scale_shape, ctx.x_dtype = scale.shape, x.dtype
-        return F.linear(h * s, U, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, s, U, Vh = ctx.saved_tensors
-        dtype = h.dtype
-        grad_hs = grad.to(dtype) @ U.to(dtype)
-        wide = torch.promote_types(dtype, torch.float32)
-        grad_scale = (grad_hs.to(wide) * h.to(wide)).sum_to_size(ctx.scale_shape)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = ((grad_hs * s) @ Vh.to(dtype)).to(ctx.x_dtype)
-        return grad_x, grad_scale, None, None, None
