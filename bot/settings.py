@@ -27,6 +27,8 @@ Variable names (case-insensitive):
 ``GESAL_LEARNING_RATE``        Adam step size of a training update (6e-3 with max step 6
                                learns faster and keeps less; README, "Evaluation")
 ``GESAL_MAX_STEP``             bound on how far one update moves a node's z (L2)
+``GESAL_REJECTED_STEP``        step multiple for a node whose recent votes are all 👎
+                               (1: off)
 ``GESAL_TRAIN_INTERVAL``       seconds between scheduled training runs
 ``GESAL_TRAIN_EARLY_VOTES``    train early once one node has this many new votes or
                                corrections
@@ -94,6 +96,7 @@ class Settings(BaseSettings):
     # without importing torch; a test keeps the two equal.
     gesal_learning_rate: float = Field(3e-3, gt=0, le=0.1)
     gesal_max_step: float = Field(3.0, gt=0, le=100.0)
+    gesal_rejected_step: float = Field(1.0, ge=1.0, le=10.0)
 
     # -- training schedule ----------------------------------------------------------
     gesal_train_interval: float = Field(300.0, ge=1.0)
@@ -187,6 +190,7 @@ class Settings(BaseSettings):
                 compute_dtype=self.gesal_update_dtype,
                 lr=self.gesal_learning_rate,
                 max_step=self.gesal_max_step,
+                rejected_step=self.gesal_rejected_step,
             ),
         )
 

@@ -57,14 +57,17 @@ def test_settings_from_env_and_dotenv(monkeypatch, tmp_path):
     from gesal_core.learning import LearningConfig
 
     lib = LearningConfig()
-    assert (s.engine_config().learning.lr, s.engine_config().learning.max_step) == (
+    learning = s.engine_config().learning
+    assert (learning.lr, learning.max_step, learning.rejected_step) == (
         lib.lr,
         lib.max_step,
+        lib.rejected_step,
     )
     monkeypatch.setenv("GESAL_LEARNING_RATE", "6e-3")
     monkeypatch.setenv("GESAL_MAX_STEP", "6")
+    monkeypatch.setenv("GESAL_REJECTED_STEP", "2.5")
     learning = load_settings(env).engine_config().learning
-    assert (learning.lr, learning.max_step) == (6e-3, 6.0)
+    assert (learning.lr, learning.max_step, learning.rejected_step) == (6e-3, 6.0, 2.5)
     # secrets never show up in reprs or the loggable summary
     assert "abc.def" not in repr(s) and "abc.def" not in str(s.describe())
     assert s.describe()["discord_token"] == "set"
@@ -89,6 +92,7 @@ def test_settings_none_configured_means_playground(monkeypatch):
         ({"GESAL_UPDATE_DTYPE": "fp8"}, "GESAL_UPDATE_DTYPE"),
         ({"GESAL_LEARNING_RATE": "0"}, "GESAL_LEARNING_RATE"),
         ({"GESAL_MAX_STEP": "-1"}, "GESAL_MAX_STEP"),
+        ({"GESAL_REJECTED_STEP": "0.5"}, "GESAL_REJECTED_STEP"),
     ],
 )
 def test_settings_errors_are_clear_and_hide_values(monkeypatch, env, words):
