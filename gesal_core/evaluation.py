@@ -1154,10 +1154,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown method(s) {bad}; use {', '.join(METHODS)}")
     task = load_task(ec.task)
     task.heldout = list(task.heldout)[: ec.heldout]
-    lm = load_model(args.model, device=args.device)
-    svf = SVFModel(lm.model, lm.name, SVFConfig(targets=args.targets))
     channel = ChannelConfig() if args.threshold is None else ChannelConfig(args.threshold)
-    cfg = EngineConfig(
+    cfg = EngineConfig(  # before the model loads: a bad setting fails at once
         sampling=SamplingConfig(max_new_tokens=ec.max_new_tokens),
         explore_max_temperature=args.explore_max_temperature,
         guard=GuardConfig(enabled=not args.no_guard),
@@ -1175,6 +1173,8 @@ def run(args: argparse.Namespace) -> int:
         ),
         channel_defaults=channel,
     )
+    lm = load_model(args.model, device=args.device)
+    svf = SVFModel(lm.model, lm.name, SVFConfig(targets=args.targets))
 
     def factory():
         return load_model(args.model, device=args.device, progress=False).model

@@ -46,7 +46,8 @@ def weight_first_rows(device: torch.device) -> tuple[int, int]:
 
     CPU only, as measured there (`bench.factored_order`, factors streamed from memory):
     on one thread and on two, weight-first ran 1.1-1.8x per layer from 8 to 48 rows, but
-    0.57-0.70x at 2 rows, and on two threads 0.85-0.96x from 64 rows on (a prefill).
+    0.58-0.71x at 2 rows, and on two threads 0.77-0.91x from 64 rows on (a prefill;
+    `factored_order.json`, `factored_order_2threads.json`).
     """
     return (8, 64) if device.type == "cpu" else (0, 0)
 

@@ -128,7 +128,7 @@ def settle_scale(
     negative = sum(r < 0 for r in window) / len(window) if window else 0.0
     rejected = 1.0 + (cfg.rejected_step - 1.0) * max(0.0, 2.0 * negative - 1.0)
     if not cfg.settle or corrected or len(before) < max(1, cfg.settle_min_votes):
-        return max(1.0, rejected)
+        return rejected  # (at least 1: rejected_step is)
     return min(1.0, 2.0 * negative) * rejected
 
 
