@@ -29,6 +29,9 @@ Variable names (case-insensitive):
 ``GESAL_MAX_STEP``             bound on how far one update moves a node's z (L2)
 ``GESAL_REJECTED_STEP``        step multiple for a node whose recent votes are all 👎
                                (1: off)
+``GESAL_GUARD_SAMPLED``        the collapse guard also judges sampled answers to its
+                               probes, as replies are served (a second generation pass,
+                               served length, per update)
 ``GESAL_TRAIN_INTERVAL``       seconds between scheduled training runs
 ``GESAL_TRAIN_EARLY_VOTES``    train early once one node has this many new votes or
                                corrections
@@ -97,6 +100,7 @@ class Settings(BaseSettings):
     gesal_learning_rate: float = Field(3e-3, gt=0, le=0.1)
     gesal_max_step: float = Field(3.0, gt=0, le=100.0)
     gesal_rejected_step: float = Field(1.0, ge=1.0, le=10.0)
+    gesal_guard_sampled: bool = False  # GuardConfig.sampled
 
     # -- training schedule ----------------------------------------------------------
     gesal_train_interval: float = Field(300.0, ge=1.0)
@@ -182,10 +186,12 @@ class Settings(BaseSettings):
     def engine_config(self) -> EngineConfig:
         """The engine's configuration: library defaults plus what a deployment sets."""
         from gesal_core.engine import EngineConfig  # torch: only once an engine is built
+        from gesal_core.guard import GuardConfig
         from gesal_core.learning import LearningConfig
 
         return EngineConfig(
             channel_defaults=self.channel_defaults(),
+            guard=GuardConfig(sampled=self.gesal_guard_sampled),
             learning=LearningConfig(
                 compute_dtype=self.gesal_update_dtype,
                 lr=self.gesal_learning_rate,

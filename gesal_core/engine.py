@@ -184,7 +184,9 @@ class Engine:
             normalize=_norm_text,
         )
         self.model_name = model_name
-        self.guard = Guard(svf, tokenizer, self.config.guard, self.config.system)
+        self.guard = Guard(
+            svf, tokenizer, self.config.guard, self.config.system, self.config.sampling
+        )
         self.embedder = PromptEmbedder(svf, tokenizer)
         self.consumer = f"trainer-{uuid.uuid4().hex[:8]}"
         self._channel_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)

@@ -1003,6 +1003,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-guard", action="store_true", help="disable the collapse guard")
+    p.add_argument(
+        "--sampled-guard",
+        action="store_true",
+        help="the guard also judges sampled answers to its probes (GuardConfig.sampled)",
+    )
     learning = LearningConfig()
     p.add_argument("--optimizer", default=learning.optimizer, choices=["adam", "ngd"])
     p.add_argument("--lr", type=float, default=learning.lr, help="Adam lr, or NGD step (L2)")
@@ -1118,7 +1123,12 @@ def merge(paths: list[str], out: str) -> int:
     results = [_run_from_dict(r, task) for d in docs for r in d.get("runs", [])]
     meta = {
         "merged_from": [
-            {"file": str(p), "config": d.get("config"), "learning": d.get("learning")}
+            {
+                "file": str(p),
+                "config": d.get("config"),
+                "learning": d.get("learning"),
+                "guard": d.get("guard"),
+            }
             for p, d in zip(paths, docs, strict=True)
         ],
         "model": docs[0].get("model"),
@@ -1158,7 +1168,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = EngineConfig(  # before the model loads: a bad setting fails at once
         sampling=SamplingConfig(max_new_tokens=ec.max_new_tokens),
         explore_max_temperature=args.explore_max_temperature,
-        guard=GuardConfig(enabled=not args.no_guard),
+        guard=GuardConfig(enabled=not args.no_guard, sampled=args.sampled_guard),
         learning=LearningConfig(
             optimizer=args.optimizer,
             lr=args.lr,
@@ -1185,6 +1195,7 @@ def run(args: argparse.Namespace) -> int:
     meta = {
         "config": asdict(ec),
         "learning": asdict(cfg.learning),
+        "guard": asdict(cfg.guard),
         # what "auto" chose on the machine that ran this (None: the model's own dtype)
         "update_products": str(
             svf.compute_precision.resolve(cfg.learning.compute_dtype) or lm.dtype

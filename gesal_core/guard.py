@@ -23,7 +23,7 @@ update is rolled back if, compared with the base model on the same probes:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -287,18 +287,31 @@ class GuardConfig:
     # A fact is lost when log p(fact | the base answer up to it) falls by more than this
     # (ln 4: the candidate finds it four times less likely than the base model does).
     max_fact_drop: float = 1.386
+    # Also answer the probes by sampling, as replies are served (the engine's temperature
+    # and top-p, seed `sample_seed`), and judge those answers by the same rules. Greedy
+    # probes alone passed adapters whose served answers looped or wandered
+    # (docs/learning.md, "What the guard does not see"). Off by default until measured
+    # on the three preference tasks: it doubles the probes' generation.
+    sampled: bool = False
+    sample_seed: int = 0
 
 
 class Guard:
     def __init__(
-        self, svf: SVFModel, tokenizer, config: GuardConfig | None = None, system: str | None = None
+        self,
+        svf: SVFModel,
+        tokenizer,
+        config: GuardConfig | None = None,
+        system: str | None = None,
+        sampling: SamplingConfig | None = None,
     ) -> None:
         self.svf, self.tokenizer = svf, tokenizer
         self.config = config or GuardConfig()
         self.system = system
+        self.sampling = sampling or SamplingConfig()  # how replies are served
         self.template = template_words(tokenizer, system)
         self.embedder = PromptEmbedder(svf, tokenizer)
-        self._base_cache: dict[tuple[str, ...], ProbeResult] = {}
+        self._base_cache: dict[tuple[tuple[str, ...], bool], ProbeResult] = {}
         self._fact_cache: dict[tuple[str, ...], list[float]] = {}
 
     def probes_for(self, related: list[str]) -> list[str]:
@@ -311,9 +324,11 @@ class Guard:
 
     @torch.inference_mode()
     def run_many(
-        self, zs: list[torch.Tensor | None], probe_lists: list[list[str]]
+        self, zs: list[torch.Tensor | None], probe_lists: list[list[str]], sampled: bool = False
     ) -> list[ProbeResult]:
-        """Answer each probe list under its z, all rows in one batched factored pass."""
+        """Answer each probe list under its z, all rows in one batched factored pass:
+        greedily, or ``sampled`` as replies are served (with the guard's fixed seed, so a
+        verdict can be reproduced)."""
         rows = [(i, p) for i, probes in enumerate(probe_lists) for p in probes]
         if not rows:
             return []
@@ -323,9 +338,19 @@ class Guard:
         ]
         ones = self.svf.ones()
         z_rows = torch.stack([ones if zs[i] is None else zs[i].float() for i, _ in rows])
-        sampling = SamplingConfig(max_new_tokens=self.config.max_new_tokens, temperature=0)
+        served = self.sampling
+        sampling = SamplingConfig(
+            # sampled answers run as long as served ones: an emoji loop that a real run
+            # served began after the 32 tokens a greedy probe reads
+            max_new_tokens=served.max_new_tokens if sampled else self.config.max_new_tokens,
+            temperature=served.temperature if sampled else 0,
+            top_p=served.top_p,
+            top_k=served.top_k,
+        )
+        seed = self.config.sample_seed if sampled else None
         with self.svf.factored(z_rows):
-            answers = [g.text for g in generate(self.svf.model, self.tokenizer, prompts, sampling)]
+            generations = generate(self.svf.model, self.tokenizer, prompts, sampling, seed=seed)
+        answers = [g.text for g in generations]
         questions, replies = [p for _, p in rows], [x or "." for x in answers]
         with self.svf.factored(ones):
             q = embed(self.svf.model, self.tokenizer, questions)
@@ -357,13 +382,16 @@ class Guard:
     def base(self, probes: list[str]) -> ProbeResult:
         return self.base_many([probes])[0]
 
-    def base_many(self, probe_lists: list[list[str]]) -> list[ProbeResult]:
+    def base_many(self, probe_lists: list[list[str]], sampled: bool = False) -> list[ProbeResult]:
         missing = [
-            list(k) for k in dict.fromkeys(map(tuple, probe_lists)) if k not in self._base_cache
+            list(k)
+            for k in dict.fromkeys(map(tuple, probe_lists))
+            if (k, sampled) not in self._base_cache
         ]
-        for key, res in zip(missing, self.run_many([None] * len(missing), missing), strict=True):
-            self._base_cache[tuple(key)] = res
-        return [self._base_cache[tuple(p)] for p in probe_lists]
+        runs = self.run_many([None] * len(missing), missing, sampled)
+        for key, res in zip(missing, runs, strict=True):
+            self._base_cache[tuple(key), sampled] = res
+        return [self._base_cache[tuple(p), sampled] for p in probe_lists]
 
     @torch.inference_mode()
     def fact_logprobs(self, z: torch.Tensor | None, facts: list[FactProbe]) -> list[float]:
@@ -460,19 +488,31 @@ class Guard:
             )
         return GuardVerdict(True, "", base, cand)
 
+    def _verdicts(
+        self, zs: list[torch.Tensor], probe_lists: list[list[str]], sampled: bool
+    ) -> list[GuardVerdict]:
+        bases = self.base_many(probe_lists, sampled)
+        cands = self.run_many(zs, probe_lists, sampled)
+        return [
+            self._verdict(probes, base, cand)
+            for probes, base, cand in zip(probe_lists, bases, cands, strict=True)
+        ]
+
     def check(self, z: np.ndarray, related: list[str]) -> GuardVerdict:
         return self.check_many([(z, related)])[0]
 
     def check_many(self, items: list[tuple[np.ndarray, list[str]]]) -> list[GuardVerdict]:
         """Verdicts for several candidate z (one per node), in one batched probe run."""
         probe_lists = [self.probes_for(related) for _, related in items]
-        bases = self.base_many(probe_lists)
         zs = [torch.from_numpy(np.asarray(z, dtype=np.float32)) for z, _ in items]
-        cands = self.run_many(zs, probe_lists)
-        verdicts = [
-            self._verdict(probes, base, cand)
-            for probes, base, cand in zip(probe_lists, bases, cands, strict=True)
-        ]
+        verdicts = self._verdicts(zs, probe_lists, sampled=False)
+        bases = [v.base for v in verdicts]
+        ok = [i for i, v in enumerate(verdicts) if v.ok]
+        if self.config.sampled and ok:  # the same rules on answers as they would be served
+            again = self._verdicts([zs[i] for i in ok], [probe_lists[i] for i in ok], sampled=True)
+            for i, v in zip(ok, again, strict=True):
+                if not v.ok:
+                    verdicts[i] = replace(v, reason="sampled answers: " + v.reason)
         ok = [i for i, v in enumerate(verdicts) if v.ok]  # facts only where nothing else failed
         lost = self._lost_facts_many(
             [zs[i] for i in ok], [probe_lists[i] for i in ok], [bases[i] for i in ok]
@@ -480,5 +520,5 @@ class Guard:
         for i, forgotten in zip(ok, lost, strict=True):
             if forgotten:
                 reason = "forgot what the base model knew: " + "; ".join(forgotten)
-                verdicts[i] = GuardVerdict(False, reason, bases[i], cands[i])
+                verdicts[i] = replace(verdicts[i], ok=False, reason=reason)
         return verdicts

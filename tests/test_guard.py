@@ -2,6 +2,7 @@ import asyncio
 
 import numpy as np
 import pytest
+import torch
 
 from gesal_core.engine import Engine, EngineConfig
 from gesal_core.generate import SamplingConfig
@@ -263,8 +264,8 @@ def test_one_answer_that_stops_addressing_its_question_rolls_the_update_back(
     for name, (texts, sims) in answers.items():
         cand = ProbeResult(texts, 0, 0.8, ["", "", ""], sims)
         monkeypatch.setattr(g, "probes_for", lambda related: probes)
-        monkeypatch.setattr(g, "base_many", lambda lists: [base])
-        monkeypatch.setattr(g, "run_many", lambda zs, lists, c=cand: [c])
+        monkeypatch.setattr(g, "base_many", lambda lists, sampled=False: [base])
+        monkeypatch.setattr(g, "run_many", lambda zs, lists, sampled=False, c=cand: [c])
         (verdict,) = g.check_many([(np.ones(svf.z_size, np.float32), [])])
         if name == "astray":
             assert not verdict.ok
@@ -274,3 +275,57 @@ def test_one_answer_that_stops_addressing_its_question_rolls_the_update_back(
             )
         else:
             assert verdict.ok, verdict.reason
+
+
+def test_sampled_probes_roll_back_what_greedy_probes_pass(tiny_tokenizer, monkeypatch):
+    """A real emoji run (rejected step 4) served "… diaphragm. 🐨 🐨🌍🌍🌍🌍🌍🌍🌍" while the
+    guard's greedy probes stayed clean; with ``sampled`` the same rules judge answers
+    sampled as replies are served."""
+    from gesal_core.guard import ProbeResult
+
+    svf = SVFModel(make_tiny_llama(len(tiny_tokenizer)), "tiny", SVFConfig(progress=False))
+    probes = ["Why do cats purr?"]
+    base = ProbeResult(["Cats purr when they are content."], 0, 0.8, [""], [0.5])
+    clean = ProbeResult(["Cats purr when content. 🐱"], 0, 0.8, [""], [0.5])
+    loop = "Cats purr because of the diaphragm. 🐨 🐨🌍🌍🌍🌍🌍🌍🌍"
+    looping = ProbeResult([loop], 1, 0.8, [degenerate_reason(loop)], [0.5])
+    for sampled in (False, True):
+        g = Guard(svf, tiny_tokenizer, GuardConfig(sampled=sampled))
+        asked = []
+
+        def run_many(zs, lists, sampled=False, asked=asked):
+            asked.append(sampled)
+            return [looping if sampled else clean]
+
+        monkeypatch.setattr(g, "probes_for", lambda related: probes)
+        monkeypatch.setattr(g, "base_many", lambda lists, sampled=False: [base])
+        monkeypatch.setattr(g, "run_many", run_many)
+        monkeypatch.setattr(g, "_lost_facts_many", lambda zs, lists, bases: [[] for _ in zs])
+        (verdict,) = g.check_many([(np.ones(svf.z_size, np.float32), [])])
+        assert asked == ([False, True] if sampled else [False])
+        if sampled:
+            assert not verdict.ok
+            assert verdict.reason == (
+                f"sampled answers: degenerate answers: 'Why do cats purr?' -> {loop!r} "
+                f"({degenerate_reason(loop)})"
+            )
+            assert verdict.candidate.answers == [loop]
+        else:
+            assert verdict.ok, verdict.reason
+
+
+def test_sampled_probes_are_served_length_and_reproducible(svf, tiny_tokenizer):
+    served = SamplingConfig(max_new_tokens=6, temperature=0.7)
+    g = Guard(svf, tiny_tokenizer, GuardConfig(max_new_tokens=3, sampled=True), sampling=served)
+    z = torch.from_numpy(np.ones(svf.z_size, dtype=np.float32))
+    probes = [["hello", "the quick fox", "jumps over"]]
+    greedy = g.run_many([z], probes)[0].answers
+    sampled = g.run_many([z], probes, sampled=True)[0].answers
+    assert g.run_many([z], probes, sampled=True)[0].answers == sampled  # the guard's seed
+    assert sampled != greedy  # a random tiny model's nucleus is wide: sampling differs
+    lengths = [len(tiny_tokenizer(a, add_special_tokens=False)["input_ids"]) for a in sampled]
+    assert max(lengths) > 3  # longer than a greedy probe may run: as long as served
+    # z = 1 is the base model, so a sampled check passes too, and both bases are cached
+    (verdict,) = g.check_many([(np.ones(svf.z_size, np.float32), ["hello"])])
+    assert verdict.ok, verdict.reason
+    assert {sampled for _, sampled in g._base_cache} == {False, True}

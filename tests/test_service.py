@@ -68,6 +68,12 @@ def test_settings_from_env_and_dotenv(monkeypatch, tmp_path):
     monkeypatch.setenv("GESAL_REJECTED_STEP", "2.5")
     learning = load_settings(env).engine_config().learning
     assert (learning.lr, learning.max_step, learning.rejected_step) == (6e-3, 6.0, 2.5)
+    # the guard's sampled probes: off as in the library unless a deployment turns them on
+    from gesal_core.guard import GuardConfig
+
+    assert s.engine_config().guard == GuardConfig()
+    monkeypatch.setenv("GESAL_GUARD_SAMPLED", "true")
+    assert load_settings(env).engine_config().guard.sampled is True
     # secrets never show up in reprs or the loggable summary
     assert "abc.def" not in repr(s) and "abc.def" not in str(s.describe())
     assert s.describe()["discord_token"] == "set"
