@@ -7,11 +7,12 @@ the prompt/response boundary.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -266,6 +267,20 @@ def _stop_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Sample from ``seed`` without touching anyone else's random stream: the guard's
+    seeded probes once reset the global generator after every training round, so every
+    round's served answers drew the same random numbers."""
+    if seed is None:
+        yield
+        return
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -321,10 +336,8 @@ def generate(
         )
     if prefix is not None:
         kwargs.update(cache_kwargs(model, prefix.cache()))
-    if seed is not None:
-        torch.manual_seed(seed)
     start = time.perf_counter()
-    with _ChosenLogprobs(model) as scores:
+    with _seeded(seed, device), _ChosenLogprobs(model) as scores:
         out = model.generate(
             input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs
         )

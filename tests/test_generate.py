@@ -85,8 +85,15 @@ def test_finished_answer_keeps_its_stop_token_for_learning(tiny_llama, tiny_toke
 def test_sampling_with_seed_is_reproducible(tiny_llama, tiny_tokenizer):
     p = build_prompt(tiny_tokenizer, [{"role": "user", "content": "hello"}])
     cfg = SamplingConfig(max_new_tokens=8, temperature=1.5, top_p=1.0)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
     runs = [generate(tiny_llama, tiny_tokenizer, [p], cfg, seed=s)[0].response_ids for s in (1, 1)]
     assert runs[0] == runs[1]
+    # a seeded call leaves everyone else's stream alone (the guard's seeded probes once
+    # reset it after every training round, so every round served the same draws)
+    assert torch.equal(torch.get_rng_state(), before)
+    unseeded = [generate(tiny_llama, tiny_tokenizer, [p], cfg)[0].response_ids for _ in (1, 2)]
+    assert unseeded[0] != unseeded[1]
 
 
 def test_generate_with_per_row_z_matches_separate_runs(tiny_llama, tiny_tokenizer):
