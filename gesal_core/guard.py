@@ -290,8 +290,9 @@ class GuardConfig:
     # Also answer the probes by sampling, as replies are served (the engine's temperature
     # and top-p, seed `sample_seed`), and judge those answers by the same rules. Greedy
     # probes alone passed adapters whose served answers looped or wandered
-    # (docs/learning.md, "What the guard does not see"). Off by default until measured
-    # on the three preference tasks: it doubles the probes' generation.
+    # (docs/learning.md, "Sampled probes"). Off by default: it adds a generation pass of
+    # served length per training round, and on the runs so far it rolled back one update
+    # (emoji, rejected step 4), too few to show it is worth that.
     sampled: bool = False
     sample_seed: int = 0
 
