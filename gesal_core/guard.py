@@ -339,14 +339,12 @@ class Guard:
         ]
         ones = self.svf.ones()
         z_rows = torch.stack([ones if zs[i] is None else zs[i].float() for i, _ in rows])
-        served = self.sampling
-        sampling = SamplingConfig(
-            # sampled answers run as long as served ones: an emoji loop that a real run
-            # served began after the 32 tokens a greedy probe reads
-            max_new_tokens=served.max_new_tokens if sampled else self.config.max_new_tokens,
-            temperature=served.temperature if sampled else 0,
-            top_p=served.top_p,
-            top_k=served.top_k,
+        # sampled answers are served ones, length included: an emoji loop that a real run
+        # served began after the 32 tokens a greedy probe reads
+        sampling = (
+            self.sampling
+            if sampled
+            else SamplingConfig(max_new_tokens=self.config.max_new_tokens, temperature=0)
         )
         seed = self.config.sample_seed if sampled else None
         with self.svf.factored(z_rows):
