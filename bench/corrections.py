@@ -2,7 +2,7 @@
 
     python -m bench.corrections [--rounds 6] [--per-round 4] [--opener "Sure!"]
                                 [--optimizer adam --lr 1e-3 --inner-steps 4 --max-step 1.0]
-                                [--l2 0.05]
+                                [--l2 0.05] [--demo-focus 0.5]
 
 One channel, one node (θ = -1), the real model, the engine's learning defaults unless
 overridden. Each round answers ``--per-round`` training questions, votes each 👎 and
@@ -38,6 +38,12 @@ def main() -> None:
     ap.add_argument("--max-step", type=float, default=None)
     ap.add_argument("--l2", type=float, default=None, help="pull of z towards ones (λ)")
     ap.add_argument(
+        "--demo-focus",
+        type=float,
+        default=None,
+        help="share of a correction's weight on the tokens it changed (LearningConfig)",
+    )
+    ap.add_argument(
         "--drop-corrected-votes",
         action="store_true",
         help="learn a corrected reply from its correction only (correction_replaces_vote)",
@@ -55,6 +61,7 @@ def main() -> None:
             inner_steps=args.inner_steps,
             max_step=args.max_step,
             l2=args.l2,
+            demo_focus=args.demo_focus,
         ).items()
         if v is not None
     }
@@ -89,6 +96,8 @@ def main() -> None:
     name = "corrections-drop-votes" if args.drop_corrected_votes else "corrections"
     if args.l2 is not None:
         name += f"-l2-{args.l2:g}"
+    if args.demo_focus is not None:
+        name += f"-focus-{args.demo_focus:g}"
     report(
         name,
         rows,

@@ -24,7 +24,14 @@ from .embedding import PromptEmbedder
 from .errors import GesalError
 from .generate import Prompt, SamplingConfig, build_prompt
 from .guard import Guard, GuardConfig, degenerate_reason
-from .learning import LearningConfig, Sample, prior_baseline, reinforce_steps, settle_scale
+from .learning import (
+    LearningConfig,
+    Sample,
+    correction_weights,
+    prior_baseline,
+    reinforce_steps,
+    settle_scale,
+)
 from .records import CORRECTION, ChannelConfig, Node, NodeUpdate, Reply
 from .serving import BatchedGenerator, GenRequest, ServingConfig
 from .store import ConflictError, MemoryStore, Store, UnknownReplyError
@@ -500,6 +507,12 @@ class Engine:
         template = self.guard.template  # the words of the system prompt replies run under
         return degenerate_reason(reply.text, None, reply.prompt_text, template) is None
 
+    def _correction_sample(self, reply: Reply, ids: list[int]) -> Sample:
+        """A correction as a demonstration, weighted towards what it changed in ``reply``."""
+        focus = self.config.learning.demo_focus
+        weights = correction_weights(reply.response_ids, ids, focus)
+        return Sample(reply.prompt_ids, ids, demo=True, weights=weights)
+
     async def _replay_sets(
         self, channel: str, redirects: dict[str, str], cfg: ChannelConfig, exclude: set[str]
     ) -> dict[str, list[Sample]]:
@@ -522,7 +535,7 @@ class Engine:
             if len(sets[node_id]) >= limit:
                 continue
             for c in reversed(reply.corrections):
-                sets[node_id].append(Sample(reply.prompt_ids, c["ids"], demo=True))
+                sets[node_id].append(self._correction_sample(reply, c["ids"]))
             r = reply_reward(reply.votes, cfg)
             if r is not None and r > 0 and not reply.corrections and self._learnable(reply, r):
                 sets[node_id].append(Sample(reply.prompt_ids, reply.response_ids, demo=True))
@@ -571,7 +584,7 @@ class Engine:
         for reply, text in corrections:
             ids = next((c["ids"] for c in reversed(reply.corrections) if c["text"] == text), None)
             if ids:
-                samples.append(Sample(reply.prompt_ids, ids, demo=True))
+                samples.append(self._correction_sample(reply, ids))
                 demos += 1
         recent = (node.recent + rewards)[-self.config.recent_rewards :]
         result = await self.worker.steps(

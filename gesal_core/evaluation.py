@@ -43,6 +43,7 @@ from .guard import GuardConfig, content_words, judge_answers, on_topic
 from .learning import (
     LearningConfig,
     Sample,
+    correction_weights,
     feedback_loss,
     plan_batch,
     prior_baseline,
@@ -551,7 +552,9 @@ class LoraLearner(Learner):
         ids = self.tokenizer(text.strip(), add_special_tokens=False)["input_ids"]
         eos = self.tokenizer.eos_token_id
         stop = [eos] if eos is not None else []  # as Engine.correct
-        self.corrections.append(Sample(prompt_ids, list(ids) + stop, demo=True))
+        ids = list(ids) + stop
+        focus = correction_weights(self.replies[handle][1], ids, self.cfg.learning.demo_focus)
+        self.corrections.append(Sample(prompt_ids, ids, demo=True, weights=focus))
         return True
 
     async def train(self):
@@ -1015,6 +1018,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-step", type=float, default=learning.max_step, help="bound on |dz|")
     p.add_argument("--l2", type=float, default=learning.l2, help="pull of z towards ones")
     p.add_argument(
+        "--demo-focus",
+        type=float,
+        default=learning.demo_focus,
+        help="share of a correction's weight on the tokens it changed (0-1)",
+    )
+    p.add_argument(
         "--replay",
         type=int,
         default=learning.replay,
@@ -1175,6 +1184,7 @@ def run(args: argparse.Namespace) -> int:
             inner_steps=args.inner_steps,
             max_step=args.max_step,
             l2=args.l2,
+            demo_focus=args.demo_focus,
             replay=args.replay,
             settle=not args.no_settle,
             rejected_step=args.rejected_step,

@@ -22,6 +22,7 @@ Safety rails, each learned the hard way in prototypes (see issue 3):
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
@@ -61,6 +62,9 @@ class LearningConfig:
     is_clip: float = 2.0
     max_staleness: int = 8
     demo_weight: float = 1.0
+    # Share of a correction's weight on the tokens the member changed (`correction_weights`);
+    # the rest is spread over all its tokens as before. 0: every token alike.
+    demo_focus: float = 0.0
     # Replay: each update also re-learns (as demonstrations) up to this many of the node's
     # earlier liked answers and corrections, newest first; 0 turns it off. A handful of
     # 👍 and corrections is all a community gives, and one bounded step per example was
@@ -102,6 +106,8 @@ class LearningConfig:
     compute_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.demo_focus <= 1.0:
+            raise GesalError(f"demo_focus must be between 0 and 1, got {self.demo_focus}")
         if not self.rejected_step >= 1.0:  # (also catches NaN)
             raise GesalError(
                 f"rejected_step must be at least 1 (1 turns it off), got {self.rejected_step}"
@@ -143,6 +149,8 @@ class Sample:
     old_logprob: float | None = None
     staleness: int = 0  # versions of z between sampling and now
     advantage: float = 0.0
+    # per response token, for a correction (`correction_weights`); None: all 1
+    weights: list[float] | None = None
 
 
 @dataclass
@@ -159,22 +167,64 @@ class StepResult:
     metrics: dict = field(default_factory=dict)
 
 
+def correction_weights(
+    original: list[int], corrected: list[int], focus: float
+) -> list[float] | None:
+    """Per-token weights of a correction that put ``focus`` of its likelihood term on the
+    tokens the member changed, the tokens that do not line up with the bot's own answer.
+
+    A correction mostly repeats what the bot said ("Plants grow by ... 😊 ..."); what it
+    teaches is the few tokens that differ (the emoji, an opener) and the token that follows
+    a cut (the end of text after a shortened sentence). Under the plain per-token mean
+    those few share the gradient with every sampled word the bot happened to say, and the
+    update learns the copy as much as
+    the change. The weights average to 1, so the term stays a bounded mean per sample.
+    Alignment is on token ids (`difflib`): kept words next to a change may tokenise
+    differently and count as changed.
+    None (all 1) when focus is 0 or nothing, or everything, changed.
+    """
+    if focus <= 0 or not corrected:
+        return None
+    matcher = difflib.SequenceMatcher(a=list(original), b=list(corrected), autojunk=False)
+    changed = [True] * len(corrected)
+    blocks = [b for b in matcher.get_matching_blocks() if b.size]
+    for block in blocks:
+        changed[block.b : block.b + block.size] = [False] * block.size
+    kept_to = 0  # the bot's tokens aligned so far
+    for block in blocks:
+        if block.a > kept_to:  # the member cut words: the token after the cut is the change
+            changed[block.b] = True
+        kept_to = block.a + block.size
+    if blocks and blocks[-1].a + blocks[-1].size == len(original) and original[-1] != corrected[-1]:
+        # the bot's answer was cut off (no end of text) and the correction keeps all of
+        # it: its end of text says where the member stopped writing, not a change
+        changed[-1] = False
+    n_changed = sum(changed)
+    if n_changed in (0, len(corrected)):
+        return None
+    extra = focus * len(corrected) / n_changed
+    return [(1.0 - focus) + (extra if c else 0.0) for c in changed]
+
+
 def _batch(samples: list[Sample], max_tokens: int, pad_id: int):
+    """(ids, attention mask, response weights): right-padded rows of prompt + response;
+    a response token's weight is 1, or its sample's `Sample.weights`, prompt and padding 0."""
     rows, masks = [], []
     for s in samples:
         prompt = list(s.prompt_ids)
         response = list(s.response_ids)[: max_tokens - 1]
+        weights = list(s.weights)[: len(response)] if s.weights else [1.0] * len(response)
         prompt = prompt[-max(1, max_tokens - len(response)) :]
         rows.append(prompt + response)
-        masks.append([0] * len(prompt) + [1] * len(response))
+        masks.append([0.0] * len(prompt) + weights)
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(rows), width), dtype=torch.long)
-    resp = torch.zeros((len(rows), width), dtype=torch.bool)
+    resp = torch.zeros((len(rows), width), dtype=torch.float32)
     for i, (r, m) in enumerate(zip(rows, masks, strict=True)):
         ids[i, : len(r)] = torch.tensor(r)
         attn[i, : len(r)] = 1
-        resp[i, : len(r)] = torch.tensor(m, dtype=torch.bool)
+        resp[i, : len(r)] = torch.tensor(m, dtype=torch.float32)
     return ids, attn, resp
 
 
@@ -218,7 +268,8 @@ def response_logprobs(
     """
     device = next(model.buffers(), None)
     device = device.device if device is not None else next(model.parameters()).device
-    ids, attn, resp = (t.to(device) for t in _batch(samples, max_tokens, pad_id))
+    ids, attn, weight = (t.to(device) for t in _batch(samples, max_tokens, pad_id))
+    resp = weight > 0
     width = ids.shape[1]
     has = resp.any(1)
     # earliest response token of any row; the logits one position before predict it
@@ -244,7 +295,7 @@ def response_logprobs(
         logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits
     logits = logits[:, :-1].float()
     target = ids[:, first:]
-    mask = resp[:, first:]
+    mask = weight[:, first:]
     picked = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     logp = picked - torch.logsumexp(logits, dim=-1)
     return (logp * mask).sum(-1), mask.sum(-1)

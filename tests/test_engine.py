@@ -14,6 +14,7 @@ from gesal_core.guard import GuardConfig
 from gesal_core.learning import (
     LearningConfig,
     Sample,
+    correction_weights,
     prior_baseline,
     reinforce_step,
     sequence_logprobs,
@@ -457,6 +458,75 @@ def test_correction_is_learned_as_demonstration(svf, tiny_tokenizer):
         eng.close()
 
     run(go())
+
+
+def test_correction_weights_focus_on_what_the_member_changed():
+    """Inserted tokens, and the token after a cut, carry the focus; the weights average
+    to 1; a cut-off answer's missing end of text is not a change."""
+    inserted = correction_weights([5, 6, 7, 8, 2], [5, 6, 99, 7, 8, 2], 0.5)
+    assert inserted == pytest.approx([0.5, 0.5, 3.5, 0.5, 0.5, 0.5])
+    shortened = correction_weights([5, 6, 7, 8, 9, 2], [5, 6, 2], 0.5)  # end of text after
+    assert shortened == pytest.approx([0.5, 0.5, 2.0])  # the cut, although the bot's ends so
+    cut_off = correction_weights([5, 6, 7, 8], [5, 6, 99, 7, 8, 2], 0.5)  # no end of text
+    assert cut_off == pytest.approx([0.5, 0.5, 3.5, 0.5, 0.5, 0.5])
+    opener = correction_weights([7, 8, 9, 2], [41, 42, 7, 8, 9, 2], 0.8)
+    assert opener[:2] == pytest.approx([2.6, 2.6]) and np.mean(opener) == pytest.approx(1.0)
+    assert correction_weights([5, 6, 2], [5, 6, 2], 0.5) is None  # nothing changed
+    assert correction_weights([5, 6, 2], [9, 9, 9], 0.5) is None  # everything did
+    assert correction_weights([5, 6, 2], [5, 9, 2], 0.0) is None  # off
+    with pytest.raises(GesalError, match="demo_focus"):
+        LearningConfig(demo_focus=1.5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_focused_correction_learns_its_change_faster(svf, dtype):
+    """The same correction, one update: with the focus on the inserted tokens their
+    log-prob rises further than under the plain per-token mean, and the correction as a
+    whole is still learnt."""
+    prompt, said = [1, 5, 9, 12, 40], [50, 60, 70, 80, 90, 100, 110, 2]
+    better = [50, 60, 77, 78, 70, 80, 90, 100, 110, 2]
+    change = Sample(prompt + [50, 60], [77, 78])
+    whole = Sample(prompt, better)
+    z0 = np.ones(svf.z_size, dtype=np.float32)
+    gains = {}
+    for focus in (0.0, 0.8):
+        demo = Sample(prompt, better, demo=True, weights=correction_weights(said, better, focus))
+        cfg = LearningConfig(demo_focus=focus, compute_dtype=dtype)
+        res = reinforce_step(svf, z0, [demo], 0.0, cfg)
+        assert res.status == "updated"
+        assert _logp(svf, res.z, whole) > _logp(svf, z0, whole)
+        gains[focus] = _logp(svf, res.z, change) - _logp(svf, z0, change)
+    assert gains[0.8] > gains[0.0] > 0
+
+
+def test_engine_focuses_corrections_on_their_change(tiny_tokenizer):
+    """Through the engine (a member's correction, a training round): a focused engine
+    raises the member's added words further than an unfocused one from the same reply."""
+
+    async def go(focus):
+        svf = SVFModel(make_tiny_llama(len(tiny_tokenizer)), "tiny", SVFConfig(progress=False))
+        eng = make_engine(
+            svf, tiny_tokenizer, threshold=-1.0, learning=LearningConfig(demo_focus=focus)
+        )
+        torch.manual_seed(7)
+        r = await eng.respond("c", ask("hello"))
+        await eng.correct("c", r.reply_id, "ann", "Sure, " + r.text)
+        reply = await eng.store.get_reply("c", r.reply_id)
+        ids = reply.corrections[0]["ids"]
+        added = Sample(
+            reply.prompt_ids, tiny_tokenizer("Sure,", add_special_tokens=False)["input_ids"]
+        )
+        assert ids[: len(added.response_ids)] == added.response_ids
+        before = _logp(svf, np.ones(svf.z_size, dtype=np.float32), added)
+        report = await eng.train()
+        assert report.channels["c"][0].status == "updated"
+        node = await eng.store.get_node("c", r.node_id)
+        eng.close()
+        return reply.text, _logp(svf, node.z, added) - before
+
+    (text0, plain), (text1, focused) = run(go(0.0)), run(go(0.8))
+    assert text0 == text1  # the same reply was corrected
+    assert focused > plain > 0
 
 
 def test_export_import_round_trip_is_exact_and_byte_stable(svf, tiny_tokenizer):
