@@ -441,13 +441,14 @@ class Engine:
         }
         if unlearnt:
             log.info("channel %s: 👍 on degenerate replies not learnt: %s", channel, unlearnt)
-        updates, reports = [], []
+        updates, reports, before = [], [], {}
         for node_id, replies in by_node.items():
             t0 = time.perf_counter()
             node = await self.store.get_node(channel, node_id)
             if node is None:
                 reports.append(NodeReport(node_id, "orphaned", "node no longer exists"))
                 continue
+            before[node_id] = node.z
             update, rep = await self._train_node(
                 node,
                 list(replies.values()),
@@ -461,7 +462,8 @@ class Engine:
             rep.related = [r.prompt_text for r in replies.values()]
             updates.append(update)
             reports.append(rep)
-        await self._guard(channel, updates, [r for r in reports if r.status != "orphaned"])
+        kept = [r for r in reports if r.status != "orphaned"]
+        await self._guard(channel, updates, kept, before)
         try:
             await self.store.commit(channel, updates, [e.event_id for e in events])
         except ConflictError as exc:
@@ -472,27 +474,47 @@ class Engine:
         return reports, len(events)
 
     async def _guard(
-        self, channel: str, updates: list[NodeUpdate], reports: list[NodeReport]
+        self,
+        channel: str,
+        updates: list[NodeUpdate],
+        reports: list[NodeReport],
+        before: dict[str, np.ndarray],
     ) -> None:
-        """Check every updated node's new z at once; roll back the ones that degrade.
+        """Check every updated node's new z at once; halve the steps that degrade, up to
+        `GuardConfig.backtrack` times, and roll back the ones that still do.
 
-        One batched probe run for all nodes of a training round, not one per node.
+        One batched probe run per try for all nodes of a training round, not one per node.
+        ``before`` holds each node's z before this round.
         """
         todo = [(u, r) for u, r in zip(updates, reports, strict=True) if u.z is not None]
         if not todo or not self.config.guard.enabled:
             return
         t0 = time.perf_counter()
         verdicts = await self.worker.run(self.guard.check_many, [(u.z, r.related) for u, r in todo])
-        for (update, report), verdict in zip(todo, verdicts, strict=True):
-            if not verdict.ok:
-                update.z, update.updated, update.rolled_back = None, False, True
-                report.status, report.reason = "rolled_back", verdict.reason
-                log.warning(
-                    "channel %s node %s: update rolled back: %s",
-                    channel,
-                    update.node_id,
-                    verdict.reason,
-                )
+        failed = [(u, r, v.reason) for (u, r), v in zip(todo, verdicts, strict=True) if not v.ok]
+        for halvings in range(1, self.config.guard.backtrack + 1):
+            if not failed:
+                break
+            for update, _, _ in failed:
+                start = before[update.node_id]
+                update.z = (start + (update.z - start) * 0.5).astype(np.float32)
+            verdicts = await self.worker.run(
+                self.guard.check_many, [(u.z, r.related) for u, r, _ in failed]
+            )
+            still = []
+            for (update, report, reason), verdict in zip(failed, verdicts, strict=True):
+                if verdict.ok:
+                    report.reason = f"step halved {halvings}x; the whole step failed: {reason}"
+                    log.info("channel %s node %s: %s", channel, update.node_id, report.reason)
+                else:
+                    still.append((update, report, reason))
+            failed = still
+        for update, report, reason in failed:
+            update.z, update.updated, update.rolled_back = None, False, True
+            report.status, report.reason = "rolled_back", reason
+            log.warning(
+                "channel %s node %s: update rolled back: %s", channel, update.node_id, reason
+            )
         share = (time.perf_counter() - t0) / len(todo)
         for _, report in todo:
             report.seconds += share

@@ -1011,6 +1011,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="the guard also judges sampled answers to its probes (GuardConfig.sampled)",
     )
+    p.add_argument(
+        "--guard-backtrack",
+        type=int,
+        default=GuardConfig().backtrack,
+        help="halvings of a failed update's step tried before a rollback (GuardConfig.backtrack)",
+    )
     learning = LearningConfig()
     p.add_argument("--optimizer", default=learning.optimizer, choices=["adam", "ngd"])
     p.add_argument("--lr", type=float, default=learning.lr, help="Adam lr, or NGD step (L2)")
@@ -1177,7 +1183,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = EngineConfig(  # before the model loads: a bad setting fails at once
         sampling=SamplingConfig(max_new_tokens=ec.max_new_tokens),
         explore_max_temperature=args.explore_max_temperature,
-        guard=GuardConfig(enabled=not args.no_guard, sampled=args.sampled_guard),
+        guard=GuardConfig(
+            enabled=not args.no_guard,
+            sampled=args.sampled_guard,
+            backtrack=args.guard_backtrack,
+        ),
         learning=LearningConfig(
             optimizer=args.optimizer,
             lr=args.lr,

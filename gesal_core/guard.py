@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .embedding import PromptEmbedder
+from .errors import GesalError
 from .generate import SamplingConfig, build_prompt, embed, generate
 from .svf import SVFModel
 
@@ -295,6 +296,16 @@ class GuardConfig:
     # (emoji, rejected step 4), too few to show it is worth that.
     sampled: bool = False
     sample_seed: int = 0
+    # Halvings of a failed update's step to try before it is rolled back (0: roll back at
+    # once). An update moves a node by up to ‖Δz‖ = max_step along a direction its
+    # feedback chose; when the whole step breaks the probes, part of it often does not,
+    # and a rollback throws away the direction with the overshoot. Each halving costs one
+    # more probe run for the nodes that failed.
+    backtrack: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.backtrack <= 8:
+            raise GesalError(f"backtrack must be between 0 and 8 halvings, got {self.backtrack}")
 
 
 class Guard:

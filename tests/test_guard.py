@@ -5,8 +5,16 @@ import pytest
 import torch
 
 from gesal_core.engine import Engine, EngineConfig
+from gesal_core.errors import GesalError
 from gesal_core.generate import SamplingConfig
-from gesal_core.guard import Guard, GuardConfig, degenerate_reason, template_words
+from gesal_core.guard import (
+    Guard,
+    GuardConfig,
+    GuardVerdict,
+    ProbeResult,
+    degenerate_reason,
+    template_words,
+)
 from gesal_core.learning import LearningConfig
 from gesal_core.records import ChannelConfig
 from gesal_core.store import MemoryStore
@@ -329,3 +337,54 @@ def test_sampled_probes_are_served_length_and_reproducible(svf, tiny_tokenizer):
     (verdict,) = g.check_many([(np.ones(svf.z_size, np.float32), ["hello"])])
     assert verdict.ok, verdict.reason
     assert {sampled for _, sampled in g._base_cache} == {False, True}
+
+
+@pytest.mark.parametrize("passes_at", [1, None])  # the first halving passes; none does
+def test_engine_halves_a_rejected_step_before_rolling_it_back(svf, tiny_tokenizer, passes_at):
+    """With `GuardConfig.backtrack`, a step the guard rejects is tried at half and then a
+    quarter of its length (along the same direction) before it is rolled back, and the
+    first size the guard accepts is committed."""
+
+    async def go():
+        cfg = EngineConfig(
+            sampling=SamplingConfig(max_new_tokens=4),
+            guard=GuardConfig(max_new_tokens=4, backtrack=2),
+            channel_defaults=ChannelConfig(threshold=-1.0),
+        )
+        eng = Engine(svf, tiny_tokenizer, MemoryStore(cfg.channel_defaults), cfg)
+        tried = []
+
+        def check_many(items):  # the guard's verdicts, decided by how often it was asked
+            tried.extend(np.array(z) for z, _ in items)
+            ok = passes_at is not None and len(tried) > passes_at
+            base = ProbeResult([], 0, 0.0)
+            return [GuardVerdict(ok, "repetition loop", base, base) for _ in items]
+
+        eng.guard.check_many = check_many
+        r = await eng.respond("c", [{"role": "user", "content": "hello"}])
+        await eng.vote("c", r.reply_id, "ann", 1)
+        await eng.correct("c", r.reply_id, "ann", "Sure, here is a short answer!")
+        rep = (await eng.train()).channels["c"][0]
+        node = await eng.store.get_node("c", r.node_id)
+        eng.close()
+        return tried, rep, node
+
+    tried, rep, node = asyncio.run(go())
+    ones = np.ones(svf.z_size, np.float32)
+    full = tried[0] - ones
+    assert np.linalg.norm(full) > 0.01
+    for i, z in enumerate(tried):
+        np.testing.assert_allclose(z - ones, full / 2**i, rtol=1e-5, atol=1e-7)
+    if passes_at is None:
+        assert len(tried) == 3 and rep.status == "rolled_back"
+        assert rep.reason == "repetition loop"
+        assert node.version == 0 and np.array_equal(node.z, ones) and node.rollbacks == 1
+    else:
+        assert len(tried) == 2 and rep.status == "updated"
+        assert rep.reason.startswith("step halved 1x") and "repetition loop" in rep.reason
+        assert node.version == 1 and np.array_equal(node.z, tried[1])
+
+
+def test_backtrack_is_bounded():
+    with pytest.raises(GesalError, match="backtrack"):
+        GuardConfig(backtrack=-1)
