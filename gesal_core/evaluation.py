@@ -486,9 +486,9 @@ class EngineLearner(Learner):
             return {"updated": 0, "skipped": 0, "rolled_back": 0}
         report = await self.engine.train(self.channel)
         counts = {s: report.count(s) for s in ("updated", "skipped", "rolled_back")}
-        counts["settled"] = sum(
-            r.reason.startswith("settled") for rs in report.channels.values() for r in rs
-        )
+        reasons = [r.reason for rs in report.channels.values() for r in rs]
+        counts["settled"] = sum(r.startswith("settled") for r in reasons)
+        counts["halved"] = sum(r.startswith("step halved") for r in reasons)
         return counts
 
     def close(self):
@@ -650,6 +650,7 @@ class RunResult:
     skipped: int = 0
     settled: int = 0  # of the skipped: no step because the community was content
     rolled_back: int = 0
+    halved: int = 0  # of the updates: committed at a fraction of the step (GuardConfig.backtrack)
     first_upvote: int | None = None
     corrections: int = 0
     seconds_per_vote: float = 0.0
@@ -841,6 +842,7 @@ class Harness:
                 result.updates += counts["updated"]
                 result.skipped += counts["skipped"]
                 result.settled += counts.get("settled", 0)
+                result.halved += counts.get("halved", 0)
                 result.rolled_back += counts["rolled_back"]
                 if votes in ec.checkpoints:
                     cp = await self.checkpoint(task, learner, votes, seed)
@@ -914,16 +916,16 @@ def markdown(task: Task, rows: list[dict], results: list[RunResult]) -> str:
     if getattr(task, "constant_answer_level", None) is not None:
         lines.append(f"\nA constant answer would score {task.constant_answer_level:.0%}.")
     lines.append(
-        "\n| method | seed | first 👍 at vote | corrections | updates | skipped (settled) | "
-        "rolled back | "
-        "s/vote | s/update |"
+        "\n| method | seed | first 👍 at vote | corrections | updates (halved) | "
+        "skipped (settled) | rolled back | s/vote | s/update |"
     )
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if r.method == "none":
             continue
         lines.append(
-            f"| {r.method} | {r.seed} | {r.first_upvote or '-'} | {r.corrections} | {r.updates} | "
+            f"| {r.method} | {r.seed} | {r.first_upvote or '-'} | {r.corrections} | "
+            f"{r.updates} ({r.halved}) | "
             f"{r.skipped} ({r.settled}) | {r.rolled_back} | {r.seconds_per_vote:.2f} | "
             f"{r.seconds_per_update:.2f} |"
         )

@@ -308,7 +308,9 @@ def test_a_content_community_stops_the_updates_and_the_table_says_so(
     runs = {r["method"]: r for r in json.loads((out / "eval-warming.json").read_text())["runs"]}
     for method in ("gesal", "lora"):
         assert runs[method]["updates"] == 3 and runs[method]["settled"] == 1, method
-    assert "skipped (settled)" in (out / "eval-warming.md").read_text()
+    assert runs["gesal"]["halved"] == 0  # no guard, so no step to halve
+    table = (out / "eval-warming.md").read_text()
+    assert "skipped (settled)" in table and "| 0 | 3 (0) | 1 (1) | 0 |" in table
 
 
 def test_a_run_stopped_part_way_keeps_its_checkpoints(tiny_llama, tiny_tokenizer, tmp_path):
