@@ -32,8 +32,6 @@ Variable names (case-insensitive):
 ``GESAL_GUARD_SAMPLED``        the collapse guard also judges sampled answers to its
                                probes, as replies are served (a second generation pass,
                                served length, per update)
-``GESAL_GUARD_BACKTRACK``      halvings of a step the collapse guard rejects, tried before
-                               it is rolled back (0: roll back at once)
 ``GESAL_TRAIN_INTERVAL``       seconds between scheduled training runs
 ``GESAL_TRAIN_EARLY_VOTES``    train early once one node has this many new votes or
                                corrections
@@ -103,7 +101,6 @@ class Settings(BaseSettings):
     gesal_max_step: float = Field(3.0, gt=0, le=100.0)
     gesal_rejected_step: float = Field(1.0, ge=1.0, le=10.0)
     gesal_guard_sampled: bool = False  # GuardConfig.sampled
-    gesal_guard_backtrack: int = Field(0, ge=0, le=8)  # GuardConfig.backtrack
 
     # -- training schedule ----------------------------------------------------------
     gesal_train_interval: float = Field(300.0, ge=1.0)
@@ -194,9 +191,7 @@ class Settings(BaseSettings):
 
         return EngineConfig(
             channel_defaults=self.channel_defaults(),
-            guard=GuardConfig(
-                sampled=self.gesal_guard_sampled, backtrack=self.gesal_guard_backtrack
-            ),
+            guard=GuardConfig(sampled=self.gesal_guard_sampled),
             learning=LearningConfig(
                 compute_dtype=self.gesal_update_dtype,
                 lr=self.gesal_learning_rate,

@@ -74,8 +74,6 @@ def test_settings_from_env_and_dotenv(monkeypatch, tmp_path):
     assert s.engine_config().guard == GuardConfig()
     monkeypatch.setenv("GESAL_GUARD_SAMPLED", "true")
     assert load_settings(env).engine_config().guard.sampled is True
-    monkeypatch.setenv("GESAL_GUARD_BACKTRACK", "2")
-    assert load_settings(env).engine_config().guard.backtrack == 2
     # secrets never show up in reprs or the loggable summary
     assert "abc.def" not in repr(s) and "abc.def" not in str(s.describe())
     assert s.describe()["discord_token"] == "set"
