@@ -300,7 +300,9 @@ class GuardConfig:
     # once). An update moves a node by up to ‖Δz‖ = max_step along a direction its
     # feedback chose; when the whole step breaks the probes, part of it often does not,
     # and a rollback throws away the direction with the overshoot. Each halving costs one
-    # more probe run for the nodes that failed.
+    # more probe run for the nodes that failed. Off: on emoji (seeds 0-4, 32 votes) it
+    # learnt no sooner and two seeds looped on questions the probes do not ask
+    # (docs/learning.md, "Halving a rejected step"); for experiments, not deployments.
     backtrack: int = 0
 
     def __post_init__(self) -> None:

@@ -63,7 +63,9 @@ class LearningConfig:
     max_staleness: int = 8
     demo_weight: float = 1.0
     # Share of a correction's weight on the tokens the member changed (`correction_weights`);
-    # the rest is spread over all its tokens as before. 0: every token alike.
+    # the rest is spread over all its tokens as before. 0: every token alike. Off: on the
+    # emoji task 0.1-0.5 taught "say an emoji" anywhere (LoRA: emoji salad; gesal: every
+    # early update rolled back as loops; docs/learning.md, "Focusing a correction").
     demo_focus: float = 0.0
     # Replay: each update also re-learns (as demonstrations) up to this many of the node's
     # earlier liked answers and corrections, newest first; 0 turns it off. A handful of
@@ -177,11 +179,10 @@ def correction_weights(
     teaches is the few tokens that differ (the emoji, an opener) and the token that follows
     a cut (the end of text after a shortened sentence). Under the plain per-token mean
     those few share the gradient with every sampled word the bot happened to say, and the
-    update learns the copy as much as
-    the change. The weights average to 1, so the term stays a bounded mean per sample.
-    Alignment is on token ids (`difflib`): kept words next to a change may tokenise
-    differently and count as changed.
-    None (all 1) when focus is 0 or nothing, or everything, changed.
+    update learns the copy as much as the change. The weights average to 1, so the term
+    stays a bounded mean per sample. Alignment is on token ids (`difflib`): kept words
+    next to a change may tokenise differently and count as changed. None (all 1) when
+    focus is 0 or nothing, or everything, changed.
     """
     if focus <= 0 or not corrected:
         return None
