@@ -27,7 +27,7 @@ from .guard import Guard, GuardConfig, degenerate_reason
 from .learning import (
     LearningConfig,
     Sample,
-    correction_weights,
+    correction_sample,
     prior_baseline,
     reinforce_steps,
     settle_scale,
@@ -530,10 +530,8 @@ class Engine:
         return degenerate_reason(reply.text, None, reply.prompt_text, template) is None
 
     def _correction_sample(self, reply: Reply, ids: list[int]) -> Sample:
-        """A correction as a demonstration, weighted towards what it changed in ``reply``."""
         focus = self.config.learning.demo_focus
-        weights = correction_weights(reply.response_ids, ids, focus)
-        return Sample(reply.prompt_ids, ids, demo=True, weights=weights)
+        return correction_sample(reply.prompt_ids, reply.response_ids, ids, focus)
 
     async def _replay_sets(
         self, channel: str, redirects: dict[str, str], cfg: ChannelConfig, exclude: set[str]

@@ -43,7 +43,7 @@ from .guard import GuardConfig, content_words, judge_answers, on_topic
 from .learning import (
     LearningConfig,
     Sample,
-    correction_weights,
+    correction_sample,
     feedback_loss,
     plan_batch,
     prior_baseline,
@@ -552,9 +552,8 @@ class LoraLearner(Learner):
         ids = self.tokenizer(text.strip(), add_special_tokens=False)["input_ids"]
         eos = self.tokenizer.eos_token_id
         stop = [eos] if eos is not None else []  # as Engine.correct
-        ids = list(ids) + stop
-        focus = correction_weights(self.replies[handle][1], ids, self.cfg.learning.demo_focus)
-        self.corrections.append(Sample(prompt_ids, ids, demo=True, weights=focus))
+        focus, said = self.cfg.learning.demo_focus, self.replies[handle][1]
+        self.corrections.append(correction_sample(prompt_ids, said, list(ids) + stop, focus))
         return True
 
     async def train(self):

@@ -189,10 +189,9 @@ def correction_weights(
     matcher = difflib.SequenceMatcher(a=list(original), b=list(corrected), autojunk=False)
     changed = [True] * len(corrected)
     blocks = [b for b in matcher.get_matching_blocks() if b.size]
-    for block in blocks:
-        changed[block.b : block.b + block.size] = [False] * block.size
     kept_to = 0  # the bot's tokens aligned so far
     for block in blocks:
+        changed[block.b : block.b + block.size] = [False] * block.size
         if block.a > kept_to:  # the member cut words: the token after the cut is the change
             changed[block.b] = True
         kept_to = block.a + block.size
@@ -207,26 +206,35 @@ def correction_weights(
     return [(1.0 - focus) + (extra if c else 0.0) for c in changed]
 
 
+def correction_sample(
+    prompt_ids: list[int], said_ids: list[int], ids: list[int], focus: float
+) -> Sample:
+    """A member's correction ``ids`` of the answer ``said_ids`` as a demonstration, its
+    tokens weighted by `correction_weights` (all alike at ``focus`` 0)."""
+    weights = correction_weights(said_ids, ids, focus)
+    return Sample(prompt_ids, ids, demo=True, weights=weights)
+
+
 def _batch(samples: list[Sample], max_tokens: int, pad_id: int):
     """(ids, attention mask, response weights): right-padded rows of prompt + response;
     a response token's weight is 1, or its sample's `Sample.weights`, prompt and padding 0."""
-    rows, masks = [], []
+    rows, row_weights = [], []
     for s in samples:
         prompt = list(s.prompt_ids)
         response = list(s.response_ids)[: max_tokens - 1]
         weights = list(s.weights)[: len(response)] if s.weights else [1.0] * len(response)
         prompt = prompt[-max(1, max_tokens - len(response)) :]
         rows.append(prompt + response)
-        masks.append([0.0] * len(prompt) + weights)
+        row_weights.append([0.0] * len(prompt) + weights)
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(rows), width), dtype=torch.long)
-    resp = torch.zeros((len(rows), width), dtype=torch.float32)
-    for i, (r, m) in enumerate(zip(rows, masks, strict=True)):
+    weight = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, (r, w) in enumerate(zip(rows, row_weights, strict=True)):
         ids[i, : len(r)] = torch.tensor(r)
         attn[i, : len(r)] = 1
-        resp[i, : len(r)] = torch.tensor(m, dtype=torch.float32)
-    return ids, attn, resp
+        weight[i, : len(r)] = torch.tensor(w, dtype=torch.float32)
+    return ids, attn, weight
 
 
 def _shared_prefix(ids: torch.Tensor, attn: torch.Tensor, limit: int) -> int:
@@ -253,7 +261,8 @@ def response_logprobs(
     pad_id: int = 0,
     share_prefix: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum, count) of log π over each sample's response tokens, for any causal LM.
+    """(sum, count) of log π over each sample's response tokens, for any causal LM; a
+    sample with `Sample.weights` gets their weighted sum and the sum of its weights.
 
     Sequences are right-padded, so positions are the natural 0..T-1 of each row and the
     token at position t is predicted by the logits at t-1.
