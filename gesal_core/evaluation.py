@@ -41,6 +41,7 @@ from .engine import Engine, EngineConfig
 from .generate import SamplingConfig, build_prompt, generate
 from .guard import GuardConfig, content_words, judge_answers, on_topic
 from .learning import (
+    Batch,
     LearningConfig,
     Sample,
     correction_sample,
@@ -583,24 +584,52 @@ class LoraLearner(Learner):
         for group in self.opt.param_groups:  # the same settling as a gesal node
             # (the usual LoRA lr at most: `rejected_step` is gesal's own setting)
             group["lr"] = LORA_LR * min(scale, 1.0)
-        n = len(plan.rl) + len(plan.demos)
         pad = self.tokenizer.pad_token_id or 0
         self.model.train()
-        for _ in range(lc.inner_steps):
-            self.opt.zero_grad()
-            # passes of `micro_batch` samples, as gesal's update: the gradients add up to
-            # the whole batch's, and memory stays that of one pass (one pass of all 24+
-            # samples peaked at 8.8 GB RSS, which kept LoRA runs from running side by side)
-            for _, part in plan.passes(lc.micro_batch):
-                batch = part.rl + part.demos
-                with self.precision(lc.compute_dtype):
-                    logp, ntok = response_logprobs(self.model, batch, lc.max_tokens, pad)
-                weights = torch.ones(len(part.rl))
-                feedback_loss(part, logp, ntok, weights, lc, total=n).backward()
-            torch.nn.utils.clip_grad_norm_(self.params, lc.max_grad_norm)
-            self.opt.step()
+        adam_update(
+            self.params, self.opt, plan, lc, lora_scorer(self.model, self.precision, lc, pad)
+        )
         self.model.eval()
         return {"updated": 1, "skipped": 0, "rolled_back": 0}
+
+
+def adam_update(
+    params: list[torch.Tensor],
+    opt: torch.optim.Optimizer,
+    plan: Batch,
+    lc: LearningConfig,
+    score: Callable[[list[Sample]], tuple[torch.Tensor, torch.Tensor]],
+) -> None:
+    """One update of the LoRA baseline on a planned batch: ``lc.inner_steps`` steps of
+    ``opt`` (kept across updates), each over every sample in passes of ``lc.micro_batch``
+    as gesal's `reinforce_steps` takes them, with the same loss and clipping but no step
+    bound, pull or guard. ``score`` gives the samples' summed log-probs and token counts
+    under the adapter (`response_logprobs`). `bench.demo_fit` runs it on SVF's z too, to
+    tell the update rule from the adapter."""
+    n = len(plan.rl) + len(plan.demos)
+    for _ in range(lc.inner_steps):
+        opt.zero_grad()
+        # passes of `micro_batch` samples, as gesal's update: the gradients add up to
+        # the whole batch's, and memory stays that of one pass (one pass of all 24+
+        # samples peaked at 8.8 GB RSS, which kept LoRA runs from running side by side)
+        for _, part in plan.passes(lc.micro_batch):
+            logp, ntok = score(part.rl + part.demos)
+            weights = torch.ones(len(part.rl))
+            feedback_loss(part, logp, ntok, weights, lc, total=n).backward()
+        torch.nn.utils.clip_grad_norm_(params, lc.max_grad_norm)
+        opt.step()
+
+
+def lora_scorer(
+    model: torch.nn.Module, precision: ComputePrecision, lc: LearningConfig, pad_id: int
+) -> Callable[[list[Sample]], tuple[torch.Tensor, torch.Tensor]]:
+    """`adam_update`'s ``score`` for a PEFT model: its products as gesal's update's."""
+
+    def score(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+        with precision(lc.compute_dtype):
+            return response_logprobs(model, samples, lc.max_tokens, pad_id)
+
+    return score
 
 
 # -- the loop ----------------------------------------------------------------------------
