@@ -11,17 +11,21 @@ itself is the limit, without votes, routing, settling or the guard in the way:
 
 * the base model answers ``--demos`` training questions (sampled, as the bot would) and
   the task's member corrects every answer, as in `gesal-bot eval`;
-* each adapter then takes ``--updates`` updates on those same corrections, each update
-  as its method takes one in the eval: gesal's `reinforce_steps` (a fresh Adam, 4 steps,
-  the L2 pull, ‖Δz‖ bounded at lr × 1000, i.e. 3 at the default 3e-3) and the LoRA
-  baseline's `lora_update` (a persistent Adam at 1e-3, 4 steps);
+* each learner then takes ``--updates`` updates on those same corrections, each update
+  as its method takes one in the eval:
+  - ``svf``: gesal's `reinforce_steps` (a fresh Adam, 4 steps, the L2 pull, ‖Δz‖ bounded
+    at lr × 1000, i.e. 3 at the default 3e-3; ``--l2`` changes the pull);
+  - ``svf-persistent``: the LoRA baseline's rule on SVF's z (one Adam kept across
+    updates, no pull, no step bound);
+  - ``lora``: the eval's LoRA r=8 baseline (`adam_update`, a persistent Adam at 1e-3);
 * after every update it judges greedy answers to the held-out questions the way the
   eval does: compliance, on-topic, degenerate, key facts, and the reference NLL of the
   base model's own answers (how far the model has moved).
 
-Read the table as a path per adapter: how many updates it takes to comply, and what the
+Read the table as a path per learner: how many updates it takes to comply, and what the
 answers have lost by then. At equal compliance, a higher reference NLL or fewer key
 facts is a worse trade. In the eval, 16 votes are two updates (8 corrections, then 16).
+docs/learning.md ("Fitting the same corrections") has the emoji figures.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from gesal_core.learning import (
     Sample,
     correction_sample,
     plan_batch,
-    reinforce_steps,
+    reinforce_step,
     response_logprobs,
     sequence_logprobs,
 )
@@ -117,23 +121,18 @@ class Fit:
         }
 
     def references(self) -> list[Sample]:
-        return self.harness._reference(self.heldout)
+        return self.harness.reference(self.heldout)
 
 
 def svf_path(fit: Fit, lr: float, updates: int, inner_steps: int, l2: float | None = None):
-    """gesal's update rule on one z: yields (update, answers, ref NLL, ‖z − 1‖)."""
+    """gesal's update rule on one z (its own pull λ unless ``l2`` is given): yields
+    (update, held-out answers, ref NLL, ‖z − 1‖) from update 0, the base model, on."""
     cfg = LearningConfig(lr=lr, max_step=1000 * lr, inner_steps=inner_steps, replay=0)
     cfg = cfg if l2 is None else replace(cfg, l2=l2)
     z = np.ones(fit.svf.z_size, dtype=np.float32)
     for u in range(updates + 1):
         if u:
-            steps = reinforce_steps(fit.svf, z, fit.demos, 0.0, cfg, fit.pad)
-            while True:
-                try:
-                    next(steps)
-                except StopIteration as done:
-                    result = done.value
-                    break
+            result = reinforce_step(fit.svf, z, fit.demos, 0.0, cfg, fit.pad)
             if result.z is None:
                 raise RuntimeError(f"update {u} was not taken: {result.status} {result.reason}")
             z = result.z

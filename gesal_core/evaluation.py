@@ -714,7 +714,7 @@ class Harness:
             return LoraLearner(self.model_factory, self.tokenizer, self.cfg, leaves)
         raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
 
-    def _reference(self, prompts: list[str]) -> list[Sample]:
+    def reference(self, prompts: list[str]) -> list[Sample]:
         """The base model's greedy answers: reference NLL measures drift away from them."""
         key = tuple(prompts)
         if key not in self._ref:
@@ -740,7 +740,7 @@ class Harness:
         """
         refs = [
             self.tokenizer.decode(s.response_ids, skip_special_tokens=True)
-            for s in self._reference(prompts)
+            for s in self.reference(prompts)
         ]
         q = self._embedder(prompts)
         a = self._embedder([x or "." for x in answers])
@@ -761,7 +761,7 @@ class Harness:
         the median drift ‖z − 1‖ of the adapters that answer them (None for lora)."""
         from . import graph
 
-        refs = self._reference(prompts)
+        refs = self.reference(prompts)
         if isinstance(learner, LoraLearner):
             lp, n = response_logprobs(learner.model, refs, 512, self.tokenizer.pad_token_id or 0)
             return float(-lp.sum() / n.sum()), None
