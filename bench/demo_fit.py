@@ -59,7 +59,6 @@ from gesal_core.learning import (
 )
 from gesal_core.model import load_model
 from gesal_core.svf import SVFConfig, SVFModel
-from gesal_core.svf.precision import ComputePrecision
 
 
 def _floats(text: str) -> list[float]:
@@ -75,7 +74,12 @@ class Fit:
         self.pad = self.tok.pad_token_id or 0
         self.svf = SVFModel(self.lm.model, self.lm.name, SVFConfig())
         self.cfg = EngineConfig(sampling=SamplingConfig(max_new_tokens=args.tokens))
-        self.harness = Harness(self.svf, self.tok, self.cfg)
+        self.harness = Harness(
+            self.svf,
+            self.tok,
+            self.cfg,
+            model_factory=lambda: load_model(args.model, progress=False).model,
+        )
         self.task = load_task(args.task)
         self.heldout = list(self.task.heldout)[: args.heldout]
         self.greedy = SamplingConfig(max_new_tokens=args.tokens, temperature=0)
@@ -166,20 +170,14 @@ def _judged_svf(fit: Fit, z: torch.Tensor) -> tuple[list[str], float]:
     return [o.text for o in outs], float(-lp.sum() / n.sum())
 
 
-def lora_path(fit: Fit, args, lr: float, updates: int, inner_steps: int):
+def lora_path(fit: Fit, lr: float, updates: int, inner_steps: int):
     """The eval's LoRA baseline on the same corrections: yields as `svf_path` (no z)."""
-    from peft import LoraConfig, get_peft_model
-
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in fit.svf.layers})
-    model = get_peft_model(
-        load_model(args.model, progress=False).model,
-        LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=leaves),
-    )
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    precision = ComputePrecision(model)
+    learner = fit.harness.learner("lora")  # the same adapter, optimiser and products
+    model, params, opt = learner.model, learner.params, learner.opt
+    for group in opt.param_groups:
+        group["lr"] = lr
     lc = LearningConfig(inner_steps=inner_steps, replay=0)
-    score = lora_scorer(model, precision, lc, fit.pad)
+    score = lora_scorer(model, learner.precision, lc, fit.pad)
     for u in range(updates + 1):
         if u:
             adam_update(params, opt, plan_batch(fit.demos, 0.0, lc), lc, score)
@@ -215,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             args.svf_lr,
             lambda lr: svf_persistent_path(fit, lr, args.updates, args.inner_steps),
         ),
-        "lora": (args.lora_lr, lambda lr: lora_path(fit, args, lr, args.updates, args.inner_steps)),
+        "lora": (args.lora_lr, lambda lr: lora_path(fit, lr, args.updates, args.inner_steps)),
     }
     chosen = [a.strip() for a in args.adapters.split(",") if a.strip()]
     unknown = sorted(set(chosen) - set(paths))

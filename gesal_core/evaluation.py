@@ -700,7 +700,8 @@ class Harness:
         self._ref: dict[tuple[str, ...], list[Sample]] = {}
         self._embedder = PromptEmbedder(svf, tokenizer)
 
-    def _learner(self, method: str) -> Learner:
+    def learner(self, method: str) -> Learner:
+        """A fresh learner for ``method``, as every run of it starts."""
         if method in ("none", "gesal"):
             return EngineLearner(
                 self.svf, self.tokenizer, self.cfg, single=False, frozen=method == "none"
@@ -831,7 +832,7 @@ class Harness:
         random.seed(seed)
         torch.manual_seed(seed)
         rng = random.Random(seed)
-        learner = self._learner(method)
+        learner = self.learner(method)
         result = RunResult(task.name, method, seed)
         vote_time = update_time = 0.0
         votes = 0
