@@ -1,13 +1,15 @@
 """What does exploration do for preferences the base model rarely shows?
 
-    python -m bench.exploration [--tasks opener,emoji,brevity] [--samples 8]
+    python -m bench.exploration [--tasks opener,emoji,brevity] [--samples 8] [--widest 1.0]
 
 A community can only vote 👍 on what the bot shows. When most of a node's recent votes are
-👎 the engine raises its sampling temperature from ``sampling.temperature`` up to
-``explore_max_temperature``, inside the same top-p nucleus (`Engine._explore`). This
-script samples the base model (z = 1, as every node starts) on each task's *training*
-prompts at the narrow setting, half-way, the widest bound and the earlier, rejected bound
-(temperature 1.2, top-p 1), and prints per setting:
+👎 the engine can raise its sampling temperature from ``sampling.temperature`` up to
+``explore_max_temperature``, inside the same top-p nucleus (`Engine._explore`); that
+bound is the sampling temperature by default (no widening), so the widest setting
+measured is ``--widest``, 1.0 (the earlier default bound). This script samples the base
+model (z = 1, as every node starts) on each task's *training* prompts at the narrow
+setting, half-way, the widest bound and the earlier, rejected bound (temperature 1.2,
+top-p 1), and prints per setting:
 
 * the like rate: the share of answers the task's simulated member votes 👍;
 * P(👍 in a round): the chance that a training round of 8 answers holds at least one 👍,
@@ -30,9 +32,10 @@ ROUND = 8  # answers per training round in `gesal-bot eval`
 OLD_BOUND = (1.2, 1.0)  # (temperature, top_p) of the earlier exploration bound
 
 
-def settings(cfg: EngineConfig) -> list[tuple[str, float, float]]:
-    """(name, temperature, top_p): the engine's own bounds, plus the rejected old one."""
-    lo, hi, top_p = cfg.sampling.temperature, cfg.explore_max_temperature, cfg.sampling.top_p
+def settings(cfg: EngineConfig, widest: float) -> list[tuple[str, float, float]]:
+    """(name, temperature, top_p): the engine's sampling widened up to ``widest``, plus the
+    rejected old bound."""
+    lo, hi, top_p = cfg.sampling.temperature, widest, cfg.sampling.top_p
     return [
         ("narrow (votes mostly 👍)", lo, top_p),
         ("half-way (75% 👎)", (lo + hi) / 2, top_p),
@@ -47,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=8, help="answers per prompt and setting")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--batch", type=int, default=32, help="rows per generate call")
+    ap.add_argument(
+        "--widest",
+        type=float,
+        default=1.0,
+        help="widest temperature measured (the engine's bound, explore_max_temperature, "
+        "is 0.7 by default: no widening)",
+    )
     args = ap.parse_args(argv)
     apply_threads(args.threads)
     samples = 2 if args.quick else args.samples
@@ -60,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         task = load_task(name.strip())
         prompts = list(task.train)
         built = [build_prompt(tok, [{"role": "user", "content": p}], cfg.system) for p in prompts]
-        for label, temperature, top_p in settings(cfg):
+        for label, temperature, top_p in settings(cfg, args.widest):
             sampling = SamplingConfig(
                 max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=top_p
             )

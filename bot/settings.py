@@ -29,6 +29,10 @@ Variable names (case-insensitive):
 ``GESAL_MAX_STEP``             bound on how far one update moves a node's z (L2)
 ``GESAL_REJECTED_STEP``        step multiple for a node whose recent votes are all 👎
                                (1: off)
+``GESAL_PULL``                 λ of the pull of z towards the base model, (λ/2)‖z−1‖²
+                               (0: off; 0.05 stalled learning, README "Evaluation")
+``GESAL_EXPLORE_TEMPERATURE``  sampling temperature of a node whose recent votes are
+                               all 👎 (0.7, the usual one: no exploring)
 ``GESAL_GUARD_SAMPLED``        the collapse guard also judges sampled answers to its
                                probes, as replies are served (a second generation pass,
                                served length, per update)
@@ -99,7 +103,9 @@ class Settings(BaseSettings):
     # without importing torch; a test keeps the two equal.
     gesal_learning_rate: float = Field(3e-3, gt=0, le=0.1)
     gesal_max_step: float = Field(3.0, gt=0, le=100.0)
-    gesal_rejected_step: float = Field(1.0, ge=1.0, le=10.0)
+    gesal_rejected_step: float = Field(2.0, ge=1.0, le=10.0)
+    gesal_pull: float = Field(0.0, ge=0.0, le=10.0)
+    gesal_explore_temperature: float = Field(0.7, ge=0.0, le=1.2)  # EngineConfig's
     gesal_guard_sampled: bool = False  # GuardConfig.sampled
 
     # -- training schedule ----------------------------------------------------------
@@ -192,11 +198,13 @@ class Settings(BaseSettings):
         return EngineConfig(
             channel_defaults=self.channel_defaults(),
             guard=GuardConfig(sampled=self.gesal_guard_sampled),
+            explore_max_temperature=self.gesal_explore_temperature,
             learning=LearningConfig(
                 compute_dtype=self.gesal_update_dtype,
                 lr=self.gesal_learning_rate,
                 max_step=self.gesal_max_step,
                 rejected_step=self.gesal_rejected_step,
+                l2=self.gesal_pull,
             ),
         )
 

@@ -49,11 +49,18 @@ class LearningConfig:
     # opener faster than 1e-3 (seed 0 at 64 votes: 100% vs 62%). The collapse guard is the
     # real safety net; λ keeps z from wandering where feedback does not push it.
     # lr 6e-3 with max_step 6 complied sooner on all three 128-vote tasks but kept a median
-    # 38% of brevity's key facts against 62% (README, "A larger step"), so 3e-3 stays;
-    # deployments choose with GESAL_LEARNING_RATE / GESAL_MAX_STEP.
+    # 38% of brevity's key facts against 62% (README, "A larger step"), so 3e-3 stays
+    # and only a rejected node takes the larger step (``rejected_step``); deployments
+    # choose with GESAL_LEARNING_RATE / GESAL_MAX_STEP / GESAL_REJECTED_STEP.
     lr: float = 3e-3
     inner_steps: int = 4
-    l2: float = 0.05  # λ of (λ/2)‖z−1‖²
+    # λ of (λ/2)‖z−1‖², the pull towards the base model; 0: off, the default. A fresh
+    # Adam steps every component by about lr wherever the votes' gradient is smaller than
+    # the pull's, so at λ = 0.05 ‖z−1‖ stalled near 3.5 whatever the lr and compliance
+    # rose and fell (`bench.demo_fit`, docs/learning.md "Fitting the same corrections").
+    # What keeps z near the base instead: the collapse guard's rollbacks, settling, and
+    # optionally ``max_drift``.
+    l2: float = 0.0
     max_grad_norm: float = 1.0
     max_step: float = 3.0  # bound on ‖Δz‖₂ of one update
     min_advantage: float = 0.2
@@ -95,8 +102,12 @@ class LearningConfig:
     # rising linearly from 1 where half of them are (`settle_scale`); 1: off. A node the
     # community keeps rejecting has the most to learn and the least to lose, and the
     # collapse guard rolls back a step that breaks its answers. The mirror image of
-    # settling, and the learning side of exploration's wider sampling.
-    rejected_step: float = 1.0
+    # settling. 2 by default: lr 6e-3 and ‖Δz‖ ≤ 6 for a rejected node (the step that
+    # fitted corrections level with LoRA, `bench.demo_fit`), the defaults' 3e-3 once half
+    # of its votes are 👍. Full time, the larger step cost brevity its key facts at 64-128
+    # votes (docs/learning.md, "On brevity they lose content"); only while rejected, it
+    # did not (README, "Evaluation").
+    rejected_step: float = 2.0
     # Bound on a node's total drift ‖z − 1‖₂ (0: none). Each update is bounded by
     # max_step, but nothing else bounds how far many updates add up to.
     max_drift: float = 0.0

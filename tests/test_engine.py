@@ -235,8 +235,8 @@ def test_a_rejected_node_steps_further():
     assert settle_scale([up] * 8, [up] * 8, True, cfg) == 1.0
     assert settle_scale([down] * 3, [up], False, cfg) == pytest.approx(2.5)
     assert settle_scale([], [], True, cfg) == 1.0  # a correction and no votes at all
-    # off by default, and nonsense is refused
-    assert settle_scale([down] * 8, [down] * 8, False, LearningConfig()) == 1.0
+    # 1 turns it off; nonsense is refused
+    assert settle_scale([down] * 8, [down] * 8, False, LearningConfig(rejected_step=1.0)) == 1.0
     for bad in (0.5, float("nan")):
         with pytest.raises(GesalError, match="rejected_step"):
             LearningConfig(rejected_step=bad)
@@ -571,19 +571,22 @@ def test_export_import_round_trip_is_exact_and_byte_stable(svf, tiny_tokenizer):
 
 
 def test_exploration_widens_on_downvotes_and_narrows_back(svf, tiny_tokenizer):
-    eng = make_engine(svf, tiny_tokenizer)
+    eng = make_engine(svf, tiny_tokenizer, explore_max_temperature=1.0)  # (default: off)
     from gesal_core.records import Node
 
     node = Node("n", np.zeros(4, np.float32), np.ones(svf.z_size, np.float32))
     assert eng._explore(node).temperature == pytest.approx(0.9)
     node.recent = [-2.0] * 8
     hot = eng._explore(node)
-    assert hot.temperature == pytest.approx(eng.config.explore_max_temperature)
-    assert hot.temperature > 0.9
+    assert hot.temperature == pytest.approx(1.0)
     assert hot.top_p == eng.config.sampling.top_p  # never the unbounded tail
     node.recent = [-2.0] * 4 + [1.0] * 4
     assert eng._explore(node).temperature == pytest.approx(0.9)
     eng.close()
+    plain = make_engine(svf, tiny_tokenizer)  # the default bound is below 0.9: no widening
+    node.recent = [-2.0] * 8
+    assert plain._explore(node).temperature == pytest.approx(0.9)
+    plain.close()
 
 
 def test_downvoted_answer_is_not_repeated(svf, tiny_tokenizer):
@@ -602,12 +605,16 @@ def test_downvoted_answer_is_not_repeated(svf, tiny_tokenizer):
     run(go())
 
 
-def test_correction_curve_raises_the_opener_round_by_round(tiny_tokenizer):
+def test_correction_curve_raises_the_opener_above_the_base(tiny_tokenizer):
     from gesal_core.correction_curve import correction_curve
 
     from .fakes.tiny import make_engine as make_tiny_engine
 
-    eng = make_tiny_engine(tiny_tokenizer)
+    # fp32 pinned: "auto" picks bf16 or fp32 by timing this host. On this random model
+    # round 2 does not always gain on round 1, whatever the step: fp32 read -26.03 at the
+    # base, -25.88, -25.91 at the old defaults and -25.75, -25.82 at today's (bf16 gained
+    # in round 2 at the old ones), so what holds is that every round is above the base.
+    eng = make_tiny_engine(tiny_tokenizer, learning=LearningConfig(compute_dtype="float32"))
     try:
         points = run(
             correction_curve(
@@ -619,7 +626,7 @@ def test_correction_curve_raises_the_opener_round_by_round(tiny_tokenizer):
     assert [p.round for p in points] == [0, 1, 2] and points[-1].corrections == 4
     assert points[0].status == "base" and all(p.status == "updated" for p in points[1:])
     lps = [p.opener_logprob for p in points]
-    assert lps[0] < lps[1] < lps[2]  # each round of corrections makes the opener likelier
+    assert lps[0] < min(lps[1:])  # corrections make the opener likelier than at the base
 
 
 @pytest.mark.parametrize("replaces", [True, False])
@@ -632,7 +639,8 @@ def test_a_corrected_replys_downvote_does_not_fight_its_correction(svf, tiny_tok
             svf,
             tiny_tokenizer,
             threshold=-1.0,
-            learning=LearningConfig(correction_replaces_vote=replaces),
+            # (the 👎 makes "voted" a rejected node, whose step is larger)
+            learning=LearningConfig(correction_replaces_vote=replaces, rejected_step=1.0),
         )
         for channel, vote in (("voted", -1), ("silent", None)):
             torch.manual_seed(0)  # the same sampled answer in both channels

@@ -13,12 +13,15 @@ from gesal_core.worker import BatchConfig, ModelWorker
 from ..conftest import make_tiny_llama
 
 
-def make_engine(tok, store=None, threshold: float = 0.85, max_new_tokens: int = 6) -> Engine:
+def make_engine(
+    tok, store=None, threshold: float = 0.85, max_new_tokens: int = 6, **config
+) -> Engine:
     svf = SVFModel(make_tiny_llama(len(tok)), "tiny", SVFConfig(progress=False))
     cfg = EngineConfig(
         sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.9),
         guard=GuardConfig(enabled=False),
         channel_defaults=ChannelConfig(threshold=threshold),
+        **config,
     )
     store = store if store is not None else MemoryStore(cfg.channel_defaults)
     # max_wait_s=0: no batching timer. simcord runs the bot on virtual time, where a
