@@ -131,3 +131,54 @@ def test_a_stale_samples_weight_compares_like_with_like(svf):
         weights[dtype] = res.metrics["mean_weight"]
     assert weights["float32"] == pytest.approx(np.exp(0.3), rel=1e-4)
     assert weights["bfloat16"] == pytest.approx(weights["float32"], rel=1e-5)
+
+
+# SmolLM2's LM head as `load_model` stores it on a CPU (input-major), its backward pass
+# fed 32 rows: the product that killed an eval process with SIGFPE inside oneDNN (see
+# gesal_core.svf.precision.SAFE_ROWS). Run in a child process, since the failure is a
+# signal, not an exception; on CPUs without AMX or with another L2 size the bare product
+# survives, and the row count checked below is what keeps the guard in place.
+_HEAD_SCRIPT = """
+import sys, torch
+from torch import nn
+from gesal_core.layout import input_major
+from gesal_core.svf.precision import LowPrecisionWeights
+torch.manual_seed(0)
+head = nn.Linear(576, 49152, bias=False).requires_grad_(False)
+head.weight = nn.Parameter(input_major(head.weight.detach()), requires_grad=False)
+model = nn.Sequential(head)
+seen = []
+x = torch.randn(4, 8, 576, requires_grad=True)
+with LowPrecisionWeights(model, torch.bfloat16).active():
+    # (registered after the guard's own hooks, so it sees what the product gets)
+    head.register_forward_pre_hook(lambda m, a: seen.append(a[0].numel() // a[0].shape[-1]))
+    out = model(x)
+out.float().square().sum().backward()
+ref_x = x.detach().clone().requires_grad_(True)
+ref = ref_x @ head.weight.T
+ref.square().sum().backward()
+assert out.shape == (4, 8, 49152), out.shape
+err = float((out.float() - ref).abs().max() / ref.abs().max())
+gerr = float((x.grad - ref_x.grad).norm() / ref_x.grad.norm())
+print(seen, err, gerr)
+assert err < 0.02 and gerr < 0.02, (err, gerr)
+assert min(seen) >= 33, seen
+"""
+
+
+def test_a_wide_layers_backward_never_sees_32_rows_in_bf16():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", _HEAD_SCRIPT],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=300,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)},
+    )
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    assert proc.stdout.startswith("[33]")  # the hook saw the padded rows, not 32

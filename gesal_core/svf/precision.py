@@ -117,6 +117,39 @@ def _fp32_attention_on_cpu() -> None:
     AttentionInterface.register("sdpa", sdpa)
 
 
+# oneDNN's AMX bf16 matmul (torch 2.13 on CPU) divides by zero, and the process dies of
+# SIGFPE, for an (M, K) x (K, N) product with M <= 32 rows where M x K equals 3/4 of a
+# core's L2 cache in elements: its small-M blocking heuristic computes
+# div_up(.., L2_threshold - M x K) after checking only for ">". With a 2 MiB L2 (Sapphire
+# Rapids and later) that is M = 32, K = 49,152: the backward pass of SmolLM2's LM head
+# when an update pass scores exactly 32 response positions. An eval process on our dev
+# CPU died of it; `tests/test_precision.py` has the shape. Wide layers (K = out_features
+# in the backward) therefore never see 32 rows or fewer: they get zero rows up to
+# `SAFE_ROWS`, which costs a few small products and changes no row's result.
+WIDE_OUT = 16384  # out_features from which M x K can reach 3/4 of a 1 MiB L2 at M <= 32
+SAFE_ROWS = 33
+
+
+def _pad_rows(module: nn.Module, args: tuple) -> tuple | None:
+    x = args[0]
+    rows = x.numel() // x.shape[-1] if x.dim() else 0
+    if not 0 < rows < SAFE_ROWS:
+        module._gesal_rows = None
+        return None
+    module._gesal_rows = (rows, x.shape[:-1])
+    flat = x.reshape(rows, x.shape[-1])
+    return (torch.cat([flat, flat.new_zeros(SAFE_ROWS - rows, x.shape[-1])]), *args[1:])
+
+
+def _unpad_rows(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    padded = getattr(module, "_gesal_rows", None)
+    if padded is None:
+        return None
+    module._gesal_rows = None
+    rows, lead = padded
+    return output[:rows].reshape(*lead, output.shape[-1])
+
+
 def _is_frozen_linear(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     linear = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
@@ -147,6 +180,11 @@ class LowPrecisionWeights:
                 low = nn.Parameter(full.detach().to(dtype), requires_grad=False)
                 self._swaps.append((module, "weight", full, low))
         self.device_type = next(model.parameters()).device.type
+        self._wide = [  # see SAFE_ROWS; only CPU products go through oneDNN
+            m
+            for m, name, full, _ in self._swaps
+            if self.device_type == "cpu" and name == "weight" and full.shape[0] >= WIDE_OUT
+        ]
 
     def nbytes(self) -> int:
         return sum(low.numel() * low.element_size() for *_, low in self._swaps)
@@ -161,10 +199,14 @@ class LowPrecisionWeights:
         """
         for module, name, _, low in self._swaps:
             setattr(module, name, low)
+        hooks = [m.register_forward_pre_hook(_pad_rows) for m in self._wide]
+        hooks += [m.register_forward_hook(_unpad_rows) for m in self._wide]
         try:
             with torch.autocast(self.device_type, dtype=self.dtype):
                 yield
         finally:
+            for hook in hooks:
+                hook.remove()
             for module, name, full, _ in self._swaps:
                 setattr(module, name, full)
 
