@@ -55,10 +55,11 @@ class EngineConfig:
     # rises linearly from sampling.temperature up to explore_max_temperature. The nucleus
     # (top_p) stays: at 1.2 with top_p 1.0 the 135M model's answers were half gibberish
     # in brevity runs (degenerate 50% of held-out answers with z still at the base).
-    # 0.7, the sampling temperature, by default: no widening. With a rejected node's
-    # larger step (`LearningConfig.rejected_step`) exploring up to 1.0 fed emoji salad
-    # that members liked for its emoji (emoji, 5 seeds: 38% / 75% at 16 / 32 votes,
-    # against 62% / 100% without; docs/learning.md, "Without the widened sampling").
+    # 0.7, the sampling temperature, by default: no widening. At the larger step (lr
+    # 6e-3, ‖Δz‖ ≤ 6, which a rejected node takes now: `LearningConfig.rejected_step`)
+    # exploring up to 1.0 fed emoji salad that members liked for its emoji (emoji, 5
+    # seeds: 38% / 75% at 16 / 32 votes, against 62% / 100% without; docs/learning.md,
+    # "Without the widened sampling").
     # Corrections and replay are how a community teaches what the model never says.
     explore_max_temperature: float = 0.7
     explore_window: int = 8

@@ -139,7 +139,7 @@ def test_a_stale_samples_weight_compares_like_with_like(svf):
 # signal, not an exception; on CPUs without AMX or with another L2 size the bare product
 # survives, and the row count checked below is what keeps the guard in place.
 _HEAD_SCRIPT = """
-import sys, torch
+import torch
 from torch import nn
 from gesal_core.layout import input_major
 from gesal_core.svf.precision import LowPrecisionWeights

@@ -180,11 +180,11 @@ class LowPrecisionWeights:
                 low = nn.Parameter(full.detach().to(dtype), requires_grad=False)
                 self._swaps.append((module, "weight", full, low))
         self.device_type = next(model.parameters()).device.type
-        self._wide = [  # see SAFE_ROWS; only CPU products go through oneDNN
-            m
-            for m, name, full, _ in self._swaps
-            if self.device_type == "cpu" and name == "weight" and full.shape[0] >= WIDE_OUT
+        # see SAFE_ROWS; only CPU products go through oneDNN
+        wide = [
+            m for m, name, full, _ in self._swaps if name == "weight" and full.shape[0] >= WIDE_OUT
         ]
+        self._wide = wide if self.device_type == "cpu" else []
 
     def nbytes(self) -> int:
         return sum(low.numel() * low.element_size() for *_, low in self._swaps)
