@@ -11,13 +11,14 @@ update is rolled back if, compared with the base model on the same probes:
   content word with their question or the base answer and sit far from the question in
   the centred embedding (`on_topic`), or the mean question/answer similarity drops by
   more than ``max_topic_drop``, or
-* a fact the base model states is no longer known (``FACTS``): the probability of the
-  fact ("Paris") right where the base model's own answer states it ("The capital of
-  France is") falls by more than ``max_fact_drop`` nats. Knowledge, not wording, is
-  checked: the base model's two likeliest first tokens for the France probe are nearly
-  tied, "The capital …" and "L'Étoile, la …" (French, no Paris), so a check on the greedy
-  string rolled back harmless updates (the first round of real opener and brevity runs)
-  while this one still catches "The capital of France is Lyon".
+* a fact the base model states is no longer known (``FACTS``, a dozen short questions
+  scored in one teacher-forced pass): the probability of the fact ("Paris") right where
+  the base model's own answer states it ("The capital of France is") falls by more than
+  ``max_fact_drop`` nats. Knowledge, not wording, is checked: the base model's two
+  likeliest first tokens for the France probe are nearly tied, "The capital …" and
+  "L'Étoile, la …" (French, no Paris), so a check on the greedy string rolled back
+  harmless updates (the first round of real opener and brevity runs) while this one
+  still catches "The capital of France is Lyon".
 """
 
 from __future__ import annotations
@@ -38,8 +39,27 @@ UNRELATED_PROBES = (
     "Write a haiku about the sea.",
     "What is 15 times 3?",
 )
-# Key facts in probe answers: lost only counts where the base model's answer has them.
-FACTS = {"What is the capital of France?": "paris", "What is 15 times 3?": "45"}
+# Facts the base model states, by question: lost only counts where its greedy answer has
+# them. Two are unrelated probes, answered in full after every update; the rest are only
+# scored (teacher-forced, one pass for all), so each costs a row, not a generation. They
+# are short facts the bundled model gets right, from topics the evaluation's held-out
+# questions do not ask about. Why more than one: a brevity community's nodes answered
+# "What is the largest planet?" with "Neptune" and "Why do cats purr?" with "because they
+# need to eat" while France was still "Paris".
+FACTS = {
+    "What is the capital of France?": "paris",
+    "What is 15 times 3?": "45",
+    "What is the chemical symbol for water?": "h2o",
+    "What is the largest ocean on Earth?": "pacific",
+    "How many days are in a week?": "7",
+    "What is the boiling point of water?": "100",
+    "Who painted the Mona Lisa?": "leonardo",
+    "What language is spoken in Brazil?": "portuguese",
+    "What is the currency of the United Kingdom?": "pound",
+    "What is the main gas in the air we breathe?": "nitrogen",
+    "Who discovered penicillin?": "fleming",
+    "What is the opposite of hot?": "cold",
+}
 
 
 @dataclass(frozen=True)
@@ -326,7 +346,8 @@ class Guard:
         self.template = template_words(tokenizer, system)
         self.embedder = PromptEmbedder(svf, tokenizer)
         self._base_cache: dict[tuple[tuple[str, ...], bool], ProbeResult] = {}
-        self._fact_cache: dict[tuple[str, ...], list[float]] = {}
+        self._facts: list[FactProbe] | None = None  # `known_facts`
+        self._fact_base: list[float] = []
 
     def probes_for(self, related: list[str]) -> list[str]:
         seen, out = set(), []
@@ -438,30 +459,30 @@ class Guard:
         lp, _ = sequence_logprobs(self.svf, zt, samples, pad_id=self.tokenizer.pad_token_id or 0)
         return [float(x) for x in lp]
 
-    def _lost_facts_many(
-        self, zs: list[torch.Tensor], probe_lists: list[list[str]], bases: list[ProbeResult]
-    ) -> list[list[str]]:
-        """For each candidate z, the facts its base answers stated that it no longer knows.
+    def known_facts(self) -> list[FactProbe]:
+        """The `FACTS` the base model states in its greedy answers, found once per guard
+        (one generation of every fact question), with the base model's log-probs."""
+        if self._facts is None:
+            questions = list(FACTS)
+            facts = fact_probes(questions, self.base(questions).answers)
+            self._fact_base = self.fact_logprobs(None, facts)
+            self._facts = facts
+        return self._facts
 
-        The base model's log-probs are cached per probe list; every candidate's facts are
-        scored in one pass with a z per row.
-        """
-        facts = [fact_probes(p, b.answers) for p, b in zip(probe_lists, bases, strict=True)]
-        for probes, fs in zip(probe_lists, facts, strict=True):
-            if tuple(probes) not in self._fact_cache:
-                self._fact_cache[tuple(probes)] = self.fact_logprobs(None, fs)
-        flat = [f for fs in facts for f in fs]
-        after = self._fact_logprobs_many(
-            [z for z, fs in zip(zs, facts, strict=True) for _ in fs], flat
-        )
-        out, at = [], 0
-        for probes, fs in zip(probe_lists, facts, strict=True):
-            before, now = self._fact_cache[tuple(probes)], after[at : at + len(fs)]
-            at += len(fs)
+    def _lost_facts_many(self, zs: list[torch.Tensor]) -> list[list[str]]:
+        """For each candidate z, the facts the base model states that it no longer knows,
+        every candidate's facts scored in one pass with a z per row."""
+        facts = self.known_facts()
+        if not zs or not facts:
+            return [[] for _ in zs]
+        after = self._fact_logprobs_many([z for z in zs for _ in facts], facts * len(zs))
+        out = []
+        for i in range(len(zs)):
+            now = after[i * len(facts) : (i + 1) * len(facts)]
             out.append(
                 [
                     f"{f.probe!r}: log p({f.fact!r} after {f.prefix!r}) {b:.2f} -> {a:.2f}"
-                    for f, b, a in zip(fs, before, now, strict=True)
+                    for f, b, a in zip(facts, self._fact_base, now, strict=True)
                     if b - a > self.config.max_fact_drop
                 ]
             )
@@ -518,7 +539,6 @@ class Guard:
         probe_lists = [self.probes_for(related) for _, related in items]
         zs = [torch.from_numpy(np.asarray(z, dtype=np.float32)) for z, _ in items]
         verdicts = self._verdicts(zs, probe_lists, sampled=False)
-        bases = [v.base for v in verdicts]
         ok = [i for i, v in enumerate(verdicts) if v.ok]
         if self.config.sampled and ok:  # the same rules on answers as they would be served
             again = self._verdicts([zs[i] for i in ok], [probe_lists[i] for i in ok], sampled=True)
@@ -526,9 +546,7 @@ class Guard:
                 if not v.ok:
                     verdicts[i] = replace(v, reason="sampled answers: " + v.reason)
         ok = [i for i, v in enumerate(verdicts) if v.ok]  # facts only where nothing else failed
-        lost = self._lost_facts_many(
-            [zs[i] for i in ok], [probe_lists[i] for i in ok], [bases[i] for i in ok]
-        )
+        lost = self._lost_facts_many([zs[i] for i in ok])
         for i, forgotten in zip(ok, lost, strict=True):
             if forgotten:
                 reason = "forgot what the base model knew: " + "; ".join(forgotten)

@@ -84,7 +84,10 @@ def test_guard_batches_nodes_and_caches_the_base(svf, tiny_tokenizer):
     verdicts = guard.check_many([(z, ["hello"]), (z, ["fox"])])
     assert [v.ok for v in verdicts] == [True, True]  # z = 1 is the base: nothing changes
     assert verdicts[0].candidate.answers == verdicts[0].base.answers
-    assert len(guard._base_cache) == 2
+    # the base answers each node's probe list once, and the fact questions once
+    assert len(guard._base_cache) == 3
+    guard.check_many([(z, ["hello"]), (z, ["fox"])])
+    assert len(guard._base_cache) == 3
 
 
 def test_engine_rolls_back_an_update_the_guard_rejects(svf, tiny_tokenizer):
@@ -201,6 +204,19 @@ def test_on_topic_accepts_brief_answers_and_rejects_nonsense():
     assert on_topic(q, "It is a large city in Asia.", ref, similarity=0.45)
 
 
+def test_the_guards_facts_are_not_the_evaluations_questions():
+    """The guard may not be tuned to the held-out set it is judged on: none of its fact
+    questions is a prompt of a built-in task, and none names a held-out key fact."""
+    from gesal_core import evaluation
+    from gesal_core.guard import FACTS
+
+    asked = {p for make in evaluation.BUILTIN.values() for t in [make()] for p in t.train}
+    asked |= {p for make in evaluation.BUILTIN.values() for p in make().heldout}
+    assert len(FACTS) >= 10 and not set(FACTS) & asked
+    held_facts = {f for fs in evaluation.KEY_FACTS.values() for f in fs}
+    assert not set(FACTS.values()) & held_facts
+
+
 def test_a_fact_is_found_where_the_base_answer_states_it():
     from gesal_core.guard import FactProbe, fact_probes
 
@@ -274,6 +290,7 @@ def test_one_answer_that_stops_addressing_its_question_rolls_the_update_back(
         monkeypatch.setattr(g, "probes_for", lambda related: probes)
         monkeypatch.setattr(g, "base_many", lambda lists, sampled=False: [base])
         monkeypatch.setattr(g, "run_many", lambda zs, lists, sampled=False, c=cand: [c])
+        monkeypatch.setattr(g, "_lost_facts_many", lambda zs: [[] for _ in zs])
         (verdict,) = g.check_many([(np.ones(svf.z_size, np.float32), [])])
         if name == "astray":
             assert not verdict.ok
@@ -308,7 +325,7 @@ def test_sampled_probes_roll_back_what_greedy_probes_pass(tiny_tokenizer, monkey
         monkeypatch.setattr(g, "probes_for", lambda related: probes)
         monkeypatch.setattr(g, "base_many", lambda lists, sampled=False: [base])
         monkeypatch.setattr(g, "run_many", run_many)
-        monkeypatch.setattr(g, "_lost_facts_many", lambda zs, lists, bases: [[] for _ in zs])
+        monkeypatch.setattr(g, "_lost_facts_many", lambda zs: [[] for _ in zs])
         (verdict,) = g.check_many([(np.ones(svf.z_size, np.float32), [])])
         assert asked == ([False, True] if sampled else [False])
         if sampled:
