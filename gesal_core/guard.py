@@ -308,6 +308,14 @@ class GuardConfig:
     # A fact is lost when log p(fact | the base answer up to it) falls by more than this
     # (ln 4: the candidate finds it four times less likely than the base model does).
     max_fact_drop: float = 1.386
+    # Only facts the base model states with some confidence count: log p(fact) at least
+    # this. "Pound" (-1.05) and "Pacific" (-1.18) were lost at the first emoji step that
+    # also raised emoji tokens at the fact's position, which is style, not forgetting.
+    min_fact_logprob: float = -0.7
+    # An update fails the fact check when this many facts are lost. One lost fact of the
+    # dozen was mostly the style shift above (emoji runs: 10 rollbacks per seed to 128
+    # votes, "nitrogen" 8 times, "Pound" 7); forgetting that matters moves several.
+    min_facts_lost: int = 2
     # Also answer the probes by sampling, as replies are served (the engine's temperature
     # and top-p, seed `sample_seed`), and judge those answers by the same rules. Greedy
     # probes alone passed adapters whose served answers looped or wandered
@@ -328,6 +336,8 @@ class GuardConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.backtrack <= 8:
             raise GesalError(f"backtrack must be between 0 and 8 halvings, got {self.backtrack}")
+        if self.min_facts_lost < 1:
+            raise GesalError(f"min_facts_lost must be at least 1, got {self.min_facts_lost}")
 
 
 class Guard:
@@ -465,8 +475,10 @@ class Guard:
         if self._facts is None:
             questions = list(FACTS)
             facts = fact_probes(questions, self.base(questions).answers)
-            self._fact_base = self.fact_logprobs(None, facts)
-            self._facts = facts
+            base = self.fact_logprobs(None, facts)
+            keep = [i for i, b in enumerate(base) if b >= self.config.min_fact_logprob]
+            self._facts = [facts[i] for i in keep]
+            self._fact_base = [base[i] for i in keep]
         return self._facts
 
     def _lost_facts_many(self, zs: list[torch.Tensor]) -> list[list[str]]:
@@ -548,7 +560,7 @@ class Guard:
         ok = [i for i, v in enumerate(verdicts) if v.ok]  # facts only where nothing else failed
         lost = self._lost_facts_many([zs[i] for i in ok])
         for i, forgotten in zip(ok, lost, strict=True):
-            if forgotten:
+            if len(forgotten) >= self.config.min_facts_lost:
                 reason = "forgot what the base model knew: " + "; ".join(forgotten)
                 verdicts[i] = replace(verdicts[i], ok=False, reason=reason)
         return verdicts

@@ -238,7 +238,12 @@ def test_a_fact_is_lost_when_the_model_stops_knowing_it(tiny_tokenizer, monkeypa
 
     svf = SVFModel(make_tiny_llama(len(tiny_tokenizer)), "tiny", SVFConfig(progress=False))
     loose = GuardConfig(
-        max_new_tokens=6, max_extra_degenerate=99, max_topic_drop=99.0, max_extra_off_topic=99
+        max_new_tokens=6,
+        max_extra_degenerate=99,
+        max_topic_drop=99.0,
+        max_extra_off_topic=99,
+        min_fact_logprob=-1e9,  # a random model is sure of nothing
+        min_facts_lost=1,
     )
     g = Guard(svf, tiny_tokenizer, loose)
     base_answer = g.base(["hello"]).answers[0]
@@ -255,8 +260,10 @@ def test_a_fact_is_lost_when_the_model_stops_knowing_it(tiny_tokenizer, monkeypa
     verdict = g.check(scrambled, ["hello"])
     assert not verdict.ok and verdict.reason.startswith("forgot what the base model knew")
     assert repr(word) in verdict.reason
-    lenient = Guard(svf, tiny_tokenizer, GuardConfig(**{**loose.__dict__, "max_fact_drop": 1e9}))
-    assert lenient.check(scrambled, ["hello"]).ok
+    for lenient in ({"max_fact_drop": 1e9}, {"min_facts_lost": 2}, {"min_fact_logprob": 0.0}):
+        # the drop too small, one lost fact too few, or a fact the base model was unsure of
+        g2 = Guard(svf, tiny_tokenizer, GuardConfig(**{**loose.__dict__, **lenient}))
+        assert g2.check(scrambled, ["hello"]).ok, lenient
     # several nodes in one training round: one batched pass, one verdict per node
     both = g.check_many([(ones, ["hello"]), (scrambled, ["hello"]), (ones, ["hello"])])
     assert [v.ok for v in both] == [True, False, True]
@@ -405,3 +412,33 @@ def test_engine_halves_a_rejected_step_before_rolling_it_back(svf, tiny_tokenize
 def test_backtrack_is_bounded():
     with pytest.raises(GesalError, match="backtrack"):
         GuardConfig(backtrack=-1)
+
+
+def test_two_lost_facts_fail_an_update_that_one_does_not(tiny_tokenizer, monkeypatch):
+    """The default asks for two lost facts: one was mostly a style shift at the fact's
+    position (emoji runs), broad forgetting loses several."""
+    from gesal_core import guard as guard_mod
+
+    svf = SVFModel(make_tiny_llama(len(tiny_tokenizer)), "tiny", SVFConfig(progress=False))
+    cfg = GuardConfig(
+        max_new_tokens=6,
+        max_extra_degenerate=99,
+        max_topic_drop=99.0,
+        max_extra_off_topic=99,
+        min_fact_logprob=-1e9,
+    )
+    assert cfg.min_facts_lost == GuardConfig().min_facts_lost == 2
+    questions = ["hello", "what is this"]
+    answers = Guard(svf, tiny_tokenizer, cfg).base(questions).answers
+    facts = {q: a.split()[-1].lower() for q, a in zip(questions, answers, strict=True)}
+    monkeypatch.setattr(guard_mod, "FACTS", facts)
+    ones = np.ones(svf.z_size, dtype=np.float32)
+    scrambled = (ones + 3 * np.random.default_rng(0).standard_normal(svf.z_size)).astype(np.float32)
+    g = Guard(svf, tiny_tokenizer, cfg)
+    assert len(g.known_facts()) == 2
+    (lost,) = g._lost_facts_many([torch.from_numpy(scrambled)])
+    assert len(lost) == 2  # the scrambled z lost both
+    verdict = g.check(scrambled, [])
+    assert not verdict.ok and verdict.reason.startswith("forgot what the base model knew")
+    monkeypatch.setattr(guard_mod, "FACTS", dict([next(iter(guard_mod.FACTS.items()))]))
+    assert Guard(svf, tiny_tokenizer, cfg).check(scrambled, []).ok  # one fact of one: passes
