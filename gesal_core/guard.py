@@ -11,14 +11,16 @@ update is rolled back if, compared with the base model on the same probes:
   content word with their question or the base answer and sit far from the question in
   the centred embedding (`on_topic`), or the mean question/answer similarity drops by
   more than ``max_topic_drop``, or
-* a fact the base model states is no longer known (``FACTS``, a dozen short questions
-  scored in one teacher-forced pass): the probability of the fact ("Paris") right where
-  the base model's own answer states it ("The capital of France is") falls by more than
-  ``max_fact_drop`` nats. Knowledge, not wording, is checked: the base model's two
-  likeliest first tokens for the France probe are nearly tied, "The capital …" and
-  "L'Étoile, la …" (French, no Paris), so a check on the greedy string rolled back
-  harmless updates (the first round of real opener and brevity runs) while this one
-  still catches "The capital of France is Lyon".
+* facts the base model states are no longer known (``FACTS``, a dozen short questions
+  scored in one teacher-forced pass; ``min_facts_lost`` of those the base model is sure
+  of): the probability of the fact ("Paris") right where the base model's own answer
+  states it ("The capital of France is") falls by more than ``max_fact_drop`` nats.
+  Knowledge, not wording, is checked: the base model's two likeliest first tokens for
+  the France probe are nearly tied, "The capital …" and "L'Étoile, la …" (French, no
+  Paris), so a check on the greedy string rolled back harmless updates (the first round
+  of real opener and brevity runs), while this one counts "The capital of France is
+  Lyon" as a lost fact. One lost fact alone passes: docs/learning.md, "A dozen fact
+  probes".
 """
 
 from __future__ import annotations
