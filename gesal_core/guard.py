@@ -315,7 +315,7 @@ class GuardConfig:
     # also raised emoji tokens at the fact's position, which is style, not forgetting.
     min_fact_logprob: float = -0.7
     # An update fails the fact check when this many facts are lost. One lost fact of the
-    # dozen was mostly the style shift above (emoji runs: 10 rollbacks per seed to 128
+    # dozen was mostly the style shift above (emoji runs: 9-11 rollbacks per seed to 128
     # votes, "nitrogen" 8 times, "Pound" 7); forgetting that matters moves several.
     min_facts_lost: int = 2
     # Also answer the probes by sampling, as replies are served (the engine's temperature

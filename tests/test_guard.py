@@ -229,6 +229,25 @@ def test_a_fact_is_found_where_the_base_answer_states_it():
     assert [f.probe for f in fact_probes(probes, french)] == ["What is 15 times 3?"]
 
 
+def facts_only(**overrides) -> GuardConfig:
+    """A guard whose only live check is the fact check, on a random model, which is sure
+    of nothing (so every fact it states counts)."""
+    base = dict(
+        max_new_tokens=6,
+        max_extra_degenerate=99,
+        max_topic_drop=99.0,
+        max_extra_off_topic=99,
+        min_fact_logprob=-1e9,
+    )
+    return GuardConfig(**{**base, **overrides})
+
+
+def scrambled_z(size: int) -> np.ndarray:
+    """A z far from ones: the tiny model no longer gives its base answers under it."""
+    ones = np.ones(size, dtype=np.float32)
+    return (ones + 3 * np.random.default_rng(0).standard_normal(size)).astype(np.float32)
+
+
 def test_a_fact_is_lost_when_the_model_stops_knowing_it(tiny_tokenizer, monkeypatch):
     """The check asks the model for the fact where the base answer states it, so a wording
     change passes and a z that no longer gives the fact is rolled back."""
@@ -237,14 +256,7 @@ def test_a_fact_is_lost_when_the_model_stops_knowing_it(tiny_tokenizer, monkeypa
     from gesal_core import guard as guard_mod
 
     svf = SVFModel(make_tiny_llama(len(tiny_tokenizer)), "tiny", SVFConfig(progress=False))
-    loose = GuardConfig(
-        max_new_tokens=6,
-        max_extra_degenerate=99,
-        max_topic_drop=99.0,
-        max_extra_off_topic=99,
-        min_fact_logprob=-1e9,  # a random model is sure of nothing
-        min_facts_lost=1,
-    )
+    loose = facts_only(min_facts_lost=1)
     g = Guard(svf, tiny_tokenizer, loose)
     base_answer = g.base(["hello"]).answers[0]
     word = base_answer.split()[-1]
@@ -253,7 +265,7 @@ def test_a_fact_is_lost_when_the_model_stops_knowing_it(tiny_tokenizer, monkeypa
     assert facts and facts[0].fact == word
     ones = np.ones(svf.z_size, dtype=np.float32)
     assert g.check(ones, ["hello"]).ok
-    scrambled = (ones + 3 * np.random.default_rng(0).standard_normal(svf.z_size)).astype(np.float32)
+    scrambled = scrambled_z(svf.z_size)
     before = g.fact_logprobs(None, facts)[0]
     after = g.fact_logprobs(torch.from_numpy(scrambled), facts)[0]
     assert before - after > loose.max_fact_drop  # the scrambled z really lost it
@@ -262,7 +274,7 @@ def test_a_fact_is_lost_when_the_model_stops_knowing_it(tiny_tokenizer, monkeypa
     assert repr(word) in verdict.reason
     for lenient in ({"max_fact_drop": 1e9}, {"min_facts_lost": 2}, {"min_fact_logprob": 0.0}):
         # the drop too small, one lost fact too few, or a fact the base model was unsure of
-        g2 = Guard(svf, tiny_tokenizer, GuardConfig(**{**loose.__dict__, **lenient}))
+        g2 = Guard(svf, tiny_tokenizer, facts_only(**{"min_facts_lost": 1, **lenient}))
         assert g2.check(scrambled, ["hello"]).ok, lenient
     # several nodes in one training round: one batched pass, one verdict per node
     both = g.check_many([(ones, ["hello"]), (scrambled, ["hello"]), (ones, ["hello"])])
@@ -420,20 +432,13 @@ def test_two_lost_facts_fail_an_update_that_one_does_not(tiny_tokenizer, monkeyp
     from gesal_core import guard as guard_mod
 
     svf = SVFModel(make_tiny_llama(len(tiny_tokenizer)), "tiny", SVFConfig(progress=False))
-    cfg = GuardConfig(
-        max_new_tokens=6,
-        max_extra_degenerate=99,
-        max_topic_drop=99.0,
-        max_extra_off_topic=99,
-        min_fact_logprob=-1e9,
-    )
+    cfg = facts_only()
     assert cfg.min_facts_lost == GuardConfig().min_facts_lost == 2
     questions = ["hello", "what is this"]
     answers = Guard(svf, tiny_tokenizer, cfg).base(questions).answers
     facts = {q: a.split()[-1].lower() for q, a in zip(questions, answers, strict=True)}
     monkeypatch.setattr(guard_mod, "FACTS", facts)
-    ones = np.ones(svf.z_size, dtype=np.float32)
-    scrambled = (ones + 3 * np.random.default_rng(0).standard_normal(svf.z_size)).astype(np.float32)
+    scrambled = scrambled_z(svf.z_size)
     g = Guard(svf, tiny_tokenizer, cfg)
     assert len(g.known_facts()) == 2
     (lost,) = g._lost_facts_many([torch.from_numpy(scrambled)])
