@@ -12,7 +12,7 @@ import torch
 from gesal_core.engine import Engine, EngineConfig
 from gesal_core.generate import SamplingConfig, build_prompt, generate
 from gesal_core.guard import GuardConfig
-from gesal_core.learning import Sample, sequence_logprobs
+from gesal_core.learning import Sample, sequence_logprobs, target_logprobs
 from gesal_core.records import ChannelConfig
 from gesal_core.serving import BatchedGenerator, GenRequest, ServingConfig
 from gesal_core.store import MemoryStore
@@ -448,6 +448,26 @@ def _reference_logprobs(svf, z, samples, pad_id=0):
     logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     mask = resp[:, 1:]
     return (logp * mask).sum(-1), mask.sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_target_logprobs_match_log_softmax_in_value_and_gradient(dtype):
+    """The in-place backward of `target_logprobs` is autograd's own gradient of
+    log_softmax(logits)[target], for fp32 logits and for bf16 ones (autocast's LM head);
+    the gradient comes back in the logits' dtype."""
+    g = torch.Generator().manual_seed(0)
+    base = (torch.randn(3, 5, 97, generator=g) * 4).to(dtype)
+    target = torch.randint(0, 97, (3, 5), generator=g)
+    upstream = torch.randn(3, 5, generator=g)
+    a, b = base.clone().requires_grad_(), base.clone().requires_grad_()
+    fast = target_logprobs(a, target)
+    ref = torch.log_softmax(b.float(), -1).gather(-1, target[..., None]).squeeze(-1)
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6)
+    (fast * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    assert a.grad.dtype == dtype and a.grad.abs().sum() > 0
+    torch.testing.assert_close(a.grad.float(), b.grad.float(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("shared", [0, 12])
