@@ -169,6 +169,19 @@ def states_fact(answer: str, facts: tuple[str, ...]) -> bool:
     return any(re.search(rf"\b{re.escape(f)}", answer, re.IGNORECASE) for f in facts)
 
 
+def sound_rate(
+    task: Task, prompts: list[str], answers: list[str], topical: list[bool], bad: list[bool]
+) -> float:
+    """Share of answers that do what the community asks and are still answers: compliant,
+    on-topic and not degenerate. A method that reaches its compliance by collapsing (one
+    emoji repeated for every question) scores its compliance here minus the collapse."""
+    good = [
+        task.complies(p, a) and t and not b
+        for p, a, t, b in zip(prompts, answers, topical, bad, strict=True)
+    ]
+    return float(np.mean(good))
+
+
 def fact_rate(task: Task, prompts: list[str], answers: list[str]) -> float | None:
     """Share of answers that name a key fact of their question, over the prompts the task
     has facts for; None when it has none (creative prompts, counting, most own tasks)."""
@@ -665,6 +678,10 @@ class Checkpoint:
     # nodes of the channel's graph (gesal and svf-single; None for lora and older
     # results): how far routing splits the community's votes
     nodes: int | None = None
+    # share of answers that comply *and* are on-topic *and* not degenerate (`sound_rate`):
+    # issue 3 counts compliance bought with collapse as a miss, so this is the rate to
+    # compare methods by. None: not judged yet (older results; `merge` judges them)
+    sound: float | None = None
 
 
 @dataclass
@@ -739,6 +756,12 @@ class Harness:
 
         Both are judged against the base model, never against the method being measured.
         """
+        topical, bad = self.verdicts(prompts, answers)
+        return float(np.mean(topical)), float(np.mean(bad))
+
+    @torch.inference_mode()
+    def verdicts(self, prompts: list[str], answers: list[str]) -> tuple[list[bool], list[bool]]:
+        """Per answer: (on-topic, degenerate), the judgments `quality` averages."""
         refs = [
             self.tokenizer.decode(s.response_ids, skip_special_tokens=True)
             for s in self.reference(prompts)
@@ -751,8 +774,7 @@ class Harness:
             for p, x, r, s in zip(prompts, answers, refs, sims, strict=True)
         ]
         reasons = judge_answers(self.svf, self.tokenizer, prompts, answers, self.cfg.system)
-        bad = [r is not None for r in reasons]
-        return float(np.mean(topical)), float(np.mean(bad))
+        return topical, [r is not None for r in reasons]
 
     @torch.inference_mode()
     def _ref_nll(
@@ -798,15 +820,15 @@ class Harness:
             threshold = (await learner.engine.store.get_config(learner.channel)).threshold
         else:
             on_model_thread = asyncio.to_thread
-        on_topic, degenerate = await on_model_thread(self.quality, prompts, answers)
+        topical, bad = await on_model_thread(self.verdicts, prompts, answers)
         ref_nll, drift = await on_model_thread(self._ref_nll, learner, prompts, nodes, threshold)
         predict = getattr(task, "predict", None) or (lambda a: a.split()[0] if a else "-")
         preds = Counter(predict(a) for a in answers)
         return Checkpoint(
             votes,
             compliance,
-            on_topic,
-            degenerate,
+            float(np.mean(topical)),
+            float(np.mean(bad)),
             ref_nll,
             dict(preds.most_common(6)),
             # every held-out answer, whole, so that the rates can be re-judged later: a
@@ -815,6 +837,7 @@ class Harness:
             drift,
             fact_rate(task, prompts, answers),
             None if nodes is None else len(nodes),
+            sound_rate(task, prompts, answers, topical, bad),
         )
 
     async def run(
@@ -907,6 +930,7 @@ def summarise(results: list[RunResult], checkpoints: tuple[int, ...]) -> list[di
             drifts = [cp.drift for cp in cps if cp.drift is not None]
             facts = [cp.facts for cp in cps if cp.facts is not None]
             nodes = [cp.nodes for cp in cps if cp.nodes is not None]
+            sound = [cp.sound for cp in cps if cp.sound is not None]
             rows.append(
                 {
                     "method": method,
@@ -918,7 +942,11 @@ def summarise(results: list[RunResult], checkpoints: tuple[int, ...]) -> list[di
                     "drift": statistics.median(drifts) if drifts else None,
                     "facts": statistics.median(facts) if facts else None,
                     "nodes": statistics.median(nodes) if nodes else None,
+                    "sound": statistics.median(sound) if sound else None,
                     "per_seed": [round(cp.compliance, 3) for cp in cps],
+                    "per_seed_sound": [
+                        None if cp.sound is None else round(cp.sound, 3) for cp in cps
+                    ],
                 }
             )
     return rows
@@ -928,22 +956,30 @@ def markdown(task: Task, rows: list[dict], results: list[RunResult]) -> str:
     lines = [
         f"### Task `{task.name}`: {task.description}",
         "",
-        "| method | votes | compliance (median) | per seed | on-topic | degenerate | key facts "
-        "| ref NLL | ‖z−1‖ | nodes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | votes | compliance (median) | per seed | sound (per seed) | on-topic "
+        "| degenerate | key facts | ref NLL | ‖z−1‖ | nodes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         seeds = ", ".join(f"{x:.0%}" for x in r["per_seed"])
+        sound = "–"
+        if r.get("sound") is not None:
+            each = ", ".join("–" if x is None else f"{x:.0%}" for x in r["per_seed_sound"])
+            sound = f"{r['sound']:.0%} ({each})"
         drift = "–" if r.get("drift") is None else f"{r['drift']:.2f}"
         facts = "–" if r.get("facts") is None else f"{r['facts']:.0%}"
         nodes = "–" if r.get("nodes") is None else f"{r['nodes']:g}"
         lines.append(
-            f"| {r['method']} | {r['votes']} | {r['compliance']:.0%} | {seeds} | "
+            f"| {r['method']} | {r['votes']} | {r['compliance']:.0%} | {seeds} | {sound} | "
             f"{r['on_topic']:.0%} | {r['degenerate']:.0%} | {facts} | {r['ref_nll']:.2f} "
             f"| {drift} | {nodes} |"
         )
     if getattr(task, "constant_answer_level", None) is not None:
         lines.append(f"\nA constant answer would score {task.constant_answer_level:.0%}.")
+    lines.append(
+        "\n*sound*: answers that comply **and** stay on-topic **and** are not degenerate, "
+        "so compliance bought with collapse does not count."
+    )
     lines.append(
         "\n| method | seed | first 👍 at vote | corrections | updates (halved) | "
         "skipped (settled) | rolled back | s/vote | s/update |"
@@ -978,6 +1014,7 @@ def plot(task: Task, rows: list[dict], path: Path) -> None:
 
     panels = [
         ("compliance", "held-out compliance"),
+        ("sound", "compliant, on-topic, not degenerate"),
         ("on_topic", "on-topic rate"),
         ("degenerate", "degenerate rate"),
         ("facts", "answers naming a key fact"),
@@ -1154,8 +1191,49 @@ def _tasks_of(doc: dict) -> set[str | None]:
     return {task} if task else {r.get("task") for r in doc.get("runs", [])} or {None}
 
 
-def merge(paths: list[str], out: str) -> int:
-    """`gesal-bot eval --merge`: one table from runs written by several processes."""
+def judge_sound(results: list[RunResult], task: Task, harness: Harness) -> list[str]:
+    """Fill in `Checkpoint.sound` where a stored run lacks it, from its stored answers.
+
+    The verdicts are the ones a run makes (`Harness.verdicts`, base model), so old and new
+    runs compare. Returns a line for every checkpoint whose re-judged on-topic or
+    degenerate rate differs from the one recorded (rules changed since the run): its
+    *sound* rate then follows today's rules, not the recorded rates.
+    """
+    notes = []
+    for r in results:
+        for cp in r.checkpoints:
+            split = split_samples(cp.samples) if cp.sound is None else None
+            if not split:
+                continue
+            topical, bad = harness.verdicts(*split)
+            cp.sound = sound_rate(task, *split, topical, bad)
+            now = (float(np.mean(topical)), float(np.mean(bad)))
+            if not np.allclose(now, (cp.on_topic, cp.degenerate)):
+                notes.append(
+                    f"{r.method} seed {r.seed}, {cp.votes} votes: on-topic/degenerate "
+                    f"recorded {cp.on_topic:.0%}/{cp.degenerate:.0%}, judged now "
+                    f"{now[0]:.0%}/{now[1]:.0%}"
+                )
+    return notes
+
+
+def _max_new_tokens(docs: list[dict]) -> int:
+    """The answer length the merged runs used (the base model's reference answers, which
+    on-topic is judged against, are that long)."""
+    configs = [d.get("config") for d in docs]
+    configs += [m.get("config") for d in docs for m in d.get("merged_from", [])]
+    lengths = {c["max_new_tokens"] for c in configs if c and "max_new_tokens" in c}
+    if len(lengths) > 1:
+        raise ValueError(f"the runs used different answer lengths: {sorted(lengths)}")
+    return lengths.pop() if lengths else EvalConfig.max_new_tokens
+
+
+def merge(paths: list[str], out: str, harness: Callable[[int], Harness] | None = None) -> int:
+    """`gesal-bot eval --merge`: one table from runs written by several processes.
+
+    Runs written before the *sound* rate was recorded get it judged from their stored
+    answers when ``harness`` (answer length -> a `Harness` on the base model) is given;
+    it is only called if some checkpoint needs it, since that loads the model."""
     docs = []
     for p in paths:
         try:
@@ -1167,6 +1245,11 @@ def merge(paths: list[str], out: str) -> int:
         raise ValueError(f"the files are from different tasks: {sorted(map(str, tasks))}")
     task = load_task(tasks.pop())
     results = [_run_from_dict(r, task) for d in docs for r in d.get("runs", [])]
+    unjudged = sum(cp.sound is None for r in results for cp in r.checkpoints)
+    if unjudged and harness is not None:
+        print(f"judging the stored answers of {unjudged} checkpoint(s) for the sound rate ...")
+        for note in judge_sound(results, task, harness(_max_new_tokens(docs))):
+            print(f"  note: {note}")
     meta = {
         "merged_from": [
             {
@@ -1191,7 +1274,14 @@ def run(args: argparse.Namespace) -> int:
     from .svf import SVFConfig
 
     if getattr(args, "merge", None):
-        return merge(args.merge, args.out)
+
+        def judge(max_new_tokens: int) -> Harness:
+            lm = load_model(args.model, device=args.device)
+            svf = SVFModel(lm.model, lm.name, SVFConfig(targets=args.targets))
+            sampling = SamplingConfig(max_new_tokens=max_new_tokens)
+            return Harness(svf, lm.tokenizer, EngineConfig(sampling=sampling))
+
+        return merge(args.merge, args.out, judge)
 
     ec = EvalConfig(
         task=args.task,

@@ -46,6 +46,20 @@ def test_builtin_tasks_have_sane_rules():
         assert set(task.train).isdisjoint(task.heldout)
 
 
+def test_sound_rate_counts_compliance_only_where_the_answer_is_still_an_answer():
+    """Issue 3: compliance bought with collapse is a miss. An emoji run whose answers are
+    emoji runs complies fully and is sound nowhere."""
+    task = load_task("emoji")
+    prompts = ["What is the capital of Japan?"] * 4
+    answers = ["Tokyo. 😊", "🌟🌟🌟🌟🌟🌟", "Tokyo.", "I like trains 😊"]
+    topical = [True, False, True, False]
+    bad = [False, True, False, False]
+    complies = [task.complies(p, a) for p, a in zip(prompts, answers, strict=True)]
+    assert complies == [True, True, False, True]
+    assert evaluation.sound_rate(task, prompts, answers, topical, bad) == 0.25
+    assert evaluation.sound_rate(task, prompts[1:2], answers[1:2], [True], [True]) == 0.0
+
+
 def test_key_facts_tell_an_empty_short_answer_from_a_right_one():
     """Answers real brevity runs gave: short, on topic, and some of them empty or wrong."""
     b = load_task("brevity")
@@ -263,6 +277,34 @@ def test_runs_from_parallel_processes_merge_into_one_table(tiny_llama, tiny_toke
     redone = json.loads((tmp_path / "old-merged" / "eval-brevity.json").read_text())
     assert [c["facts"] for c in redone["runs"][0]["checkpoints"]] == [0.0, 1.0]
     assert (merged / "eval-brevity.png").stat().st_size > 1000
+    # every new checkpoint records its sound rate, which never exceeds its compliance
+    cps = [c for r in data["runs"] for c in r["checkpoints"]]
+    assert all(c["sound"] is not None and c["sound"] <= c["compliance"] for c in cps)
+    assert row["per_seed_sound"] == [c["sound"] for c in cps if c["votes"] == 4]
+    # a file written before it was recorded gets it judged from its stored answers, by
+    # the same verdicts a run makes, and only when the merge is given the base model
+    for cp in old["runs"][0]["checkpoints"]:
+        cp.pop("sound")
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    evaluation.merge([str(tmp_path / "old.json")], str(tmp_path / "unjudged"))
+    unjudged = json.loads((tmp_path / "unjudged" / "eval-brevity.json").read_text())
+    assert [c["sound"] for c in unjudged["runs"][0]["checkpoints"]] == [None, None]
+    assert "| – |" in (tmp_path / "unjudged" / "eval-brevity.md").read_text()
+    svf = SVFModel(tiny_llama, "tiny", SVFConfig(progress=False))
+    harness = evaluation.Harness(svf, tiny_tokenizer, EngineConfig())
+    lengths = []
+    evaluation.merge(
+        [str(tmp_path / "old.json")],
+        str(tmp_path / "judged"),
+        lambda n: lengths.append(n) or harness,
+    )
+    assert lengths == [4]  # the runs' own answer length (--max-new-tokens 4)
+    judged = json.loads((tmp_path / "judged" / "eval-brevity.json").read_text())
+    task = load_task("brevity")
+    for cp in judged["runs"][0]["checkpoints"]:
+        prompts, answers = evaluation.split_samples(cp["samples"])
+        want = evaluation.sound_rate(task, prompts, answers, *harness.verdicts(prompts, answers))
+        assert cp["sound"] == want
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"config": {"task": "opener"}, "runs": []}))
     with pytest.raises(ValueError, match="different tasks"):
