@@ -28,6 +28,7 @@ SCRIPTS = (
     "weight_layout",
     "factored_order",
     "update_step",
+    "logprob_tail",
     "update_precision",
     "train_vs_serve",
     "routing",
