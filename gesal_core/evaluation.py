@@ -1191,7 +1191,12 @@ def _tasks_of(doc: dict) -> set[str | None]:
     return {task} if task else {r.get("task") for r in doc.get("runs", [])} or {None}
 
 
-def judge_sound(results: list[RunResult], task: Task, harness: Harness) -> list[str]:
+def judge_sound(
+    results: list[RunResult],
+    task: Task,
+    harness: Harness,
+    progress: Callable[[str], None] = _print_now,
+) -> list[str]:
     """Fill in `Checkpoint.sound` where a stored run lacks it, from its stored answers.
 
     The verdicts are the ones a run makes (`Harness.verdicts`, base model), so old and new
@@ -1201,10 +1206,12 @@ def judge_sound(results: list[RunResult], task: Task, harness: Harness) -> list[
     """
     notes = []
     for r in results:
+        judged = 0
         for cp in r.checkpoints:
             split = split_samples(cp.samples) if cp.sound is None else None
             if not split:
                 continue
+            judged += 1
             topical, bad = harness.verdicts(*split)
             cp.sound = sound_rate(task, *split, topical, bad)
             now = (float(np.mean(topical)), float(np.mean(bad)))
@@ -1214,6 +1221,8 @@ def judge_sound(results: list[RunResult], task: Task, harness: Harness) -> list[
                     f"recorded {cp.on_topic:.0%}/{cp.degenerate:.0%}, judged now "
                     f"{now[0]:.0%}/{now[1]:.0%}"
                 )
+        if judged:
+            progress(f"  judged {r.method} seed {r.seed}: {judged} checkpoint(s)")
     return notes
 
 
@@ -1247,9 +1256,9 @@ def merge(paths: list[str], out: str, harness: Callable[[int], Harness] | None =
     results = [_run_from_dict(r, task) for d in docs for r in d.get("runs", [])]
     unjudged = sum(cp.sound is None for r in results for cp in r.checkpoints)
     if unjudged and harness is not None:
-        print(f"judging the stored answers of {unjudged} checkpoint(s) for the sound rate ...")
+        _print_now(f"judging the stored answers of {unjudged} checkpoint(s) for the sound rate ...")
         for note in judge_sound(results, task, harness(_max_new_tokens(docs))):
-            print(f"  note: {note}")
+            _print_now(f"  note: {note}")
     meta = {
         "merged_from": [
             {
