@@ -179,6 +179,17 @@ def chat_ids(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor([build_prompt(tokenizer, [{"role": "user", "content": text}]).input_ids])
 
 
+def greedy_pairs(model, tokenizer, n: int, new_tokens: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) for the first ``n`` of `PROMPTS` (cycled), each answered
+    greedily with exactly ``new_tokens`` tokens: real samples for timing updates."""
+    pairs = []
+    for i in range(n):
+        ids = chat_ids(tokenizer, PROMPTS[i % len(PROMPTS)])
+        out = decode(model, ids, new_tokens)
+        pairs.append((ids[0].tolist(), out[0, ids.shape[1] :].tolist()))
+    return pairs
+
+
 @torch.inference_mode()
 def decode(
     model, input_ids: torch.Tensor, new_tokens: int, attention_mask=None, **kwargs

@@ -20,11 +20,9 @@ import numpy as np
 import torch
 
 from bench.common import (
-    PROMPTS,
     apply_threads,
     base_args,
-    chat_ids,
-    decode,
+    greedy_pairs,
     interleaved,
     median,
     model_meta,
@@ -54,11 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     svf = SVFModel(lm.model, lm.name, SVFConfig(progress=False))
     cfg = LearningConfig()
     pad = tok.pad_token_id or 0
-    pairs = []
-    for i in range(max(sizes)):
-        ids = chat_ids(tok, PROMPTS[i % len(PROMPTS)])
-        out = decode(svf.model, ids, 8 if args.quick else args.tokens)
-        pairs.append((ids[0].tolist(), out[0, ids.shape[1] :].tolist()))
+    pairs = greedy_pairs(svf.model, tok, max(sizes), 8 if args.quick else args.tokens)
     z0 = np.ones(svf.z_size, dtype=np.float32)
 
     def step(k: int) -> np.ndarray:

@@ -34,11 +34,9 @@ import numpy as np
 import torch
 
 from bench.common import (
-    PROMPTS,
     apply_threads,
     base_args,
-    chat_ids,
-    decode,
+    greedy_pairs,
     median,
     model_meta,
     report,
@@ -93,11 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     precision = {
         name: dataclasses.replace(learning, compute_dtype=name) for name in ("float32", "bfloat16")
     }
-    pairs = []
-    for i in range(max(sizes)):
-        ids = chat_ids(tok, PROMPTS[i % len(PROMPTS)])
-        out = decode(svf.model, ids, 8 if args.quick else args.tokens)
-        pairs.append((ids[0].tolist(), out[0, ids.shape[1] :].tolist()))
+    pairs = greedy_pairs(svf.model, tok, max(sizes), 8 if args.quick else args.tokens)
     cfg = EngineConfig(learning=learning)
     lora = LoraLearner(
         lambda: load_model(args.model, progress=False).model,

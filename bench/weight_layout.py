@@ -23,11 +23,9 @@ import numpy as np
 import torch
 
 from bench.common import (
-    PROMPTS,
     apply_threads,
     base_args,
-    chat_ids,
-    decode,
+    greedy_pairs,
     interleaved,
     median,
     model_meta,
@@ -67,11 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         requests = node_requests(lm.tokenizer, svf.z_size, n, greedy, system, keyed=True)
         for r in requests:
             svf.set_merged(torch.from_numpy(r.z), key=r.key)  # hot: in the merged LRU
-        pairs = []
-        for i in range(4):
-            ids = chat_ids(lm.tokenizer, PROMPTS[i])
-            out = decode(svf.model, ids, 24)
-            pairs.append((ids[0].tolist(), out[0, ids.shape[1] :].tolist()))
+        pairs = greedy_pairs(svf.model, lm.tokenizer, 4, 24)
         samples = [Sample(p, r, reward=1.0 if j % 2 else -2.0) for j, (p, r) in enumerate(pairs)]
         z0 = np.ones(svf.z_size, dtype=np.float32)
 

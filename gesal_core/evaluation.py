@@ -1282,11 +1282,14 @@ def run(args: argparse.Namespace) -> int:
     from .model import load_model
     from .svf import SVFConfig
 
+    def load():
+        lm = load_model(args.model, device=args.device)
+        return lm, SVFModel(lm.model, lm.name, SVFConfig(targets=args.targets))
+
     if getattr(args, "merge", None):
 
         def judge(max_new_tokens: int) -> Harness:
-            lm = load_model(args.model, device=args.device)
-            svf = SVFModel(lm.model, lm.name, SVFConfig(targets=args.targets))
+            lm, svf = load()
             sampling = SamplingConfig(max_new_tokens=max_new_tokens)
             return Harness(svf, lm.tokenizer, EngineConfig(sampling=sampling))
 
@@ -1333,8 +1336,7 @@ def run(args: argparse.Namespace) -> int:
         ),
         channel_defaults=channel,
     )
-    lm = load_model(args.model, device=args.device)
-    svf = SVFModel(lm.model, lm.name, SVFConfig(targets=args.targets))
+    lm, svf = load()
 
     def factory():
         return load_model(args.model, device=args.device, progress=False).model
