@@ -20,6 +20,10 @@ trains (the suite's default of one thread is for a shared host, see `bench.commo
 A further variant, "svf plain", runs the same fp32 `reinforce_step` with the plain
 log-prob computation it used before issue 7's optimisation (full forward, logits at every
 position, full-vocabulary log_softmax), so the speed-up is measured side by side.
+
+"shared prefix" variants flip `learning.shares_prefix`, the rule for running the prompt
+prefix every sample shares once: bf16 updates with it forced on (what the code did before
+session 23), fp32 ones with it forced off, so the rule is measured both ways.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from gesal_core.model import load_model
 from gesal_core.svf import SVFConfig, SVFModel
 
 
-def plain_sequence_logprobs(svf, z, samples, max_tokens=512, pad_id=0):
+def plain_sequence_logprobs(svf, z, samples, max_tokens=512, pad_id=0, share_prefix=False):
     """The reference computation the optimised `sequence_logprobs` must equal."""
     ids, attn, resp = _batch(samples, max_tokens, pad_id)
     with svf.factored(z):
@@ -110,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         assert res.status == "updated", res.reason
         return res.z
 
+    def svf_sharing_step(k, dtype, share):
+        with mock.patch("gesal_core.learning.shares_prefix", lambda *_: share):
+            return svf_step(k, dtype)
+
     def svf_plain_step(k):
         with mock.patch("gesal_core.learning.sequence_logprobs", plain_sequence_logprobs):
             return svf_step(k)
@@ -136,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
         ("svf_all_cores", lambda k: with_threads(cores, lambda: svf_step(k))),
         ("svf_bf16_all_cores", lambda k: with_threads(cores, lambda: svf_step(k, "bfloat16"))),
         ("svf_plain", svf_plain_step),
+        ("svf_bf16_shared_prefix", lambda k: svf_sharing_step(k, "bfloat16", True)),
+        (
+            "svf_bf16_all_cores_shared_prefix",
+            lambda k: with_threads(cores, lambda: svf_sharing_step(k, "bfloat16", True)),
+        ),
+        ("svf_unshared_prefix", lambda k: svf_sharing_step(k, "float32", False)),
         ("lora", lora_step),
         ("lora_bf16", lambda k: lora_step(k, "bfloat16")),
     )
@@ -172,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                 t[name].append(time.perf_counter() - start)
         raw[k] = t
         flops = update_flops(svf_step, k)
+        # bf16 passes run every row whole (`learning.shares_prefix`): more products
+        flops_bf16 = update_flops(lambda k: svf_step(k, "bfloat16"), k)
         m = {name: median(v) for name, v in t.items()}
         s, sb = m["svf"], m["svf_bf16"]
         # the bot's own setting: what "auto" picks, on one thread or on every core
@@ -190,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
                 "svf_bf16_all_cores_s": m["svf_bf16_all_cores"],
                 "svf_per_inner_step_s": s / learning.inner_steps,
                 "svf_plain_s": m["svf_plain"],
+                # > 1: the rule's choice (bf16 unshared, fp32 shared) was the faster one
+                "bf16_shared_over_unshared": m["svf_bf16_shared_prefix"] / sb,
+                "bf16_all_cores_shared_over_unshared": m["svf_bf16_all_cores_shared_prefix"]
+                / m["svf_bf16_all_cores"],
+                "fp32_unshared_over_shared": m["svf_unshared_prefix"] / s,
                 "plain_over_svf": m["svf_plain"] / s,
                 "lora_s": m["lora"],
                 "lora_bf16_s": m["lora_bf16"],
@@ -197,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                 "svf_vs_lora_bf16": sb / m["lora_bf16"],
                 "svf_gflop": flops / 1e9,
                 "svf_flop_bound_s": flops / 1e9 / gflops,
-                "svf_bf16_flop_bound_s": flops / 1e9 / gflops_bf16,
+                "svf_bf16_gflop": flops_bf16 / 1e9,
+                "svf_bf16_flop_bound_s": flops_bf16 / 1e9 / gflops_bf16,
                 "svf_le_1.5s": ("met" if best <= 1.5 else "not met") if k == 4 else "-",
             }
         )

@@ -355,14 +355,35 @@ def response_logprobs(
 
 
 def sequence_logprobs(
-    svf: SVFModel, z: torch.Tensor, samples: list[Sample], max_tokens: int = 512, pad_id: int = 0
+    svf: SVFModel,
+    z: torch.Tensor,
+    samples: list[Sample],
+    max_tokens: int = 512,
+    pad_id: int = 0,
+    share_prefix: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`response_logprobs` under adapter z (one (Z,) or per-row (B, Z)); differentiable in z.
 
-    One shared z means one model for every row, so the common prompt prefix runs once.
+    One shared z means one model for every row, so the common prompt prefix may run once
+    (``share_prefix``; per-row z never shares).
     """
     with svf.factored(z):
-        return response_logprobs(svf.model, samples, max_tokens, pad_id, share_prefix=z.dim() == 1)
+        share = share_prefix and z.dim() == 1
+        return response_logprobs(svf.model, samples, max_tokens, pad_id, share_prefix=share)
+
+
+def shares_prefix(svf: SVFModel, cfg: LearningConfig) -> bool:
+    """Whether an update's passes run the prompt prefix their samples share only once.
+
+    Only when the products run in the model's own precision. Sharing trades rows of the
+    main pass (the prefix times the other samples) for a second, separate pass over the
+    prefix, with its own thirty layers of small operations and few-row products, and a
+    KV cache to repeat. In fp32 the rows cost more than that and sharing pays; with bf16
+    products the rows are cheap and the extra pass is not: side by side in
+    `bench.update_step`, a k=4 update in bf16 ran faster unshared ("shared prefix"
+    columns).
+    """
+    return not svf.compute_precision.lowers(cfg.compute_dtype)
 
 
 def prior_baseline(rewards: list[float], cfg) -> float:
@@ -555,13 +576,16 @@ def reinforce_steps(
     opt = torch.optim.Adam([z], lr=lr) if cfg.optimizer == "adam" else None
     n = len(batch)
     weights = torch.ones(len(rl), device=svf.device)
+    share = shares_prefix(svf, cfg)
     loss_value, grad_norm = float("nan"), float("nan")
     for step in range(cfg.inner_steps):
         z.grad = None
         loss_sum = 0.0
         for lo, part in plan.passes(cfg.micro_batch):
             with svf.compute_precision(cfg.compute_dtype):
-                logp, ntok = sequence_logprobs(svf, z, part.rl + part.demos, cfg.max_tokens, pad_id)
+                logp, ntok = sequence_logprobs(
+                    svf, z, part.rl + part.demos, cfg.max_tokens, pad_id, share_prefix=share
+                )
             w = weights[lo : lo + len(part.rl)]
             if step == 0:  # truncated importance weights for samples from an older z
                 stale = [

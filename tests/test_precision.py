@@ -100,6 +100,29 @@ def test_a_bf16_step_points_the_way_the_fp32_one_does(svf):
     assert next(iter(svf.layers.values())).U.dtype == torch.float32
 
 
+def test_only_full_precision_updates_run_the_shared_prefix_once(svf):
+    """`learning.shares_prefix`: with bf16 products a separate prefix pass cost more than
+    the rows it saves (`bench.update_step`), so those passes run every row whole."""
+    prefix = list(range(3, 15))  # 12 shared tokens: enough to share (at least 8)
+    samples = [
+        Sample(prefix + [40, 41], [50, 60, 2], reward=1.0),
+        Sample(prefix + [42], [80, 20, 2], reward=-2.0),
+    ]
+    calls = []
+    hook = svf.model.model.register_forward_hook(
+        lambda m, a, kw, out: calls.append(1), with_kwargs=True
+    )
+    z0 = np.ones(svf.z_size, dtype=np.float32)
+    try:
+        for dtype, per_pass in (("float32", 2), ("bfloat16", 1)):
+            calls.clear()
+            cfg = LearningConfig(inner_steps=3, compute_dtype=dtype)
+            assert reinforce_step(svf, z0, samples, 0.0, cfg).status == "updated"
+            assert len(calls) == 3 * per_pass, dtype  # the decoder's calls: 3 inner steps
+    finally:
+        hook.remove()
+
+
 def test_a_non_finite_bf16_update_rolls_back(svf):
     sample = Sample([1, 5, 9], [50, 60, 2], reward=float("nan"))
     z0 = np.ones(svf.z_size, dtype=np.float32)
