@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from bench.common import PROMPTS, apply_threads, base_args, chat_ids, decode, model_meta, report
-from gesal_core.learning import LearningConfig, Sample, sequence_logprobs, shares_prefix
+from gesal_core.learning import Sample, sequence_logprobs, shares_prefix
 from gesal_core.model import load_model
 from gesal_core.svf import SVFConfig, SVFModel
 
@@ -28,7 +28,7 @@ from gesal_core.svf import SVFConfig, SVFModel
 def _gradient(svf: SVFModel, samples: list[Sample], dtype: str, pad: int):
     """d loss / dz at z = 1 and the summed log-probs, as an update computes them."""
     z = svf.trainable()
-    share = shares_prefix(svf, LearningConfig(compute_dtype=dtype))
+    share = shares_prefix(svf, dtype)
     with svf.compute_precision(dtype):
         logp, ntok = sequence_logprobs(svf, z, samples, pad_id=pad, share_prefix=share)
     if samples[0].demo:

@@ -372,8 +372,9 @@ def sequence_logprobs(
         return response_logprobs(svf.model, samples, max_tokens, pad_id, share_prefix=share)
 
 
-def shares_prefix(svf: SVFModel, cfg: LearningConfig) -> bool:
-    """Whether an update's passes run the prompt prefix their samples share only once.
+def shares_prefix(svf: SVFModel, compute_dtype: str) -> bool:
+    """Whether an update's passes, with products in ``compute_dtype``
+    (`LearningConfig.compute_dtype`), run the prompt prefix their samples share only once.
 
     Only when the products run in the model's own precision. Sharing trades rows of the
     main pass (the prefix times the other samples) for a second, separate pass over the
@@ -383,7 +384,7 @@ def shares_prefix(svf: SVFModel, cfg: LearningConfig) -> bool:
     `bench.update_step`, a k=4 update in bf16 ran faster unshared ("shared prefix"
     columns).
     """
-    return not svf.compute_precision.lowers(cfg.compute_dtype)
+    return not svf.compute_precision.lowers(compute_dtype)
 
 
 def prior_baseline(rewards: list[float], cfg) -> float:
@@ -576,7 +577,7 @@ def reinforce_steps(
     opt = torch.optim.Adam([z], lr=lr) if cfg.optimizer == "adam" else None
     n = len(batch)
     weights = torch.ones(len(rl), device=svf.device)
-    share = shares_prefix(svf, cfg)
+    share = shares_prefix(svf, cfg.compute_dtype)
     loss_value, grad_norm = float("nan"), float("nan")
     for step in range(cfg.inner_steps):
         z.grad = None
