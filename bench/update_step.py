@@ -21,6 +21,10 @@ A further variant, "svf plain", runs the same fp32 `reinforce_step` with the pla
 log-prob computation it used before issue 7's optimisation (full forward, logits at every
 position, full-vocabulary log_softmax), so the speed-up is measured side by side.
 
+"compiled" variants are the bf16 update with `LearningConfig.compile` on: the passes run
+through the model's forward under `torch.compile` (`gesal_core.svf.compiled`), compiled
+once before the timed rounds; the JSON records how long that took.
+
 "shared prefix" variants flip `learning.shares_prefix`, the rule for running the prompt
 prefix every sample shares once: bf16 updates with it forced on (what the code did before
 session 23), fp32 ones with it forced off, so the rule is measured both ways.
@@ -49,7 +53,13 @@ from bench.common import (
 )
 from gesal_core.engine import EngineConfig
 from gesal_core.evaluation import LoraLearner
-from gesal_core.learning import LearningConfig, Sample, _batch, reinforce_step
+from gesal_core.learning import (
+    LearningConfig,
+    Sample,
+    _batch,
+    reinforce_step,
+    warm_up_compiled,
+)
 from gesal_core.model import load_model
 from gesal_core.svf import SVFConfig, SVFModel
 
@@ -95,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     precision = {
         name: dataclasses.replace(learning, compute_dtype=name) for name in ("float32", "bfloat16")
     }
+    compiled = dataclasses.replace(precision["bfloat16"], compile=True)
     pairs = greedy_pairs(svf.model, tok, max(sizes), 8 if args.quick else args.tokens)
     cfg = EngineConfig(learning=learning)
     lora = LoraLearner(
@@ -110,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         samples = [
             Sample(p, r, reward=1.0 if j % 2 == 0 else -2.0) for j, (p, r) in enumerate(pairs[:k])
         ]
-        res = reinforce_step(svf, z0, samples, 0.0, precision[dtype], pad)
+        cfg = compiled if dtype == "compiled" else precision[dtype]
+        res = reinforce_step(svf, z0, samples, 0.0, cfg, pad)
         assert res.status == "updated", res.reason
         return res.z
 
@@ -136,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         svf_step(1, dtype)
         lora_step(1, dtype)
     cores = os.cpu_count() or 1
+    print("compiling the update passes (minutes on a CPU) …", flush=True)
+    compile_s = with_threads(cores, lambda: warm_up_compiled(svf, compiled, pad))
+    if svf.compiled_passes.failed:
+        raise SystemExit(f"compiling failed: {svf.compiled_passes.failed}")
+    print(f"compiled in {compile_s:.1f} s", flush=True)
     auto = "bfloat16" if svf.compute_precision.resolve("auto") is torch.bfloat16 else "float32"
 
     variants = (
@@ -150,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
             lambda k: with_threads(cores, lambda: svf_sharing_step(k, "bfloat16", True)),
         ),
         ("svf_unshared_prefix", lambda k: svf_sharing_step(k, "float32", False)),
+        ("svf_bf16_compiled", lambda k: svf_step(k, "compiled")),
+        (
+            "svf_bf16_all_cores_compiled",
+            lambda k: with_threads(cores, lambda: svf_step(k, "compiled")),
+        ),
         ("lora", lora_step),
         ("lora_bf16", lambda k: lora_step(k, "bfloat16")),
     )
@@ -166,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         # rounding into visible differences: the relative L2 difference of the steps says
         # more than the largest component)
         za, zp, zb = svf_step(k), svf_plain_step(k), svf_step(k, "bfloat16")
-        step, step_bf16 = za - z0, zb - z0
+        zc = svf_step(k, "compiled")
+        step, step_bf16, step_c = za - z0, zb - z0, zc - z0
         z_diff[k] = {
             "max_abs": float(np.abs(za - zp).max()),
             "relative_l2_of_step": float(np.linalg.norm(za - zp) / np.linalg.norm(zp - z0)),
@@ -176,6 +199,13 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "bf16_vs_fp32_relative_l2": float(
                 np.linalg.norm(step_bf16 - step) / np.linalg.norm(step)
+            ),
+            # compiled bf16 against eager bf16 (and fp32): the same maths, other rounding
+            "compiled_vs_bf16_cosine": float(
+                step_c @ step_bf16 / np.linalg.norm(step_c) / np.linalg.norm(step_bf16)
+            ),
+            "compiled_vs_fp32_cosine": float(
+                step_c @ step / np.linalg.norm(step_c) / np.linalg.norm(step)
             ),
         }
         t: dict[str, list[float]] = {name: [] for name, _ in variants}
@@ -220,7 +250,18 @@ def main(argv: list[str] | None = None) -> int:
                 "svf_flop_bound_s": flops / 1e9 / gflops,
                 "svf_bf16_gflop": flops_bf16 / 1e9,
                 "svf_bf16_flop_bound_s": flops_bf16 / 1e9 / gflops_bf16,
+                "svf_bf16_compiled_s": m["svf_bf16_compiled"],
+                "svf_bf16_all_cores_compiled_s": m["svf_bf16_all_cores_compiled"],
+                # > 1: compiling made the update faster, side by side
+                "bf16_eager_over_compiled": sb / m["svf_bf16_compiled"],
+                "bf16_all_cores_eager_over_compiled": m["svf_bf16_all_cores"]
+                / m["svf_bf16_all_cores_compiled"],
                 "svf_le_1.5s": ("met" if best <= 1.5 else "not met") if k == 4 else "-",
+                "compiled_le_1.5s": (
+                    ("met" if m["svf_bf16_all_cores_compiled"] <= 1.5 else "not met")
+                    if k == 4
+                    else "-"
+                ),
             }
         )
     report(
@@ -234,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             "matmul_gflops": gflops,
             "matmul_gflops_bf16": gflops_bf16,
             "auto_compute_dtype": auto,
+            "compile_s": compile_s,
             "bf16_weight_copies_mb": copies_mb,
             "z_difference_svf_vs_plain": z_diff,
             "response_tokens": len(pairs[0][1]),

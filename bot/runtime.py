@@ -103,7 +103,24 @@ async def load_engine_steps(settings: Settings, store, progress: BootProgress) -
 
     svf = await run_step(progress, "SVD of the adapted weights (cached later)", svd_step)
     config = settings.engine_config()
+    await compile_updates_step(svf, config.learning, lm.tokenizer.pad_token_id or 0, progress)
     return Engine(svf, lm.tokenizer, store, config, model_name=lm.name)
+
+
+async def compile_updates_step(svf, learning, pad_id: int, progress: BootProgress) -> None:
+    """With ``GESAL_COMPILE_UPDATES``, compile the update passes now, before the bot
+    answers anyone: the first training update would otherwise stall on it for minutes
+    (`gesal_core.svf.compiled`). A compiler that fails leaves updates eager, and says so."""
+    if not learning.compile:
+        return
+    from gesal_core.learning import warm_up_compiled
+
+    async def step(s):
+        took = await in_thread(warm_up_compiled, svf, learning, pad_id)
+        failed = svf.compiled_passes.failed
+        s.detail = f"failed, updates run eagerly: {failed}" if failed else f"{took:.0f} s"
+
+    await run_step(progress, "Compiling the update passes (minutes, once)", step)
 
 
 async def build_runtime(
@@ -172,4 +189,11 @@ def schedule_status(sched: Any) -> dict:
     return {"next_run": when.timestamp() if when else None, "running": job is not None}
 
 
-__all__ = ["Runtime", "build_runtime", "load_engine_steps", "open_store_step", "schedule_status"]
+__all__ = [
+    "Runtime",
+    "build_runtime",
+    "compile_updates_step",
+    "load_engine_steps",
+    "open_store_step",
+    "schedule_status",
+]

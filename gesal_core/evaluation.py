@@ -1128,6 +1128,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="dtype of an update's matrix products (auto: bf16 where this machine runs it "
         "faster; answers are always computed in the model's dtype)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run gesal's update passes under torch.compile (LearningConfig.compile; "
+        "minutes of compiling first)",
+    )
     p.add_argument("--threshold", type=float, default=None, help="routing θ (default: 0.15)")
     p.add_argument(
         "--explore-max-temperature",
@@ -1333,6 +1339,7 @@ def run(args: argparse.Namespace) -> int:
             rejected_step=args.rejected_step,
             max_drift=args.max_drift,
             compute_dtype=args.compute_dtype,
+            compile=args.compile,
         ),
         channel_defaults=channel,
     )

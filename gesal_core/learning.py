@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ import torch
 from .errors import GesalError
 from .generate import cache_kwargs, cache_of, decoder_of
 from .svf import SVFModel
+from .svf.precision import SAFE_ROWS
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,12 @@ class LearningConfig:
     # side in `bench.update_step` on our dev CPU, bf16 made an update on 4 samples 2.92x
     # faster, and its step pointed the way the fp32 one does (cosine 0.993).
     compute_dtype: str = "auto"
+    # Run an update's passes through the model's forward under torch.compile
+    # (`gesal_core.svf.compiled`): side by side in `bench.update_step` a k=4 update ran
+    # 1.4x faster on both cores, for minutes of compiling once per process (at start-up,
+    # `warm_up_compiled`). Off by default for that wait; GESAL_COMPILE_UPDATES turns it on.
+    # Compiled passes run every row whole, whatever `shares_prefix` says.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.demo_focus <= 1.0:
@@ -297,15 +305,45 @@ def target_logprobs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return _TargetLogprob.apply(logits, target)
 
 
+# the fewest positions (rows × tokens) a compiled pass runs (`_pad_for_compiled`)
+COMPILED_MIN_TOKENS = 64
+
+
+def _pad_for_compiled(ids, attn, weight, first: int, pad_id: int):
+    """Right-pad a pass for the compiled forward so that every pass falls on the side of
+    each size test that the warm-up compiled. A compiled graph guards on such tests, and
+    failing one recompiles: minutes on a CPU, in the middle of an update (on the bundled
+    model a one-sample pass after a warm-up did). The tests: whether any row is padded
+    (the attention mask's path), inductor's kernel choice below 64 positions, and the
+    LM head's row padding below `SAFE_ROWS` rows (`svf.precision`). Padding is masked
+    out and weighs nothing, so the values and gradients are the same.
+    """
+    rows, width = ids.shape
+    want = max(
+        width + 1,  # at least one padded position: the padded-mask path, always
+        -(-COMPILED_MIN_TOKENS // rows),
+        first - 1 + -(-SAFE_ROWS // rows),  # the LM head scores `keep` positions per row
+    )
+    extra = want - width
+    return (
+        torch.nn.functional.pad(ids, (0, extra), value=pad_id),
+        torch.nn.functional.pad(attn, (0, extra)),
+        torch.nn.functional.pad(weight, (0, extra)),
+    )
+
+
 def response_logprobs(
     model: torch.nn.Module,
     samples: list[Sample],
     max_tokens: int = 512,
     pad_id: int = 0,
     share_prefix: bool = False,
+    forward: Callable[..., Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum, count) of log π over each sample's response tokens, for any causal LM; a
     sample with `Sample.weights` gets their weighted sum and the sum of its weights.
+    ``forward`` replaces ``model(...)`` for a pass that runs every row whole (a compiled
+    forward, `gesal_core.svf.compiled`).
 
     Sequences are right-padded, so positions are the natural 0..T-1 of each row and the
     token at position t is predicted by the logits at t-1.
@@ -328,6 +366,9 @@ def response_logprobs(
     # earliest response token of any row; the logits one position before predict it
     first = int(torch.where(has, resp.float().argmax(1), width).min()) if has.any() else width
     first = max(first, 1)
+    if forward is not None:
+        ids, attn, weight = _pad_for_compiled(ids, attn, weight, first, pad_id)
+        width = ids.shape[1]
     prefix = 0
     if share_prefix and len(samples) > 1:
         prefix = _shared_prefix(ids, attn, first - 1)  # keep the predicting logits after it
@@ -345,7 +386,8 @@ def response_logprobs(
             logits_to_keep=keep,
         ).logits
     else:
-        logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits
+        call = forward or model
+        logits = call(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits
     # the last position predicts nothing: score it against a dummy token and drop it,
     # rather than slice the logits (a slice's backward is one more vocabulary-sized buffer)
     target = torch.nn.functional.pad(ids[:, first:], (0, 1))
@@ -361,15 +403,20 @@ def sequence_logprobs(
     max_tokens: int = 512,
     pad_id: int = 0,
     share_prefix: bool = True,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`response_logprobs` under adapter z (one (Z,) or per-row (B, Z)); differentiable in z.
 
     One shared z means one model for every row, so the common prompt prefix may run once
-    (``share_prefix``; per-row z never shares).
+    (``share_prefix``; per-row z never shares). ``compiled``: a pass that does not share
+    runs the model's compiled forward (`SVFModel.compiled_passes`).
     """
     with svf.factored(z):
         share = share_prefix and z.dim() == 1
-        return response_logprobs(svf.model, samples, max_tokens, pad_id, share_prefix=share)
+        forward = svf.compiled_passes if compiled and not share else None
+        return response_logprobs(
+            svf.model, samples, max_tokens, pad_id, share_prefix=share, forward=forward
+        )
 
 
 def shares_prefix(svf: SVFModel, compute_dtype: str) -> bool:
@@ -523,6 +570,31 @@ def _logprobs_now(svf, z, rl, stale, logp, cfg, pad_id) -> list[float]:
     return [float(v) for v in exact]
 
 
+def warm_up_compiled(svf: SVFModel, cfg: LearningConfig, pad_id: int = 0) -> float:
+    """Compile the update passes now (`LearningConfig.compile`), on throwaway samples and
+    a throwaway z, so that no real update stalls on it; returns the seconds it took.
+
+    A pass of one sample and a pass of several are the two shapes compiled; the samples
+    differ in length, as real ones do, so the padded path is the one compiled. Nothing
+    is learnt: the gradient goes to a z that is dropped.
+    """
+    if not cfg.compile:
+        return 0.0
+    vocab = svf.model.get_input_embeddings().num_embeddings
+
+    def run_pass(rows: int) -> None:
+        ids = [(pad_id + 1 + i) % vocab for i in range(80)]
+        samples = [Sample(ids[: 30 + 3 * i], ids[50:74], reward=1.0) for i in range(rows)]
+        z = svf.trainable()
+        with svf.compute_precision(cfg.compute_dtype):
+            logp, _ = sequence_logprobs(
+                svf, z, samples, cfg.max_tokens, pad_id, share_prefix=False, compiled=True
+            )
+        logp.sum().backward()
+
+    return svf.compiled_passes.warm_up(run_pass)
+
+
 def reinforce_step(*args, **kwargs) -> StepResult:
     """One bounded policy-gradient update of a node's z, all at once: `reinforce_steps`
     (same arguments) run to the end, for callers with nothing to interleave. Never raises
@@ -577,7 +649,12 @@ def reinforce_steps(
     opt = torch.optim.Adam([z], lr=lr) if cfg.optimizer == "adam" else None
     n = len(batch)
     weights = torch.ones(len(rl), device=svf.device)
-    share = shares_prefix(svf, cfg.compute_dtype)
+    # a compiled pass runs every row whole: the prefix pass, with its KV cache, is what
+    # compiling would have to cover twice, and its small operations are what it saves
+    compiled = cfg.compile
+    share = not compiled and shares_prefix(svf, cfg.compute_dtype)
+    if compiled and not svf.compiled_passes.warmed:
+        warm_up_compiled(svf, cfg, pad_id)
     loss_value, grad_norm = float("nan"), float("nan")
     for step in range(cfg.inner_steps):
         z.grad = None
@@ -585,7 +662,13 @@ def reinforce_steps(
         for lo, part in plan.passes(cfg.micro_batch):
             with svf.compute_precision(cfg.compute_dtype):
                 logp, ntok = sequence_logprobs(
-                    svf, z, part.rl + part.demos, cfg.max_tokens, pad_id, share_prefix=share
+                    svf,
+                    z,
+                    part.rl + part.demos,
+                    cfg.max_tokens,
+                    pad_id,
+                    share_prefix=share,
+                    compiled=compiled,
                 )
             w = weights[lo : lo + len(part.rl)]
             if step == 0:  # truncated importance weights for samples from an older z

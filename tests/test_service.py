@@ -80,6 +80,10 @@ def test_settings_from_env_and_dotenv(monkeypatch, tmp_path):
     from gesal_core.guard import GuardConfig
 
     assert s.engine_config().guard == GuardConfig()
+    # compiled updates: off as in the library unless a deployment turns them on
+    assert learning.compile is LearningConfig().compile is False
+    monkeypatch.setenv("GESAL_COMPILE_UPDATES", "1")
+    assert load_settings(env).engine_config().learning.compile is True
     monkeypatch.setenv("GESAL_GUARD_SAMPLED", "true")
     assert load_settings(env).engine_config().guard.sampled is True
     # secrets never show up in reprs or the loggable summary

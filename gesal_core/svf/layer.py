@@ -111,9 +111,9 @@ class SVFLinear(nn.Module):
         if scale.dim() == 2 and scale.shape[0] != x.shape[0]:
             raise ValueError(f"per-row z has {scale.shape[0]} rows but the batch has {x.shape[0]}")
         lo, hi = state.weight_first_rows
-        if lo <= x.numel() // self.in_features < hi and not (
-            torch.is_grad_enabled() and state.z.requires_grad
-        ):
+        # (the gradient test first: a compiled update pass must not guard on its rows)
+        training = torch.is_grad_enabled() and state.z.requires_grad
+        if not training and lo <= x.numel() // self.in_features < hi:
             return self._weight_first(x, scale)
         if scale.dim() == 2:  # one adapter per batch row: (B, r) -> (B, 1, ..., 1, r)
             scale = scale.view(scale.shape[0], *([1] * (x.dim() - 2)), self.rank)

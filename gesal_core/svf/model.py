@@ -24,6 +24,7 @@ from ..errors import SVFError
 from ..layout import is_input_major, weight_first_rows
 from ..paths import cache_dir
 from .cache import MergedCache
+from .compiled import CompiledPasses
 from .config import ATTENTION_PARENTS, MLP_PARENTS, TARGET_SETS, SVFConfig
 from .layer import SVFLinear, SVFState
 from .precision import ComputePrecision
@@ -171,6 +172,8 @@ class SVFModel:
         self.merged_cache = MergedCache(int(self.config.merged_cache_mb * 2**20))
         # `compute_precision("auto")`: an update's products in bf16 where that is fast
         self.compute_precision = ComputePrecision(model)
+        # the model's forward under torch.compile, for updates that ask (compiled lazily)
+        self.compiled_passes = CompiledPasses(model)
         model.requires_grad_(False)
 
     # -- z vectors -------------------------------------------------------------------
