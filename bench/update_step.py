@@ -64,7 +64,9 @@ from gesal_core.model import load_model
 from gesal_core.svf import SVFConfig, SVFModel
 
 
-def plain_sequence_logprobs(svf, z, samples, max_tokens=512, pad_id=0, share_prefix=False):
+def plain_sequence_logprobs(
+    svf, z, samples, max_tokens=512, pad_id=0, share_prefix=False, compiled=False
+):
     """The reference computation the optimised `sequence_logprobs` must equal."""
     ids, attn, resp = _batch(samples, max_tokens, pad_id)
     with svf.factored(z):

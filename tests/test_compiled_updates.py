@@ -6,6 +6,7 @@ Compiling, even the tiny model, takes tens of seconds, so these are marked slow.
 
 import dataclasses
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -138,3 +139,19 @@ def test_the_bot_compiles_at_start_up_and_shows_it(svf):
     (step,) = progress.steps
     assert step.state == "done" and step.detail.endswith(" s")
     assert svf.compiled_passes.warmed and svf.compiled_passes.calls == 2
+
+
+def test_the_compile_cache_lives_with_the_other_caches(tiny_llama, tmp_path, monkeypatch):
+    from gesal_core.svf.compiled import CompiledPasses
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("GESAL_CACHE_DIR", str(tmp_path))
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("not compiling in this test")
+
+    passes = CompiledPasses(tiny_llama, backend=broken_backend)
+    out = passes(input_ids=torch.tensor([[5, 6, 7]]))  # eager after the failure
+    assert out.logits.shape[:2] == (1, 3)
+    # a container keeps GESAL_CACHE_DIR on a volume; /tmp, inductor's default, it loses
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "torchinductor")

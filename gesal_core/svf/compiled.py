@@ -26,12 +26,15 @@ with one warning: the update is the same maths either way.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,9 @@ class CompiledPasses:
         if self.failed:
             return self._model(**inputs)
         if self._compiled is None:
+            # inductor's on-disk cache halves the next process's compile; under /tmp (its
+            # default) a container restart loses it, so it goes where the SVD cache is
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "torchinductor"))
             self._compiled = torch.compile(self._model.forward, backend=self._backend, dynamic=True)
         try:
             out = self._compiled(**inputs)
