@@ -24,8 +24,8 @@ Variable names (case-insensitive):
 ``GESAL_REWARD_UP/DOWN``       default rewards of 👍 / 👎
 ``GESAL_UPDATE_DTYPE``         matrix products of a training update: ``auto`` (bf16
                                where measured faster here), ``float32``, ``bfloat16``
-``GESAL_COMPILE_UPDATES``      run training updates through ``torch.compile`` (about
-                               1.4x faster updates; minutes of compiling at start-up)
+``GESAL_COMPILE_UPDATES``      run training updates through ``torch.compile`` (1.37x
+                               faster here; minutes of compiling at start-up)
 ``GESAL_LEARNING_RATE``        Adam step size of a training update (6e-3 with max step 6
                                learns faster and keeps less; README, "Evaluation")
 ``GESAL_MAX_STEP``             bound on how far one update moves a node's z (L2)
