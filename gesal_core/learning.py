@@ -122,7 +122,8 @@ class LearningConfig:
     # Run an update's passes through the model's forward under torch.compile
     # (`gesal_core.svf.compiled`): side by side in `bench.update_step` a k=4 update ran
     # 1.37x faster on both cores (1.17 s), for minutes of compiling once per process (at
-    # start-up, `warm_up_compiled`). Off by default for that wait; GESAL_COMPILE_UPDATES turns it on.
+    # start-up, `warm_up_compiled`). Off by default for that wait; GESAL_COMPILE_UPDATES
+    # turns it on.
     # Compiled passes run every row whole, whatever `shares_prefix` says.
     compile: bool = False
 
