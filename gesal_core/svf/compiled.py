@@ -10,17 +10,16 @@ cheaper to compile, but every layer differs in an integer (its index, its slice 
 so dynamo compiled each anew and hit its recompile limit.
 
 The price is compile time, paid once per process and batch shape (a pass of one sample
-is its own shape: dynamo specialises sizes 0 and 1): minutes on a CPU, about half of
-that when inductor's on-disk cache is warm from an earlier run. So it is off by default
+is its own shape: dynamo specialises sizes 0 and 1): minutes on a CPU, less when
+inductor's on-disk cache is warm from an earlier run. So it is off by default
 (`LearningConfig.compile`, ``GESAL_COMPILE_UPDATES``), and `CompiledPasses.warm_up`
 pays it before the first real update (`learning.warm_up_compiled`; the bot runs it at
 start-up, where a stall makes nobody's answer late).
 
 Only an update's passes with gradients use it, and they then run every row whole (no
 shared prompt prefix: `learning.reinforce_steps`); scoring without gradients and serving
-stay eager. If
-compiling fails (no C++ compiler, an unsupported model), the passes fall back to eager
-with one warning: the update is the same maths either way.
+stay eager. If compiling fails (no C++ compiler, an unsupported model), the passes fall
+back to eager with one warning: the update is the same maths either way.
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ class CompiledPasses:
         if self.failed:
             return self._model(**inputs)
         if self._compiled is None:
-            # inductor's on-disk cache halves the next process's compile; under /tmp (its
+            # inductor's on-disk cache shortens the next process's compile; under /tmp (its
             # default) a container restart loses it, so it goes where the SVD cache is
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "torchinductor"))
             self._compiled = torch.compile(self._model.forward, backend=self._backend, dynamic=True)
