@@ -51,6 +51,7 @@ from .learning import (
     response_logprobs,
     sequence_logprobs,
     settle_scale,
+    warm_up_compiled,
 )
 from .records import ChannelConfig
 from .store import MemoryStore
@@ -1349,6 +1350,11 @@ def run(args: argparse.Namespace) -> int:
         return load_model(args.model, device=args.device, progress=False).model
 
     harness = Harness(svf, lm.tokenizer, cfg, model_factory=factory)
+    if cfg.learning.compile and {"gesal", "svf-single"} & set(ec.methods):  # else: a stall
+        print("compiling the update passes (minutes on a CPU) ...", flush=True)
+        took = warm_up_compiled(svf, cfg.learning, lm.tokenizer.pad_token_id or 0)
+        failed = svf.compiled_passes.failed
+        print(f"  failed, updates run eagerly: {failed}" if failed else f"  done in {took:.0f} s")
     out = Path(ec.out)
     stem = f"eval-{task.name}"
     meta = {
