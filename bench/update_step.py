@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         samples = [
             Sample(p, r, reward=1.0 if j % 2 == 0 else -2.0) for j, (p, r) in enumerate(pairs[:k])
         ]
-        cfg = compiled if dtype == "compiled" else precision[dtype]
-        res = reinforce_step(svf, z0, samples, 0.0, cfg, pad)
+        step_cfg = compiled if dtype == "compiled" else precision[dtype]
+        res = reinforce_step(svf, z0, samples, 0.0, step_cfg, pad)
         assert res.status == "updated", res.reason
         return res.z
 

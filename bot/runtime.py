@@ -117,8 +117,7 @@ async def compile_updates_step(svf, learning, pad_id: int, progress: BootProgres
 
     async def step(s):
         took = await in_thread(warm_up_compiled, svf, learning, pad_id)
-        failed = svf.compiled_passes.failed
-        s.detail = f"failed, updates run eagerly: {failed}" if failed else f"{took:.0f} s"
+        s.detail = svf.compiled_passes.outcome(took)
 
     await run_step(progress, "Compiling the update passes (minutes, once)", step)
 

@@ -1353,8 +1353,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.learning.compile and {"gesal", "svf-single"} & set(ec.methods):  # else: a stall
         print("compiling the update passes (minutes on a CPU) ...", flush=True)
         took = warm_up_compiled(svf, cfg.learning, lm.tokenizer.pad_token_id or 0)
-        failed = svf.compiled_passes.failed
-        print(f"  failed, updates run eagerly: {failed}" if failed else f"  done in {took:.0f} s")
+        print(f"  {svf.compiled_passes.outcome(took)}", flush=True)
     out = Path(ec.out)
     stem = f"eval-{task.name}"
     meta = {

@@ -66,6 +66,10 @@ class CompiledPasses:
         self.calls += 1
         return out
 
+    def outcome(self, took: float) -> str:
+        """What a warm-up that took ``took`` seconds came to, for people to read."""
+        return f"failed, updates run eagerly: {self.failed}" if self.failed else f"{took:.0f} s"
+
     def _give_up(self, exc: BaseException) -> None:
         # dynamo wraps the compiler's own error; say what the compiler said
         while (inner := exc.__cause__ or getattr(exc, "inner_exception", None)) is not None:
