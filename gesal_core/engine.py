@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import graph
+from . import graph, snapshot
 from .embedding import PromptEmbedder
 from .errors import GesalError
 from .generate import Prompt, SamplingConfig, build_prompt
@@ -39,8 +39,6 @@ from .svf import SVFModel
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
-EXPORT_FORMAT = "gesal-graph"
-EXPORT_VERSION = 1
 MAX_MESSAGE_CHARS = 8000
 
 
@@ -656,24 +654,19 @@ class Engine:
         await self.worker.run(self.serving.forget, channel)
 
     async def export(self, channel: str) -> dict:
-        """A versioned, self-contained JSON-able snapshot of a channel's graph and history.
+        """A versioned, self-contained JSON-able snapshot of a channel's graph and history
+        (`gesal_core.snapshot`).
 
         Pending (not yet trained) feedback is not part of it; votes on replies are.
         """
-        nodes = sorted(await self.store.load_nodes(channel), key=lambda n: n.node_id)
-        replies = sorted(
-            await self.store.list_replies(channel), key=lambda r: (r.created_at, r.reply_id)
+        return snapshot.build(
+            channel,
+            {"name": self.model_name, "z_size": self.svf.z_size},
+            await self.store.get_config(channel),
+            await self.store.load_nodes(channel),
+            await self.store.list_replies(channel),
+            (await self.store.meta(channel)).get("merged", {}),
         )
-        return {
-            "format": EXPORT_FORMAT,
-            "version": EXPORT_VERSION,
-            "channel": channel,
-            "model": {"name": self.model_name, "z_size": self.svf.z_size},
-            "vector_encoding": "base64 little-endian float32",
-            "config": asdict(await self.store.get_config(channel)),
-            "nodes": [n.to_dict() for n in nodes],
-            "replies": [r.to_dict() for r in replies],
-        }
 
     @staticmethod
     def dumps(data: dict) -> str:
@@ -681,39 +674,29 @@ class Engine:
         return json.dumps(data, sort_keys=True, ensure_ascii=False, indent=1) + "\n"
 
     async def import_graph(self, channel: str, data: dict) -> dict:
-        """Replace a channel's graph with an export (possibly from another channel)."""
-        if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
-            raise GesalError("this file is not a gesal-bot graph export")
-        if data.get("version") != EXPORT_VERSION:
-            raise GesalError(
-                f"unsupported export version {data.get('version')!r} "
-                f"(this build reads version {EXPORT_VERSION})"
-            )
-        z_size = data.get("model", {}).get("z_size")
-        if z_size != self.svf.z_size:
-            raise GesalError(
-                f"the export was made for a model with {z_size} SVF components; "
-                f"this model has {self.svf.z_size}"
-            )
-        try:
-            nodes = [Node.from_dict(d) for d in data["nodes"]]
-            replies = [Reply.from_dict(d) for d in data["replies"]]
-            cfg = ChannelConfig.from_dict(data.get("config", {}))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise GesalError(f"the export is damaged: {exc}") from exc
-        for n in nodes:
-            if n.z.shape != (self.svf.z_size,) or not np.isfinite(n.z).all():
-                raise GesalError(f"node {n.node_id} has an invalid z vector")
+        """Replace a channel's graph with an export (possibly from another channel).
+
+        The whole file is checked first (`snapshot.parse`): a bad one changes nothing.
+        """
+        config = getattr(self.svf.model, "config", None)
+        snap = snapshot.parse(
+            data,
+            self.svf.z_size,
+            getattr(config, "hidden_size", None),  # prompts embed as mean hidden states
+            getattr(config, "vocab_size", None),
+        )
         await self.store.reset(channel)
-        await self.store.set_config(channel, cfg)
-        for n in nodes:
+        await self.store.set_config(channel, snap.config)
+        if snap.merged:
+            await self.store.set_meta(channel, merged=snap.merged)
+        for n in snap.nodes:
             await self.store.save_node(channel, n)
-        for r in replies:
+        for r in snap.replies:
             await self.store.put_reply(channel, r)
         # the imported nodes keep their ids and versions: what this process cached under
         # those keys may be another z (an export of a copy trained elsewhere)
         await self.worker.run(self.serving.forget, channel)
-        return {"nodes": len(nodes), "replies": len(replies)}
+        return {"nodes": len(snap.nodes), "replies": len(snap.replies)}
 
 
 __all__ = [

@@ -39,7 +39,7 @@ import torch
 from .embedding import PromptEmbedder
 from .engine import Engine, EngineConfig
 from .generate import SamplingConfig, build_prompt, generate
-from .guard import GuardConfig, content_words, judge_answers, on_topic
+from .guard import UNRELATED_PROBES, GuardConfig, content_words, judge_answers, on_topic
 from .learning import (
     Batch,
     LearningConfig,
@@ -77,14 +77,25 @@ class Task:
     train: list[str]
     heldout: list[str]
     complies: Callable[[str, str], bool]
-    constant_answer_level: float | None = None  # best score of one constant answer
+    # the best score of one constant answer on the given held-out prompts (counting: a
+    # method that collapses to one number scores this, and it is no learning); a function
+    # of the prompts, so that `--heldout N` cutting the list gets the level of what is left
+    constant_answer: Callable[[list[str]], float] | None = None
     predict: Callable[[str], str] | None = None  # what the answer "says", for distributions
     correct: Callable[[str, str], str] | None = None  # a member's better answer, if any
     # key facts per held-out prompt: words of which a right answer names at least one
     facts: dict[str, tuple[str, ...]] | None = None
+    # a member's vote other than "+1 if it complies, else -1" (a user task's own `vote`)
+    voter: Callable[[str, str], int] | None = None
 
     def vote(self, prompt: str, answer: str) -> int:
+        if self.voter is not None:
+            return self.voter(prompt, answer)
         return 1 if self.complies(prompt, answer) else -1
+
+    @property
+    def constant_answer_level(self) -> float | None:
+        return self.constant_answer(self.heldout) if self.constant_answer else None
 
 
 QUESTIONS = [
@@ -363,19 +374,23 @@ def counting() -> Task:
     def count_task(words: list[str]) -> list[str]:
         return [f"How many r's are in the word '{w}'?" for w in words]
 
-    def correct(p: str, a: str) -> bool:
-        word = re.search(r"'(\w+)'", p).group(1)
-        return _first_int(a) == str(word.count("r"))
+    def answer(p: str) -> str:
+        return str(re.search(r"'(\w+)'", p).group(1).count("r"))
 
-    held = WORDS[16:]
-    counts = Counter(w.count("r") for w in held)
+    def correct(p: str, a: str) -> bool:
+        return _first_int(a) == answer(p)
+
+    def constant(prompts: list[str]) -> float:
+        counts = Counter(answer(p) for p in prompts)
+        return max(counts.values()) / len(prompts) if prompts else 0.0
+
     return Task(
         "counting",
         "the GESAL paper's task: count the r's in a word",
         count_task(WORDS[:16]),
-        count_task(held),
+        count_task(WORDS[16:]),
         correct,
-        constant_answer_level=max(counts.values()) / len(held),
+        constant_answer=constant,
         predict=_first_int,
     )
 
@@ -426,12 +441,37 @@ def load_task(spec: str) -> Task:
     if obj is None:
         raise ValueError(f"{module_path} has no {name!r}")
     task = obj() if callable(obj) and not isinstance(obj, Task) else obj
-    for attr in ("name", "train", "heldout", "complies"):
-        if not hasattr(task, attr):
-            raise ValueError(f"{spec}: a task needs {attr!r} (see README, 'Your own task')")
-    if not hasattr(task, "vote"):
-        task.vote = lambda p, a: 1 if task.complies(p, a) else -1  # type: ignore[attr-defined]
-    return task
+    return task if isinstance(task, Task) else _as_task(task, spec)
+
+
+def _as_task(obj, spec: str) -> Task:
+    """A user's task object as a `Task`: the four documented attributes are required,
+    the optional ones (README, "Your own task") default, and a bad value is named."""
+    missing = [a for a in ("name", "train", "heldout", "complies") if not hasattr(obj, a)]
+    if missing:
+        raise ValueError(
+            f"{spec}: a task needs {', '.join(map(repr, missing))} (see README, 'Your own task')"
+        )
+    train, heldout = list(obj.train), list(obj.heldout)
+    for label, prompts in (("train", train), ("heldout", heldout)):
+        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ValueError(f"{spec}: {label!r} must be a non-empty list of non-empty strings")
+    for attr in ("complies", "vote", "predict", "correct"):
+        if getattr(obj, attr, None) is not None and not callable(getattr(obj, attr)):
+            raise ValueError(f"{spec}: {attr!r} must be a function")
+    level = getattr(obj, "constant_answer_level", None)
+    return Task(
+        name=str(obj.name),
+        description=str(getattr(obj, "description", None) or f"a user task from {spec}"),
+        train=train,
+        heldout=heldout,
+        complies=obj.complies,
+        constant_answer=None if level is None else (lambda _prompts: float(level)),
+        predict=getattr(obj, "predict", None),
+        correct=getattr(obj, "correct", None),
+        facts=getattr(obj, "facts", None),
+        voter=getattr(obj, "vote", None),
+    )
 
 
 # -- learners: one interface over the compared methods -----------------------------------
@@ -452,11 +492,20 @@ class Learner:
     async def train(self) -> dict:
         return {"updated": 0, "skipped": 0, "rolled_back": 0}
 
+    async def isolation(self) -> float | None:
+        """How far another channel moved since the run began (None: one shared adapter,
+        nothing to isolate); see `EngineLearner.isolation`."""
+        return None
+
     def current_z(self, prompt: str) -> torch.Tensor | None:
         return None
 
     def close(self) -> None:
         pass
+
+
+OTHER_CHANNEL = "eval-other"  # the isolation check's second channel
+OTHER_QUESTION = "What is the capital of Italy?"
 
 
 class EngineLearner(Learner):
@@ -479,6 +528,7 @@ class EngineLearner(Learner):
         self.engine = Engine(svf, tokenizer, MemoryStore(defaults), cfg, model_name="eval")
         self.frozen = frozen
         self.channel = "eval"
+        self._other: tuple[list[int], np.ndarray, int, torch.Tensor] | None = None
 
     async def ask(self, prompts, record=True):
         outs = await asyncio.gather(
@@ -491,6 +541,41 @@ class EngineLearner(Learner):
 
     async def vote(self, handle, user, value):
         await self.engine.vote(self.channel, handle, user, value)
+
+    async def isolation(self) -> float:
+        """The two-channel isolation check, run beside every gesal and svf-single run.
+
+        A second channel of the same engine asks one question when the run begins; at
+        every checkpoint its node's next-token logits on that exchange are computed again.
+        Returns the largest change in them, in its z or in its version: 0.0 when the
+        community's votes left the other channel exactly as it was. The first call draws
+        from the sampler, so it runs on a saved and restored random state: adding the
+        check changes no run's answers.
+        """
+        if self._other is None:
+            state = torch.get_rng_state()
+            try:
+                out = await self.engine.respond(
+                    OTHER_CHANNEL, [{"role": "user", "content": OTHER_QUESTION}]
+                )
+            finally:
+                torch.set_rng_state(state)
+            reply = await self.engine.store.get_reply(OTHER_CHANNEL, out.reply_id)
+            ids = reply.prompt_ids + reply.response_ids
+            node = await self.engine.store.get_node(OTHER_CHANNEL, out.node_id)
+            logits = await self.engine.worker.run(self._logits, node.z, ids)
+            self._other = (ids, node.z.copy(), node.version, logits)
+            return 0.0
+        ids, z0, version, before = self._other
+        (node,) = await self.engine.store.load_nodes(OTHER_CHANNEL)
+        now = await self.engine.worker.run(self._logits, node.z, ids)
+        moved = max(float((now - before).abs().max()), float(np.abs(node.z - z0).max()))
+        return moved if node.version == version else float("inf")
+
+    def _logits(self, z: np.ndarray, ids: list[int]) -> torch.Tensor:
+        svf = self.engine.svf
+        with torch.inference_mode(), svf.factored(torch.from_numpy(z)[None]):
+            return svf.model(torch.tensor([ids], device=svf.device)).logits[0].float().cpu()
 
     async def correct(self, handle, user, text):
         await self.engine.correct(self.channel, handle, user, text)
@@ -683,6 +768,12 @@ class Checkpoint:
     # issue 3 counts compliance bought with collapse as a miss, so this is the rate to
     # compare methods by. None: not judged yet (older results; `merge` judges them)
     sound: float | None = None
+    # the guard's fixed unrelated probes ("prompt -> answer"), answered as a member asking
+    # them would be: forgetting shows here first (None: older results)
+    probes: list[str] | None = None
+    # two-channel isolation: how far another channel's logits, z or version moved since the
+    # run began (`EngineLearner.isolation`; 0.0 = exact; None for lora and older runs)
+    isolation: float | None = None
 
 
 @dataclass
@@ -823,8 +914,14 @@ class Harness:
             on_model_thread = asyncio.to_thread
         topical, bad = await on_model_thread(self.verdicts, prompts, answers)
         ref_nll, drift = await on_model_thread(self._ref_nll, learner, prompts, nodes, threshold)
-        predict = getattr(task, "predict", None) or (lambda a: a.split()[0] if a else "-")
+        predict = task.predict or (lambda a: a.split()[0] if a else "-")
         preds = Counter(predict(a) for a in answers)
+        state = torch.get_rng_state()  # the extra answers must not change the run's draws
+        try:
+            probes = [a for _, a in await learner.ask(list(UNRELATED_PROBES), record=False)]
+        finally:
+            torch.set_rng_state(state)
+        isolation = await learner.isolation()
         return Checkpoint(
             votes,
             compliance,
@@ -839,6 +936,8 @@ class Harness:
             fact_rate(task, prompts, answers),
             None if nodes is None else len(nodes),
             sound_rate(task, prompts, answers, topical, bad),
+            [f"{p}{SAMPLE_SEP}{a}" for p, a in zip(UNRELATED_PROBES, probes, strict=True)],
+            isolation,
         )
 
     async def run(
@@ -861,14 +960,15 @@ class Harness:
         vote_time = update_time = 0.0
         votes = 0
         try:
-            if 0 in ec.checkpoints:
-                result.checkpoints.append(await self.checkpoint(task, learner, 0, seed))
+            await learner.isolation()  # the other channel asks before this one's first vote
             if method == "none":  # the base model does not change: one checkpoint stands
-                base = result.checkpoints[0] if result.checkpoints else None
-                for c in ec.checkpoints:
-                    if c and base:
+                if ec.checkpoints:
+                    base = await self.checkpoint(task, learner, 0, seed)
+                    for c in sorted(ec.checkpoints):
                         result.checkpoints.append(Checkpoint(**{**asdict(base), "votes": c}))
                 return result
+            if 0 in ec.checkpoints:
+                result.checkpoints.append(await self.checkpoint(task, learner, 0, seed))
             while votes < ec.budget:
                 prompts = [rng.choice(task.train) for _ in range(min(ec.batch, ec.budget - votes))]
                 t0 = time.perf_counter()
@@ -879,7 +979,7 @@ class Harness:
                         result.first_upvote = votes + 1
                     user = f"member{rng.randrange(ec.members)}"
                     await learner.vote(handle, user, v)
-                    fix = getattr(task, "correct", None)
+                    fix = task.correct
                     if v < 0 and fix and result.corrections < ec.corrections:
                         # a member with nothing better to offer (a brevity member given an
                         # empty answer) just votes: the engine refuses an empty correction
@@ -975,7 +1075,7 @@ def markdown(task: Task, rows: list[dict], results: list[RunResult]) -> str:
             f"{r['on_topic']:.0%} | {r['degenerate']:.0%} | {facts} | {r['ref_nll']:.2f} "
             f"| {drift} | {nodes} |"
         )
-    if getattr(task, "constant_answer_level", None) is not None:
+    if task.constant_answer_level is not None:
         lines.append(f"\nA constant answer would score {task.constant_answer_level:.0%}.")
     lines.append(
         "\n*sound*: answers that comply **and** stay on-topic **and** are not degenerate, "
@@ -995,6 +1095,14 @@ def markdown(task: Task, rows: list[dict], results: list[RunResult]) -> str:
             f"{r.skipped} ({r.settled}) | {r.rolled_back} | {r.seconds_per_vote:.2f} | "
             f"{r.seconds_per_update:.2f} |"
         )
+    checked = [cp.isolation for r in results for cp in r.checkpoints if cp.isolation is not None]
+    if checked:
+        exact = "exact" if max(checked) == 0 else "**NOT exact**"
+        lines.append(
+            f"\nTwo-channel isolation ({len(checked)} checkpoints of the runs with a graph): "
+            f"another channel's logits, z and version moved by at most {max(checked):g}: "
+            f"{exact}."
+        )
     lines.append("\nHeld-out answers at the last checkpoint (first seed of each method):\n")
     shown = set()
     for r in results:
@@ -1004,6 +1112,9 @@ def markdown(task: Task, rows: list[dict], results: list[RunResult]) -> str:
         last = r.checkpoints[-1]
         lines.append(f"- **{r.method}** ({last.votes} votes), predictions {last.predictions}:")
         lines.extend(f"  - `{x[:160]}`" for x in last.samples)
+        if last.probes:
+            lines.append("  - unrelated probes:")
+            lines.extend(f"    - `{x[:160]}`" for x in last.probes)
     return "\n".join(lines) + "\n"
 
 
@@ -1034,6 +1145,9 @@ def plot(task: Task, rows: list[dict], path: Path) -> None:
         if key != "ref_nll":  # rates; NLL is in nats per token
             ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
+    if task.constant_answer_level is not None:
+        axes[0].axhline(task.constant_answer_level, color="grey", linestyle="--", linewidth=1)
+        axes[0].annotate("one constant answer", (0, task.constant_answer_level), fontsize=8)
     axes[0].legend()
     fig.suptitle(f"{task.name}: median of seeds")
     fig.tight_layout()
@@ -1185,7 +1299,12 @@ def write_results(out: Path, task: Task, results: list[RunResult], meta: dict) -
     out.mkdir(parents=True, exist_ok=True)
     stem = f"eval-{task.name}"
     (out / f"{stem}.md").write_text(md)
-    payload = {**meta, "summary": rows, "runs": [asdict(r) for r in results]}
+    payload = {
+        **meta,
+        "constant_answer_level": task.constant_answer_level,
+        "summary": rows,
+        "runs": [asdict(r) for r in results],
+    }
     (out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
     plot(task, rows, out / f"{stem}.png")
     return md
@@ -1261,6 +1380,11 @@ def merge(paths: list[str], out: str, harness: Callable[[int], Harness] | None =
         raise ValueError(f"the files are from different tasks: {sorted(map(str, tasks))}")
     task = load_task(tasks.pop())
     results = [_run_from_dict(r, task) for d in docs for r in d.get("runs", [])]
+    asked = next(
+        (s[0] for r in results for cp in r.checkpoints if (s := split_samples(cp.samples))), None
+    )
+    if asked:  # the held-out prompts the runs answered (`--heldout` may have cut the list)
+        task.heldout = asked
     unjudged = sum(cp.sound is None for r in results for cp in r.checkpoints)
     if unjudged and harness is not None:
         _print_now(f"judging the stored answers of {unjudged} checkpoint(s) for the sound rate ...")

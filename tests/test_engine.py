@@ -21,7 +21,7 @@ from gesal_core.learning import (
     sequence_logprobs,
     settle_scale,
 )
-from gesal_core.records import ChannelConfig
+from gesal_core.records import ChannelConfig, vec_from_b64, vec_to_b64
 from gesal_core.store import MemoryStore, UnknownReplyError
 from gesal_core.svf import SVFConfig, SVFModel
 
@@ -565,6 +565,93 @@ def test_export_import_round_trip_is_exact_and_byte_stable(svf, tiny_tokenizer):
         bad["model"]["z_size"] = 3
         with pytest.raises(GesalError, match="SVF components"):
             await eng.import_graph("x", bad)
+        eng.close()
+
+    run(go())
+
+
+def _damaged(text: str, how: str) -> dict:
+    data = json.loads(text)
+    node, reply = data["nodes"][0], data["replies"][0]
+    if how == "embedding missing":
+        node["embedding"] = None
+    elif how == "embedding wrong size":
+        node["embedding"] = vec_to_b64(np.ones(3, np.float32))
+    elif how == "embedding not finite":
+        node["embedding"] = vec_to_b64(np.full(len(vec_from_b64(node["embedding"])), np.nan))
+    elif how == "two nodes, one id":
+        data["nodes"].append(dict(node))
+    elif how == "reply of no node":
+        reply["node_id"] = "nowhere"
+    elif how == "vote of 7":
+        reply["votes"] = {"ann": 7}
+    elif how == "token beyond the vocabulary":
+        reply["response_ids"] = [10**9]
+    elif how == "model missing":
+        data["model"] = None
+    elif how == "not base64":
+        node["z"] = "%%%"
+    elif how == "merged into nothing":
+        data["merged"] = {"gone": "also-gone"}
+    elif how == "nodes not a list":
+        data["nodes"] = {"a": 1}
+    return data
+
+
+DAMAGES = [
+    ("embedding missing", "invalid embedding"),
+    ("embedding wrong size", "invalid embedding"),
+    ("embedding not finite", "invalid embedding"),
+    ("two nodes, one id", "two nodes share an id"),
+    ("reply of no node", "has no node"),
+    ("vote of 7", "vote other than"),
+    ("token beyond the vocabulary", "invalid token ids"),
+    ("model missing", "SVF components"),
+    ("not base64", "invalid z vector"),
+    ("merged into nothing", "missing node"),
+    ("nodes not a list", "nodes is not a list"),
+]
+
+
+def test_a_damaged_import_is_refused_and_changes_nothing(svf, tiny_tokenizer):
+    """Import replaces a channel: every check runs before the channel is touched."""
+
+    async def go():
+        eng = make_engine(svf, tiny_tokenizer)
+        r = await eng.respond("c", ask("hello"))
+        await eng.vote("c", r.reply_id, "ann", 1)
+        await eng.train()
+        text = Engine.dumps(await eng.export("c"))
+        for how, message in DAMAGES:
+            with pytest.raises(GesalError, match=message):
+                await eng.import_graph("c", _damaged(text, how))
+            assert Engine.dumps(await eng.export("c")) == text, how  # still whole
+        again = await eng.respond("c", ask("hello"))  # and still answering
+        assert again.node_id == r.node_id
+        eng.close()
+
+    run(go())
+
+
+def test_a_round_trip_keeps_the_merge_map_so_late_votes_still_count(svf, tiny_tokenizer):
+    """A vote on a reply of a folded node goes to the node that took it over, also after
+    export and import (without the map it was orphaned and silently dropped)."""
+
+    async def go():
+        eng = make_engine(svf, tiny_tokenizer, threshold=0.99999)
+        await eng.configure("c", max_nodes=2)
+        first = await eng.respond("c", ask("fox 0123"))
+        for t in ["hello world", "hello world", "what is the capital of France?"]:
+            await eng.respond("c", ask(t))
+        assert await eng.store.get_node("c", first.node_id) is None  # folded away
+        data = await eng.export("c")
+        assert data["merged"] and first.node_id in data["merged"]
+        await eng.import_graph("copy", json.loads(Engine.dumps(data)))
+        await eng.vote("copy", first.reply_id, "ann", -1)
+        report = await eng.train("copy")
+        (node_report,) = report.channels["copy"]
+        assert node_report.node_id == data["merged"][first.node_id]
+        assert node_report.status != "orphaned" and node_report.samples == 1
         eng.close()
 
     run(go())

@@ -1,6 +1,7 @@
 import argparse
 import asyncio
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from gesal_core import evaluation
 from gesal_core.engine import EngineConfig
 from gesal_core.evaluation import BUILTIN, LoraLearner, load_task
+from gesal_core.guard import UNRELATED_PROBES
 from gesal_core.learning import LearningConfig
 from gesal_core.svf import SVFConfig, SVFModel
 
@@ -138,8 +140,50 @@ def test_user_task_from_file(tmp_path):
     assert task.name == "shout" and task.vote("p", "HI") == 1 and task.vote("p", "hi") == -1
     with pytest.raises(ValueError, match="has no"):
         load_task(f"{f}:Missing")
+    f.write_text(
+        "class Empty:\n    name = 'e'\n    train = []\n    heldout = ['q']\n"
+        "    def complies(self, p, a):\n        return True\n"
+    )
+    with pytest.raises(ValueError, match="'train' must be a non-empty list"):
+        load_task(f"{f}:Empty")
+    f.write_text("class Half:\n    name = 'h'\n    train = ['q']\n")
+    with pytest.raises(ValueError, match="needs 'heldout', 'complies'"):
+        load_task(f"{f}:Half")
     with pytest.raises(ValueError, match="unknown task"):
         load_task("no-such-task")
+
+
+def test_a_task_with_only_the_documented_attributes_runs(tiny_llama, tiny_tokenizer, tmp_path):
+    """The README's interface, nothing more (no description, no vote): a whole run with
+    the base model only, whose checkpoints need not include 0."""
+    f = tmp_path / "exclaim.py"
+    f.write_text(
+        "class Exclaim:\n"
+        "    name = 'exclaim'\n"
+        "    train = ['Say hello.', 'Greet me.']\n"
+        "    heldout = ['Say goodbye.']\n"
+        "    def complies(self, prompt, answer):\n"
+        "        return answer.endswith('!')\n"
+    )
+    out = tmp_path / "out"
+    argv = ["--task", f"{f}:Exclaim", "--methods", "none,gesal", "--seeds", "0"]
+    argv += ["--budget", "4", "--checkpoints", "4", "--batch", "4", "--heldout", "1"]
+    argv += ["--max-new-tokens", "4", "--out", str(out), "--no-guard"]
+    assert evaluation.run(eval_args(tiny_llama, tiny_tokenizer, tmp_path, argv)) == 0
+    runs = {r["method"]: r for r in json.loads((out / "eval-exclaim.json").read_text())["runs"]}
+    assert [c["votes"] for c in runs["none"]["checkpoints"]] == [4]
+    assert [c["votes"] for c in runs["gesal"]["checkpoints"]] == [4]
+    assert "a user task from" in (out / "eval-exclaim.md").read_text()
+
+
+def test_the_constant_answer_level_is_of_the_prompts_asked():
+    task = load_task("counting")
+    full = task.constant_answer_level
+    words = [re.search(r"'(\w+)'", p).group(1) for p in task.heldout]
+    counts = [w.count("r") for w in words]
+    assert full == max(counts.count(c) for c in set(counts)) / len(counts)
+    task.heldout = task.heldout[:1]  # what --heldout 1 leaves: one answer scores all of it
+    assert task.constant_answer_level == 1.0 and full < 1.0
 
 
 def test_eval_command_end_to_end_on_tiny_model(tiny_llama, tiny_tokenizer, tmp_path, capsys):
@@ -202,6 +246,17 @@ def test_eval_command_end_to_end_on_tiny_model(tiny_llama, tiny_tokenizer, tmp_p
     assert single.endswith("| 1 |")  # the nodes column: svf-single has its one node
     for r in runs:  # a random tiny model names no facts; the rate is measured, not absent
         assert all(c["facts"] == 0.0 for c in r["checkpoints"])
+    for r in runs:  # the guard's unrelated probes, answered at every checkpoint
+        for c in r["checkpoints"]:
+            asked = [p.split(evaluation.SAMPLE_SEP)[0] for p in c["probes"]]
+            assert asked == list(UNRELATED_PROBES)
+        # the isolation check runs beside every run with a graph, and is exact
+        isolation = [c["isolation"] for c in r["checkpoints"]]
+        assert isolation == ([None] * 3 if r["method"] == "lora" else [0.0] * 3)
+    gesal = next(r for r in runs if r["method"] == "gesal" and r["seed"] == 0)
+    assert gesal["checkpoints"][-1]["drift"] > 0  # while this channel did move
+    assert "Two-channel isolation (18 checkpoints" in table and ": exact." in table
+    assert "unrelated probes:" in table
 
 
 def test_corrections_are_sent_and_counted(tiny_llama, tiny_tokenizer, tmp_path):
