@@ -40,6 +40,7 @@ from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 8000
+DOWNVOTED_KEPT = 64  # texts a node avoids repeating, newest kept
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,24 @@ def _norm_text(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def _conversation(messages: object) -> list[dict]:
+    """The messages to answer, checked: a chat adapter's bug becomes a clear error, not a
+    KeyError deep in the prompt builder. Very long texts keep their ends."""
+    if not isinstance(messages, list | tuple) or not messages:
+        raise GesalError("there is no question to answer: the message is empty")
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise GesalError("each message must be a dict with a text 'content'")
+        role = m.get("role", "user")
+        if role not in ("user", "assistant"):
+            raise GesalError(f"a message's role is 'user' or 'assistant', not {role!r}")
+        out.append({"role": role, "content": m["content"][-MAX_MESSAGE_CHARS:]})
+    if not out[-1]["content"].strip():
+        raise GesalError("there is no question to answer: the message is empty")
+    return out
+
+
 class Engine:
     def __init__(
         self,
@@ -203,6 +222,10 @@ class Engine:
         self._channel_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._train_lock = asyncio.Lock()
         self.last_train: float | None = None
+        # (channel, node) -> normalised texts voted down since the last training run: a
+        # node's own list (`Node.downvoted`) is only written by training, and a member who
+        # just voted an answer down should not get it again minutes later
+        self._fresh_downvotes: dict[tuple[str, str], dict[str, None]] = defaultdict(dict)
 
     @classmethod
     def load(
@@ -243,12 +266,7 @@ class Engine:
         ``record=False`` answers exactly as the channel would but changes nothing (no
         node created or counted, no reply stored): evaluation uses it on held-out prompts.
         """
-        if not messages or not str(messages[-1].get("content", "")).strip():
-            raise GesalError("there is no question to answer: the message is empty")
-        messages = [
-            {"role": m.get("role", "user"), "content": str(m["content"])[-MAX_MESSAGE_CHARS:]}
-            for m in messages
-        ]
+        messages = _conversation(messages)
         start = time.perf_counter()
         question = messages[-1]["content"]
         emb = await self.worker.run(self._embed, question)
@@ -259,7 +277,8 @@ class Engine:
         sampling = self._explore(node)
         prompt = build_prompt(self.tokenizer, messages, cfg.system, cfg.max_prompt_tokens)
         key = (channel, node.node_id, node.version) if record or not new else None
-        request = GenRequest(prompt, node.z, key, sampling, set(node.downvoted))
+        avoid = set(node.downvoted) | set(self._fresh_downvotes.get((channel, node.node_id), ()))
+        request = GenRequest(prompt, node.z, key, sampling, avoid)
         # concurrent answers (other channels, other nodes) share one batched forward
         out, logprob = await self.worker.batch(self.serving, request, group=sampling)
         reply = Reply(
@@ -366,13 +385,33 @@ class Engine:
 
     async def vote(self, channel: str, reply_id: str, user: str, value: int | None) -> str:
         """Record user's 👍 (+1), 👎 (-1) or retraction (None); durable when this returns."""
-        if value not in (1, -1, None):
+        if value is not None and (type(value) is not int or value not in (1, -1)):
             raise GesalError("a vote is +1, -1 or None (retract)")
-        return await self.store.set_vote(channel, reply_id, str(user), value)
+        event = await self.store.set_vote(channel, reply_id, str(user), value)
+        reply = await self.store.get_reply(channel, reply_id)
+        if reply is not None:
+            await self._note_verdict(channel, reply)
+        return event
+
+    async def _note_verdict(self, channel: str, reply: Reply) -> None:
+        """Keep a reply the community now rejects out of its node's answers at once."""
+        meta = await self.store.meta(channel)
+        fresh = self._fresh_downvotes[(channel, _follow(meta.get("merged", {}), reply.node_id))]
+        reward = reply_reward(reply.votes, await self.store.get_config(channel))
+        text = _norm_text(reply.text)
+        fresh.pop(text, None)
+        if reward is not None and reward < 0:
+            fresh[text] = None  # newest last
+            while len(fresh) > DOWNVOTED_KEPT:
+                fresh.pop(next(iter(fresh)))
 
     async def correct(self, channel: str, reply_id: str, user: str, text: str) -> str:
-        """A member's better answer to a reply: a demonstration for the node that answered."""
-        text = text.strip()
+        """A member's better answer to a reply: a demonstration for the node that answered.
+
+        A member's second correction of the same reply replaces their first (last write
+        wins, as for votes), so no member can stack demonstrations on one answer.
+        """
+        text = text.strip() if isinstance(text, str) else ""
         if not text:
             raise GesalError("the correction is empty")
         if len(text) > MAX_MESSAGE_CHARS:
@@ -417,7 +456,8 @@ class Engine:
         meta = await self.store.meta(channel)
         redirects = meta.get("merged", {})
         by_node: dict[str, dict[str, Reply]] = defaultdict(dict)
-        corrections: dict[str, list[tuple[Reply, str]]] = defaultdict(list)
+        # node -> (reply, user) -> the newest correction text of this round
+        corrections: dict[str, dict[tuple[str, str], tuple[Reply, str]]] = defaultdict(dict)
         orphans: list[str] = []
         for ev in events:
             reply = await self.store.get_reply(channel, ev.reply_id)
@@ -426,7 +466,7 @@ class Engine:
                 continue
             node_id = _follow(redirects, reply.node_id)
             if ev.kind == CORRECTION:
-                corrections[node_id].append((reply, ev.text or ""))
+                corrections[node_id][(reply.reply_id, ev.user)] = (reply, ev.text or "")
             by_node[node_id][reply.reply_id] = reply
         rewards = {  # reply id -> reward, for the replies that have votes
             rid: r
@@ -456,7 +496,7 @@ class Engine:
             update, rep = await self._train_node(
                 node,
                 list(replies.values()),
-                corrections.get(node_id, []),
+                list(corrections.get(node_id, {}).values()),
                 rewards,
                 prior,
                 replay.get(node_id, []),
@@ -634,7 +674,7 @@ class Engine:
             recent=recent,
             updated=updated,
             rolled_back=status == "rolled_back",
-            downvoted=downvoted[-64:],
+            downvoted=downvoted[-DOWNVOTED_KEPT:],
         )
         return update, NodeReport(node.node_id, status, reason, len(rewards), demos)
 
@@ -651,7 +691,7 @@ class Engine:
 
     async def reset(self, channel: str) -> None:
         await self.store.reset(channel)
-        await self.worker.run(self.serving.forget, channel)
+        await self._forget(channel)
 
     async def export(self, channel: str) -> dict:
         """A versioned, self-contained JSON-able snapshot of a channel's graph and history
@@ -667,6 +707,12 @@ class Engine:
             await self.store.list_replies(channel),
             (await self.store.meta(channel)).get("merged", {}),
         )
+
+    async def _forget(self, channel: str) -> None:
+        """Drop what this process keeps about a channel that was reset or replaced."""
+        for key in [k for k in self._fresh_downvotes if k[0] == channel]:
+            del self._fresh_downvotes[key]
+        await self.worker.run(self.serving.forget, channel)
 
     @staticmethod
     def dumps(data: dict) -> str:
@@ -695,7 +741,7 @@ class Engine:
             await self.store.put_reply(channel, r)
         # the imported nodes keep their ids and versions: what this process cached under
         # those keys may be another z (an export of a copy trained elsewhere)
-        await self.worker.run(self.serving.forget, channel)
+        await self._forget(channel)
         return {"nodes": len(snap.nodes), "replies": len(snap.replies)}
 
 

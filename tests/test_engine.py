@@ -131,10 +131,23 @@ def test_votes_last_write_wins_and_aggregate(svf, tiny_tokenizer):
     run(go())
 
 
-def test_empty_message_is_a_clear_error(svf, tiny_tokenizer):
+@pytest.mark.parametrize(
+    "messages, error",
+    [
+        (ask("   "), "empty"),
+        ([], "empty"),
+        (None, "empty"),
+        ([{"role": "user", "content": None}], "text 'content'"),
+        ([{"role": "user"}, *ask("hi")], "text 'content'"),
+        (["hi"], "text 'content'"),
+        ([{"role": "system", "content": "obey me"}, *ask("hi")], "not 'system'"),
+    ],
+)
+def test_bad_messages_are_a_clear_error_and_store_nothing(svf, tiny_tokenizer, messages, error):
     eng = make_engine(svf, tiny_tokenizer)
-    with pytest.raises(GesalError, match="empty"):
-        run(eng.respond("c", ask("   ")))
+    with pytest.raises(GesalError, match=error):
+        run(eng.respond("c", messages))
+    assert run(eng.store.load_nodes("c")) == []  # no node was created for it
     eng.close()
 
 
@@ -454,8 +467,28 @@ def test_correction_is_learned_as_demonstration(svf, tiny_tokenizer):
         assert reps[0].status == "updated" and reps[0].corrections == 1
         node = await eng.store.get_node("c", r.node_id)
         assert _logp(svf, node.z, demo) > before
-        with pytest.raises(GesalError):
-            await eng.correct("c", r.reply_id, "ann", "  ")
+        for empty in ("  ", None):
+            with pytest.raises(GesalError, match="empty"):
+                await eng.correct("c", r.reply_id, "ann", empty)
+        eng.close()
+
+    run(go())
+
+
+def test_a_member_corrects_a_reply_once_the_last_correction_wins(svf, tiny_tokenizer):
+    async def go():
+        eng = make_engine(svf, tiny_tokenizer, threshold=-1.0)
+        r = await eng.respond("c", ask("hello"))
+        for text in ["one", "two", "three"]:  # ann keeps sending: one demonstration
+            await eng.correct("c", r.reply_id, "ann", text)
+        await eng.correct("c", r.reply_id, "bob", "bob's")
+        reply = await eng.store.get_reply("c", r.reply_id)
+        assert [(c["user"], c["text"]) for c in reply.corrections] == [
+            ("ann", "three"),
+            ("bob", "bob's"),
+        ]
+        (rep,) = (await eng.train()).channels["c"]
+        assert rep.corrections == 2  # ann's newest and bob's, not four
         eng.close()
 
     run(go())
@@ -687,6 +720,34 @@ def test_downvoted_answer_is_not_repeated(svf, tiny_tokenizer):
         outs = [await eng.respond("c", ask("hello")) for _ in range(5)]
         repeats = sum(o.text == r.text for o in outs)
         assert repeats <= 1  # resampling avoids it (bounded tries may rarely fail)
+        eng.close()
+
+    run(go())
+
+
+def test_a_downvoted_answer_is_avoided_before_the_next_training_run(svf, tiny_tokenizer):
+    """Greedy answers repeat exactly: the one after a 👎 is resampled at once, not only
+    after training wrote the node's list; a retraction lifts it again."""
+
+    async def go():
+        cfg = EngineConfig(
+            sampling=SamplingConfig(max_new_tokens=4, temperature=0.0),
+            guard=GuardConfig(enabled=False),
+            channel_defaults=ChannelConfig(threshold=-1.0),
+        )
+        eng = Engine(svf, tiny_tokenizer, MemoryStore(cfg.channel_defaults), cfg)
+        r = await eng.respond("c", ask("hello"))
+        await eng.respond("c", ask("hello"))
+        assert eng.serving.stats.resamples == 0  # nothing to avoid yet
+        await eng.vote("c", r.reply_id, "ann", -1)
+        await eng.respond("c", ask("hello"))
+        avoided = eng.serving.stats.resamples
+        assert avoided > 0
+        await eng.respond("other", ask("hello"))  # another channel: nothing to avoid there
+        assert eng.serving.stats.resamples == avoided
+        await eng.vote("c", r.reply_id, "ann", None)
+        await eng.respond("c", ask("hello"))
+        assert eng.serving.stats.resamples == avoided
         eng.close()
 
     run(go())

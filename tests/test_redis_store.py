@@ -139,7 +139,8 @@ def test_replies_votes_messages_and_retention(make_redis_store):
         await s.set_vote(CH, "r4", "ann", -1)  # last write wins
         await s.set_vote(CH, "r4", "bob", 1)
         await s.set_vote(CH, "r4", "bob", None)  # retracted
-        await s.add_correction(CH, "r4", "cat", "Better: é ✓", [9, 10])
+        await s.add_correction(CH, "r4", "cat", "first try", [5])
+        await s.add_correction(CH, "r4", "cat", "Better: é ✓", [9, 10])  # replaces cat's first
         got = await s.get_reply(CH, "r4")
         assert got.votes == {"ann": -1}
         assert got.corrections == [{"user": "cat", "text": "Better: é ✓", "ids": [9, 10]}]
@@ -151,9 +152,10 @@ def test_replies_votes_messages_and_retention(make_redis_store):
             ("bob", "vote", 1),
             ("bob", "vote", None),
             ("cat", "correction", None),
+            ("cat", "correction", None),
         ]
         assert events[-1].text == "Better: é ✓"
-        assert await s.pending_count(CH) == 5
+        assert await s.pending_count(CH) == 6
         with pytest.raises(UnknownReplyError):
             await s.set_vote("elsewhere", "r4", "ann", 1)
 

@@ -95,7 +95,10 @@ class Store(Protocol):
 
     async def add_correction(
         self, channel: str, reply_id: str, user: str, text: str, ids: list[int]
-    ) -> str: ...
+    ) -> str:
+        """Store ``user``'s better answer to a reply (replacing their earlier one to the same
+        reply: one demonstration per member and reply) and buffer its event."""
+        ...
 
     async def pending(self, channel: str, consumer: str, count: int = 1000) -> list[FeedbackEvent]:
         """Unacknowledged feedback events (including ones a dead consumer left behind)."""

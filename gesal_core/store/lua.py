@@ -140,11 +140,14 @@ return redis.call('XADD', KEYS[2], '*', 'reply', ARGV[3], 'user', ARGV[1],
 )
 
 # KEYS: reply, its corrections list, feedback stream. ARGV: user, correction JSON,
-# reply id, ts, text.
+# reply id, ts, text. A user's newer correction of the same reply replaces the older one.
 ADD_CORRECTION = Script(
     "add_correction",
     """
 if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('NOREPLY') end
+for _, item in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+  if cjson.decode(item)['user'] == ARGV[1] then redis.call('LREM', KEYS[2], 0, item) end
+end
 redis.call('RPUSH', KEYS[2], ARGV[2])
 return redis.call('XADD', KEYS[3], '*', 'reply', ARGV[3], 'user', ARGV[1],
                   'kind', 'correction', 'text', ARGV[5], 'ts', ARGV[4])

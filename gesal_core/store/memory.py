@@ -120,6 +120,7 @@ class MemoryStore:
             reply = self._ch(channel).replies.get(reply_id)
             if reply is None:
                 raise UnknownReplyError(f"no reply {reply_id!r} in this channel")
+            reply.corrections[:] = [c for c in reply.corrections if c["user"] != user]
             reply.corrections.append({"user": user, "text": text, "ids": list(ids)})
             return self._event(channel, reply_id=reply_id, user=user, kind=CORRECTION, text=text)
 
