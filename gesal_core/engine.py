@@ -333,6 +333,10 @@ class Engine:
             if not create:  # what a new node would start from, without storing it
                 z = graph.initial_z(index, by_id, emb, self.svf.z_size)
                 return Node("(new)", emb.copy(), z), True, route.similarity
+            if len(nodes) >= cfg.max_nodes and len(nodes) == 1:
+                # a one-node channel (max_nodes 1) has nothing to fold into: folding would
+                # delete its only node, and with it the feedback waiting on its replies
+                return nodes[0], False, route.similarity
             if len(nodes) >= cfg.max_nodes:
                 await self._fold_least_used(channel, nodes, index)
                 nodes = await self.store.load_nodes(channel)
@@ -621,14 +625,22 @@ class Engine:
         liked answers and corrections (see `_replay_sets`). Replies in ``unlearnt`` count
         in the node's votes but are not learnt from (see `_learnable`)."""
         samples: list[Sample] = []
-        rewards: list[float] = []
+        rewards: list[float] = []  # first verdicts: the node's statistics and window
+        changed = 0.0  # how far later votes moved the verdicts of replies counted before
+        counted: dict[str, float] = {}
         downvoted = list(node.downvoted)
         corrected = {reply.reply_id for reply, _ in corrections}
         for reply in replies:
             r = channel_rewards.get(reply.reply_id)
-            if r is None:
+            if r is None:  # every vote retracted: what was learnt stays learnt
                 continue
-            rewards.append(r)
+            if reply.counted is None:
+                rewards.append(r)
+            elif r == reply.counted:  # new votes, same verdict: nothing more to learn
+                continue
+            else:
+                changed += r - reply.counted
+            counted[reply.reply_id] = r
             if r < 0 and _norm_text(reply.text) not in downvoted:
                 downvoted.append(_norm_text(reply.text))
             if reply.reply_id in unlearnt:
@@ -642,6 +654,7 @@ class Engine:
                     reward=r,
                     old_logprob=reply.logprob,
                     staleness=max(0, node.version - reply.z_version),
+                    counted=reply.counted,
                 )
             )
         demos = 0
@@ -670,13 +683,14 @@ class Engine:
             z=result.z if updated else None,
             baseline=result.baseline,
             rated_delta=len(rewards),
-            reward_sum_delta=float(sum(rewards)),
+            reward_sum_delta=float(sum(rewards)) + changed,
             recent=recent,
             updated=updated,
             rolled_back=status == "rolled_back",
             downvoted=downvoted[-DOWNVOTED_KEPT:],
+            counted=counted,
         )
-        return update, NodeReport(node.node_id, status, reason, len(rewards), demos)
+        return update, NodeReport(node.node_id, status, reason, len(counted), demos)
 
     # -- admin --------------------------------------------------------------------------
     async def stats(self, channel: str) -> dict:

@@ -86,7 +86,11 @@ class LearningConfig:
     # 0, 6 rounds): True rolled back 5 of 6 rounds (final log p -8.134), False 2 of 6
     # (final -8.641); pure demo steps go further and trip the guard more often, so off.
     correction_replaces_vote: bool = False
-    max_tokens: int = 512  # per sample, prompt + response (oldest prompt tokens cut)
+    # Per sample, prompt + response: room for the engine's longest prompt (1024 tokens) and
+    # a long answer, so that a sample is scored in the context it was served in. Past it,
+    # the response is cut first (a prompt keeps at least half the window), then the
+    # prompt's oldest tokens.
+    max_tokens: int = 1280
     # Samples per forward/backward pass. The loss is a sum over samples, so gradients
     # accumulated over micro-batches are the whole batch's, exactly; the model worker
     # serves waiting chat between passes (`ModelWorker.steps`), so an answer waits for one
@@ -173,6 +177,10 @@ class Sample:
     advantage: float = 0.0
     # per response token, for a correction (`correction_weights`); None: all 1
     weights: list[float] | None = None
+    # the reward an earlier update already learnt this response with (`Reply.counted`):
+    # its votes changed since, and only the change is learnt (advantage reward − counted;
+    # the baseline, applied the first time, is not applied again and does not move)
+    counted: float | None = None
 
 
 @dataclass
@@ -241,7 +249,9 @@ def _batch(samples: list[Sample], max_tokens: int, pad_id: int):
     rows, row_weights = [], []
     for s in samples:
         prompt = list(s.prompt_ids)
-        response = list(s.response_ids)[: max_tokens - 1]
+        # a long correction must not push its question out: it would be learnt as text
+        # that follows no question at all
+        response = list(s.response_ids)[: max_tokens - min(len(prompt), max_tokens // 2)]
         weights = list(s.weights)[: len(response)] if s.weights else [1.0] * len(response)
         prompt = prompt[-max(1, max_tokens - len(response)) :]
         rows.append(prompt + response)
@@ -455,14 +465,14 @@ def advantages(samples: list[Sample], baseline: float, cfg: LearningConfig) -> f
     """Fill each RL sample's advantage; return the new baseline (EMA over rewards)."""
     rl = [s for s in samples if not s.demo]
     for s in rl:
-        s.advantage = s.reward - baseline
+        s.advantage = s.reward - (baseline if s.counted is None else s.counted)
     if cfg.normalize_advantage and len(rl) > 1:
         std = float(np.std([s.advantage for s in rl])) or 1.0
         for s in rl:
             s.advantage /= std
-    if rl:
-        mean_r = float(np.mean([s.reward for s in rl]))
-        baseline = cfg.baseline_beta * baseline + (1 - cfg.baseline_beta) * mean_r
+    first = [s.reward for s in rl if s.counted is None]
+    if first:
+        baseline = cfg.baseline_beta * baseline + (1 - cfg.baseline_beta) * float(np.mean(first))
     return baseline
 
 

@@ -117,6 +117,10 @@ class Reply:
     corrections: list[dict] = field(default_factory=list)  # {"user", "text", "ids"}
     platform_message_id: str | None = None
     created_at: float = field(default_factory=time.time)
+    # the verdict (reward) a training run already counted and learnt for this reply; votes
+    # that arrive later are learnt as the change from it, so a reply whose votes trickle in
+    # over several runs is not learnt once per run. None: never trained on.
+    counted: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,3 +157,5 @@ class NodeUpdate:
     updated: bool
     rolled_back: bool
     downvoted: list[str]
+    # reply id -> the reward now counted for it (`Reply.counted`), written with the update
+    counted: dict[str, float] = field(default_factory=dict)

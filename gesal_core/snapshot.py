@@ -161,5 +161,9 @@ def _check_replies(replies: list[Reply], owners: set[str], vocab_size: int | Non
         tokens = (*r.prompt_ids, *r.response_ids, *(t for c in r.corrections for t in c["ids"]))
         if not all(isinstance(t, int) and 0 <= t < top for t in tokens):
             raise GesalError(f"the export is damaged: reply {r.reply_id} has invalid token ids")
+        if r.counted is not None and not (
+            isinstance(r.counted, int | float) and math.isfinite(r.counted)
+        ):
+            raise GesalError(f"the export is damaged: reply {r.reply_id} has a bad verdict")
         if not isinstance(r.votes, dict) or any(v not in (1, -1) for v in r.votes.values()):
             raise GesalError(f"the export is damaged: reply {r.reply_id} has a vote other than ±1")

@@ -110,6 +110,70 @@ def test_max_nodes_folds_least_used(svf, tiny_tokenizer):
     run(go())
 
 
+def test_votes_that_trickle_in_are_learnt_as_the_change_of_verdict(svf, tiny_tokenizer):
+    """A reply is learnt once with its verdict; later votes teach only how they change
+    it (a second 👍 nothing, a 👎 that halves the verdict a push down), so a reply is
+    not learnt again every time the scheduler runs while its votes come in."""
+
+    async def go():
+        eng = make_engine(svf, tiny_tokenizer, threshold=-1.0)
+        liked, _ = await _liked_and_disliked(eng)
+        (first,) = (await eng.train()).channels["c"]
+        assert first.status == "updated" and first.samples == 2
+        node = await eng.store.get_node("c", liked.node_id)
+        assert (await eng.store.get_reply("c", liked.reply_id)).counted == 1.0
+        sample = Sample(*(await _ids(eng, liked.reply_id)))
+
+        await eng.vote("c", liked.reply_id, "bob", 1)  # same verdict: nothing to learn
+        (second,) = (await eng.train()).channels["c"]
+        assert second.status == "skipped" and second.samples == 0
+        again = await eng.store.get_node("c", liked.node_id)
+        assert again.version == node.version and again.rated == 2  # counted once
+
+        await eng.vote("c", liked.reply_id, "cat", -1)  # verdict (1 + 1 - 2) / 3 = 0
+        (third,) = (await eng.train()).channels["c"]
+        assert third.status == "updated" and third.samples == 1
+        after = await eng.store.get_node("c", liked.node_id)
+        assert after.rated == 2  # +1 and -2 first, then the liked verdict fell by 1:
+        assert after.reward_sum == pytest.approx(-2.0)
+        assert _logp(svf, after.z, sample) < _logp(svf, again.z, sample)  # pushed down
+        assert (await eng.store.get_reply("c", liked.reply_id)).counted == 0.0
+        eng.close()
+
+    run(go())
+
+
+async def _liked_and_disliked(eng):
+    """Two answers in channel "c" (one node at threshold -1): ann likes one, not the other."""
+    liked = await eng.respond("c", ask("hello"))
+    other = await eng.respond("c", ask("hello there"))
+    await eng.vote("c", liked.reply_id, "ann", 1)
+    await eng.vote("c", other.reply_id, "ann", -1)
+    return liked, other
+
+
+async def _ids(eng, reply_id):
+    reply = await eng.store.get_reply("c", reply_id)
+    return reply.prompt_ids, reply.response_ids
+
+
+def test_a_one_node_channel_keeps_its_node_and_its_feedback(svf, tiny_tokenizer):
+    async def go():
+        eng = make_engine(svf, tiny_tokenizer, threshold=0.99999)
+        await eng.configure("c", max_nodes=1)
+        first = await eng.respond("c", ask("fox 0123"))
+        await eng.vote("c", first.reply_id, "ann", -1)
+        second = await eng.respond("c", ask("what is the capital of France?"))
+        assert second.node_id == first.node_id and not second.new_node
+        (node,) = await eng.store.load_nodes("c")
+        assert node.count == 2
+        (rep,) = (await eng.train()).channels["c"]
+        assert rep.status != "orphaned" and rep.samples == 1  # the 👎 was not lost
+        eng.close()
+
+    run(go())
+
+
 def test_votes_last_write_wins_and_aggregate(svf, tiny_tokenizer):
     async def go():
         eng = make_engine(svf, tiny_tokenizer)
@@ -405,10 +469,7 @@ def test_prior_baseline_is_the_rounds_mean_shrunk_to_the_midpoint():
 def test_train_commits_and_next_reply_uses_new_z(svf, tiny_tokenizer):
     async def go():
         eng = make_engine(svf, tiny_tokenizer, threshold=-1.0)
-        r = await eng.respond("c", ask("hello"))
-        other = await eng.respond("c", ask("hello there"))
-        await eng.vote("c", r.reply_id, "ann", 1)
-        await eng.vote("c", other.reply_id, "ann", -1)
+        r, other = await _liked_and_disliked(eng)
         assert await eng.pending("c") == 2
         report = await eng.train()
         assert report.count("updated") == 1 and report.events == 2
@@ -492,6 +553,27 @@ def test_a_member_corrects_a_reply_once_the_last_correction_wins(svf, tiny_token
         eng.close()
 
     run(go())
+
+
+def test_a_long_correction_keeps_its_question_in_view(svf):
+    """Past the window the response is cut, not the prompt: a demonstration is learnt as
+    an answer to its question. The scored tokens are its first ones, in full context."""
+    vocab = svf.model.config.vocab_size
+
+    def tokens(start: int, n: int) -> list[int]:
+        return [3 + (start + i) % (vocab - 3) for i in range(n)]
+
+    prompt, answer = tokens(10, 40), tokens(100, 300)  # 40 + 300 tokens
+    ones = torch.ones(svf.z_size)
+    long = Sample(prompt, answer, demo=True)
+    lp, n = sequence_logprobs(svf, ones, [long], max_tokens=128, share_prefix=False)
+    assert int(n[0]) == 128 - 40  # the whole prompt stayed
+    cut = Sample(prompt, answer[:88], demo=True)  # what was scored: the answer's start
+    lp_cut, _ = sequence_logprobs(svf, ones, [cut], max_tokens=128, share_prefix=False)
+    assert float(lp[0]) == pytest.approx(float(lp_cut[0]), abs=1e-4)
+    huge_prompt = Sample(tokens(10, 300), answer, demo=True)  # 300 + 300 tokens
+    _, n = sequence_logprobs(svf, ones, [huge_prompt], max_tokens=128, share_prefix=False)
+    assert int(n[0]) == 64  # both halves of the window: prompt end and answer start
 
 
 def test_correction_weights_focus_on_what_the_member_changed():

@@ -170,7 +170,11 @@ def test_commit_applies_and_acks_atomically(make_redis_store):
         await s.set_vote(CH, "r1", "ann", 1)
         events = await s.pending(CH, "t1")
         z = np.full(8, 1.25, np.float32)
-        await s.commit(CH, [update(z=z, reward=0.2)], [e.event_id for e in events])
+        u = update(z=z, reward=0.2)
+        u.counted = {"r1": 1.0, "dropped-by-retention": -2.0}
+        await s.commit(CH, [u], [e.event_id for e in events])
+        assert (await s.get_reply(CH, "r1")).counted == 1.0  # with the update, atomically
+        assert await s.get_reply(CH, "dropped-by-retention") is None  # not half-created
         n = await s.get_node(CH, "n1")
         assert n.version == 1 and np.array_equal(n.z, z)
         assert n.rated == 1 and n.updates == 1 and n.reward_sum == 0.1 + 0.2  # exact double

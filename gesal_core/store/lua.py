@@ -180,10 +180,12 @@ return 1
 """,
 )
 
-# KEYS: feedback stream, meta hash, then one node key per update.
-# ARGV: group, #updates, #events, then 9 values per update (expected version, z bytes or
-# '', baseline, rated delta, reward_sum delta, recent JSON, downvoted JSON, updated 0/1,
-# rolled back 0/1), then the event ids.
+# KEYS: feedback stream, meta hash, one node key per update, then one reply key per
+# counted reply.
+# ARGV: group, #updates, #events, #counted replies, then 9 values per update (expected
+# version, z bytes or '', baseline, rated delta, reward_sum delta, recent JSON, downvoted
+# JSON, updated 0/1, rolled back 0/1), then the event ids, then each counted reply's reward
+# (written to its hash field 'counted' if the reply is still kept).
 # All checks come first, so a conflict changes nothing:
 #   * every event must still be in the stream (acked events are deleted in this same
 #     script), so a batch that another trainer already applied is refused;
@@ -192,9 +194,9 @@ return 1
 COMMIT = Script(
     "commit",
     """
-local nu, ne = tonumber(ARGV[2]), tonumber(ARGV[3])
+local nu, ne, nc = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local F = 9
-local ev0 = 3 + nu * F
+local ev0 = 4 + nu * F
 local ids = {}
 for j = 1, ne do
   local id = ARGV[ev0 + j]
@@ -204,14 +206,14 @@ for j = 1, ne do
   ids[j] = id
 end
 for i = 1, nu do
-  local b = 3 + (i - 1) * F
+  local b = 4 + (i - 1) * F
   local v = redis.call('HGET', KEYS[2 + i], 'version')
   if (not v) or tonumber(v) ~= tonumber(ARGV[b + 1]) then
     return redis.error_reply('CONFLICT a node changed since it was read')
   end
 end
 for i = 1, nu do
-  local k, b = KEYS[2 + i], 3 + (i - 1) * F
+  local k, b = KEYS[2 + i], 4 + (i - 1) * F
   if ARGV[b + 2] ~= '' then
     redis.call('HSET', k, 'z', ARGV[b + 2])
     redis.call('HINCRBY', k, 'version', 1)
@@ -227,6 +229,10 @@ for i = 1, nu do
   else
     redis.call('HINCRBY', k, 'skipped', 1)
   end
+end
+for j = 1, nc do
+  local key = KEYS[2 + nu + j]
+  if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, 'counted', ARGV[ev0 + ne + j]) end
 end
 local acked = 0
 local i = 1

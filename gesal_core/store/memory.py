@@ -153,6 +153,9 @@ class MemoryStore:
                 node.updates += int(u.updated)
                 node.rollbacks += int(u.rolled_back)
                 node.skipped += int(not u.updated and not u.rolled_back)
+                for reply_id, reward in u.counted.items():
+                    if reply_id in ch.replies:  # retention may have dropped it meanwhile
+                        ch.replies[reply_id].counted = float(reward)
             for event_id in event_ids:
                 ch.events.pop(event_id, None)
             if event_ids:

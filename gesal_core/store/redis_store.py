@@ -67,7 +67,7 @@ CONSUMER_GC_MS = 3_600_000  # forget consumers idle for an hour with nothing pen
 NODE_INTS = ("count", "version", "rated", "updates", "skipped", "rollbacks")
 NODE_FLOATS = ("baseline", "reward_sum", "created_at", "updated_at")
 NODE_JSON = ("recent", "downvoted", "neighbors")
-REPLY_EXTRA = ("votes", "corrections", "platform_message_id")
+REPLY_EXTRA = ("votes", "corrections", "platform_message_id", "counted")
 
 
 TLS_FILE_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
@@ -174,6 +174,7 @@ def reply_from_fields(h: dict[bytes, bytes], corrections: list[bytes]) -> Reply:
     d["votes"] = {k.decode()[2:]: int(v) for k, v in h.items() if k.startswith(b"v:") and v != b""}
     d["corrections"] = [json.loads(c) for c in corrections]
     d["platform_message_id"] = _s(h.get(b"msg"))
+    d["counted"] = float(h[b"counted"]) if h.get(b"counted") else None
     return Reply.from_dict(d)
 
 
@@ -394,6 +395,8 @@ class RedisStore:
         fields.update({f"v:{u}": str(int(v)) for u, v in reply.votes.items()})
         if reply.platform_message_id:
             fields["msg"] = reply.platform_message_id
+        if reply.counted is not None:
+            fields["counted"] = repr(float(reply.counted))
         corrections = [json.dumps(c) for c in reply.corrections]
         keys = [
             k.reply(reply.reply_id),
@@ -574,8 +577,12 @@ class RedisStore:
                 int(bool(u.updated)),
                 int(bool(u.rolled_back)),
             ]
+        counted = [(rid, r) for u in updates for rid, r in u.counted.items()]
+        args.insert(3, len(counted))
         args += list(event_ids)
+        args += [repr(float(r)) for _, r in counted]
         keys = [k.feedback, k.meta, *(k.node(u.node_id) for u in updates)]
+        keys += [k.reply(rid) for rid, _ in counted]
         try:
             await self._eval(lua.COMMIT, keys, args)
         except ResponseError as exc:
