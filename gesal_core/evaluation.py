@@ -406,7 +406,8 @@ def two_cluster() -> Task:
         "two-cluster",
         "facts: <= 15 words; creative requests: >= 30 words",
         QUESTIONS[:12] + CREATIVE,
-        HELDOUT_QUESTIONS[:6] + CREATIVE_HELDOUT,
+        # alternating, so that `--heldout N` keeps both clusters in equal parts
+        [p for pair in zip(HELDOUT_QUESTIONS[:6], CREATIVE_HELDOUT, strict=True) for p in pair],
         wants,
         facts=KEY_FACTS,
     )

@@ -44,6 +44,8 @@ def test_builtin_tasks_have_sane_rules():
     poem = "Write a poem about the stars."
     assert tc.complies(poem, " ".join(["star"] * 40)) and not tc.complies(poem, "Stars.")
     assert set(tc.train).isdisjoint(tc.heldout)
+    creative = [p for p in tc.heldout[:8] if tc.complies(p, " ".join(["w"] * 40))]
+    assert len(creative) == 4  # any --heldout N keeps both clusters in equal parts
     for task in (b, c, tc):
         assert set(task.train).isdisjoint(task.heldout)
 
