@@ -392,9 +392,16 @@ class Engine:
         if value is not None and (type(value) is not int or value not in (1, -1)):
             raise GesalError("a vote is +1, -1 or None (retract)")
         event = await self.store.set_vote(channel, reply_id, str(user), value)
-        reply = await self.store.get_reply(channel, reply_id)
-        if reply is not None:
-            await self._note_verdict(channel, reply)
+        try:  # the vote is durable now; keeping its answer out of the next ones is a bonus
+            reply = await self.store.get_reply(channel, reply_id)
+            if reply is not None:
+                await self._note_verdict(channel, reply)
+        except GesalError as exc:
+            log.warning(
+                "vote on %s recorded; its answer is avoided from the next training run on: %s",
+                reply_id,
+                exc,
+            )
         return event
 
     async def _note_verdict(self, channel: str, reply: Reply) -> None:

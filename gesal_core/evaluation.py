@@ -529,7 +529,7 @@ class EngineLearner(Learner):
         self.engine = Engine(svf, tokenizer, MemoryStore(defaults), cfg, model_name="eval")
         self.frozen = frozen
         self.channel = "eval"
-        self._other: tuple[list[int], np.ndarray, int, torch.Tensor] | None = None
+        self._other: tuple[list[int], str, np.ndarray, int, torch.Tensor] | None = None
 
     async def ask(self, prompts, record=True):
         outs = await asyncio.gather(
@@ -565,13 +565,14 @@ class EngineLearner(Learner):
             ids = reply.prompt_ids + reply.response_ids
             node = await self.engine.store.get_node(OTHER_CHANNEL, out.node_id)
             logits = await self.engine.worker.run(self._logits, node.z, ids)
-            self._other = (ids, node.z.copy(), node.version, logits)
+            self._other = (ids, node.node_id, node.z.copy(), node.version, logits)
             return 0.0
-        ids, z0, version, before = self._other
-        (node,) = await self.engine.store.load_nodes(OTHER_CHANNEL)
+        ids, node_id, z0, version, before = self._other
+        node = await self.engine.store.get_node(OTHER_CHANNEL, node_id)
+        if node is None or node.version != version:
+            return float("inf")  # the other channel's node was replaced or retrained
         now = await self.engine.worker.run(self._logits, node.z, ids)
-        moved = max(float((now - before).abs().max()), float(np.abs(node.z - z0).max()))
-        return moved if node.version == version else float("inf")
+        return max(float((now - before).abs().max()), float(np.abs(node.z - z0).max()))
 
     def _logits(self, z: np.ndarray, ids: list[int]) -> torch.Tensor:
         svf = self.engine.svf
