@@ -525,6 +525,13 @@ class Engine:
             log.warning("training %s: %s; the events stay pending for the next run", channel, exc)
             for r in reports:
                 r.status, r.reason = "conflict", str(exc)
+        else:  # the nodes' own lists hold these now
+            for u in updates:
+                fresh = self._fresh_downvotes.get((channel, u.node_id), {})
+                for text in u.downvoted:
+                    fresh.pop(text, None)
+                if not fresh:
+                    self._fresh_downvotes.pop((channel, u.node_id), None)
         await self.store.set_meta(channel, last_train=time.time())
         return reports, len(events)
 

@@ -830,6 +830,11 @@ def test_a_downvoted_answer_is_avoided_before_the_next_training_run(svf, tiny_to
         await eng.vote("c", r.reply_id, "ann", None)
         await eng.respond("c", ask("hello"))
         assert eng.serving.stats.resamples == avoided
+        await eng.vote("c", r.reply_id, "ann", -1)
+        await eng.train()  # the node's own list takes it over; the engine's is emptied
+        assert not eng._fresh_downvotes
+        node = await eng.store.get_node("c", r.node_id)
+        assert " ".join(r.text.lower().split()) in node.downvoted
         eng.close()
 
     run(go())
