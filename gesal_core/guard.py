@@ -100,8 +100,12 @@ _REFUSAL = re.compile(
 # ...and so is a run of eight or more symbols that are not ASCII punctuation, mixed or
 # not: an emoji run's answers ended "Cats purr because they need to relax. 🐖🐖🌱🌍🌈🌌🌊🌌🌌🌈🌊🌌"
 # (its members liked it: it has an emoji). Three flags in a row (six characters) pass.
+# ...and so is one symbol (or a short group: "❤️" is two code points) six times over with
+# spaces between: an emoji run of session 25 ended its answers "…helps them reproduce.
+# 😊 😊 😊 😊 😊 😊 😊 😊 😊 😊 😊 😊 😊 😊 😊", which the rules without spaces did not see.
 _RUN = re.compile(
-    r"([^\w\s])\1{5,}|(\w)\2{15,}|\b([^\W\d]\w*)(?:\W+\3\b){3,}|[^\w\s!-/:-@\[-`{-~]{8,}",
+    r"([^\w\s])\1{5,}|(\w)\2{15,}|\b([^\W\d]\w*)(?:\W+\3\b){3,}|[^\w\s!-/:-@\[-`{-~]{8,}"
+    r"|([^\w\s]{1,4}?)(?:\s+\4){5,}",
     re.IGNORECASE,
 )
 # A letter or digit of any script. An emoji run has none, and the base-model NLL rule

@@ -67,6 +67,15 @@ from .conftest import make_tiny_llama
         ("Cats purr because they need to relax. 🐖🐖🌱🌍🌈🌌🌊🌌🌌🌈🌊🌌", "repetition loop"),
         ("🌟 Electricity is energy. 🌟\n\n1️⊕⌘🌍🌊⌍️🌐⌍️🌊", "repetition loop"),
         ("Paris 🇫🇷🇩🇪🇮🇹 and friends... 😊🎉!", None),
+        # emoji, seed 0, 64 votes, session 25: one emoji again and again, spaced
+        (
+            "Cats purr because they are mammals and have a reproductive system that helps "
+            "them reproduce. 😊 😊 😊 😊 😊 😊 😊 😊 😊 😊",
+            "repetition loop",
+        ),
+        ("15 times 3 is a bit tricky, but I can help! ❤️ ❤️ ❤️ ❤️ ❤️ ❤️", "repetition loop"),
+        ("Wait . . . . . . what?", "repetition loop"),
+        ("Tokyo! 😊 Have a nice day 😊 😊", None),
     ],
 )
 def test_degenerate_answers_are_recognised(text, reason):
