@@ -13,12 +13,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Smoke runs (--quick) write here, so they never overwrite a full run's figures.
 QUICK_RESULTS = RESULTS / "quick"
 _quick = False
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine of two steps or gradients: do they point the same way?"""
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
 def set_quick(on: bool) -> None:

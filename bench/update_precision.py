@@ -19,7 +19,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.common import PROMPTS, apply_threads, base_args, chat_ids, decode, model_meta, report
+from bench.common import (
+    PROMPTS,
+    apply_threads,
+    base_args,
+    chat_ids,
+    cosine,
+    decode,
+    model_meta,
+    report,
+)
 from gesal_core.learning import Sample, sequence_logprobs, shares_prefix
 from gesal_core.model import load_model
 from gesal_core.svf import SVFConfig, SVFModel
@@ -45,7 +54,7 @@ def compare(svf: SVFModel, samples: list[Sample], pad: int) -> dict:
     same = np.sign(g32) == np.sign(g16)
     top = np.abs(g32) >= np.quantile(np.abs(g32), 0.9)
     return {
-        "gradient_cosine": float(g32 @ g16 / np.linalg.norm(g32) / np.linalg.norm(g16)),
+        "gradient_cosine": cosine(g32, g16),
         "gradient_relative_l2": float(np.linalg.norm(g16 - g32) / np.linalg.norm(g32)),
         "sign_agreement": float(same.mean()),
         "sign_agreement_top_10pct": float(same[top].mean()),

@@ -45,6 +45,7 @@ import torch
 from bench.common import (
     apply_threads,
     base_args,
+    cosine,
     greedy_pairs,
     median,
     model_meta,
@@ -201,9 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_abs": float(np.abs(za - zp).max()),
             "relative_l2_of_step": float(np.linalg.norm(za - zp) / np.linalg.norm(zp - z0)),
             # bf16 is not exact: how far its step is from the fp32 one
-            "bf16_vs_fp32_cosine": float(
-                step @ step_bf16 / np.linalg.norm(step) / np.linalg.norm(step_bf16)
-            ),
+            "bf16_vs_fp32_cosine": cosine(step, step_bf16),
             "bf16_vs_fp32_relative_l2": float(
                 np.linalg.norm(step_bf16 - step) / np.linalg.norm(step)
             ),
@@ -211,12 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         if compile_s is not None:
             # compiled bf16 against eager bf16 (and fp32): the same maths, other rounding
             step_c = svf_step(k, "compiled") - z0
-            z_diff[k]["compiled_vs_bf16_cosine"] = float(
-                step_c @ step_bf16 / np.linalg.norm(step_c) / np.linalg.norm(step_bf16)
-            )
-            z_diff[k]["compiled_vs_fp32_cosine"] = float(
-                step_c @ step / np.linalg.norm(step_c) / np.linalg.norm(step)
-            )
+            z_diff[k]["compiled_vs_bf16_cosine"] = cosine(step_c, step_bf16)
+            z_diff[k]["compiled_vs_fp32_cosine"] = cosine(step_c, step)
         t: dict[str, list[float]] = {name: [] for name, _ in variants}
         for _ in range(args.repeats):
             for name, fn in variants:

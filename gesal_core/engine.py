@@ -383,8 +383,10 @@ class Engine:
         The scheduler counts pending feedback per node with it, to train a node early.
         """
         reply = await self.store.get_reply(channel, reply_id)
-        if reply is None:
-            return None
+        return None if reply is None else await self._owner(channel, reply)
+
+    async def _owner(self, channel: str, reply: Reply) -> str:
+        """The node a reply's feedback goes to now (its own, or the one it was folded into)."""
         return _follow((await self.store.meta(channel)).get("merged", {}), reply.node_id)
 
     async def vote(self, channel: str, reply_id: str, user: str, value: int | None) -> str:
@@ -406,8 +408,7 @@ class Engine:
 
     async def _note_verdict(self, channel: str, reply: Reply) -> None:
         """Keep a reply the community now rejects out of its node's answers at once."""
-        meta = await self.store.meta(channel)
-        fresh = self._fresh_downvotes[(channel, _follow(meta.get("merged", {}), reply.node_id))]
+        fresh = self._fresh_downvotes[(channel, await self._owner(channel, reply))]
         reward = reply_reward(reply.votes, await self.store.get_config(channel))
         text = _norm_text(reply.text)
         fresh.pop(text, None)

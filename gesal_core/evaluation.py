@@ -38,7 +38,7 @@ import torch
 
 from .embedding import PromptEmbedder
 from .engine import Engine, EngineConfig
-from .generate import SamplingConfig, build_prompt, generate
+from .generate import SamplingConfig, build_prompt, generate, rng_kept
 from .guard import UNRELATED_PROBES, GuardConfig, content_words, judge_answers, on_topic
 from .learning import (
     Batch,
@@ -550,17 +550,14 @@ class EngineLearner(Learner):
         every checkpoint its node's next-token logits on that exchange are computed again.
         Returns the largest change in them, in its z or in its version: 0.0 when the
         community's votes left the other channel exactly as it was. The first call draws
-        from the sampler, so it runs on a saved and restored random state: adding the
-        check changes no run's answers.
+        from the sampler, so it runs with the random state kept: adding the check changes
+        no run's answers.
         """
         if self._other is None:
-            state = torch.get_rng_state()
-            try:
+            with rng_kept(self.engine.svf.device):
                 out = await self.engine.respond(
                     OTHER_CHANNEL, [{"role": "user", "content": OTHER_QUESTION}]
                 )
-            finally:
-                torch.set_rng_state(state)
             reply = await self.engine.store.get_reply(OTHER_CHANNEL, out.reply_id)
             ids = reply.prompt_ids + reply.response_ids
             node = await self.engine.store.get_node(OTHER_CHANNEL, out.node_id)
@@ -918,11 +915,8 @@ class Harness:
         ref_nll, drift = await on_model_thread(self._ref_nll, learner, prompts, nodes, threshold)
         predict = task.predict or (lambda a: a.split()[0] if a else "-")
         preds = Counter(predict(a) for a in answers)
-        state = torch.get_rng_state()  # the extra answers must not change the run's draws
-        try:
+        with rng_kept(self.svf.device):  # the extra answers must not change the run's draws
             probes = [a for _, a in await learner.ask(list(UNRELATED_PROBES), record=False)]
-        finally:
-            torch.set_rng_state(state)
         isolation = await learner.isolation()
         return Checkpoint(
             votes,

@@ -267,6 +267,14 @@ def _stop_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def rng_kept(device: torch.device) -> contextlib.AbstractContextManager:
+    """Random draws inside leave the global generators (the CPU's and ``device``'s) as
+    they were: extra samples, such as an evaluation's extra answers, change no one
+    else's draws."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
 @contextlib.contextmanager
 def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
     """Sample from ``seed`` without touching anyone else's random stream: the guard's
@@ -275,8 +283,7 @@ def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
     if seed is None:
         yield
         return
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with rng_kept(device):
         torch.manual_seed(seed)
         yield
 

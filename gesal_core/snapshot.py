@@ -10,7 +10,6 @@ without it, feedback on replies of a folded node would be orphaned after a round
 
 from __future__ import annotations
 
-import binascii
 import math
 from dataclasses import asdict, dataclass
 
@@ -79,9 +78,7 @@ def parse(
             Reply.from_dict(_of(d, dict, "a reply")) for d in _of(data["replies"], list, "replies")
         ]
         merged = _of(data.get("merged", {}), dict, "merged")
-    except GesalError:
-        raise
-    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+    except (KeyError, TypeError, ValueError) as exc:  # bad base64 is a ValueError too
         raise GesalError(f"the export is damaged: {exc}") from exc
     _check_nodes(nodes, z_size, embedding_size)
     ids = {n.node_id for n in nodes}

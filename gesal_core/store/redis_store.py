@@ -564,7 +564,8 @@ class RedisStore:
     @_guarded
     async def commit(self, channel: str, updates: list[NodeUpdate], event_ids: list[str]) -> None:
         k = Keys(channel)
-        args: list = [GROUP, len(updates), len(event_ids)]
+        counted = [(rid, r) for u in updates for rid, r in u.counted.items()]
+        args: list = [GROUP, len(updates), len(event_ids), len(counted)]
         for u in updates:
             args += [
                 int(u.expected_version),
@@ -577,8 +578,6 @@ class RedisStore:
                 int(bool(u.updated)),
                 int(bool(u.rolled_back)),
             ]
-        counted = [(rid, r) for u in updates for rid, r in u.counted.items()]
-        args.insert(3, len(counted))
         args += list(event_ids)
         args += [repr(float(r)) for _, r in counted]
         keys = [k.feedback, k.meta, *(k.node(u.node_id) for u in updates)]
