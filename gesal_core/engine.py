@@ -333,12 +333,9 @@ class Engine:
             if not create:  # what a new node would start from, without storing it
                 z = graph.initial_z(index, by_id, emb, self.svf.z_size)
                 return Node("(new)", emb.copy(), z), True, route.similarity
-            if len(nodes) >= cfg.max_nodes and len(nodes) == 1:
-                # a one-node channel (max_nodes 1) has nothing to fold into: folding would
-                # delete its only node, and with it the feedback waiting on its replies
-                return nodes[0], False, route.similarity
             if len(nodes) >= cfg.max_nodes:
-                await self._fold_least_used(channel, nodes, index)
+                if not await self._fold_least_used(channel, nodes, index):
+                    return nodes[0], False, route.similarity  # the only node takes it
                 nodes = await self.store.load_nodes(channel)
                 index = graph.GraphIndex.build(nodes)
                 by_id = {n.node_id: n for n in nodes}
@@ -356,18 +353,23 @@ class Engine:
             node.neighbors = edges
             return node, True, route.similarity
 
-    async def _fold_least_used(self, channel: str, nodes: list[Node], index) -> None:
+    async def _fold_least_used(self, channel: str, nodes: list[Node], index) -> bool:
+        """Fold a full channel's least used node into its nearest; False when there is no
+        other node (max_nodes 1): deleting the only one would orphan the feedback waiting
+        on its replies."""
         victim = graph.least_used(nodes)
         nearest = index.nearest(victim.embedding, k=1, exclude=victim.node_id)
-        if nearest:
-            target = next(n for n in nodes if n.node_id == nearest[0][0])
-            await self.store.save_node(channel, graph.merge_into(target, victim))
-            meta = await self.store.meta(channel)
-            merged = dict(meta.get("merged", {}))
-            merged[victim.node_id] = target.node_id
-            await self.store.set_meta(channel, merged=merged)
+        if not nearest:
+            return False
+        target = next(n for n in nodes if n.node_id == nearest[0][0])
+        await self.store.save_node(channel, graph.merge_into(target, victim))
+        meta = await self.store.meta(channel)
+        merged = dict(meta.get("merged", {}))
+        merged[victim.node_id] = target.node_id
+        await self.store.set_meta(channel, merged=merged)
         await self.store.delete_node(channel, victim.node_id)
         log.info("channel %s full: folded node %s away", channel, victim.node_id)
+        return True
 
     # -- feedback -----------------------------------------------------------------------
     async def link_message(self, channel: str, reply_id: str, message_id: str) -> None:
