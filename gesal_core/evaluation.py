@@ -28,6 +28,7 @@ import random
 import re
 import statistics
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -610,10 +611,14 @@ class LoraLearner(Learner):
 
         self.tokenizer = tokenizer
         self.cfg = engine_config
-        self.model = get_peft_model(
-            model_factory(),
-            LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=target_leaves),
-        )
+        with warnings.catch_warnings():
+            # PEFT asks transformers a deprecated question (is_gradient_checkpointing);
+            # the answer is right, the FutureWarning is noise in every LoRA run's output
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            self.model = get_peft_model(
+                model_factory(),
+                LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=target_leaves),
+            )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(self.params, lr=LORA_LR)
         # the same products as gesal's update (LearningConfig.compute_dtype), so the two
