@@ -964,3 +964,42 @@ def test_replay_stays_within_its_node(svf, tiny_tokenizer):
 
     on, off = run(go(16)), run(go(0))
     assert not np.allclose(on, 1.0) and np.array_equal(on, off)
+
+
+def test_the_readmes_engine_example_runs_and_bad_input_is_a_gesal_error(
+    svf, tiny_tokenizer, monkeypatch, capsys
+):
+    """The README's "The engine from Python" snippet, run as written (on the tiny model
+    instead of the bundled one), and the errors its last sentence promises."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### The engine from Python", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    engines: list[Engine] = []
+
+    def tiny_load(cls, *args, **kwargs):
+        engines.append(make_engine(svf, tiny_tokenizer))
+        return engines[0]
+
+    monkeypatch.setattr(Engine, "load", classmethod(tiny_load))
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    out = capsys.readouterr().out
+    assert "feedback events" in out and "1 node(s)" in out
+    stats = run(engines[0].stats("my-app:general"))
+    assert stats["nodes"] == 1
+
+    async def bad():
+        eng = make_engine(svf, tiny_tokenizer)
+        reply = await eng.respond("c", ask("What is tea?"))
+        for call in (
+            eng.respond("c", ask("   ")),
+            eng.vote("c", reply.reply_id, "alice", 2),
+            eng.vote("c", "no-such-reply", "alice", 1),
+            eng.correct("c", reply.reply_id, "alice", ""),
+        ):
+            with pytest.raises(GesalError):
+                await call
+        assert await eng.pending("c") == 0
+
+    run(bad())
