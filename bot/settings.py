@@ -27,12 +27,12 @@ Variable names (case-insensitive):
 ``GESAL_COMPILE_UPDATES``      run training updates through ``torch.compile`` (1.37x
                                faster here; minutes of compiling at start-up)
 ``GESAL_LEARNING_RATE``        Adam step size of a training update (6e-3 with max step 6
-                               learns faster and keeps less; README, "Evaluation")
+                               learns faster and keeps less; docs/eval-history.md)
 ``GESAL_MAX_STEP``             bound on how far one update moves a node's z (L2)
 ``GESAL_REJECTED_STEP``        step multiple for a node whose recent votes are all 👎
                                (1: off)
 ``GESAL_PULL``                 λ of the pull of z towards the base model, (λ/2)‖z−1‖²
-                               (0: off; 0.05 stalled learning, README "Evaluation")
+                               (0: off; 0.05 stalled learning, docs/learning.md)
 ``GESAL_EXPLORE_TEMPERATURE``  sampling temperature of a node whose recent votes are
                                all 👎 (0.7, the usual one: no exploring)
 ``GESAL_GUARD_SAMPLED``        the collapse guard also judges sampled answers to its

@@ -47,11 +47,11 @@ class LearningConfig:
     # about 2.7 in L2 (51,840 components in the bundled model). The earlier defaults (lr 1e-3, 2
     # steps, ‖Δz‖ ≤ 0.25, λ = 1) let no correction reach held-out prompts: at λ = 1 the
     # pull balances a length-normalised correction's gradient at ‖z−1‖ ≈ 0.5. Side by
-    # side in `gesal-bot eval` (README, "Evaluation"), lr 3e-3 learnt brevity and the
+    # side in `gesal-bot eval` (docs/eval-history.md), lr 3e-3 learnt brevity and the
     # opener faster than 1e-3 (seed 0 at 64 votes: 100% vs 62%). The collapse guard is the
     # real safety net; λ keeps z from wandering where feedback does not push it.
     # lr 6e-3 with max_step 6 complied sooner on all three 128-vote tasks but kept a median
-    # 38% of brevity's key facts against 62% (README, "A larger step"), so 3e-3 stays
+    # 38% of brevity's key facts against 62% (docs/eval-history.md, "A larger step"), so 3e-3 stays
     # and only a rejected node takes the larger step (``rejected_step``); deployments
     # choose with GESAL_LEARNING_RATE / GESAL_MAX_STEP / GESAL_REJECTED_STEP.
     lr: float = 3e-3
@@ -100,8 +100,9 @@ class LearningConfig:
     # the node's recent rated replies), so it is full until half of them are liked and
     # zero when none is disliked (`settle_scale`); a new correction always gets a full
     # step. Without it, updates went on after compliance reached 100% at 64 votes, and at
-    # 128 votes answers had degraded (echoed questions, gibberish, wrong facts; README,
-    # "Evaluation"). The mirror image of exploration, which widens as votes turn negative.
+    # 128 votes answers had degraded (echoed questions, gibberish, wrong facts;
+    # docs/learning.md, "Settling"). The mirror image of exploration, which widens as
+    # votes turn negative.
     settle: bool = True
     settle_min_votes: int = 8  # rated replies before a round that can show contentment
     # The step's multiple (lr and max_step) for a node whose recent votes are all 👎,
