@@ -31,8 +31,6 @@ Variable names (case-insensitive):
 ``GESAL_MAX_STEP``             bound on how far one update moves a node's z (L2)
 ``GESAL_REJECTED_STEP``        step multiple for a node whose recent votes are all 👎
                                (1: off)
-``GESAL_FULL_STEP_REPLIES``    replies with new feedback that earn a node a full step;
-                               an update on fewer takes that share of one (0: off)
 ``GESAL_PULL``                 λ of the pull of z towards the base model, (λ/2)‖z−1‖²
                                (0: off; 0.05 stalled learning, docs/learning.md)
 ``GESAL_EXPLORE_TEMPERATURE``  sampling temperature of a node whose recent votes are
@@ -109,7 +107,6 @@ class Settings(BaseSettings):
     gesal_learning_rate: float = Field(3e-3, gt=0, le=0.1)
     gesal_max_step: float = Field(3.0, gt=0, le=100.0)
     gesal_rejected_step: float = Field(2.0, ge=1.0, le=10.0)
-    gesal_full_step_replies: int = Field(4, ge=0, le=1000)
     gesal_pull: float = Field(0.0, ge=0.0, le=10.0)
     gesal_explore_temperature: float = Field(0.7, ge=0.0, le=1.2)  # EngineConfig's
     gesal_guard_sampled: bool = False  # GuardConfig.sampled
@@ -211,7 +208,6 @@ class Settings(BaseSettings):
                 lr=self.gesal_learning_rate,
                 max_step=self.gesal_max_step,
                 rejected_step=self.gesal_rejected_step,
-                full_step_replies=self.gesal_full_step_replies,
                 l2=self.gesal_pull,
             ),
         )

@@ -28,7 +28,6 @@ from .learning import (
     LearningConfig,
     Sample,
     correction_sample,
-    evidence_scale,
     prior_baseline,
     reinforce_steps,
     settle_scale,
@@ -691,8 +690,7 @@ class Engine:
             self.config.learning,
             self.tokenizer.pad_token_id or 0,
             replay or [],
-            settle_scale(node.recent, rewards, demos > 0, self.config.learning)
-            * evidence_scale(len(counted.keys() | corrected), self.config.learning),
+            settle_scale(node.recent, rewards, demos > 0, self.config.learning),
         )
         status, reason = result.status, result.reason
         updated = status == "updated"

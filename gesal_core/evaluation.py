@@ -46,7 +46,6 @@ from .learning import (
     LearningConfig,
     Sample,
     correction_sample,
-    evidence_scale,
     feedback_loss,
     plan_batch,
     prior_baseline,
@@ -682,8 +681,6 @@ class LoraLearner(Learner):
         self.baseline = plan.baseline
         rewards = [s.reward for s in samples]
         scale = settle_scale(self.recent, rewards, bool(new_demos), lc)
-        # as a gesal node's: the replies with new feedback (each corrected one was voted on)
-        scale *= evidence_scale(max(len(samples), len(new_demos)), lc)
         self.recent = (self.recent + rewards)[-self.cfg.recent_rewards :]
         if plan.skip or scale <= 0:
             return {"updated": 0, "skipped": 1, "rolled_back": 0, "settled": int(not plan.skip)}
@@ -1235,13 +1232,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "see LearningConfig.rejected_step)",
     )
     p.add_argument(
-        "--full-step-replies",
-        type=int,
-        default=learning.full_step_replies,
-        help="replies with new feedback that earn a full step; fewer take a share of it "
-        "(0: off; see LearningConfig.full_step_replies)",
-    )
-    p.add_argument(
         "--max-drift",
         type=float,
         default=learning.max_drift,
@@ -1473,7 +1463,6 @@ def run(args: argparse.Namespace) -> int:
             replay=args.replay,
             settle=not args.no_settle,
             rejected_step=args.rejected_step,
-            full_step_replies=args.full_step_replies,
             max_drift=args.max_drift,
             compute_dtype=args.compute_dtype,
             compile=args.compile,

@@ -115,16 +115,6 @@ class LearningConfig:
     # votes (docs/learning.md, "On brevity they lose content"); only while rejected, it
     # did not (README, "Evaluation").
     rejected_step: float = 2.0
-    # A full step needs new feedback (a first or changed verdict, or a correction) on at
-    # least this many of the node's replies; an update on fewer takes that share of one
-    # (lr and max_step, times the settling above; `evidence_scale`); 0: off. A fresh Adam
-    # moves every component of z by about lr whatever it learns from, so an update on one
-    # vote moved z as far as one on eight: trained every 2 votes, as the scheduler trains
-    # a quiet channel, the opener's z had moved 8.0-9.3 by 16 votes (5.3-5.9 in rounds of
-    # 8) and its held-out answers kept 25-62% of their key facts (75-100%; docs/learning.md,
-    # "Feedback that trickles in"). 4: rounds of 8 votes over a node or two keep their full
-    # step, as the scheduler's early run at 5 new votes on one node does.
-    full_step_replies: int = 4
     # Bound on a node's total drift ‖z − 1‖₂ (0: none). Each update is bounded by
     # max_step, but nothing else bounds how far many updates add up to.
     max_drift: float = 0.0
@@ -148,10 +138,6 @@ class LearningConfig:
         if not self.rejected_step >= 1.0:  # (also catches NaN)
             raise GesalError(
                 f"rejected_step must be at least 1 (1 turns it off), got {self.rejected_step}"
-            )
-        if self.full_step_replies < 0:
-            raise GesalError(
-                f"full_step_replies must be 0 (off) or more, got {self.full_step_replies}"
             )
 
 
@@ -177,20 +163,6 @@ def settle_scale(
     if not cfg.settle or corrected or len(before) < max(1, cfg.settle_min_votes):
         return rejected  # (at least 1: rejected_step is)
     return min(1.0, 2.0 * negative) * rejected
-
-
-def evidence_scale(replies: int, cfg: LearningConfig) -> float:
-    """The share of a full step that new feedback on ``replies`` of a node's replies earns:
-    ``min(1, replies / cfg.full_step_replies)``.
-
-    An update's step is sized for a round of feedback, not for one vote: the defaults were
-    measured on rounds of 8 votes, and the scheduler trains whatever is pending every few
-    minutes, so a quiet channel's node would otherwise take a round's step per vote.
-    Trickling feedback now moves z about as far per vote as feedback in rounds does.
-    """
-    if cfg.full_step_replies <= 0:
-        return 1.0
-    return min(1.0, max(0, replies) / cfg.full_step_replies)
 
 
 @dataclass

@@ -16,7 +16,6 @@ from gesal_core.learning import (
     Sample,
     correction_sample,
     correction_weights,
-    evidence_scale,
     prior_baseline,
     reinforce_step,
     sequence_logprobs,
@@ -647,10 +646,7 @@ def test_engine_focuses_corrections_on_their_change(tiny_tokenizer, dtype):
         assert (demo.weights is not None and len(set(demo.weights)) > 1) == (focus > 0)
         z0 = np.ones(svf.z_size, dtype=np.float32)
         pad = tiny_tokenizer.pad_token_id or 0
-        # one corrected reply: the share of a full step that one reply earns
-        direct = reinforce_step(
-            svf, z0, [demo], 0.0, learning, pad, scale=evidence_scale(1, learning)
-        )
+        direct = reinforce_step(svf, z0, [demo], 0.0, learning, pad)
         return reply.text, node.z, direct.z
 
     (text0, plain, plain_direct), (text1, focused, focused_direct) = run(go(0.0)), run(go(0.8))
@@ -1007,42 +1003,3 @@ def test_the_readmes_engine_example_runs_and_bad_input_is_a_gesal_error(
         assert await eng.pending("c") == 0
 
     run(bad())
-
-
-@pytest.mark.parametrize(
-    ("voted", "full_step_replies", "share"), [(1, 4, 0.25), (4, 4, 1.0), (1, 0, 1.0)]
-)
-def test_an_update_on_fewer_replies_takes_a_shorter_step(
-    svf, tiny_tokenizer, voted, full_step_replies, share
-):
-    """Feedback that trickles in (the scheduler trains a quiet channel every few votes)
-    earns its share of a step sized for a round, not a round's step per vote. lr 1 makes
-    every step reach its bound, so the distance z moved is the bound times the share."""
-    learning = LearningConfig(
-        lr=1.0,
-        max_step=0.1,
-        inner_steps=1,
-        rejected_step=1.0,
-        replay=0,
-        full_step_replies=full_step_replies,
-    )
-
-    async def go():
-        eng = make_engine(svf, tiny_tokenizer, threshold=-1.0, learning=learning)
-        replies = [await eng.respond("c", ask(f"tell me about topic {i}")) for i in range(voted)]
-        for r in replies:
-            await eng.vote("c", r.reply_id, "alice", 1)
-        report = await eng.train("c")
-        assert report.count("updated") == 1
-        (node,) = await eng.store.load_nodes("c")
-        return float(np.linalg.norm(node.z - 1))
-
-    assert run(go()) == pytest.approx(0.1 * share, rel=1e-3)
-
-
-def test_evidence_scale_is_a_share_of_a_full_step():
-    cfg = LearningConfig(full_step_replies=4)
-    assert [evidence_scale(n, cfg) for n in (0, 1, 2, 4, 9)] == [0.0, 0.25, 0.5, 1.0, 1.0]
-    assert evidence_scale(1, LearningConfig(full_step_replies=0)) == 1.0
-    with pytest.raises(GesalError):
-        LearningConfig(full_step_replies=-1)

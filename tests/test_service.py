@@ -59,13 +59,12 @@ def test_settings_from_env_and_dotenv(monkeypatch, tmp_path):
 
     lib = LearningConfig()
     learning = s.engine_config().learning
-    assert (
-        learning.lr,
-        learning.max_step,
-        learning.rejected_step,
-        learning.l2,
-        learning.full_step_replies,
-    ) == (lib.lr, lib.max_step, lib.rejected_step, lib.l2, lib.full_step_replies)
+    assert (learning.lr, learning.max_step, learning.rejected_step, learning.l2) == (
+        lib.lr,
+        lib.max_step,
+        lib.rejected_step,
+        lib.l2,
+    )
     explore = s.engine_config().explore_max_temperature
     assert explore == EngineConfig.explore_max_temperature
     monkeypatch.setenv("GESAL_LEARNING_RATE", "6e-3")
@@ -73,10 +72,8 @@ def test_settings_from_env_and_dotenv(monkeypatch, tmp_path):
     monkeypatch.setenv("GESAL_REJECTED_STEP", "2.5")
     monkeypatch.setenv("GESAL_PULL", "0.05")
     monkeypatch.setenv("GESAL_EXPLORE_TEMPERATURE", "1.0")
-    monkeypatch.setenv("GESAL_FULL_STEP_REPLIES", "0")
     config = load_settings(env).engine_config()
     learning = config.learning
-    assert learning.full_step_replies == 0
     assert (learning.lr, learning.max_step, learning.rejected_step) == (6e-3, 6.0, 2.5)
     assert (learning.l2, config.explore_max_temperature) == (0.05, 1.0)
     # the guard's sampled probes: off as in the library unless a deployment turns them on
