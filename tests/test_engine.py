@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -971,16 +972,14 @@ def test_the_readmes_engine_example_runs_and_bad_input_is_a_gesal_error(
 ):
     """The README's "The engine from Python" snippet, run as written (on the tiny model
     instead of the bundled one), and the errors its last sentence promises."""
-    from pathlib import Path
-
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("### The engine from Python", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    engines: list[Engine] = []
+    engines: list[Engine] = []  # the one the snippet loads, to read its channel after
 
     def tiny_load(cls, *args, **kwargs):
         engines.append(make_engine(svf, tiny_tokenizer))
-        return engines[0]
+        return engines[-1]
 
     monkeypatch.setattr(Engine, "load", classmethod(tiny_load))
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
@@ -1001,5 +1000,6 @@ def test_the_readmes_engine_example_runs_and_bad_input_is_a_gesal_error(
             with pytest.raises(GesalError):
                 await call
         assert await eng.pending("c") == 0
+        eng.close()
 
     run(bad())
