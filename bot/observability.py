@@ -322,8 +322,8 @@ class MeteredEngine:
         self.metrics.corrections.inc()
         return result
 
-    async def train(self, channel: str | None = None):
-        report = await self._engine.train(channel)
+    async def train(self, channel: str | None = None, *, force: bool = False):
+        report = await self._engine.train(channel, force=force)
         self.metrics.observe_train(report)
         log.info("training: %s", report.summary())
         return report

@@ -1,5 +1,5 @@
-"""When training happens: an APScheduler interval job, plus an early run once one node
-has enough new feedback.
+"""When training happens: an APScheduler interval job, plus an early run once a node's
+round is full.
 
 One job (``gesal-train``) does all training, with ``max_instances=1`` so runs never
 overlap, ``coalesce=True`` so a backlog of missed runs collapses into one, and a misfire
@@ -7,11 +7,19 @@ grace time so a run delayed by a busy process still happens. The early trigger s
 moves that job's next run to *now*, which keeps those guarantees; a trigger that fires
 while a run is in progress is remembered and starts one more run right after it.
 
+What a run trains is the engine's decision, not the clock's: a node trains once
+``GESAL_TRAIN_ROUND`` of its replies have new feedback, or once its oldest new feedback
+has waited ``GESAL_TRAIN_MAX_WAIT`` seconds (`EngineConfig.train_round`). An update
+moves z about as far whatever it learns from, so a quiet channel trained on every vote
+or two drifted and lost what its answers said (docs/learning.md, "Feedback that trickles
+in"). The interval run is therefore cheap when nothing is due: it reads the pending
+buffer and leaves the waiting nodes' feedback in it.
+
 Why per node: REINFORCE updates one node's z from that node's votes, so five votes
-spread over five topics teach nothing early, while five votes on one answer are worth
-acting on now. The counts are this process's own (feedback it received since the last
-run started); feedback received by another process, or before a restart, still waits
-in the store and is trained by the interval job.
+spread over five topics teach no node anything yet, while a round on one node is worth
+acting on now. The early counts are this process's own (feedback events it received
+since the last run started); feedback received by another process, or before a
+restart, still waits in the store and is trained by the interval job.
 
 The job is a coroutine on the event loop, but it only awaits: `Engine.train` does the
 maths on the model's worker thread. Across processes, the engine takes the store's
@@ -24,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from datetime import datetime, timezone
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -46,7 +53,9 @@ class TrainingScheduler:
         self.scheduler = AsyncIOScheduler(timezone=timezone.utc)
         self.reports: list[TrainReport] = []  # recent runs, newest last (for stats / tests)
         self.runs = asyncio.Event()  # set after every completed run
-        self.new_feedback: Counter[tuple[str, str]] = Counter()  # (channel, node) -> events
+        # (channel, node) -> the replies with feedback this process received since the
+        # last run started
+        self.new_feedback: dict[tuple[str, str], set[str]] = {}
         self._running = False
         self._again = False
 
@@ -64,23 +73,28 @@ class TrainingScheduler:
         )
         self.scheduler.start()
         log.info(
-            "training every %.0fs, or early at %d new feedback events on one node",
+            "training every %.0fs, or at once, for each node that has new feedback on %d "
+            "of its replies or has waited %.0fs",
             self.settings.gesal_train_interval,
-            self.settings.gesal_train_early_votes,
+            self.settings.gesal_train_round,
+            self.settings.gesal_train_max_wait,
         )
 
     def shutdown(self) -> None:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
 
-    async def feedback_arrived(self, channel: str, node_id: str | None) -> None:
-        """Called after each vote or correction (``ChatService.on_feedback``): train early
-        once one node has ``GESAL_TRAIN_EARLY_VOTES`` new feedback events."""
+    async def feedback_arrived(self, channel: str, node_id: str | None, reply_id: str) -> None:
+        """Called after each vote or correction (``ChatService.on_feedback``): train at
+        once when ``GESAL_TRAIN_ROUND`` of one node's replies have new feedback, which is
+        when the engine counts the node's round as full."""
         key = (channel, node_id or "?")
-        self.new_feedback[key] += 1
-        count = self.new_feedback[key]
-        if count >= self.settings.gesal_train_early_votes:
-            self.trigger_now(f"node {key[1]} of {channel} has {count} new feedback events")
+        replies = self.new_feedback.setdefault(key, set())
+        if reply_id in replies:
+            return  # a second vote on a reply does not make the round any fuller
+        replies.add(reply_id)
+        if len(replies) == self.settings.gesal_train_round:
+            self.trigger_now(f"node {key[1]} of {channel}: {len(replies)} replies with feedback")
 
     def trigger_now(self, why: str = "requested") -> None:
         job = self.scheduler.get_job(JOB_ID)
@@ -96,8 +110,9 @@ class TrainingScheduler:
     async def run_once(self) -> TrainReport | None:
         """One training pass over every channel with pending feedback. Never raises:
         a failed run is logged and the feedback stays pending for the next one."""
-        # what arrived until now is in the store's pending buffer, which this run reads
-        self.new_feedback.clear()
+        # what arrived until now is in the store's pending buffer, which this run reads;
+        # what arrives during the run is counted afresh
+        counted, self.new_feedback = self.new_feedback, {}
         self._running, self._again = True, False
         try:
             report = await self.engine.train()
@@ -106,8 +121,16 @@ class TrainingScheduler:
             report = None
         finally:
             self._running = False
+        # nodes that did not train keep their count towards their round
+        waiting = report.waiting if report is not None else None
+        for key, replies in counted.items():
+            channel, node = key
+            if waiting is None or node in waiting.get(channel, {}):
+                self.new_feedback[key] = replies | self.new_feedback.get(key, set())
+                if len(self.new_feedback[key]) >= self.settings.gesal_train_round:
+                    self._again = True  # the round filled up while this run read it
         if report is not None:
-            if report.events:
+            if report.events or report.waiting:
                 log.info("training: %s", report.summary())
             self.reports = [*self.reports[-19:], report]
         self.runs.set()

@@ -39,8 +39,9 @@ Variable names (case-insensitive):
                                probes, as replies are served (a second generation pass,
                                served length, per update)
 ``GESAL_TRAIN_INTERVAL``       seconds between scheduled training runs
-``GESAL_TRAIN_EARLY_VOTES``    train early once one node has this many new votes or
-                               corrections
+``GESAL_TRAIN_ROUND``          a node trains once this many of its replies have new
+                               votes or corrections (and training starts at once then)
+``GESAL_TRAIN_MAX_WAIT``       seconds new feedback waits for a full round at most
 ``GESAL_TRAIN_MISFIRE_GRACE``  seconds a late training run may still start
 ``GESAL_RATE_USER``            mentions per user per minute
 ``GESAL_RATE_CHANNEL``         mentions per channel per minute
@@ -113,7 +114,11 @@ class Settings(BaseSettings):
 
     # -- training schedule ----------------------------------------------------------
     gesal_train_interval: float = Field(300.0, ge=1.0)
-    gesal_train_early_votes: int = Field(5, ge=1)
+    gesal_train_round: int = Field(4, ge=1, le=1000)  # EngineConfig.train_round
+    gesal_train_max_wait: float = Field(86400.0, ge=0.0)  # EngineConfig.train_max_wait
+    # Replaced by GESAL_TRAIN_ROUND; kept only to refuse it with a sentence that says so,
+    # instead of ignoring a setting a deployment believes is in force.
+    gesal_train_early_votes: int | None = Field(None, exclude=True)
     gesal_train_misfire_grace: int = Field(120, ge=1)
 
     # -- chat behaviour -------------------------------------------------------------
@@ -145,6 +150,16 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, v: object) -> object:
         # `DISCORD_TOKEN=` in a .env file means "not configured", not "an empty token"
         return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("gesal_train_early_votes")
+    @classmethod
+    def _removed_early_votes(cls, v: object) -> object:
+        if v is not None:
+            raise ValueError(
+                "was replaced by GESAL_TRAIN_ROUND (how many of a node's replies need new "
+                "feedback before it trains, which also starts training at once); remove it"
+            )
+        return v
 
     @field_validator("gesal_device")
     @classmethod
@@ -202,6 +217,8 @@ class Settings(BaseSettings):
             channel_defaults=self.channel_defaults(),
             guard=GuardConfig(sampled=self.gesal_guard_sampled),
             explore_max_temperature=self.gesal_explore_temperature,
+            train_round=self.gesal_train_round,
+            train_max_wait=self.gesal_train_max_wait,
             learning=LearningConfig(
                 compute_dtype=self.gesal_update_dtype,
                 compile=self.gesal_compile_updates,

@@ -80,7 +80,7 @@ async def correction_curve(
             reply = await engine.respond(CHANNEL, [{"role": "user", "content": q}])
             await engine.vote(CHANNEL, reply.reply_id, "member", -1)
             await engine.correct(CHANNEL, reply.reply_id, "member", f"{opener} {reply.text}")
-        report = await engine.train(CHANNEL)
+        report = await engine.train(CHANNEL, force=True)  # a point per round, full or not
         statuses = [n.status for n in report.channels.get(CHANNEL, [])]
         node = (await engine.store.load_nodes(CHANNEL))[0]
         lp, comp, text = await engine.worker.run(measure, node.z)

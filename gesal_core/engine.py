@@ -15,6 +15,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -32,7 +33,7 @@ from .learning import (
     reinforce_steps,
     settle_scale,
 )
-from .records import CORRECTION, ChannelConfig, Node, NodeUpdate, Reply
+from .records import CORRECTION, ChannelConfig, FeedbackEvent, Node, NodeUpdate, Reply
 from .serving import BatchedGenerator, GenRequest, ServingConfig
 from .store import ConflictError, MemoryStore, Store, UnknownReplyError
 from .svf import SVFModel
@@ -70,6 +71,20 @@ class EngineConfig:
     # The trainer lock's lease: renewed by a heartbeat while training runs, so a crashed
     # trainer's lock frees within this time. The commit's checks keep a lost lock harmless.
     train_lock_ttl: float = 30.0
+    # A training round. A node trains once `train_round` of its replies have new feedback,
+    # or once its oldest new feedback has waited `train_max_wait` seconds; until then its
+    # feedback waits in the store. Why: an update moves z about as far whatever it learns
+    # from, so a node trained on every vote or two drifts further per vote and loses what
+    # its answers said (docs/learning.md, "Feedback that trickles in"). 1: train whatever
+    # is pending, as before the round existed.
+    train_round: int = 4
+    train_max_wait: float = 86400.0
+
+    def __post_init__(self) -> None:
+        if self.train_round < 1:
+            raise GesalError(f"train_round must be at least 1, not {self.train_round}")
+        if not self.train_max_wait >= 0:
+            raise GesalError(f"train_max_wait must be 0 or more seconds, not {self.train_max_wait}")
 
 
 @dataclass
@@ -99,8 +114,10 @@ class NodeReport:
 @dataclass
 class TrainReport:
     channels: dict[str, list[NodeReport]] = field(default_factory=dict)
-    events: int = 0
+    events: int = 0  # feedback events learnt from (waiting ones are not counted)
     seconds: float = 0.0
+    # channel -> node -> replies with new feedback, for nodes whose round is not full yet
+    waiting: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def count(self, status: str) -> int:
         return sum(r.status == status for rs in self.channels.values() for r in rs)
@@ -110,7 +127,11 @@ class TrainReport:
             f"{self.events} feedback events, {self.count('updated')} nodes updated, "
             f"{self.count('skipped')} skipped, {self.count('rolled_back')} rolled back "
             f"in {self.seconds:.1f}s"
+            + (f"; {n} node(s) waiting for a full round" if (n := self.n_waiting()) else "")
         )
+
+    def n_waiting(self) -> int:
+        return sum(len(nodes) for nodes in self.waiting.values())
 
 
 def reply_reward(votes: dict[str, int], cfg: ChannelConfig) -> float | None:
@@ -222,6 +243,9 @@ class Engine:
         self._channel_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._train_lock = asyncio.Lock()
         self.last_train: float | None = None
+        # wall-clock seconds, the feedback events' own clock (their `ts`): how long a
+        # node's feedback has waited for its round (tests move it)
+        self.clock: Callable[[], float] = time.time
         # (channel, node) -> normalised texts voted down since the last training run: a
         # node's own list (`Node.downvoted`) is only written by training, and a member who
         # just voted an answer down should not get it again minutes later
@@ -440,48 +464,91 @@ class Engine:
     async def pending(self, channel: str) -> int:
         return await self.store.pending_count(channel)
 
-    async def train(self, channel: str | None = None) -> TrainReport:
-        """Learn from all pending feedback (of one channel, or of every channel)."""
+    async def train(self, channel: str | None = None, *, force: bool = False) -> TrainReport:
+        """Learn from pending feedback (of one channel, or of every channel).
+
+        A node whose round is not full yet (`EngineConfig.train_round`, `train_max_wait`)
+        keeps its feedback pending and is listed in `TrainReport.waiting`; ``force``
+        trains every node with pending feedback now (an admin's "train now").
+        """
         report = TrainReport()
         start = time.perf_counter()
         async with self._train_lock:
             channels = [channel] if channel else await self.store.channels()
             for ch in channels:
-                reports, n_events = await self._train_channel(ch)
+                reports, n_events, waiting = await self._train_channel(ch, force)
                 if reports or n_events:
                     report.channels[ch] = reports
                     report.events += n_events
+                if waiting:
+                    report.waiting[ch] = waiting
         report.seconds = time.perf_counter() - start
         self.last_train = time.time()
         return report
 
-    async def _train_channel(self, channel: str) -> tuple[list[NodeReport], int]:
+    async def _train_channel(
+        self, channel: str, force: bool
+    ) -> tuple[list[NodeReport], int, dict[str, int]]:
         async with self.store.trainer_lock(channel, self.config.train_lock_ttl) as held:
             if not held:
                 log.info("training %s: another trainer is at it; skipping this round", channel)
-                return [], 0
-            return await self._train_channel_locked(channel)
+                return [], 0, {}
+            return await self._train_channel_locked(channel, force)
 
-    async def _train_channel_locked(self, channel: str) -> tuple[list[NodeReport], int]:
+    async def _round_is_full(
+        self, channel: str, node_id: str, replies: int, oldest: float, force: bool
+    ) -> bool:
+        """Whether a node trains now. A node that no longer exists does, so that its
+        events are acknowledged (as orphaned) instead of waiting for the maximum wait."""
+        return (
+            force
+            or replies >= self.config.train_round
+            or self.clock() - oldest >= self.config.train_max_wait
+            or await self.store.get_node(channel, node_id) is None
+        )
+
+    async def _train_channel_locked(
+        self, channel: str, force: bool
+    ) -> tuple[list[NodeReport], int, dict[str, int]]:
         events = await self.store.pending(channel, self.consumer)
         if not events:
-            return [], 0
+            return [], 0, {}
         cfg = await self.store.get_config(channel)
         meta = await self.store.meta(channel)
         redirects = meta.get("merged", {})
         by_node: dict[str, dict[str, Reply]] = defaultdict(dict)
         # node -> (reply, user) -> the newest correction text of this round
         corrections: dict[str, dict[tuple[str, str], tuple[Reply, str]]] = defaultdict(dict)
-        orphans: list[str] = []
+        acked: list[str] = []  # the events this run uses up: orphans' and full rounds'
+        node_events: dict[str, list[FeedbackEvent]] = defaultdict(list)
         for ev in events:
             reply = await self.store.get_reply(channel, ev.reply_id)
             if reply is None:
-                orphans.append(ev.event_id)
+                acked.append(ev.event_id)
                 continue
             node_id = _follow(redirects, reply.node_id)
+            node_events[node_id].append(ev)
             if ev.kind == CORRECTION:
                 corrections[node_id][(reply.reply_id, ev.user)] = (reply, ev.text or "")
             by_node[node_id][reply.reply_id] = reply
+        waiting: dict[str, int] = {}
+        for node_id, evs in node_events.items():
+            oldest = min(e.ts for e in evs)
+            if await self._round_is_full(channel, node_id, len(by_node[node_id]), oldest, force):
+                acked += [e.event_id for e in evs]
+            else:
+                waiting[node_id] = len(by_node.pop(node_id))
+                corrections.pop(node_id, None)
+        if waiting:
+            log.info(
+                "channel %s: %d node(s) wait for a full round of %d replies: %s",
+                channel,
+                len(waiting),
+                self.config.train_round,
+                waiting,
+            )
+        if not acked:
+            return [], 0, waiting
         rewards = {  # reply id -> reward, for the replies that have votes
             rid: r
             for rs in by_node.values()
@@ -523,7 +590,7 @@ class Engine:
         kept = [r for r in reports if r.status != "orphaned"]
         await self._guard(channel, updates, kept, before)
         try:
-            await self.store.commit(channel, updates, [e.event_id for e in events])
+            await self.store.commit(channel, updates, acked)
         except ConflictError as exc:
             log.warning("training %s: %s; the events stay pending for the next run", channel, exc)
             for r in reports:
@@ -536,7 +603,7 @@ class Engine:
                 if not fresh:
                     self._fresh_downvotes.pop((channel, u.node_id), None)
         await self.store.set_meta(channel, last_train=time.time())
-        return reports, len(events)
+        return reports, len(acked), waiting
 
     async def _guard(
         self,

@@ -1252,6 +1252,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--threshold", type=float, default=None, help="routing θ (default: 0.15)")
     p.add_argument(
+        "--round",
+        type=int,
+        default=EngineConfig.train_round,
+        help="replies of a node with new feedback before gesal and svf-single train it "
+        f"(EngineConfig.train_round, GESAL_TRAIN_ROUND; default {EngineConfig.train_round}; "
+        "1: every training run trains all pending feedback; lora trains every run)",
+    )
+    p.add_argument(
         "--explore-max-temperature",
         type=float,
         default=EngineConfig.explore_max_temperature,
@@ -1448,6 +1456,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = EngineConfig(  # before the model loads: a bad setting fails at once
         sampling=SamplingConfig(max_new_tokens=ec.max_new_tokens),
         explore_max_temperature=args.explore_max_temperature,
+        train_round=args.round,
         guard=GuardConfig(
             enabled=not args.no_guard,
             sampled=args.sampled_guard,
@@ -1490,6 +1499,7 @@ def run(args: argparse.Namespace) -> int:
             svf.compute_precision.resolve(cfg.learning.compute_dtype) or lm.dtype
         ),
         "explore_max_temperature": cfg.explore_max_temperature,
+        "train_round": cfg.train_round,
         "targets": args.targets,
         "z_size": svf.z_size,
         "model": lm.name,

@@ -79,6 +79,8 @@ def variables() -> list[Var]:
     out = []
     for group, model in MODELS:
         for name, field in model.model_fields.items():
+            if field.exclude:  # a removed variable, kept only to refuse it
+                continue
             env = name.upper()
             secret = field.annotation is not None and "SecretStr" in str(field.annotation)
             secret = secret or field.annotation is SecretStr

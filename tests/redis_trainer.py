@@ -36,6 +36,7 @@ def build_engine(url: str, lock_ttl: float, claim_ms: int):
     tok = make_tiny_tokenizer()
     svf = SVFModel(make_tiny_llama(len(tok)), "tiny", SVFConfig(progress=False))
     cfg = EngineConfig(
+        train_round=1,  # one reply makes a round: train on every vote
         sampling=SamplingConfig(max_new_tokens=6),
         guard=GuardConfig(enabled=False),
         train_lock_ttl=lock_ttl,

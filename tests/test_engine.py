@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ def svf(tiny_tokenizer):
 
 
 def make_engine(svf, tok, threshold=0.85, **kw):
+    kw.setdefault("train_round", 1)  # one reply makes a round, unless a test sets it
     cfg = EngineConfig(
         sampling=SamplingConfig(max_new_tokens=6, temperature=0.9),
         guard=GuardConfig(enabled=False),
@@ -142,6 +144,64 @@ def test_votes_that_trickle_in_are_learnt_as_the_change_of_verdict(svf, tiny_tok
         eng.close()
 
     run(go())
+
+
+def test_a_node_trains_once_its_round_is_full_or_has_waited(svf, tiny_tokenizer):
+    """A node's feedback waits in the buffer until `train_round` of its replies have
+    some, or its oldest has waited `train_max_wait`; another node's full round trains
+    meanwhile, and an admin's ``force`` trains everything pending."""
+
+    async def go():
+        eng = make_engine(
+            svf, tiny_tokenizer, threshold=0.9999, train_round=3, train_max_wait=3600.0
+        )
+        a = [await eng.respond("c", ask("hello world")) for _ in range(3)]
+        b = await eng.respond("c", ask("0123456789 the lazy dog"))
+        assert len({r.node_id for r in a}) == 1 and b.node_id != a[0].node_id
+        node_a, node_b = a[0].node_id, b.node_id
+
+        await eng.vote("c", a[0].reply_id, "ann", 1)
+        await eng.vote("c", a[0].reply_id, "bob", -1)  # a second vote: still one reply
+        await eng.vote("c", a[1].reply_id, "ann", -1)
+        await eng.vote("c", b.reply_id, "ann", 1)
+        report = await eng.train()
+        assert report.channels == {} and report.events == 0
+        assert report.waiting == {"c": {node_a: 2, node_b: 1}}
+        assert "2 node(s) waiting for a full round" in report.summary()
+        assert await eng.pending("c") == 4  # nothing acknowledged, nothing lost
+        assert (await eng.store.get_node("c", node_a)).version == 0
+
+        await eng.vote("c", a[2].reply_id, "cat", -1)  # node a: three replies, a round
+        report = await eng.train()
+        assert [r.node_id for r in report.channels["c"]] == [node_a]
+        assert report.events == 4 and report.waiting == {"c": {node_b: 1}}
+        assert report.channels["c"][0].samples == 3
+        assert (await eng.store.get_node("c", node_a)).version == 1
+        assert await eng.pending("c") == 1  # node b's vote still waits
+
+        later = time.time() + 3601  # node b's vote has waited past train_max_wait
+        eng.clock = lambda: later
+        report = await eng.train()
+        eng.clock = time.time
+        assert [r.node_id for r in report.channels["c"]] == [node_b]
+        assert report.waiting == {} and await eng.pending("c") == 0
+
+        c = await eng.respond("c", ask("hello world"))
+        await eng.vote("c", c.reply_id, "ann", -1)
+        assert (await eng.train()).waiting == {"c": {node_a: 1}}
+        forced = await eng.train(force=True)  # an admin's "train now"
+        assert [r.node_id for r in forced.channels["c"]] == [node_a]
+        assert forced.waiting == {} and await eng.pending("c") == 0
+        eng.close()
+
+    run(go())
+
+
+def test_the_round_must_be_a_positive_count():
+    with pytest.raises(GesalError, match="train_round must be at least 1"):
+        EngineConfig(train_round=0)
+    with pytest.raises(GesalError, match="train_max_wait"):
+        EngineConfig(train_max_wait=-1.0)
 
 
 async def _liked_and_disliked(eng):
@@ -814,6 +874,7 @@ def test_a_downvoted_answer_is_avoided_before_the_next_training_run(svf, tiny_to
 
     async def go():
         cfg = EngineConfig(
+            train_round=1,  # one reply makes a round: train on every vote
             sampling=SamplingConfig(max_new_tokens=4, temperature=0.0),
             guard=GuardConfig(enabled=False),
             channel_defaults=ChannelConfig(threshold=-1.0),

@@ -216,11 +216,14 @@ def test_eval_command_end_to_end_on_tiny_model(tiny_llama, tiny_tokenizer, tmp_p
             "--no-guard",
             "--explore-max-temperature",
             "0.7",
+            "--round",
+            "1",
         ],
     )
     assert evaluation.run(args) == 0
     data = json.loads((out / "eval-brevity.json").read_text())
     assert data["explore_max_temperature"] == 0.7  # the engine's, recorded with the run
+    assert data["train_round"] == 1  # every training run trains what is pending
     runs = data["runs"]
     assert {(r["method"], r["seed"]) for r in runs} == {
         (m, s) for m in ("none", "gesal", "svf-single", "lora") for s in (0, 1)
@@ -289,6 +292,8 @@ def test_corrections_are_sent_and_counted(tiny_llama, tiny_tokenizer, tmp_path):
             "--out",
             str(out),
             "--no-guard",
+            "--round",
+            "1",
         ],
     )
     assert evaluation.run(args) == 0

@@ -103,6 +103,7 @@ def test_engine_rolls_back_an_update_the_guard_rejects(svf, tiny_tokenizer):
     async def go():
         # A guard that tolerates no drift at all (any topic change beyond -1) rejects.
         cfg = EngineConfig(
+            train_round=1,  # one reply makes a round: train on every vote
             sampling=SamplingConfig(max_new_tokens=4),
             guard=GuardConfig(max_new_tokens=4, max_topic_drop=-1.0),
             channel_defaults=ChannelConfig(threshold=-1.0),
@@ -392,6 +393,7 @@ def test_engine_halves_a_rejected_step_before_rolling_it_back(svf, tiny_tokenize
 
     async def go():
         cfg = EngineConfig(
+            train_round=1,  # one reply makes a round: train on every vote
             sampling=SamplingConfig(max_new_tokens=4),
             guard=GuardConfig(max_new_tokens=4, backtrack=2),
             channel_defaults=ChannelConfig(threshold=-1.0),

@@ -40,6 +40,7 @@ from .conftest import make_tiny_llama
 def engine(tiny_tokenizer):
     svf = SVFModel(make_tiny_llama(len(tiny_tokenizer)), "tiny", SVFConfig(progress=False))
     cfg = EngineConfig(
+        train_round=1,  # one reply makes a round: train on every vote
         sampling=SamplingConfig(max_new_tokens=6, temperature=0.9),
         guard=GuardConfig(enabled=False),
         channel_defaults=ChannelConfig(threshold=0.9999),

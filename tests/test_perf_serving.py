@@ -368,6 +368,7 @@ def test_batched_generation_resamples_only_downvoted_rows(tiny_tokenizer):
 
 def _engine(svf, tok, batching):
     cfg = EngineConfig(
+        train_round=1,  # one reply makes a round: train on every vote
         sampling=SamplingConfig(max_new_tokens=5, temperature=0.9),
         guard=GuardConfig(enabled=False),
         channel_defaults=ChannelConfig(threshold=-1.0),

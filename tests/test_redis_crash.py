@@ -42,6 +42,7 @@ def test_worker_killed_between_computed_and_committed(svf, tiny_tokenizer, redis
     """The worker computes every update, dies before the commit; a new worker applies
     each vote exactly once."""
     cfg = EngineConfig(
+        train_round=1,  # one reply makes a round: train on every vote
         sampling=SamplingConfig(max_new_tokens=4),
         guard=GuardConfig(enabled=False),
         channel_defaults=ChannelConfig(threshold=0.9999),

@@ -59,6 +59,7 @@ def svf(tiny_tokenizer):
 
 def config(threshold=-1.0) -> EngineConfig:
     return EngineConfig(
+        train_round=1,  # one reply makes a round: train on every vote
         sampling=SamplingConfig(max_new_tokens=4, temperature=0.9),
         guard=GuardConfig(enabled=False),
         channel_defaults=ChannelConfig(threshold=threshold),
@@ -133,7 +134,9 @@ def test_two_trainers_never_apply_one_batch_twice(svf, tiny_tokenizer, make_redi
         for user in ["u1", "u2", "u3"]:
             await a.vote("c", r.reply_id, user, 1)
         # bypass the lock: the version and pending checks alone must decide
-        results = await asyncio.gather(a._train_channel_locked("c"), b._train_channel_locked("c"))
+        results = await asyncio.gather(
+            a._train_channel_locked("c", False), b._train_channel_locked("c", False)
+        )
         node = await a.store.get_node("c", r.node_id)
         # and with the lock: a second trainer skips the channel while one holds it
         async with b.store.trainer_lock("c", ttl=30):
@@ -144,7 +147,7 @@ def test_two_trainers_never_apply_one_batch_twice(svf, tiny_tokenizer, make_redi
         return results, node, skipped, pending
 
     results, node, skipped, pending = run(go())
-    statuses = sorted(rep.status for reports, _ in results for rep in reports)
+    statuses = sorted(rep.status for reports, _, _ in results for rep in reports)
     assert statuses == ["conflict", "updated"]
     assert node.version == 1 and node.rated == 1 and node.updates == 1
     assert skipped.events == 0 and pending == 1

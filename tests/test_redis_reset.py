@@ -114,6 +114,7 @@ def test_concurrent_answers_and_votes_never_see_a_half_reset(
 ):
     svf = SVFModel(make_tiny_llama(len(tiny_tokenizer)), "tiny", SVFConfig(progress=False))
     cfg = EngineConfig(
+        train_round=1,  # one reply makes a round: train on every vote
         sampling=SamplingConfig(max_new_tokens=3, temperature=0.9),
         guard=GuardConfig(enabled=False),
         channel_defaults=ChannelConfig(threshold=0.9999, max_nodes=10_000),  # no folding

@@ -1,6 +1,6 @@
 """The training scheduler, and the whole loop end to end on a real Redis:
-mention → reply → 👎 votes → early scheduled training → the same prompt answered by the
-updated node."""
+mention → replies → 👎 votes → a full round starts training at once → the same prompt
+answered by the updated node."""
 
 from __future__ import annotations
 
@@ -20,13 +20,18 @@ from .fakes.tiny import make_engine
 def settings(monkeypatch):
     for name in ("DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "SLACK_SIGNING_SECRET"):
         monkeypatch.delenv(name, raising=False)
-    # a long interval: only the early trigger can start training within the test
-    return load_settings(None, gesal_train_interval=3600, gesal_train_early_votes=2)
+    # a long interval: only a full round can start training within the test
+    return load_settings(None, gesal_train_interval=3600, gesal_train_round=2)
+
+
+def _engine(tok, settings, **kw):
+    """The tiny engine with the deployment's round, as `bot.runtime` builds it."""
+    return make_engine(tok, train_round=settings.engine_config().train_round, **kw)
 
 
 def test_job_options(tiny_tokenizer, settings):
     async def go():
-        engine = make_engine(tiny_tokenizer)
+        engine = _engine(tiny_tokenizer, settings)
         sched = TrainingScheduler(engine, settings)
         sched.start()
         try:
@@ -49,40 +54,47 @@ async def _until(predicate, timeout: float = 10.0) -> None:
     raise AssertionError("condition not met in time")
 
 
-def test_early_trigger_counts_feedback_per_node(tiny_tokenizer, settings):
-    """Two votes in a channel, one on each of two nodes, are not "a node's buffer
-    reaching 2"; the second vote on the same node is."""
+def test_a_full_round_on_one_node_trains_at_once(tiny_tokenizer, settings):
+    """A node's round is two of its replies with feedback (GESAL_TRAIN_ROUND=2): one
+    vote on each of two nodes is not a round, nor is a second vote on the same reply;
+    a vote on a second reply of one node is, and only that node trains."""
 
     async def go():
-        engine = make_engine(tiny_tokenizer, threshold=0.9999)  # every prompt its own node
+        engine = _engine(tiny_tokenizer, settings, threshold=0.9999)  # a prompt per node
         sched = TrainingScheduler(engine, settings)
         service = ChatService(engine, settings, on_feedback=sched.feedback_arrived)
         sched.start()
         try:
-            a = await service.handle_mention(Mention("discord", "g", "c", "u1", "hello", "m1"))
-            b = await service.handle_mention(
-                Mention("discord", "g", "c", "u1", "how do magnets work?", "m2")
-            )
-            assert a.ok and b.ok and a.node_id != b.node_id
-            await service.link_reply(a, ["ra"])
-            await service.link_reply(b, ["rb"])
+            asks = ("hello", "how do magnets work?", "hello")
+            a, b, a2 = [
+                await service.handle_mention(Mention("discord", "g", "c", "u1", t, f"m{i}"))
+                for i, t in enumerate(asks)
+            ]
+            assert a.ok and b.ok and a2.ok and a.node_id != b.node_id
+            assert a2.node_id == a.node_id
+            for parts, msg in ((a, "ra"), (b, "rb"), (a2, "ra2")):
+                await service.link_reply(parts, [msg])
             key = a.channel_key
 
-            for user, msg in (("u2", "ra"), ("u2", "rb")):
+            for user, msg in (("u2", "ra"), ("u2", "rb"), ("u3", "ra")):
                 r = Reaction("discord", "g", "c", user, msg, "👎", True)
                 assert (await service.handle_reaction(r)).counted
-            assert await engine.pending(key) == 2  # the channel has 2, each node has 1
-            assert sched.new_feedback == {(key, a.node_id): 1, (key, b.node_id): 1}
+            assert await engine.pending(key) == 3
+            assert sched.new_feedback == {
+                (key, a.node_id): {a.reply_id},
+                (key, b.node_id): {b.reply_id},
+            }
             await asyncio.sleep(0.3)
             assert not sched.reports
 
-            await service.handle_reaction(Reaction("discord", "g", "c", "u3", "ra", "👍", True))
+            await service.handle_reaction(Reaction("discord", "g", "c", "u3", "ra2", "👍", True))
             await asyncio.wait_for(sched.runs.wait(), 30)
             report = sched.reports[-1]
             assert report.events == 3, report.summary()
-            trained = {r.node_id for r in report.channels[key]}
-            assert trained == {a.node_id, b.node_id}  # a run trains every pending node
-            assert not sched.new_feedback and await engine.pending(key) == 0
+            assert [r.node_id for r in report.channels[key]] == [a.node_id]
+            assert report.waiting == {key: {b.node_id: 1}}  # b's vote waits for its round
+            assert sched.new_feedback == {(key, b.node_id): {b.reply_id}}  # still counts
+            assert await engine.pending(key) == 1
         finally:
             sched.shutdown()
             engine.close()
@@ -95,7 +107,7 @@ def test_trigger_during_a_run_starts_another_run(tiny_tokenizer, settings):
     remembers it and runs again as soon as the current run has finished."""
 
     async def go():
-        engine = make_engine(tiny_tokenizer)
+        engine = _engine(tiny_tokenizer, settings)
         real_train, calls, gate = engine.train, [], asyncio.Event()
 
         async def gated_train(channel=None):
@@ -126,7 +138,7 @@ def test_trigger_during_a_run_starts_another_run(tiny_tokenizer, settings):
 def test_end_to_end_votes_train_the_node_on_redis(tiny_tokenizer, settings, make_redis_store):
     async def go():
         store = make_redis_store()
-        engine = make_engine(tiny_tokenizer, store=store)
+        engine = _engine(tiny_tokenizer, settings, store=store)
         sched = TrainingScheduler(engine, settings)
         service = ChatService(engine, settings, on_feedback=sched.feedback_arrived)
         sched.start()
@@ -139,19 +151,30 @@ def test_end_to_end_votes_train_the_node_on_redis(tiny_tokenizer, settings, make
             before = (await store.get_node(key, first.node_id)).z.copy()
 
             await service.handle_reaction(Reaction("discord", "g", "c", "u2", "r1", "👎", True))
-            await asyncio.sleep(0.3)
-            assert not sched.reports  # one vote: below the early threshold, no training
             await service.handle_reaction(Reaction("discord", "g", "c", "u3", "r1", "👎🏾", True))
-            await asyncio.wait_for(sched.runs.wait(), 60)
+            await asyncio.sleep(0.3)
+            assert not sched.reports  # two votes on one reply: not a round, no training
+            # the interval run leaves them in the Redis stream, and reads them again later
+            waited = await sched.run_once()
+            assert waited.events == 0 and waited.waiting == {key: {first.node_id: 1}}
+            assert await engine.pending(key) == 2
+
+            second = await service.handle_mention(
+                Mention("discord", "g", "c", "u1", "hello world", "m2")
+            )
+            assert second.node_id == first.node_id
+            await service.link_reply(second, ["r2"])
+            await service.handle_reaction(Reaction("discord", "g", "c", "u2", "r2", "👎", True))
+            await _until(lambda: len(sched.reports) == 2, 60)
 
             report = sched.reports[-1]
-            assert report.events == 2 and report.count("updated") == 1, report.summary()
+            assert report.events == 3 and report.count("updated") == 1, report.summary()
             node = await store.get_node(key, first.node_id)
             assert node.version == 1 and not (node.z == before).all()
             assert await engine.pending(key) == 0
 
             again = await service.handle_mention(
-                Mention("discord", "g", "c", "u1", "hello world", "m2")
+                Mention("discord", "g", "c", "u1", "hello world", "m3")
             )
             assert again.ok and again.node_id == first.node_id and again.z_version == 1
         finally:

@@ -67,6 +67,23 @@ def test_settings_from_env_and_dotenv(monkeypatch, tmp_path):
     )
     explore = s.engine_config().explore_max_temperature
     assert explore == EngineConfig.explore_max_temperature
+    # the training round: the library's unless a deployment sets it
+    rounds = s.engine_config()
+    assert (rounds.train_round, rounds.train_max_wait) == (
+        EngineConfig.train_round,
+        EngineConfig.train_max_wait,
+    )
+    monkeypatch.setenv("GESAL_TRAIN_ROUND", "8")
+    monkeypatch.setenv("GESAL_TRAIN_MAX_WAIT", "3600")
+    rounds = load_settings(env).engine_config()
+    assert (rounds.train_round, rounds.train_max_wait) == (8, 3600.0)
+    monkeypatch.delenv("GESAL_TRAIN_ROUND")
+    monkeypatch.delenv("GESAL_TRAIN_MAX_WAIT")
+    # the replaced early-vote count is refused by name, not silently ignored
+    monkeypatch.setenv("GESAL_TRAIN_EARLY_VOTES", "8")
+    with pytest.raises(SettingsError, match="EARLY_VOTES: was replaced by GESAL_TRAIN_ROUND"):
+        load_settings(env)
+    monkeypatch.delenv("GESAL_TRAIN_EARLY_VOTES")
     monkeypatch.setenv("GESAL_LEARNING_RATE", "6e-3")
     monkeypatch.setenv("GESAL_MAX_STEP", "6")
     monkeypatch.setenv("GESAL_REJECTED_STEP", "2.5")
@@ -239,7 +256,7 @@ def test_mention_reply_link_and_votes(service):
         assert parts.channel_key == "discord:g1:c1"
         await service.link_reply(parts, ["b1", "b2"])
         seen = []
-        service.on_feedback = lambda key, node: _record(seen, (key, node))
+        service.on_feedback = lambda key, node, reply: _record(seen, (key, node, reply))
 
         def react(emoji, added=True, user="u2", msg="b2", bot=False):
             r = Reaction("discord", "g1", "c1", user, msg, emoji, added, bot)
@@ -263,7 +280,7 @@ def test_mention_reply_link_and_votes(service):
         # the same message id in another channel is not this bot's reply there
         other = Reaction("discord", "g1", "c2", "u2", "b1", "👍", True)
         assert (await service.handle_reaction(other)).status == "ignored"
-        assert seen == [("discord:g1:c1", parts.node_id)] * 4
+        assert seen == [("discord:g1:c1", parts.node_id, parts.reply_id)] * 4
         assert await service.engine.pending(parts.channel_key) == 4
 
     run(go())

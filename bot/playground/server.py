@@ -180,7 +180,7 @@ class Playground:
             "pending": pending,
             "last_train": engine.last_train,
             "interval": settings.gesal_train_interval if settings else None,
-            "early_votes": settings.gesal_train_early_votes if settings else None,
+            "round": settings.gesal_train_round if settings else None,
             "next_run": None,
             "running": self.scheduler is not None,
         }

@@ -17,6 +17,9 @@ def make_engine(
     tok, store=None, threshold: float = 0.85, max_new_tokens: int = 6, **config
 ) -> Engine:
     svf = SVFModel(make_tiny_llama(len(tok)), "tiny", SVFConfig(progress=False))
+    # one reply makes a round: unit tests of the learning maths train on a vote or two;
+    # tests of the round itself pass train_round
+    config.setdefault("train_round", 1)
     cfg = EngineConfig(
         sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.9),
         guard=GuardConfig(enabled=False),
