@@ -114,7 +114,7 @@ class Settings(BaseSettings):
 
     # -- training schedule ----------------------------------------------------------
     gesal_train_interval: float = Field(300.0, ge=1.0)
-    gesal_train_round: int = Field(4, ge=1, le=1000)  # EngineConfig.train_round
+    gesal_train_round: int = Field(8, ge=1, le=1000)  # EngineConfig.train_round
     gesal_train_max_wait: float = Field(86400.0, ge=0.0)  # EngineConfig.train_max_wait
     # Replaced by GESAL_TRAIN_ROUND; kept only to refuse it with a sentence that says so,
     # instead of ignoring a setting a deployment believes is in force.
