@@ -1038,16 +1038,16 @@ def test_the_readmes_engine_example_runs_and_bad_input_is_a_gesal_error(
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     engines: list[Engine] = []  # the one the snippet loads, to read its channel after
 
-    def tiny_load(cls, *args, **kwargs):
-        engines.append(make_engine(svf, tiny_tokenizer))
+    def tiny_load(cls, *args, **kwargs):  # with the library's round, as Engine.load has
+        engines.append(make_engine(svf, tiny_tokenizer, train_round=EngineConfig.train_round))
         return engines[-1]
 
     monkeypatch.setattr(Engine, "load", classmethod(tiny_load))
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     out = capsys.readouterr().out
-    assert "feedback events" in out and "1 node(s)" in out
+    assert "2 feedback events" in out and "1 node(s)" in out  # the vote and correction
     stats = run(engines[0].stats("my-app:general"))
-    assert stats["nodes"] == 1
+    assert stats["nodes"] == 1 and stats["pending_feedback"] == 0
 
     async def bad():
         eng = make_engine(svf, tiny_tokenizer)
