@@ -1,5 +1,5 @@
-"""When training happens: an APScheduler interval job, plus an early run once a node's
-round is full.
+"""When training happens: an APScheduler interval job, plus an early run once a
+channel's round is full.
 
 One job (``gesal-train``) does all training, with ``max_instances=1`` so runs never
 overlap, ``coalesce=True`` so a backlog of missed runs collapses into one, and a misfire
@@ -7,19 +7,18 @@ grace time so a run delayed by a busy process still happens. The early trigger s
 moves that job's next run to *now*, which keeps those guarantees; a trigger that fires
 while a run is in progress is remembered and starts one more run right after it.
 
-What a run trains is the engine's decision, not the clock's: a node trains once
-``GESAL_TRAIN_ROUND`` of its replies have new feedback, or once its oldest new feedback
-has waited ``GESAL_TRAIN_MAX_WAIT`` seconds (`EngineConfig.train_round`). An update
-moves z about as far whatever it learns from, so a quiet channel trained on every vote
-or two drifted and lost what its answers said (docs/learning.md, "Feedback that trickles
-in"). The interval run is therefore cheap when nothing is due: it reads the pending
-buffer and leaves the waiting nodes' feedback in it.
-
-Why per node: REINFORCE updates one node's z from that node's votes, so five votes
-spread over five topics teach no node anything yet, while a round on one node is worth
-acting on now. The early counts are this process's own (feedback events it received
-since the last run started); feedback received by another process, or before a
-restart, still waits in the store and is trained by the interval job.
+What a run trains is the engine's decision, not the clock's: once ``GESAL_TRAIN_ROUND``
+of a channel's replies have new feedback, each of its nodes with at least half a round
+of them trains, and feedback that has waited ``GESAL_TRAIN_MAX_WAIT`` seconds trains
+whatever the round (`EngineConfig.train_round`). An update moves z about as far
+whatever it learns from, so a quiet channel trained on every vote or two drifted and
+lost what its answers said (docs/learning.md, "Feedback that trickles in"), and five
+votes on five topics teach no topic anything yet. The interval run is therefore cheap
+when nothing is due: it reads the pending buffer and leaves the waiting nodes' feedback
+in it. The counts that start a run early are this process's own (replies it saw new
+feedback on since the last run started, kept for nodes that waited); feedback received
+by another process, or before a restart, still waits in the store and is trained by
+the interval job.
 
 The job is a coroutine on the event loop, but it only awaits: `Engine.train` does the
 maths on the model's worker thread. Across processes, the engine takes the store's
@@ -86,15 +85,17 @@ class TrainingScheduler:
 
     async def feedback_arrived(self, channel: str, node_id: str | None, reply_id: str) -> None:
         """Called after each vote or correction (``ChatService.on_feedback``): train at
-        once when ``GESAL_TRAIN_ROUND`` of one node's replies have new feedback, which is
-        when the engine counts the node's round as full."""
-        key = (channel, node_id or "?")
-        replies = self.new_feedback.setdefault(key, set())
+        once when the channel's round is full by the engine's rule (`EngineConfig.
+        train_round`): ``GESAL_TRAIN_ROUND`` of its replies have new feedback, and one
+        node has at least half of a round of them."""
+        replies = self.new_feedback.setdefault((channel, node_id or "?"), set())
         if reply_id in replies:
             return  # a second vote on a reply does not make the round any fuller
         replies.add(reply_id)
-        if len(replies) == self.settings.gesal_train_round:
-            self.trigger_now(f"node {key[1]} of {channel}: {len(replies)} replies with feedback")
+        mine = [r for (ch, _), r in self.new_feedback.items() if ch == channel]
+        round_ = self.settings.gesal_train_round
+        if sum(map(len, mine)) >= round_ and 2 * len(replies) >= round_:
+            self.trigger_now(f"{channel} has a round: {sum(map(len, mine))} replies with feedback")
 
     def trigger_now(self, why: str = "requested") -> None:
         job = self.scheduler.get_job(JOB_ID)
@@ -121,14 +122,13 @@ class TrainingScheduler:
             report = None
         finally:
             self._running = False
-        # nodes that did not train keep their count towards their round
+        # nodes that did not train keep their count towards the next round; only new
+        # feedback starts a run, so nodes that wait never make runs back to back
         waiting = report.waiting if report is not None else None
         for key, replies in counted.items():
             channel, node = key
             if waiting is None or node in waiting.get(channel, {}):
                 self.new_feedback[key] = replies | self.new_feedback.get(key, set())
-                if len(self.new_feedback[key]) >= self.settings.gesal_train_round:
-                    self._again = True  # the round filled up while this run read it
         if report is not None:
             if report.events or report.waiting:
                 log.info("training: %s", report.summary())

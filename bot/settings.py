@@ -39,8 +39,9 @@ Variable names (case-insensitive):
                                probes, as replies are served (a second generation pass,
                                served length, per update)
 ``GESAL_TRAIN_INTERVAL``       seconds between scheduled training runs
-``GESAL_TRAIN_ROUND``          a node trains once this many of its replies have new
-                               votes or corrections (and training starts at once then)
+``GESAL_TRAIN_ROUND``          a channel trains once this many of its replies have new
+                               votes or corrections (at once then), each topic with
+                               half as many or more; the others wait
 ``GESAL_TRAIN_MAX_WAIT``       seconds new feedback waits for a full round at most
 ``GESAL_TRAIN_MISFIRE_GRACE``  seconds a late training run may still start
 ``GESAL_RATE_USER``            mentions per user per minute
@@ -156,8 +157,8 @@ class Settings(BaseSettings):
     def _removed_early_votes(cls, v: object) -> object:
         if v is not None:
             raise ValueError(
-                "was replaced by GESAL_TRAIN_ROUND (how many of a node's replies need new "
-                "feedback before it trains, which also starts training at once); remove it"
+                "was replaced by GESAL_TRAIN_ROUND (how many of a channel's replies need "
+                "new feedback before it trains, which also starts training at once); remove it"
             )
         return v
 

@@ -237,7 +237,7 @@ def test_click_through_the_whole_loop(server, browser, tmp_path):
     assert page.attr(circle_css, "fill") != grey
     schedule = page.text("#schedule")
     assert schedule.startswith("0 vote(s)") and "every 3600" in schedule and "next" in schedule
-    assert "once 8 of its replies have feedback" in schedule  # GESAL_TRAIN_ROUND
+    assert "trains once 8 replies have feedback" in schedule  # GESAL_TRAIN_ROUND
 
     # a second, different question makes a second node
     d.find_element(By.ID, "text").send_keys("@gesal 0123456789 the lazy dog", "\n")

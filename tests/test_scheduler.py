@@ -54,10 +54,14 @@ async def _until(predicate, timeout: float = 10.0) -> None:
     raise AssertionError("condition not met in time")
 
 
-def test_a_full_round_on_one_node_trains_at_once(tiny_tokenizer, settings):
-    """A node's round is two of its replies with feedback (GESAL_TRAIN_ROUND=2): one
-    vote on each of two nodes is not a round, nor is a second vote on the same reply;
-    a vote on a second reply of one node is, and only that node trains."""
+def test_a_round_starts_training_at_once_and_trains_the_nodes_with_half_of_it(
+    tiny_tokenizer, settings
+):
+    """A round of 4 (GESAL_TRAIN_ROUND=4): a second vote on a reply does not make the
+    round fuller; the fourth reply with feedback in the channel does, and starts a run
+    at once, which trains the node with three of them and leaves the node with one
+    waiting, still counted towards the next round."""
+    settings = settings.model_copy(update={"gesal_train_round": 4})
 
     async def go():
         engine = _engine(tiny_tokenizer, settings, threshold=0.9999)  # a prompt per node
@@ -65,34 +69,34 @@ def test_a_full_round_on_one_node_trains_at_once(tiny_tokenizer, settings):
         service = ChatService(engine, settings, on_feedback=sched.feedback_arrived)
         sched.start()
         try:
-            asks = ("hello", "how do magnets work?", "hello")
-            a, b, a2 = [
+            asks = ("hello", "how do magnets work?", "hello", "hello")
+            a, b, a2, a3 = [
                 await service.handle_mention(Mention("discord", "g", "c", "u1", t, f"m{i}"))
                 for i, t in enumerate(asks)
             ]
-            assert a.ok and b.ok and a2.ok and a.node_id != b.node_id
-            assert a2.node_id == a.node_id
-            for parts, msg in ((a, "ra"), (b, "rb"), (a2, "ra2")):
+            assert all(p.ok for p in (a, b, a2, a3)) and a.node_id != b.node_id
+            assert a.node_id == a2.node_id == a3.node_id
+            for parts, msg in ((a, "ra"), (b, "rb"), (a2, "ra2"), (a3, "ra3")):
                 await service.link_reply(parts, [msg])
             key = a.channel_key
 
-            for user, msg in (("u2", "ra"), ("u2", "rb"), ("u3", "ra")):
+            for user, msg in (("u2", "ra"), ("u2", "rb"), ("u3", "ra"), ("u2", "ra2")):
                 r = Reaction("discord", "g", "c", user, msg, "👎", True)
                 assert (await service.handle_reaction(r)).counted
-            assert await engine.pending(key) == 3
+            assert await engine.pending(key) == 4
             assert sched.new_feedback == {
-                (key, a.node_id): {a.reply_id},
+                (key, a.node_id): {a.reply_id, a2.reply_id},
                 (key, b.node_id): {b.reply_id},
             }
             await asyncio.sleep(0.3)
-            assert not sched.reports
+            assert not sched.reports  # 3 replies with feedback: not a round
 
-            await service.handle_reaction(Reaction("discord", "g", "c", "u3", "ra2", "👍", True))
+            await service.handle_reaction(Reaction("discord", "g", "c", "u3", "ra3", "👍", True))
             await asyncio.wait_for(sched.runs.wait(), 30)
             report = sched.reports[-1]
-            assert report.events == 3, report.summary()
+            assert report.events == 4, report.summary()
             assert [r.node_id for r in report.channels[key]] == [a.node_id]
-            assert report.waiting == {key: {b.node_id: 1}}  # b's vote waits for its round
+            assert report.waiting == {key: {b.node_id: 1}}  # under half a round: waits
             assert sched.new_feedback == {(key, b.node_id): {b.reply_id}}  # still counts
             assert await engine.pending(key) == 1
         finally:

@@ -239,7 +239,7 @@ async function refreshSchedule() {
     const next = schedule.next_run ? new Date(schedule.next_run * 1000).toLocaleTimeString() : null;
     $("#schedule").textContent =
       `${schedule.pending} vote(s)/correction(s) waiting · last training: ${last}` +
-      (schedule.running ? ` · a topic trains once ${schedule.round} of its replies have feedback (checked every ${schedule.interval}s)` +
+      (schedule.running ? ` · trains once ${schedule.round} replies have feedback (checked every ${schedule.interval}s)` +
         (next ? ` · next ${next}` : "") : " · automatic training is off: press Train now");
   } catch (e) { /* status is best effort */ }
 }
