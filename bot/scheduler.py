@@ -7,18 +7,17 @@ grace time so a run delayed by a busy process still happens. The early trigger s
 moves that job's next run to *now*, which keeps those guarantees; a trigger that fires
 while a run is in progress is remembered and starts one more run right after it.
 
-What a run trains is the engine's decision, not the clock's: once ``GESAL_TRAIN_ROUND``
-of a channel's replies have new feedback, each of its nodes with at least half a round
-of them trains, and feedback that has waited ``GESAL_TRAIN_MAX_WAIT`` seconds trains
-whatever the round (`EngineConfig.train_round`). An update moves z about as far
-whatever it learns from, so a quiet channel trained on every vote or two drifted and
-lost what its answers said (docs/learning.md, "Feedback that trickles in"), and five
-votes on five topics teach no topic anything yet. The interval run is therefore cheap
-when nothing is due: it reads the pending buffer and leaves the waiting nodes' feedback
-in it. The counts that start a run early are this process's own (replies it saw new
-feedback on since the last run started, kept for nodes that waited); feedback received
-by another process, or before a restart, still waits in the store and is trained by
-the interval job.
+What a run trains is the engine's decision, not the clock's: a channel trains once
+``GESAL_TRAIN_ROUND`` of its replies have new feedback, or once its oldest new feedback
+has waited ``GESAL_TRAIN_MAX_WAIT`` seconds (`EngineConfig.train_round`). An update
+moves z about as far whatever it learns from, so a quiet channel trained on every vote
+or two drifted and lost what its answers said (docs/learning.md, "Feedback that
+trickles in"); rounds of 8 are what the evaluation measures. The interval run is
+therefore cheap when nothing is due: it reads the pending buffer and leaves it there.
+The counts that start a run early are this process's own (replies it saw new feedback
+on since the last run started, kept while their channel waits); feedback received by
+another process, or before a restart, still waits in the store and is trained by the
+interval job.
 
 The job is a coroutine on the event loop, but it only awaits: `Engine.train` does the
 maths on the model's worker thread. Across processes, the engine takes the store's
@@ -85,17 +84,15 @@ class TrainingScheduler:
 
     async def feedback_arrived(self, channel: str, node_id: str | None, reply_id: str) -> None:
         """Called after each vote or correction (``ChatService.on_feedback``): train at
-        once when the channel's round is full by the engine's rule (`EngineConfig.
-        train_round`): ``GESAL_TRAIN_ROUND`` of its replies have new feedback, and one
-        node has at least half of a round of them."""
+        once when ``GESAL_TRAIN_ROUND`` of the channel's replies have new feedback, which
+        is when the engine counts the channel's round as full."""
         replies = self.new_feedback.setdefault((channel, node_id or "?"), set())
         if reply_id in replies:
             return  # a second vote on a reply does not make the round any fuller
         replies.add(reply_id)
-        mine = [r for (ch, _), r in self.new_feedback.items() if ch == channel]
-        round_ = self.settings.gesal_train_round
-        if sum(map(len, mine)) >= round_ and 2 * len(replies) >= round_:
-            self.trigger_now(f"{channel} has a round: {sum(map(len, mine))} replies with feedback")
+        count = sum(len(r) for (ch, _), r in self.new_feedback.items() if ch == channel)
+        if count >= self.settings.gesal_train_round:
+            self.trigger_now(f"{channel} has a round: {count} replies with new feedback")
 
     def trigger_now(self, why: str = "requested") -> None:
         job = self.scheduler.get_job(JOB_ID)
@@ -122,8 +119,8 @@ class TrainingScheduler:
             report = None
         finally:
             self._running = False
-        # nodes that did not train keep their count towards the next round; only new
-        # feedback starts a run, so nodes that wait never make runs back to back
+        # a channel that waits keeps its count towards its round; only new feedback
+        # starts a run, so waiting never makes runs back to back
         waiting = report.waiting if report is not None else None
         for key, replies in counted.items():
             channel, node = key

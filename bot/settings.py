@@ -40,9 +40,8 @@ Variable names (case-insensitive):
                                served length, per update)
 ``GESAL_TRAIN_INTERVAL``       seconds between scheduled training runs
 ``GESAL_TRAIN_ROUND``          a channel trains once this many of its replies have new
-                               votes or corrections (at once then), each topic with
-                               half as many or more; the others wait
-``GESAL_TRAIN_MAX_WAIT``       seconds new feedback waits for a full round at most
+                               votes or corrections (at once then)
+``GESAL_TRAIN_MAX_WAIT``       seconds new feedback waits for a round at most
 ``GESAL_TRAIN_MISFIRE_GRACE``  seconds a late training run may still start
 ``GESAL_RATE_USER``            mentions per user per minute
 ``GESAL_RATE_CHANNEL``         mentions per channel per minute

@@ -71,15 +71,15 @@ class EngineConfig:
     # The trainer lock's lease: renewed by a heartbeat while training runs, so a crashed
     # trainer's lock frees within this time. The commit's checks keep a lost lock harmless.
     train_lock_ttl: float = 30.0
-    # A training round. A channel's round is full once `train_round` of its replies have
-    # new feedback; then each node with at least half a round of them trains, and the
-    # others keep waiting. Feedback that
-    # has waited `train_max_wait` seconds trains whatever the round. Until then it stays
-    # in the store. Why: an update moves z about as far whatever it learns from, so a
-    # node trained on every vote or two drifts further per vote and loses what its
-    # answers said (docs/learning.md, "Feedback that trickles in"); and a round per
-    # node, not per channel, learnt half as fast on channels with two topics ("Training
-    # rounds"). 1: train whatever is pending, as before rounds existed.
+    # A training round. A channel trains once `train_round` of its replies have new
+    # feedback, every node with some of it; feedback that has waited `train_max_wait`
+    # seconds trains whatever the round. Until then it stays in the store. Why: an
+    # update moves z about as far whatever it learns from, so a channel trained on every
+    # vote or two drifted further per vote and lost what its answers said
+    # (docs/learning.md, "Feedback that trickles in"), while rounds of 8 votes per
+    # channel are what every evaluation measured. Rounds per node (a node trains once
+    # it has the round, or half of it) learnt more slowly on channels with two topics
+    # and were no safer ("Training rounds"). 1: train whatever is pending.
     train_round: int = 8
     train_max_wait: float = 86400.0
 
@@ -498,18 +498,11 @@ class Engine:
                 return [], 0, {}
             return await self._train_channel_locked(channel, force)
 
-    async def _trains_now(
-        self, channel: str, node_id: str, replies: int, in_channel: int, oldest: float
-    ) -> bool:
-        """Whether a node with new feedback on ``replies`` of its replies (``in_channel``
-        in its whole channel) trains in this run. A node that no longer exists does, so
-        that its events are acknowledged (as orphaned) instead of waiting."""
-        round_ = self.config.train_round  # a node with a whole round has a channel's too
-        return (
-            (in_channel >= round_ and 2 * replies >= round_)
-            or self.clock() - oldest >= self.config.train_max_wait
-            or await self.store.get_node(channel, node_id) is None
-        )
+    def _round_is_full(self, replies: int, oldest: float) -> bool:
+        """Whether a channel with new feedback on ``replies`` replies, the oldest given
+        at ``oldest`` (wall clock), trains in this run."""
+        waited = self.clock() - oldest
+        return replies >= self.config.train_round or waited >= self.config.train_max_wait
 
     async def _train_channel_locked(
         self, channel: str, force: bool
@@ -523,35 +516,28 @@ class Engine:
         by_node: dict[str, dict[str, Reply]] = defaultdict(dict)
         # node -> (reply, user) -> the newest correction text of this round
         corrections: dict[str, dict[tuple[str, str], tuple[Reply, str]]] = defaultdict(dict)
-        acked: list[str] = []  # the events this run uses up: orphans' and full rounds'
-        node_events: dict[str, list[FeedbackEvent]] = defaultdict(list)
+        orphans: list[str] = []
+        live: list[FeedbackEvent] = []
         for ev in events:
             reply = await self.store.get_reply(channel, ev.reply_id)
             if reply is None:
-                acked.append(ev.event_id)
+                orphans.append(ev.event_id)
                 continue
+            live.append(ev)
             node_id = _follow(redirects, reply.node_id)
-            node_events[node_id].append(ev)
             if ev.kind == CORRECTION:
                 corrections[node_id][(reply.reply_id, ev.user)] = (reply, ev.text or "")
             by_node[node_id][reply.reply_id] = reply
-        waiting: dict[str, int] = {}
-        in_channel = sum(len(rs) for rs in by_node.values())
-        for node_id, evs in node_events.items():
-            replies, oldest = len(by_node[node_id]), min(e.ts for e in evs)
-            if force or await self._trains_now(channel, node_id, replies, in_channel, oldest):
-                acked += [e.event_id for e in evs]
-            else:
-                waiting[node_id] = len(by_node.pop(node_id))
-                corrections.pop(node_id, None)
-        if waiting:  # debug: the interval run says this every few minutes in a quiet channel
-            log.debug(
-                "channel %s: %d node(s) wait for a round of %d replies: %s",
-                channel,
-                len(waiting),
-                self.config.train_round,
-                waiting,
-            )
+        waiting: dict[str, int] = {}  # node -> replies with feedback, while the round fills
+        replies = sum(len(rs) for rs in by_node.values())
+        if live and not force and not self._round_is_full(replies, min(e.ts for e in live)):
+            waiting = {node_id: len(rs) for node_id, rs in by_node.items()}
+            by_node.clear()
+            corrections.clear()
+            live = []
+            # debug: the interval run says this every few minutes in a quiet channel
+            log.debug("channel %s: %d of a round of %d", channel, replies, self.config.train_round)
+        acked = orphans + [e.event_id for e in live]
         if not acked:
             return [], 0, waiting
         rewards = {  # reply id -> reward, for the replies that have votes

@@ -146,11 +146,11 @@ def test_votes_that_trickle_in_are_learnt_as_the_change_of_verdict(svf, tiny_tok
     run(go())
 
 
-def test_a_channels_round_trains_the_nodes_with_half_a_round_or_more(svf, tiny_tokenizer):
+def test_a_channels_feedback_waits_for_a_round_then_every_node_trains(svf, tiny_tokenizer):
     """Feedback waits in the buffer until `train_round` of the channel's replies have
-    some; then the nodes with at least half a round of them train and the others keep
-    waiting, until their oldest has waited `train_max_wait`. An admin's ``force``
-    trains everything pending."""
+    some (a second vote on a reply does not count twice); then every node with pending
+    feedback trains. Feedback that has waited `train_max_wait` trains without a round,
+    and an admin's ``force`` trains everything pending."""
 
     async def go():
         eng = make_engine(
@@ -165,53 +165,36 @@ def test_a_channels_round_trains_the_nodes_with_half_a_round_or_more(svf, tiny_t
         await eng.vote("c", a[0].reply_id, "bob", -1)  # a second vote: still one reply
         await eng.vote("c", a[1].reply_id, "ann", -1)
         await eng.vote("c", b.reply_id, "ann", 1)
-        report = await eng.train()  # 3 replies in the channel: not a round of 4
+        report = await eng.train()  # 3 replies with feedback: not a round of 4
         assert report.channels == {} and report.events == 0
         assert report.waiting == {"c": {node_a: 2, node_b: 1}}
         assert "2 node(s) waiting for a round" in report.summary()
         assert await eng.pending("c") == 4  # nothing acknowledged, nothing lost
         assert (await eng.store.get_node("c", node_a)).version == 0
 
-        await eng.vote("c", a[2].reply_id, "cat", -1)  # 4 replies: the channel's round
-        report = await eng.train()  # node a has 3 (half a round or more), node b 1
-        assert [r.node_id for r in report.channels["c"]] == [node_a]
-        assert report.events == 4 and report.waiting == {"c": {node_b: 1}}
-        assert report.channels["c"][0].samples == 3
-        assert (await eng.store.get_node("c", node_a)).version == 1
-        assert await eng.pending("c") == 1  # node b's vote still waits
-
-        later = time.time() + 3601  # node b's vote has waited past train_max_wait
-        eng.clock = lambda: later
+        await eng.vote("c", a[2].reply_id, "cat", -1)  # the fourth reply: a round
         report = await eng.train()
-        eng.clock = time.time
-        assert [r.node_id for r in report.channels["c"]] == [node_b]
-        assert report.waiting == {} and await eng.pending("c") == 0
+        assert {r.node_id: r.samples for r in report.channels["c"]} == {node_a: 3, node_b: 1}
+        assert report.events == 5 and report.waiting == {}
+        assert (await eng.store.get_node("c", node_a)).version == 1
+        assert await eng.pending("c") == 0
 
         c = await eng.respond("c", ask("hello world"))
         await eng.vote("c", c.reply_id, "ann", -1)
         assert (await eng.train()).waiting == {"c": {node_a: 1}}
+        later = time.time() + 3601  # that vote has waited past train_max_wait
+        eng.clock = lambda: later
+        report = await eng.train()
+        eng.clock = time.time
+        assert [r.node_id for r in report.channels["c"]] == [node_a]
+        assert report.waiting == {} and await eng.pending("c") == 0
+
+        d = await eng.respond("c", ask("hello world"))
+        await eng.vote("c", d.reply_id, "ann", 1)
+        assert (await eng.train()).waiting == {"c": {node_a: 1}}
         forced = await eng.train(force=True)  # an admin's "train now"
         assert [r.node_id for r in forced.channels["c"]] == [node_a]
         assert forced.waiting == {} and await eng.pending("c") == 0
-        eng.close()
-
-    run(go())
-
-
-def test_a_round_spread_over_many_topics_trains_none_of_them(svf, tiny_tokenizer):
-    """Four votes on four topics fill a channel's round of 4, but no topic has half a
-    round: none is trained on one answer, and the votes wait for more."""
-
-    async def go():
-        eng = make_engine(svf, tiny_tokenizer, threshold=0.9999, train_round=4)
-        asks = ("hello world", "0123456789 the lazy dog", "what is the capital?", "zzz")
-        replies = [await eng.respond("c", ask(t)) for t in asks]
-        assert len({r.node_id for r in replies}) == 4
-        for r in replies:
-            await eng.vote("c", r.reply_id, "ann", -1)
-        report = await eng.train()
-        assert report.channels == {} and report.waiting == {"c": {r.node_id: 1 for r in replies}}
-        assert await eng.pending("c") == 4
         eng.close()
 
     run(go())

@@ -54,13 +54,10 @@ async def _until(predicate, timeout: float = 10.0) -> None:
     raise AssertionError("condition not met in time")
 
 
-def test_a_round_starts_training_at_once_and_trains_the_nodes_with_half_of_it(
-    tiny_tokenizer, settings
-):
+def test_a_channels_round_starts_training_at_once(tiny_tokenizer, settings):
     """A round of 4 (GESAL_TRAIN_ROUND=4): a second vote on a reply does not make the
     round fuller; the fourth reply with feedback in the channel does, and starts a run
-    at once, which trains the node with three of them and leaves the node with one
-    waiting, still counted towards the next round."""
+    at once, which trains both of the channel's nodes."""
     settings = settings.model_copy(update={"gesal_train_round": 4})
 
     async def go():
@@ -94,11 +91,10 @@ def test_a_round_starts_training_at_once_and_trains_the_nodes_with_half_of_it(
             await service.handle_reaction(Reaction("discord", "g", "c", "u3", "ra3", "👍", True))
             await asyncio.wait_for(sched.runs.wait(), 30)
             report = sched.reports[-1]
-            assert report.events == 4, report.summary()
-            assert [r.node_id for r in report.channels[key]] == [a.node_id]
-            assert report.waiting == {key: {b.node_id: 1}}  # under half a round: waits
-            assert sched.new_feedback == {(key, b.node_id): {b.reply_id}}  # still counts
-            assert await engine.pending(key) == 1
+            assert report.events == 5, report.summary()
+            assert {r.node_id for r in report.channels[key]} == {a.node_id, b.node_id}
+            assert report.waiting == {} and not sched.new_feedback
+            assert await engine.pending(key) == 0
         finally:
             sched.shutdown()
             engine.close()

@@ -432,8 +432,8 @@ def test_admin_commands(service):
         await service.handle_reaction(Reaction("discord", "g1", "c1", "u2", "b1", "👎", True))
         res = await service.handle_admin(admin("stats"))
         assert res.ok and "1 nodes" in res.text and res.data["votes_down"] == 1
-        assert "1 waiting for training (once 8 replies have feedback" in res.text
-        assert "older than 24 h learns anyway" in res.text
+        assert "1 waiting for training (the channel trains once 8 replies" in res.text
+        assert "once it has waited 24 h" in res.text
         res = await service.handle_admin(admin("config", args={"threshold": "0.5"}))
         assert res.ok and res.data["threshold"] == 0.5
         for bad in ({"threshold": "7"}, {"threshold": "abc"}, {"colour": "1"}):
