@@ -71,8 +71,8 @@ class TrainingScheduler:
         )
         self.scheduler.start()
         log.info(
-            "training every %.0fs, or at once, for each node that has new feedback on %d "
-            "of its replies or has waited %.0fs",
+            "training checked every %.0fs, and at once when a channel has new feedback on "
+            "%d replies; feedback that has waited %.0fs trains without a full round",
             self.settings.gesal_train_interval,
             self.settings.gesal_train_round,
             self.settings.gesal_train_max_wait,

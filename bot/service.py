@@ -252,7 +252,7 @@ class ChatService:
 
     ``on_feedback(channel_key, node_id, reply_id)`` is awaited after every counted vote
     or correction, with the node that answered (after merges) and the reply; the
-    scheduler uses it to train at once when a node's round is full.
+    scheduler uses it to train at once when a channel's round is full.
     """
 
     def __init__(

@@ -119,7 +119,7 @@ class TrainReport:
     channels: dict[str, list[NodeReport]] = field(default_factory=dict)
     events: int = 0  # feedback events learnt from (waiting ones are not counted)
     seconds: float = 0.0
-    # channel -> node -> replies with new feedback, for nodes whose round is not full yet
+    # channel -> node -> replies with new feedback, for channels whose round is not full
     waiting: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def count(self, status: str) -> int:
@@ -247,7 +247,7 @@ class Engine:
         self._train_lock = asyncio.Lock()
         self.last_train: float | None = None
         # wall-clock seconds, the feedback events' own clock (their `ts`): how long a
-        # node's feedback has waited for its round (tests move it)
+        # channel's feedback has waited for its round (tests move it)
         self.clock: Callable[[], float] = time.time
         # (channel, node) -> normalised texts voted down since the last training run: a
         # node's own list (`Node.downvoted`) is only written by training, and a member who
@@ -470,9 +470,9 @@ class Engine:
     async def train(self, channel: str | None = None, *, force: bool = False) -> TrainReport:
         """Learn from pending feedback (of one channel, or of every channel).
 
-        A node that does not train yet (`EngineConfig.train_round`, `train_max_wait`)
-        keeps its feedback pending and is listed in `TrainReport.waiting`; ``force``
-        trains every node with pending feedback now (an admin's "train now").
+        A channel whose round is not full (`EngineConfig.train_round`, `train_max_wait`)
+        keeps its feedback pending, and its nodes are listed in `TrainReport.waiting`;
+        ``force`` trains all pending feedback now (an admin's "train now").
         """
         report = TrainReport()
         start = time.perf_counter()

@@ -1255,7 +1255,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--round",
         type=int,
         default=EngineConfig.train_round,
-        help="replies of a node with new feedback before gesal and svf-single train it "
+        help="replies of the channel with new feedback before gesal and svf-single train "
         f"(EngineConfig.train_round, GESAL_TRAIN_ROUND; default {EngineConfig.train_round}; "
         "1: every training run trains all pending feedback; lora trains every run)",
     )
