@@ -264,6 +264,27 @@ def test_eval_command_end_to_end_on_tiny_model(tiny_llama, tiny_tokenizer, tmp_p
     assert "unrelated probes:" in table
 
 
+def test_the_evaluation_trains_in_the_deployments_rounds(tiny_llama, tiny_tokenizer, tmp_path):
+    """Votes two at a time with a round of 4: the first training run finds 2 replies
+    with feedback and trains nothing; the second finds the round and trains."""
+    out = tmp_path / "out"
+    args = eval_args(
+        tiny_llama,
+        tiny_tokenizer,
+        tmp_path,
+        ["--task", "brevity", "--methods", "gesal", "--seeds", "0", "--budget", "4"]
+        + ["--checkpoints", "2,4", "--batch", "2", "--round", "4", "--heldout", "2"]
+        + ["--max-new-tokens", "4", "--out", str(out), "--no-guard"],
+    )
+    assert evaluation.run(args) == 0
+    data = json.loads((out / "eval-brevity.json").read_text())
+    (run,) = data["runs"]
+    assert data["train_round"] == 4 and run["trains"] == 2
+    first, second = run["checkpoints"]
+    assert first["drift"] == pytest.approx(0.0)  # 2 of 4: nothing trained yet
+    assert run["updates"] + run["skipped"] + run["rolled_back"] == second["nodes"] >= 1
+
+
 def test_corrections_are_sent_and_counted(tiny_llama, tiny_tokenizer, tmp_path):
     out = tmp_path / "out"
     args = eval_args(
