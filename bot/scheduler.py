@@ -123,8 +123,7 @@ class TrainingScheduler:
         # starts a run, so waiting never makes runs back to back
         waiting = report.waiting if report is not None else None
         for key, replies in counted.items():
-            channel, node = key
-            if waiting is None or node in waiting.get(channel, {}):
+            if waiting is None or key[0] in waiting:
                 self.new_feedback[key] = replies | self.new_feedback.get(key, set())
         if report is not None:
             if report.events or report.waiting:

@@ -510,7 +510,6 @@ class Engine:
         events = await self.store.pending(channel, self.consumer)
         if not events:
             return [], 0, {}
-        cfg = await self.store.get_config(channel)
         meta = await self.store.meta(channel)
         redirects = meta.get("merged", {})
         by_node: dict[str, dict[str, Reply]] = defaultdict(dict)
@@ -518,8 +517,12 @@ class Engine:
         corrections: dict[str, dict[tuple[str, str], tuple[Reply, str]]] = defaultdict(dict)
         orphans: list[str] = []
         live: list[FeedbackEvent] = []
+        # one read per reply, not per event: a waiting channel is read again every run
+        read: dict[str, Reply | None] = {}
         for ev in events:
-            reply = await self.store.get_reply(channel, ev.reply_id)
+            if ev.reply_id not in read:
+                read[ev.reply_id] = await self.store.get_reply(channel, ev.reply_id)
+            reply = read[ev.reply_id]
             if reply is None:
                 orphans.append(ev.event_id)
                 continue
@@ -540,6 +543,7 @@ class Engine:
         acked = orphans + [e.event_id for e in live]
         if not acked:
             return [], 0, waiting
+        cfg = await self.store.get_config(channel)
         rewards = {  # reply id -> reward, for the replies that have votes
             rid: r
             for rs in by_node.values()
