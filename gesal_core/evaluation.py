@@ -1011,6 +1011,12 @@ class Harness:
                     )
                     if checkpointed:
                         checkpointed(result)
+                else:  # checkpoints can be 64 votes (half an hour) apart: show the way there
+                    progress(
+                        f"  {task.name}/{method}/seed {seed}: {votes}/{ec.budget} votes, "
+                        f"{result.updates} update(s), {result.skipped} skipped, "
+                        f"{result.rolled_back} rolled back"
+                    )
         finally:
             learner.close()
         result.seconds_per_vote = vote_time / max(votes, 1)

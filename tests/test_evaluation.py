@@ -188,6 +188,19 @@ def test_the_constant_answer_level_is_of_the_prompts_asked():
     assert task.constant_answer_level == 1.0 and full < 1.0
 
 
+def test_eval_shows_progress_between_checkpoints(tiny_llama, tiny_tokenizer, tmp_path, capsys):
+    """A 128-vote run has half an hour between its last checkpoints; it must not go quiet."""
+    argv = ["--task", "brevity", "--methods", "gesal", "--seeds", "0", "--budget", "8"]
+    argv += ["--checkpoints", "0,8", "--batch", "2", "--heldout", "2", "--max-new-tokens", "4"]
+    argv += ["--out", str(tmp_path / "out"), "--no-guard", "--round", "1"]
+    assert evaluation.run(eval_args(tiny_llama, tiny_tokenizer, tmp_path, argv)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    between = [line for line in lines if "brevity/gesal/seed 0:" in line and "/8 votes" in line]
+    assert [line.split(": ")[1].split(" votes")[0] for line in between] == ["2/8", "4/8", "6/8"]
+    assert all("rolled back" in line for line in between)
+    assert any("8 votes -> compliance" in line for line in lines)  # the checkpoint line
+
+
 def test_eval_command_end_to_end_on_tiny_model(tiny_llama, tiny_tokenizer, tmp_path, capsys):
     out = tmp_path / "out"
     args = eval_args(
