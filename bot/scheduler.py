@@ -51,9 +51,9 @@ class TrainingScheduler:
         self.scheduler = AsyncIOScheduler(timezone=timezone.utc)
         self.reports: list[TrainReport] = []  # recent runs, newest last (for stats / tests)
         self.runs = asyncio.Event()  # set after every completed run
-        # (channel, node) -> the replies with feedback this process received since the
-        # last run started
-        self.new_feedback: dict[tuple[str, str], set[str]] = {}
+        # channel -> the replies with feedback this process received since the last run
+        # started (a round is per channel, so which node answered does not matter here)
+        self.new_feedback: dict[str, set[str]] = {}
         self._running = False
         self._again = False
 
@@ -82,17 +82,16 @@ class TrainingScheduler:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
 
-    async def feedback_arrived(self, channel: str, node_id: str | None, reply_id: str) -> None:
+    async def feedback_arrived(self, channel: str, reply_id: str) -> None:
         """Called after each vote or correction (``ChatService.on_feedback``): train at
         once when ``GESAL_TRAIN_ROUND`` of the channel's replies have new feedback, which
         is when the engine counts the channel's round as full."""
-        replies = self.new_feedback.setdefault((channel, node_id or "?"), set())
+        replies = self.new_feedback.setdefault(channel, set())
         if reply_id in replies:
             return  # a second vote on a reply does not make the round any fuller
         replies.add(reply_id)
-        count = sum(len(r) for (ch, _), r in self.new_feedback.items() if ch == channel)
-        if count >= self.settings.gesal_train_round:
-            self.trigger_now(f"{channel} has a round: {count} replies with new feedback")
+        if len(replies) >= self.settings.gesal_train_round:
+            self.trigger_now(f"{channel} has a round: {len(replies)} replies with new feedback")
 
     def trigger_now(self, why: str = "requested") -> None:
         job = self.scheduler.get_job(JOB_ID)
@@ -122,9 +121,9 @@ class TrainingScheduler:
         # a channel that waits keeps its count towards its round; only new feedback
         # starts a run, so waiting never makes runs back to back
         waiting = report.waiting if report is not None else None
-        for key, replies in counted.items():
-            if waiting is None or key[0] in waiting:
-                self.new_feedback[key] = replies | self.new_feedback.get(key, set())
+        for channel, replies in counted.items():
+            if waiting is None or channel in waiting:
+                self.new_feedback[channel] = replies | self.new_feedback.get(channel, set())
         if report is not None:
             if report.events or report.waiting:
                 log.info("training: %s", report.summary())
@@ -134,7 +133,7 @@ class TrainingScheduler:
             # after this job instance has been counted as finished (its done-callback is
             # queued when the coroutine returns), or max_instances=1 would skip the run
             asyncio.get_running_loop().call_soon(
-                self.trigger_now, "a node filled up during the last run"
+                self.trigger_now, "a round filled up during the last run"
             )
         return report
 

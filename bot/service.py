@@ -250,16 +250,15 @@ def strip_mentions(text: str) -> str:
 class ChatService:
     """Platform-neutral behaviour of the bot, shared by every adapter.
 
-    ``on_feedback(channel_key, node_id, reply_id)`` is awaited after every counted vote
-    or correction, with the node that answered (after merges) and the reply; the
-    scheduler uses it to train at once when a channel's round is full.
+    ``on_feedback(channel_key, reply_id)`` is awaited after every counted vote or
+    correction; the scheduler uses it to train at once when a channel's round is full.
     """
 
     def __init__(
         self,
         engine: Engine,
         settings: Settings,
-        on_feedback: Callable[[str, str | None, str], Awaitable[None]] | None = None,
+        on_feedback: Callable[[str, str], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
@@ -387,7 +386,7 @@ class ChatService:
     async def _notify(self, key: str, reply_id: str) -> None:
         if self.on_feedback is not None:
             try:
-                await self.on_feedback(key, await self.engine.node_of(key, reply_id), reply_id)
+                await self.on_feedback(key, reply_id)
             except Exception:  # noqa: BLE001 - feedback is stored; training will catch up
                 log.exception("feedback hook failed for %s", key)
 

@@ -406,14 +406,6 @@ class Engine:
     async def reply_for_message(self, channel: str, message_id: str) -> str | None:
         return await self.store.reply_for_message(channel, str(message_id))
 
-    async def node_of(self, channel: str, reply_id: str) -> str | None:
-        """The node that now owns a reply's feedback (following merges); None if unknown.
-
-        The scheduler counts pending feedback per node with it, to train a node early.
-        """
-        reply = await self.store.get_reply(channel, reply_id)
-        return None if reply is None else await self._owner(channel, reply)
-
     async def _owner(self, channel: str, reply: Reply) -> str:
         """The node a reply's feedback goes to now (its own, or the one it was folded into)."""
         return _follow((await self.store.meta(channel)).get("merged", {}), reply.node_id)

@@ -81,10 +81,7 @@ def test_a_channels_round_starts_training_at_once(tiny_tokenizer, settings):
                 r = Reaction("discord", "g", "c", user, msg, "👎", True)
                 assert (await service.handle_reaction(r)).counted
             assert await engine.pending(key) == 4
-            assert sched.new_feedback == {
-                (key, a.node_id): {a.reply_id, a2.reply_id},
-                (key, b.node_id): {b.reply_id},
-            }
+            assert sched.new_feedback == {key: {a.reply_id, b.reply_id, a2.reply_id}}
             await asyncio.sleep(0.3)
             assert not sched.reports  # 3 replies with feedback: not a round
 

@@ -256,7 +256,7 @@ def test_mention_reply_link_and_votes(service):
         assert parts.channel_key == "discord:g1:c1"
         await service.link_reply(parts, ["b1", "b2"])
         seen = []
-        service.on_feedback = lambda key, node, reply: _record(seen, (key, node, reply))
+        service.on_feedback = lambda key, reply: _record(seen, (key, reply))
 
         def react(emoji, added=True, user="u2", msg="b2", bot=False):
             r = Reaction("discord", "g1", "c1", user, msg, emoji, added, bot)
@@ -280,7 +280,7 @@ def test_mention_reply_link_and_votes(service):
         # the same message id in another channel is not this bot's reply there
         other = Reaction("discord", "g1", "c2", "u2", "b1", "👍", True)
         assert (await service.handle_reaction(other)).status == "ignored"
-        assert seen == [("discord:g1:c1", parts.node_id, parts.reply_id)] * 4
+        assert seen == [("discord:g1:c1", parts.reply_id)] * 4
         assert await service.engine.pending(parts.channel_key) == 4
 
     run(go())
