@@ -798,6 +798,17 @@ class RunResult:
     seconds_per_update: float = 0.0
 
 
+def _checkpoint_line(task: str, method: str, seed: int, cp: Checkpoint) -> str:
+    return (
+        f"  {task}/{method}/seed {seed}: {cp.votes} votes -> compliance "
+        f"{cp.compliance:.0%}, on-topic {cp.on_topic:.0%}, degenerate "
+        f"{cp.degenerate:.0%}, ref NLL {cp.ref_nll:.2f}"
+        + ("" if cp.facts is None else f", key facts {cp.facts:.0%}")
+        + ("" if cp.drift is None else f", |z-1| {cp.drift:.2f}")
+        + ("" if cp.nodes is None else f", {cp.nodes} node(s)")
+    )
+
+
 class Harness:
     """Holds the model once and runs every (method, seed) of a task on it."""
 
@@ -965,11 +976,13 @@ class Harness:
             if method == "none":  # the base model does not change: one checkpoint stands
                 if ec.checkpoints:
                     base = await self.checkpoint(task, learner, 0, seed)
+                    progress(_checkpoint_line(task.name, method, seed, base))
                     for c in sorted(ec.checkpoints):
                         result.checkpoints.append(Checkpoint(**{**asdict(base), "votes": c}))
                 return result
             if 0 in ec.checkpoints:
                 result.checkpoints.append(await self.checkpoint(task, learner, 0, seed))
+                progress(_checkpoint_line(task.name, method, seed, result.checkpoints[-1]))
             while votes < ec.budget:
                 prompts = [rng.choice(task.train) for _ in range(min(ec.batch, ec.budget - votes))]
                 t0 = time.perf_counter()
@@ -1001,14 +1014,7 @@ class Harness:
                 if votes in ec.checkpoints:
                     cp = await self.checkpoint(task, learner, votes, seed)
                     result.checkpoints.append(cp)
-                    progress(
-                        f"  {task.name}/{method}/seed {seed}: {votes} votes -> compliance "
-                        f"{cp.compliance:.0%}, on-topic {cp.on_topic:.0%}, degenerate "
-                        f"{cp.degenerate:.0%}, ref NLL {cp.ref_nll:.2f}"
-                        + ("" if cp.facts is None else f", key facts {cp.facts:.0%}")
-                        + ("" if cp.drift is None else f", |z-1| {cp.drift:.2f}")
-                        + ("" if cp.nodes is None else f", {cp.nodes} node(s)")
-                    )
+                    progress(_checkpoint_line(task.name, method, seed, cp))
                     if checkpointed:
                         checkpointed(result)
                 else:  # checkpoints can be 64 votes (half an hour) apart: show the way there

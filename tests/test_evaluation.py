@@ -198,7 +198,10 @@ def test_eval_shows_progress_between_checkpoints(tiny_llama, tiny_tokenizer, tmp
     between = [line for line in lines if "brevity/gesal/seed 0:" in line and "/8 votes" in line]
     assert [line.split(": ")[1].split(" votes")[0] for line in between] == ["2/8", "4/8", "6/8"]
     assert all("rolled back" in line for line in between)
-    assert any("8 votes -> compliance" in line for line in lines)  # the checkpoint line
+    checkpoints = [
+        line.split(": ")[1].split(" ->")[0] for line in lines if " -> compliance" in line
+    ]
+    assert checkpoints == ["0 votes", "8 votes"]  # the checkpoint lines, the first included
 
 
 def test_eval_command_end_to_end_on_tiny_model(tiny_llama, tiny_tokenizer, tmp_path, capsys):
