@@ -1,0 +1,247 @@
+"""`gesal-bot eval`: its arguments and the run they describe."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from dataclasses import asdict
+from pathlib import Path
+
+from ..engine import EngineConfig
+from ..generate import SamplingConfig
+from ..guard import GuardConfig
+from ..learning import (
+    LearningConfig,
+    warm_up_compiled,
+)
+from ..records import ChannelConfig
+from ..svf import SVFModel
+from ..svf.precision import COMPUTE_DTYPES
+from .harness import METHODS, EvalConfig, Harness, RunResult
+from .report import merge, write_results
+from .tasks import BUILTIN, load_task
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--task",
+        default="brevity",
+        help=f"built-in task ({', '.join(BUILTIN)}) or path/to/file.py:Name",
+    )
+    p.add_argument(
+        "--methods", default="none,gesal,lora", help=f"comma-separated, from {', '.join(METHODS)}"
+    )
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (median over them)")
+    p.add_argument("--budget", type=int, default=64, help="votes per run")
+    p.add_argument("--checkpoints", default="0,16,32,64", help="vote counts to evaluate at")
+    p.add_argument("--batch", type=int, default=8, help="votes between training runs")
+    p.add_argument(
+        "--corrections",
+        type=int,
+        default=0,
+        help="members send a better answer for the first N answers they vote down",
+    )
+    p.add_argument("--heldout", type=int, default=12, help="held-out prompts used")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--out", default="eval-results", help="folder for JSON, markdown and PNG")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        default=None,
+        help="run nothing: merge eval-*.json files of one task (e.g. seeds run in parallel "
+        "processes) into one table, JSON and plot in --out",
+    )
+    p.add_argument("--model", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-guard", action="store_true", help="disable the collapse guard")
+    p.add_argument(
+        "--sampled-guard",
+        action="store_true",
+        help="the guard also judges sampled answers to its probes (GuardConfig.sampled)",
+    )
+    p.add_argument(
+        "--guard-backtrack",
+        type=int,
+        default=GuardConfig().backtrack,
+        help="halvings of a failed update's step tried before a rollback (GuardConfig.backtrack)",
+    )
+    learning = LearningConfig()
+    p.add_argument("--optimizer", default=learning.optimizer, choices=["adam", "ngd"])
+    p.add_argument("--lr", type=float, default=learning.lr, help="Adam lr, or NGD step (L2)")
+    p.add_argument("--inner-steps", type=int, default=learning.inner_steps)
+    p.add_argument("--max-step", type=float, default=learning.max_step, help="bound on |dz|")
+    p.add_argument("--l2", type=float, default=learning.l2, help="pull of z towards ones")
+    p.add_argument(
+        "--demo-focus",
+        type=float,
+        default=learning.demo_focus,
+        help="share of a correction's weight on the tokens it changed (0-1)",
+    )
+    p.add_argument(
+        "--replay",
+        type=int,
+        default=learning.replay,
+        help="earlier liked answers and corrections re-learnt per update (0: off)",
+    )
+    p.add_argument(
+        "--no-settle",
+        action="store_true",
+        help="full-size steps however content the community is (see LearningConfig.settle)",
+    )
+    p.add_argument(
+        "--rejected-step",
+        type=float,
+        default=learning.rejected_step,
+        help="step multiple for a node whose recent votes are all 👎 (1: off; "
+        "see LearningConfig.rejected_step)",
+    )
+    p.add_argument(
+        "--max-drift",
+        type=float,
+        default=learning.max_drift,
+        help="bound on a node's |z-1| (0: none)",
+    )
+    p.add_argument(
+        "--compute-dtype",
+        choices=COMPUTE_DTYPES,
+        default=learning.compute_dtype,
+        help="dtype of an update's matrix products (auto: bf16 where this machine runs it "
+        "faster; answers are always computed in the model's dtype)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run gesal's update passes under torch.compile (LearningConfig.compile; "
+        "minutes of compiling first)",
+    )
+    p.add_argument("--threshold", type=float, default=None, help="routing θ (default: 0.15)")
+    p.add_argument(
+        "--round",
+        type=int,
+        default=EngineConfig.train_round,
+        help="replies of the channel with new feedback before gesal and svf-single train "
+        f"(EngineConfig.train_round, GESAL_TRAIN_ROUND; default {EngineConfig.train_round}; "
+        "1: every training run trains all pending feedback; lora trains every run)",
+    )
+    p.add_argument(
+        "--explore-max-temperature",
+        type=float,
+        default=EngineConfig.explore_max_temperature,
+        help="sampling temperature of a node voted down (its base temperature: no exploring)",
+    )
+    p.add_argument(
+        "--targets",
+        choices=("mlp", "attention", "all"),
+        default="mlp",
+        help="weights SVF adapts (and the LoRA baseline with it; default: mlp)",
+    )
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in s.split(",") if x.strip())
+
+
+def run(args: argparse.Namespace) -> int:
+    """`gesal-bot eval`: run the harness and write results; returns an exit code."""
+    from ..model import load_model
+    from ..svf import SVFConfig
+
+    def load():
+        lm = load_model(args.model, device=args.device)
+        return lm, SVFModel(lm.model, lm.name, SVFConfig(targets=args.targets))
+
+    if getattr(args, "merge", None):
+
+        def judge(max_new_tokens: int) -> Harness:
+            lm, svf = load()
+            sampling = SamplingConfig(max_new_tokens=max_new_tokens)
+            return Harness(svf, lm.tokenizer, EngineConfig(sampling=sampling))
+
+        return merge(args.merge, args.out, judge)
+
+    ec = EvalConfig(
+        task=args.task,
+        methods=tuple(m.strip() for m in args.methods.split(",")),
+        seeds=_ints(args.seeds),
+        budget=args.budget,
+        checkpoints=_ints(args.checkpoints),
+        batch=args.batch,
+        corrections=args.corrections,
+        heldout=args.heldout,
+        max_new_tokens=args.max_new_tokens,
+        out=args.out,
+    )
+    bad = [m for m in ec.methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown method(s) {bad}; use {', '.join(METHODS)}")
+    task = load_task(ec.task)
+    task.heldout = list(task.heldout)[: ec.heldout]
+    channel = ChannelConfig() if args.threshold is None else ChannelConfig(args.threshold)
+    cfg = EngineConfig(  # before the model loads: a bad setting fails at once
+        sampling=SamplingConfig(max_new_tokens=ec.max_new_tokens),
+        explore_max_temperature=args.explore_max_temperature,
+        train_round=args.round,
+        guard=GuardConfig(
+            enabled=not args.no_guard,
+            sampled=args.sampled_guard,
+            backtrack=args.guard_backtrack,
+        ),
+        learning=LearningConfig(
+            optimizer=args.optimizer,
+            lr=args.lr,
+            inner_steps=args.inner_steps,
+            max_step=args.max_step,
+            l2=args.l2,
+            demo_focus=args.demo_focus,
+            replay=args.replay,
+            settle=not args.no_settle,
+            rejected_step=args.rejected_step,
+            max_drift=args.max_drift,
+            compute_dtype=args.compute_dtype,
+            compile=args.compile,
+        ),
+        channel_defaults=channel,
+    )
+    lm, svf = load()
+
+    def factory():
+        return load_model(args.model, device=args.device, progress=False).model
+
+    harness = Harness(svf, lm.tokenizer, cfg, model_factory=factory)
+    if cfg.learning.compile and {"gesal", "svf-single"} & set(ec.methods):  # else: a stall
+        print("compiling the update passes (minutes on a CPU) ...", flush=True)
+        took = warm_up_compiled(svf, cfg.learning, lm.tokenizer.pad_token_id or 0)
+        print(f"  {svf.compiled_passes.outcome(took)}", flush=True)
+    out = Path(ec.out)
+    stem = f"eval-{task.name}"
+    meta = {
+        "config": asdict(ec),
+        "learning": asdict(cfg.learning),
+        "guard": asdict(cfg.guard),
+        # what "auto" chose on the machine that ran this (None: the model's own dtype)
+        "update_products": str(
+            svf.compute_precision.resolve(cfg.learning.compute_dtype) or lm.dtype
+        ),
+        "explore_max_temperature": cfg.explore_max_temperature,
+        "train_round": cfg.train_round,
+        "targets": args.targets,
+        "z_size": svf.z_size,
+        "model": lm.name,
+    }
+    results: list[RunResult] = []
+    md = ""
+    for method in ec.methods:
+        for seed in ec.seeds:
+            print(f"{task.name} / {method} / seed {seed} ...", flush=True)
+
+            def so_far(partial: RunResult) -> None:
+                write_results(out, task, [*results, partial], meta)
+
+            # written after every checkpoint: a long comparison stopped part-way keeps what
+            # it has, and its answers can be read while it runs
+            results.append(asyncio.run(harness.run(task, method, seed, ec, checkpointed=so_far)))
+            md = write_results(out, task, results, meta)
+    print(md)
+    print(f"written: {out / stem}.json, .md, .png")
+    return 0
