@@ -272,8 +272,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return int(run_all.main(args.bench_args) or 0)
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that ends with an option's default, unless there is nothing to say (no default,
+    a flag that is off) or the help already says it; a user deciding on `--budget` should
+    not have to read the source to learn what they get without it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        unsaid = action.default is None or action.default is False  # 0 is a default to say
+        if unsaid or action.default == argparse.SUPPRESS or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every command's parser (subcommands inherit the class) shows defaults."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsHelp)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gesal-bot",
         description="A Discord/Slack bot on a local LLM that learns from 👍/👎 reactions.",
     )
@@ -284,10 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("question", nargs="+", help="the question")
     _model_args(chat)
     chat.add_argument("--system", default=None, help="system prompt (default: the model's own)")
-    chat.add_argument("--max-new-tokens", type=int, default=128)
+    chat.add_argument("--max-new-tokens", type=int, default=128, help="longest answer, in tokens")
     chat.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
-    chat.add_argument("--top-p", type=float, default=0.9)
-    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling")
+    chat.add_argument("--seed", type=int, default=None, help="seed of the sampling")
     chat.add_argument("-v", "--verbose", action="store_true", help="print timing to stderr")
     chat.set_defaults(func=cmd_chat)
 

@@ -54,6 +54,16 @@ def test_every_command_has_help(capsys):
         assert "usage: gesal-bot " + name in capsys.readouterr().out
 
 
+def test_help_says_each_options_default(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+    assert "votes per run (default: 64)" in text
+    assert "they vote down (default: 0)" in text  # a default of 0 is said too
+    assert "(default: False)" not in text and "(default: None)" not in text  # flags, unset
+    assert "routing θ (default: the engine's, 0.15) --round" in text  # said once, not twice
+
+
 def test_bad_usage_exits_2_without_traceback():
     proc = subprocess.run(
         [sys.executable, "-m", "bot.cli", "run", "--platform", "irc"],

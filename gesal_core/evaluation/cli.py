@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="members send a better answer for the first N answers they vote down",
     )
     p.add_argument("--heldout", type=int, default=12, help="held-out prompts used")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=48, help="longest answer, in tokens")
     p.add_argument("--out", default="eval-results", help="folder for JSON, markdown and PNG")
     p.add_argument(
         "--merge",
@@ -52,8 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="run nothing: merge eval-*.json files of one task (e.g. seeds run in parallel "
         "processes) into one table, JSON and plot in --out",
     )
-    p.add_argument("--model", default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model folder, .gguf file or hub id (default: the bundled model)",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--no-guard", action="store_true", help="disable the collapse guard")
     p.add_argument(
         "--sampled-guard",
@@ -67,9 +71,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="halvings of a failed update's step tried before a rollback (GuardConfig.backtrack)",
     )
     learning = LearningConfig()
-    p.add_argument("--optimizer", default=learning.optimizer, choices=["adam", "ngd"])
+    p.add_argument(
+        "--optimizer", default=learning.optimizer, choices=["adam", "ngd"], help="gesal's optimiser"
+    )
     p.add_argument("--lr", type=float, default=learning.lr, help="Adam lr, or NGD step (L2)")
-    p.add_argument("--inner-steps", type=int, default=learning.inner_steps)
+    p.add_argument(
+        "--inner-steps", type=int, default=learning.inner_steps, help="optimiser steps per update"
+    )
     p.add_argument("--max-step", type=float, default=learning.max_step, help="bound on |dz|")
     p.add_argument("--l2", type=float, default=learning.l2, help="pull of z towards ones")
     p.add_argument(
@@ -115,7 +123,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="run gesal's update passes under torch.compile (LearningConfig.compile; "
         "minutes of compiling first)",
     )
-    p.add_argument("--threshold", type=float, default=None, help="routing θ (default: 0.15)")
+    p.add_argument(
+        "--threshold", type=float, default=None, help="routing θ (default: the engine's, 0.15)"
+    )
     p.add_argument(
         "--round",
         type=int,
