@@ -10,10 +10,7 @@ from pathlib import Path
 from ..engine import EngineConfig
 from ..generate import SamplingConfig
 from ..guard import GuardConfig
-from ..learning import (
-    LearningConfig,
-    warm_up_compiled,
-)
+from ..learning import LearningConfig, warm_up_compiled
 from ..records import ChannelConfig
 from ..svf import SVFModel
 from ..svf.precision import COMPUTE_DTYPES

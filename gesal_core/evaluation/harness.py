@@ -17,11 +17,7 @@ from ..embedding import PromptEmbedder
 from ..engine import EngineConfig
 from ..generate import SamplingConfig, build_prompt, generate, rng_kept
 from ..guard import UNRELATED_PROBES, judge_answers, on_topic
-from ..learning import (
-    Sample,
-    response_logprobs,
-    sequence_logprobs,
-)
+from ..learning import Sample, response_logprobs, sequence_logprobs
 from ..svf import SVFModel
 from .learners import EngineLearner, Learner, LoraLearner
 from .tasks import Task, fact_rate, sound_rate
