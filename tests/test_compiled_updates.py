@@ -22,6 +22,7 @@ from gesal_core.learning import (
 from gesal_core.svf import SVFConfig, SVFModel
 
 from .conftest import make_tiny_llama
+from .system_deps import require
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +31,7 @@ FP32 = LearningConfig(compute_dtype="float32", compile=True)
 
 @pytest.fixture
 def svf(tiny_llama):
+    require("g++", "g++", "c++")  # torch.compile's CPU backend builds its kernels with it
     return SVFModel(tiny_llama, "tiny-compiled", SVFConfig(progress=False, cache_svd=False))
 
 

@@ -25,6 +25,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from .system_deps import require
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -174,8 +176,9 @@ def _verify_unit(tmp_path: Path, text: str) -> subprocess.CompletedProcess:
     gesal = Path(sys.executable).with_name("gesal-bot")
     unit = tmp_path / "gesal-bot.service"
     unit.write_text(text.replace("/opt/gesal-bot/.venv/bin/gesal-bot", str(gesal)))
+    analyze = require("systemd-analyze", "systemd")
     return subprocess.run(
-        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, cwd=tmp_path
+        [analyze, "verify", str(unit)], capture_output=True, text=True, cwd=tmp_path
     )
 
 

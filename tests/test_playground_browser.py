@@ -29,6 +29,7 @@ from bot.settings import load_settings
 
 from .chromium import headless_chromium
 from .fakes.tiny import make_engine
+from .system_deps import MissingSystemPackage
 
 
 def _free_port() -> int:
@@ -105,7 +106,10 @@ def server(tiny_tokenizer, monkeypatch):
 def browser(tmp_path):
     downloads = tmp_path / "downloads"
     downloads.mkdir()
-    driver = headless_chromium(tmp_path / "profile", downloads)
+    try:
+        driver = headless_chromium(tmp_path / "profile", downloads)
+    except MissingSystemPackage as exc:
+        pytest.fail(str(exc), pytrace=False)
     driver.downloads = downloads  # type: ignore[attr-defined]
     yield driver
     driver.quit()
