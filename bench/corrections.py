@@ -1,4 +1,4 @@
-"""How many corrections does a preference the base model never shows need? (issue 3)
+"""How many corrections does a preference the base model never shows need?
 
     python -m bench.corrections [--rounds 6] [--per-round 4] [--opener "Sure!"]
                                 [--optimizer adam --lr 1e-3 --inner-steps 4 --max-step 1.0]

@@ -1,20 +1,21 @@
-"""How far can each adapter go on the same corrections? SVF z against LoRA r=8 (issue 3).
+"""How far can each adapter go on the same corrections? SVF z against LoRA r=8.
 
     python -m bench.demo_fit [--task emoji] [--demos 16] [--updates 8]
                              [--svf-lr 3e-3,6e-3] [--lora-lr 1e-3]
                              [--adapters svf,svf-persistent,lora]
 
 On emoji, gesal reaches held-out compliance later than LoRA under the same votes and
-corrections (README, "Evaluation"). Larger steps, guard variants and focused
-corrections each bought early compliance with loops. This asks whether the adapter
-itself is the limit, without votes, routing, settling or the guard in the way:
+corrections (docs/learning.md); larger steps, guard variants and focused corrections
+reach it sooner only with looping answers. This asks whether the adapter itself is the
+limit, without votes, routing, settling or the guard in the way:
 
 * the base model answers ``--demos`` training questions (sampled, as the bot would) and
   the task's member corrects every answer, as in `gesal-bot eval`;
 * each learner then takes ``--updates`` updates on those same corrections, each update
   as its method takes one in the eval:
-  - ``svf``: gesal's `reinforce_steps` (a fresh Adam, 4 steps, the L2 pull, ‖Δz‖ bounded
-    at lr × 1000, i.e. 3 at the default 3e-3; ``--l2`` changes the pull);
+  - ``svf``: gesal's `reinforce_steps` (a fresh Adam, 4 steps, the pull λ of
+    `LearningConfig.l2`, ‖Δz‖ bounded at lr × 1000, i.e. 3 at the default 3e-3; ``--l2``
+    changes the pull);
   - ``svf-persistent``: the LoRA baseline's rule on SVF's z (one Adam kept across
     updates, no pull, no step bound);
   - ``lora``: the eval's LoRA r=8 baseline (`adam_update`, a persistent Adam at 1e-3);

@@ -6,10 +6,10 @@ A community can only vote 👍 on what the bot shows. When most of a node's rece
 👎 the engine can raise its sampling temperature from ``sampling.temperature`` up to
 ``explore_max_temperature``, inside the same top-p nucleus (`Engine._explore`); that
 bound is the sampling temperature by default (no widening), so the widest setting
-measured is ``--widest``, 1.0 (the earlier default bound). This script samples the base
-model (z = 1, as every node starts) on each task's *training* prompts at the narrow
-setting, half-way, the widest bound and the earlier, rejected bound (temperature 1.2,
-top-p 1), and prints per setting:
+measured is ``--widest`` (1.0 unless given). This script samples the base model (z = 1,
+as every node starts) on each task's *training* prompts at the narrow setting, half-way,
+the widest bound and an open nucleus (temperature 1.2, top-p 1, which the engine never
+samples from: it makes answers degenerate), and prints per setting:
 
 * the like rate: the share of answers the task's simulated member votes 👍;
 * P(👍 in a round): the chance that a training round of 8 answers holds at least one 👍,
@@ -29,18 +29,18 @@ from gesal_core.model import load_model
 from gesal_core.svf import SVFConfig, SVFModel
 
 ROUND = 8  # answers per training round in `gesal-bot eval`
-OLD_BOUND = (1.2, 1.0)  # (temperature, top_p) of the earlier exploration bound
+OPEN_NUCLEUS = (1.2, 1.0)  # (temperature, top_p) past any bound the engine allows
 
 
 def settings(cfg: EngineConfig, widest: float) -> list[tuple[str, float, float]]:
     """(name, temperature, top_p): the engine's sampling widened up to ``widest``, plus the
-    rejected old bound."""
+    open nucleus (`OPEN_NUCLEUS`) for comparison."""
     lo, hi, top_p = cfg.sampling.temperature, widest, cfg.sampling.top_p
     return [
         ("narrow (votes mostly 👍)", lo, top_p),
         ("half-way (75% 👎)", (lo + hi) / 2, top_p),
         ("widest (all 👎)", hi, top_p),
-        ("old bound", *OLD_BOUND),
+        ("open nucleus", *OPEN_NUCLEUS),
     ]
 
 

@@ -1,6 +1,6 @@
 """One factored SVF product in two operand orders, by number of rows.
 
-    python -m bench.factored_order [--repeats 5] [--layers 60]
+    python -m bench.factored_order [--repeats 5] [--layers 60] [--threads 2]
 
 `SVFLinear` computes ``(x Vhᵀ ⊙ σz) Uᵀ`` ("x-first"). On a CPU, at the row counts
 `gesal_core.layout.weight_first_rows` gives, it computes the same sums as
@@ -11,6 +11,9 @@ over ``--layers`` distinct factor pairs so that they stream from memory as in th
 beforehand (``torch.ops.mkl._mkl_linear``, where this torch has it), tests the
 explanation: if packing each call is what x-first pays for, prepacked x-first runs like
 weight-first. Rows: 1 is one answer's decode step, 8 to 48 batches, 64 and 144 prefills.
+
+Results go to ``factored_order.json`` on one thread, otherwise to
+``factored_order_<N>threads.json`` (the window of row counts is chosen from both).
 """
 
 from __future__ import annotations
@@ -107,8 +110,12 @@ def main(argv: list[str] | None = None) -> int:
                     ),
                 }
             )
+    name = "factored_order"
+    threads = torch.get_num_threads()
+    if threads != 1 and not args.quick:  # 2: the bot's own setting on a 2-core host
+        name += f"_{threads}threads"
     report(
-        "factored_order",
+        name,
         rows,
         {
             "dtype": "torch.float32",

@@ -35,7 +35,7 @@ from gesal_core.svf import SVFConfig, SVFModel
 
 
 def autograd_target_logprobs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The tail as it was: gather minus logsumexp, differentiated by autograd."""
+    """The tail written plainly: gather minus logsumexp, differentiated by autograd."""
     x = logits.float()
     return x.gather(-1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, dim=-1)
 

@@ -7,7 +7,8 @@
 * one by one, merged: each request alone at the base model's speed, its node's weights
   merged *outside* the timer (the most favourable case for one-by-one: every node hot);
 * one by one, factored: each request alone through the factored path (no merges);
-* one by one, re-merge: merged plus the merge it needs first (the pre-batching engine).
+* one by one, re-merge: merged plus the merge it needs first (serving with no batching
+  and no merged-weight cache).
 
 Every request decodes exactly ``--tokens`` tokens, so throughput is N·tokens / time.
 Results go to ``multichannel.json`` for the default 16 tokens, otherwise to

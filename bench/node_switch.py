@@ -6,8 +6,8 @@ Variants, timed round-robin in one run (prefill + one token, batch of one):
 
 * base model: the plain HF model, no SVF layers at all (the baseline);
 * same node: SVF merged, no switch at all;
-* re-merge: merge the new node's z into every weight first (what serving did before the
-  LRU; ~0.7 s of arithmetic on a CPU);
+* re-merge: merge the new node's z into every weight first (serving without the LRU;
+  ~0.7 s of arithmetic on a CPU);
 * LRU hit: the new node is hot, its merged weights are in the LRU (a pointer swap);
 * factored: the new node is cold, run it through ``((x Vhᵀ) ⊙ σz) Uᵀ`` with no merge.
 """

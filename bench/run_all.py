@@ -1,11 +1,12 @@
-"""Run the whole benchmark suite and summarise the issue-7 targets.
+"""Run the whole benchmark suite and summarise the project's performance targets.
 
     python -m bench.run_all [--quick] [--only generation,routing] [--threads 1]
     gesal-bot bench [...]           (the same, through the CLI)
 
 Each script runs in its own process (so its peak RSS is its own) and writes
-bench/results/<name>.json; this prints every table and then one line per target with the
-measured figure and whether it is met.
+bench/results/<name>.json (a --quick smoke run: bench/results/quick/); this prints every
+table and then one line per target (docs/performance.md lists them) with the measured
+figure and whether it is met, and writes those lines to summary.json beside the results.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _row(rows: list[dict], key: str, value) -> dict | None:
 
 
 def targets() -> list[dict]:
-    """The issue's targets, read back from the result files (absent figures say so)."""
+    """The performance targets, read back from the result files (absent figures say so)."""
     out = []
 
     def add(target: str, figure: str, met: bool | None) -> None:
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(name)
     from bench.common import report
 
-    print("\n== targets (issue 7) ==")
+    print("\n== performance targets (docs/performance.md) ==")
     report("summary", targets(), {"failed": failed, "threads": args.threads})
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)

@@ -17,6 +17,10 @@ One more variant runs the batch with the factored products x-first, ``(x Vhᵀ �
 instead of weight-first, ``(U (σz ⊙ Vh xᵀ))ᵀ``, which a CPU uses from 8 to 63 rows
 (`gesal_core.layout.weight_first_rows`): the same sums in another operand order.
 Variants run interleaved round by round.
+
+Results go to ``serving_batch.json`` for the default 16 tokens on one thread; another
+``--tokens`` adds ``_<T>tok`` to the name and more threads ``_<N>threads``
+(``--threads 2``, the bot's own setting on a 2-core host: ``serving_batch_2threads.json``).
 """
 
 from __future__ import annotations

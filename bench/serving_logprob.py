@@ -3,13 +3,14 @@
     python -m bench.serving_logprob [--repeats 3] [--tokens 16] [--sizes 1,8]
 
 The engine keeps each answer's log π (the importance weight of a stale sample needs it).
-`BatchedGenerator` used to score every answer again after generating it: one more
-forward pass over prompt and answer. `generate` now records it from the logits of each
-decoding step. Both variants run the real `BatchedGenerator` on N requests, each on its
-own node (per-row z through the factored forward, as concurrent channels are served),
-greedy, interleaved round by round; "scored after" is the same code with the recording
-made to fail, which falls back to the old extra pass. The answers are the same in both,
-and the JSON records how far apart the two log π are.
+`generate` records it from the logits of each decoding step; the alternative is to score
+every answer again after generating it, one more forward pass over prompt and answer.
+Both variants run the real `BatchedGenerator` on N requests, each on its own node
+(per-row z through the factored forward, as concurrent channels are served), greedy,
+interleaved round by round; "scored after" is the same code with the recording made to
+fail, which falls back to that extra pass. The answers are the same in both, and the
+JSON records how far apart the two log π are. Results go to ``serving_logprob.json`` for
+the default 16 tokens, otherwise to ``serving_logprob_<T>tok.json``.
 """
 
 from __future__ import annotations
@@ -68,14 +69,14 @@ def main(argv: list[str] | None = None) -> int:
                 args.repeats,
             )
             raw[n] = t
-            rec, old = median(t["recorded"]), median(t["scored_after"])
+            rec, after = median(t["recorded"]), median(t["scored_after"])
             rows.append(
                 {
                     "N": n,
                     "answer_tokens": sum(len(o.response_ids) for o, _ in a),
                     "recorded_s": rec,
-                    "scored_after_s": old,
-                    "speedup": old / rec,
+                    "scored_after_s": after,
+                    "speedup": after / rec,
                     "max_logprob_diff": max(
                         abs(x - y) for (_, x), (_, y) in zip(a, b, strict=True)
                     ),

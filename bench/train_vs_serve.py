@@ -9,7 +9,7 @@ chat request for a 16-token answer arrives. Timed side by side, round by round:
 * stepwise (the bot): `ModelWorker.steps(reinforce_steps, ...)`, which yields after every
   forward/backward pass of ``LearningConfig.micro_batch`` samples;
 * whole update: the same update as one worker job (`ModelWorker.run(reinforce_step, ...)`),
-  as the bot trained before;
+  which holds the model from its first pass to its last;
 * idle: the same answer with nothing else running (the floor).
 
 It prints the answer's latency and the update's own duration in each mode.

@@ -12,7 +12,7 @@ For each it prints the cosine between the bf16 and fp32 gradients of z, the shar
 components whose gradient sign agrees (a fresh Adam's first step is about lr times that
 sign, so this is what the first step sees), the same share among the components with the
 largest tenth of |gradient|, and the largest error of a summed log-prob in nats (what a
-stale sample's importance weight sees: bf16 now, against fp32 when it was sampled).
+stale sample's importance weight sees: bf16 in the update, against fp32 when it was sampled).
 """
 
 from __future__ import annotations

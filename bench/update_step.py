@@ -4,7 +4,7 @@
 
 Both run the same REINFORCE objective with the same inner steps on the same samples:
 SVF through `gesal_core.learning.reinforce_step`, LoRA through the evaluation harness's
-`LoraLearner.train` (the baseline method of issue 4). Samples are real prompts with
+`LoraLearner.train` (the evaluation's LoRA baseline). Samples are real prompts with
 greedy answers of ``--tokens`` tokens, votes alternating 👍/👎, `LearningConfig()`
 defaults (its inner steps are recorded in the JSON).
 
@@ -18,8 +18,9 @@ cores: the bot does not limit torch's threads, so on a host of its own that is h
 trains (the suite's default of one thread is for a shared host, see `bench.common`).
 
 A further variant, "svf plain", runs the same fp32 `reinforce_step` with the plain
-log-prob computation it used before issue 7's optimisation (full forward, logits at every
-position, full-vocabulary log_softmax), so the speed-up is measured side by side.
+log-prob computation (full forward, logits at every position, full-vocabulary
+log_softmax), which the optimised `sequence_logprobs` must equal, so the speed-up of the
+optimised one is measured side by side and its step checked against the plain one.
 
 "compiled" variants are the bf16 update with `LearningConfig.compile` on: the passes run
 through the model's forward under `torch.compile` (`gesal_core.svf.compiled`), compiled
@@ -27,8 +28,8 @@ once before the timed rounds; the JSON records how long that took. A smoke run
 (``--quick``) leaves them out: compiling takes minutes.
 
 "shared prefix" variants flip `learning.shares_prefix`, the rule for running the prompt
-prefix every sample shares once: bf16 updates with it forced on (what the code did before
-session 23), fp32 ones with it forced off, so the rule is measured both ways.
+prefix every sample shares once: bf16 updates with it forced on, fp32 ones with it forced
+off, so each choice the rule makes is measured against the other.
 """
 
 from __future__ import annotations

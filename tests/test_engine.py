@@ -687,10 +687,9 @@ def test_engine_focuses_corrections_on_their_change(tiny_tokenizer, dtype):
 
     Whether focus raises the added words further is `test_a_focused_correction_learns_
     its_change_faster`'s question. Asked here of the engine's own reply, the answer
-    depended on the host: after Adam's sign-like steps the two gains were within 1% of
-    each other (an fp32 run read 0.492 focused against 0.498 plain), and one of three
-    replies of the random tiny model read less with focus even for one small
-    normalised-gradient step."""
+    depends on the machine: after Adam's sign-like steps the two gains are within about
+    1% of each other, and one of three replies of the random tiny model reads less with
+    focus even for one small normalised-gradient step."""
 
     async def go(focus):
         svf = SVFModel(make_tiny_llama(len(tiny_tokenizer)), "tiny", SVFConfig(progress=False))
@@ -910,10 +909,9 @@ def test_correction_curve_raises_the_opener_above_the_base(tiny_tokenizer):
 
     from .fakes.tiny import make_engine as make_tiny_engine
 
-    # fp32 pinned: "auto" picks bf16 or fp32 by timing this host. On this random model
-    # round 2 does not always gain on round 1, whatever the step: fp32 read -26.03 at the
-    # base, -25.88, -25.91 at the old defaults and -25.75, -25.82 at today's (bf16 gained
-    # in round 2 at the old ones), so what holds is that every round is above the base.
+    # fp32 pinned: "auto" picks bf16 or fp32 by timing the machine it runs on. On this
+    # random model round 2 does not always gain on round 1, whatever the step, so what
+    # holds is that every round is above the base.
     eng = make_tiny_engine(tiny_tokenizer, learning=LearningConfig(compute_dtype="float32"))
     try:
         points = run(
@@ -1031,13 +1029,13 @@ def test_replay_stays_within_its_node(svf, tiny_tokenizer):
     assert not np.allclose(on, 1.0) and np.array_equal(on, off)
 
 
-def test_the_readmes_engine_example_runs_and_bad_input_is_a_gesal_error(
+def test_the_documented_engine_example_runs_and_bad_input_is_a_gesal_error(
     svf, tiny_tokenizer, monkeypatch, capsys
 ):
-    """The README's "The engine from Python" snippet, run as written (on the tiny model
-    instead of the bundled one), and the errors its last sentence promises."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("### The engine from Python", 1)[1]
+    """docs/architecture.md's "The engine from Python" snippet, run as written (on the tiny
+    model instead of the bundled one), and the errors the doc promises for bad input."""
+    doc = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
+    section = doc.read_text().split("### The engine from Python", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     engines: list[Engine] = []  # the one the snippet loads, to read its channel after
 
@@ -1046,7 +1044,7 @@ def test_the_readmes_engine_example_runs_and_bad_input_is_a_gesal_error(
         return engines[-1]
 
     monkeypatch.setattr(Engine, "load", classmethod(tiny_load))
-    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    exec(compile(code, "docs/architecture.md", "exec"), {"__name__": "documented"})
     out = capsys.readouterr().out
     assert "2 feedback events" in out and "1 node(s)" in out  # the vote and correction
     stats = run(engines[0].stats("my-app:general"))
