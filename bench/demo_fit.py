@@ -26,7 +26,7 @@ limit, without votes, routing, settling or the guard in the way:
 Read the table as a path per learner: how many updates it takes to comply, and what the
 answers have lost by then. At equal compliance, a higher reference NLL or fewer key
 facts is a worse trade. In the eval, 16 votes are two updates (8 corrections, then 16).
-docs/learning.md ("Fitting the same corrections") has the emoji figures.
+docs/learning.md ("The update" and "Tried and rejected") has the emoji figures.
 """
 
 from __future__ import annotations

@@ -55,14 +55,18 @@ class OpsSettings(BaseSettings):
     )
 
     gesal_http_host: str = Field(
-        "127.0.0.1", description="address of /healthz and /metrics (0.0.0.0 in containers)"
+        "127.0.0.1",
+        description="address /healthz and /metrics listen on (``0.0.0.0`` in containers)",
     )
-    gesal_http_port: int = Field(8080, ge=0, le=65535, description="port of /healthz, /metrics")
+    gesal_http_port: int = Field(
+        8080, ge=0, le=65535, description="port of /healthz and /metrics (0: any free port)"
+    )
     gesal_log_level: Literal["debug", "info", "warning", "error"] = Field(
-        "info", description="log level"
+        "info", description="log level: ``debug``, ``info``, ``warning`` or ``error``"
     )
     gesal_log_format: Literal["text", "json"] = Field(
-        "text", description="text for people, json (one object per line) for log shippers"
+        "text",
+        description="``text`` for people, ``json`` (one object per line) for log shippers",
     )
 
 

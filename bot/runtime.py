@@ -46,15 +46,15 @@ class Runtime:
 async def open_store(url: str, defaults):
     """`gesal_core.store.open_store` (Redis: REDIS_URL, or the embedded server).
 
-    Until the Redis store is part of the build, only ``memory://`` and the in-process
-    store are available; the step's detail says so.
+    If the store package cannot be imported, the in-memory store stands in, with a
+    warning.
     """
     try:
         from gesal_core.store import open_store as real_open
     except ImportError:
         from gesal_core.store import MemoryStore
 
-        log.warning("this build has no Redis store: using the in-memory store")
+        log.warning("the Redis store cannot be imported: using the in-memory store")
 
         async def close() -> None:
             return None
@@ -164,7 +164,7 @@ async def _start_scheduler(runtime: Runtime) -> Any:
     try:
         from .scheduler import TrainingScheduler
     except ImportError:
-        log.warning("no training scheduler in this build: train with /gesal train")
+        log.warning("the training scheduler cannot be imported: train with /gesal train")
         return None
     sched = TrainingScheduler(runtime.engine, runtime.settings)  # type: ignore[arg-type]
     sched.start()

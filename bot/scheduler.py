@@ -11,8 +11,8 @@ What a run trains is the engine's decision, not the clock's: a channel trains on
 ``GESAL_TRAIN_ROUND`` of its replies have new feedback, or once its oldest new feedback
 has waited ``GESAL_TRAIN_MAX_WAIT`` seconds (`EngineConfig.train_round`). An update
 moves z about as far whatever it learns from, so a quiet channel trained on every vote
-or two drifted and lost what its answers said (docs/learning.md, "Feedback that
-trickles in"); rounds of 8 are what the evaluation measures. The interval run is
+or two drifts and loses what its answers said (docs/learning.md, "Training rounds");
+rounds of 8 are what the evaluation measures. The interval run is
 therefore cheap when nothing is due: it reads the pending buffer and leaves it there.
 The counts that start a run early are this process's own (replies it saw new feedback
 on since the last run started, kept while their channel waits); feedback received by

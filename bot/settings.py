@@ -8,47 +8,79 @@ so printing the settings (or an exception that contains them) never shows a toke
 
 Variable names (case-insensitive):
 
-=============================  =====================================================
-``DISCORD_TOKEN``              bot token from the Discord developer portal
-``GESAL_DISCORD_MESSAGE_CONTENT``  read the whole reply chain (privileged intent)
-``SLACK_BOT_TOKEN``            ``xoxb-…`` bot token of the Slack app
-``SLACK_APP_TOKEN``            ``xapp-…`` app-level token (Socket Mode)
-``SLACK_SIGNING_SECRET``       signing secret (HTTP mode: request verification)
-``SLACK_ADMIN_USERS``          comma-separated Slack user ids allowed to administer
-``SLACK_MODE``                 ``socket`` (default when an app token is set) or ``http``
-``SLACK_HTTP_HOST/PORT``       where the HTTP-mode endpoint listens
-``REDIS_URL``                  Redis for the graph store; unset = embedded server
-``GESAL_MODEL/DEVICE/DTYPE``   model (bundled by default), ``auto``/``cpu``/``cuda``,
-                               ``float32``/``bfloat16``/``float16``
-``GESAL_THRESHOLD``            default similarity threshold of new channels
-``GESAL_REWARD_UP/DOWN``       default rewards of 👍 / 👎
-``GESAL_UPDATE_DTYPE``         matrix products of a training update: ``auto`` (bf16
-                               where measured faster here), ``float32``, ``bfloat16``
-``GESAL_COMPILE_UPDATES``      run training updates through ``torch.compile`` (1.37x
-                               faster here; minutes of compiling at start-up)
-``GESAL_LEARNING_RATE``        Adam step size of a training update (6e-3 with max step 6
-                               learns faster and keeps less; docs/eval-history.md)
-``GESAL_MAX_STEP``             bound on how far one update moves a node's z (L2)
-``GESAL_REJECTED_STEP``        step multiple for a node whose recent votes are all 👎
-                               (1: off)
-``GESAL_PULL``                 λ of the pull of z towards the base model, (λ/2)‖z−1‖²
-                               (0: off; 0.05 stalled learning, docs/learning.md)
-``GESAL_EXPLORE_TEMPERATURE``  sampling temperature of a node whose recent votes are
-                               all 👎 (0.7, the usual one: no exploring)
-``GESAL_GUARD_SAMPLED``        the collapse guard also judges sampled answers to its
-                               probes, as replies are served (a second generation pass,
-                               served length, per update)
-``GESAL_TRAIN_INTERVAL``       seconds between scheduled training runs
-``GESAL_TRAIN_ROUND``          a channel trains once this many of its replies have new
-                               votes or corrections (at once then)
-``GESAL_TRAIN_MAX_WAIT``       seconds new feedback waits for a round at most
-``GESAL_TRAIN_MISFIRE_GRACE``  seconds a late training run may still start
-``GESAL_RATE_USER``            mentions per user per minute
-``GESAL_RATE_CHANNEL``         mentions per channel per minute
-``GESAL_CONTEXT_MESSAGES``     how many earlier messages of a thread are read
-``GESAL_CONTEXT_CHARS``        how many characters of context at most
-``GESAL_PLAYGROUND_HOST/PORT`` local web playground address
-=============================  =====================================================
+=================================  =====================================================
+``DISCORD_TOKEN``                  bot token from the Discord developer portal; when
+                                   set, the bot serves Discord
+``GESAL_DISCORD_MESSAGE_CONTENT``  ``true``: also read the messages of a reply chain
+                                   that neither mention the bot nor come from it (needs
+                                   the privileged Message Content intent)
+``SLACK_BOT_TOKEN``                ``xoxb-…`` bot token of the Slack app; when set, the
+                                   bot serves Slack
+``SLACK_APP_TOKEN``                ``xapp-…`` app-level token, for Socket Mode
+``SLACK_SIGNING_SECRET``           signing secret that verifies requests in HTTP mode
+``SLACK_ADMIN_USERS``              comma-separated Slack user ids allowed to administer
+                                   the bot, besides the workspace's admins and owners
+``SLACK_MODE``                     ``socket`` or ``http``; unset: ``socket`` when
+                                   SLACK_APP_TOKEN is set, else ``http``
+``SLACK_HTTP_HOST``                address the HTTP-mode endpoint (``/slack/events``)
+                                   listens on; ``0.0.0.0``: every interface
+``SLACK_HTTP_PORT``                port of the HTTP-mode endpoint (1-65535)
+``REDIS_URL``                      Redis for the graph store: a ``redis://``,
+                                   ``rediss://`` or ``unix://`` URL, or ``memory://`` to
+                                   keep nothing across restarts; unset: an embedded
+                                   Redis server
+``GESAL_MODEL``                    the model: unset or ``bundled`` for the bundled
+                                   SmolLM2-135M-Instruct, else a folder, a ``.gguf``
+                                   file or a Hugging Face hub id (needs internet)
+``GESAL_DEVICE``                   where the model runs: ``auto`` (CUDA when available,
+                                   else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``
+``GESAL_DTYPE``                    dtype the model is loaded and answers in:
+                                   ``float32``, ``bfloat16`` or ``float16``
+``GESAL_THRESHOLD``                similarity (-1 to 1) a prompt needs to join its
+                                   channel's nearest node, else it starts a new one; new
+                                   channels start with it, admins change it per channel
+``GESAL_REWARD_UP``                reward of a 👍 (above 0); new channels start with it
+``GESAL_REWARD_DOWN``              reward of a 👎 (below 0); new channels start with it
+``GESAL_UPDATE_DTYPE``             dtype of a training update's matrix products:
+                                   ``auto`` (``bfloat16`` where it runs faster on this
+                                   machine, else ``float32``), ``float32`` or
+                                   ``bfloat16``; answers keep GESAL_DTYPE
+``GESAL_COMPILE_UPDATES``          ``true``: run training updates through
+                                   ``torch.compile``, faster after minutes of compiling
+                                   at start-up
+``GESAL_LEARNING_RATE``            step size of a training update (Adam's learning rate,
+                                   up to 0.1)
+``GESAL_MAX_STEP``                 bound on how far one update moves a node's adapter
+                                   (L2 norm)
+``GESAL_REJECTED_STEP``            a node whose recent votes are all 👎 takes steps this
+                                   many times larger (1 to 10; 1: off)
+``GESAL_PULL``                     strength λ of the pull of a node's adapter towards
+                                   the base model, (λ/2)‖z−1‖² (0 to 10; 0: off)
+``GESAL_EXPLORE_TEMPERATURE``      highest sampling temperature (up to 1.2), reached by
+                                   a node whose recent votes are all 👎; 0.7 or less, the
+                                   usual temperature: no exploring
+``GESAL_GUARD_SAMPLED``            ``true``: the collapse guard also judges sampled
+                                   answers to its probes, as replies are served (one
+                                   more generation pass per update)
+``GESAL_TRAIN_INTERVAL``           seconds between scheduled training runs
+``GESAL_TRAIN_ROUND``              a channel trains as soon as this many of its replies
+                                   have new votes or corrections (1: as soon as one has)
+``GESAL_TRAIN_MAX_WAIT``           seconds new feedback waits for its channel's round at
+                                   most; after that, the next scheduled run trains it
+``GESAL_TRAIN_MISFIRE_GRACE``      seconds a training run delayed past its time (a busy
+                                   process) may still start
+``GESAL_RATE_USER``                mentions answered per user per minute; more are asked
+                                   to wait
+``GESAL_RATE_CHANNEL``             mentions answered per channel per minute; more are
+                                   asked to wait
+``GESAL_CONTEXT_MESSAGES``         earlier messages of a reply chain or thread read as
+                                   context (0 to 100)
+``GESAL_CONTEXT_CHARS``            characters of context kept at most (200 to 100000);
+                                   the oldest messages go first
+``GESAL_PLAYGROUND_HOST``          address the local web playground listens on (anyone
+                                   who can reach it has admin rights)
+``GESAL_PLAYGROUND_PORT``          port of the local web playground
+=================================  =====================================================
 """
 
 from __future__ import annotations
@@ -122,8 +154,12 @@ class Settings(BaseSettings):
     gesal_train_misfire_grace: int = Field(120, ge=1)
 
     # -- chat behaviour -------------------------------------------------------------
-    gesal_rate_user: int = Field(6, ge=1, description="mentions per user per minute")
-    gesal_rate_channel: int = Field(30, ge=1, description="mentions per channel per minute")
+    gesal_rate_user: int = Field(
+        6, ge=1, description="mentions answered per user per minute; more are asked to wait"
+    )
+    gesal_rate_channel: int = Field(
+        30, ge=1, description="mentions answered per channel per minute; more are asked to wait"
+    )
     gesal_context_messages: int = Field(10, ge=0, le=100)
     gesal_context_chars: int = Field(4000, ge=200, le=100_000)
 

@@ -1,8 +1,8 @@
 """How many corrections does a preference the model never shows need?
 
-Votes can only reinforce what the bot already says: "start with 'Sure'" stayed at 0% after
-128 votes in prototypes because no 👍 ever came. Corrections (`Engine.correct`) are the
-way in. This measures their effect directly, round by round, on one node:
+Votes can only reinforce what the bot already says: a community that wants answers to
+start with "Sure" gets no 👍 to give while the model never does it. Corrections
+(`Engine.correct`) are the way in. This measures their effect directly, round by round, on one node:
 
     repeat: answer `per_round` training prompts -> 👎 each and correct it with the
             preferred answer -> train

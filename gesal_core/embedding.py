@@ -3,9 +3,10 @@
 A causal LM's mean hidden states share one large common direction, so raw cosine
 similarities of unrelated prompts all sit in a narrow band (~0.8–0.9) and facts and
 creative requests look alike. Subtracting the mean embedding of a fixed set of generic
-reference prompts removes that direction; `bench/embedding_choice.py` measured the
-effect (topic accuracy and routing purity, see docs/learning.md). The reference set is
-part of the embedding's definition: changing it changes every stored node embedding.
+reference prompts removes that direction; `bench.embedding_choice` measures the effect
+(topic accuracy and routing purity; docs/learning.md, "Routing embedding"). The
+reference set is part of the embedding's definition: changing it changes every stored
+node embedding.
 """
 
 from __future__ import annotations

@@ -52,36 +52,23 @@ class EngineConfig:
     system: str | None = None
     max_prompt_tokens: int = 1024
     # Exploration: when most of a node's recent rewards are negative, the temperature
-    # rises linearly from sampling.temperature up to explore_max_temperature. The nucleus
-    # (top_p) stays: at 1.2 with top_p 1.0 the 135M model's answers were half gibberish
-    # in brevity runs (degenerate 50% of held-out answers with z still at the base).
-    # 0.7, the sampling temperature, by default: no widening. At the larger step (lr
-    # 6e-3, ‖Δz‖ ≤ 6, which a rejected node takes now: `LearningConfig.rejected_step`)
-    # exploring up to 1.0 fed emoji salad that members liked for its emoji (emoji, 5
-    # seeds: 38% / 75% at 16 / 32 votes, against 62% / 100% without; docs/learning.md,
-    # "Without the widened sampling").
-    # Corrections and replay are how a community teaches what the model never says.
+    # rises linearly from sampling.temperature up to this (top_p stays). 0.7, the sampling
+    # temperature: no widening (docs/learning.md, "Exploration and repeats").
     explore_max_temperature: float = 0.7
-    explore_window: int = 8
+    explore_window: int = 8  # a node's latest rewards that decide exploration
     max_resamples: int = 3  # tries to avoid repeating a downvoted answer
     learning: LearningConfig = field(default_factory=LearningConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     channel_defaults: ChannelConfig = field(default_factory=ChannelConfig)
-    recent_rewards: int = 16
+    recent_rewards: int = 16  # rewards a node keeps in its recent window
     # The trainer lock's lease: renewed by a heartbeat while training runs, so a crashed
     # trainer's lock frees within this time. The commit's checks keep a lost lock harmless.
     train_lock_ttl: float = 30.0
-    # A training round. A channel trains once `train_round` of its replies have new
-    # feedback, every node with some of it; feedback that has waited `train_max_wait`
-    # seconds trains whatever the round. Until then it stays in the store. Why: an
-    # update moves z about as far whatever it learns from, so a channel trained on every
-    # vote or two drifted further per vote and lost what its answers said
-    # (docs/learning.md, "Feedback that trickles in"), while rounds of 8 votes per
-    # channel are what every evaluation measured. Rounds per node (a node trains once
-    # it has the round, or half of it) learnt more slowly on channels with two topics
-    # and were no safer ("Training rounds"). 1: train whatever is pending.
+    # A channel trains once this many of its replies have new feedback, every node with
+    # some of it; until then the feedback waits in the store. 1: train whatever is pending
+    # (docs/learning.md, "Training rounds").
     train_round: int = 8
-    train_max_wait: float = 86400.0
+    train_max_wait: float = 86400.0  # seconds after which waiting feedback trains anyway
 
     def __post_init__(self) -> None:
         if self.train_round < 1:

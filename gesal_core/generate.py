@@ -209,8 +209,8 @@ class _ChosenLogprobs:
     """Records log π of every token `model.generate` picks, from the model's own logits.
 
     Why: the engine keeps each answer's log π for the importance weights of stale
-    samples. Scoring it afterwards was a second forward pass over prompt and answer:
-    answering took 1.26–1.49x as long with it on our CPU (`bench.serving_logprob`). A
+    samples. Scoring it afterwards would be a second forward pass over prompt and answer,
+    which makes answering 1.26–1.49x as long on a CPU (`bench.serving_logprob`). A
     forward hook sees the logits of each step; the token picked from them arrives as the
     next step's input (the last one is read from the output), so the log-softmax is
     gathered then. Raw logits, so temperature, top-p and repetition penalty do not change

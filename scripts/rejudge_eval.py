@@ -12,7 +12,7 @@ It also prints how many key facts the task's simulated member keeps when correct
 base model's answers (the 0-vote ones): a community whose corrections drop content
 teaches the bot to drop it, and that is the level to read a run's key facts against.
 
-    python scripts/rejudge_eval.py docs/eval/brevity-final/eval-brevity.json
+    python scripts/rejudge_eval.py eval-results/eval-brevity.json
 """
 
 from __future__ import annotations

@@ -127,7 +127,9 @@ def tables() -> dict[str, str]:
         runs = load_runs(task)
         base = [r for r in runs if 0 in r.checkpoints]
         cells = [pct(median(base, 0, key)) for key in METRICS]
-        medians.append(f"| {task} | base model | every run at 0 votes | " + " | ".join(cells) + " |")
+        medians.append(
+            f"| {task} | base model | every run at 0 votes | " + " | ".join(cells) + " |"
+        )
         for method, label in METHODS.items():
             mine = [r for r in runs if r.method == method]
             if not mine:

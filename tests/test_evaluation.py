@@ -51,8 +51,8 @@ def test_builtin_tasks_have_sane_rules():
 
 
 def test_sound_rate_counts_compliance_only_where_the_answer_is_still_an_answer():
-    """Issue 3: compliance bought with collapse is a miss. An emoji run whose answers are
-    emoji runs complies fully and is sound nowhere."""
+    """Compliance bought with collapse is a miss. An emoji run whose answers are emoji
+    runs complies fully and is sound nowhere."""
     task = load_task("emoji")
     prompts = ["What is the capital of Japan?"] * 4
     answers = ["Tokyo. 😊", "🌟🌟🌟🌟🌟🌟", "Tokyo.", "I like trains 😊"]
@@ -361,11 +361,11 @@ def test_runs_from_parallel_processes_merge_into_one_table(tiny_llama, tiny_toke
     row = next(r for r in data["summary"] if r["votes"] == 4)
     assert len(row["per_seed"]) == 2
     assert [m["file"] for m in data["merged_from"]] == files
-    # a merged file (no config of its own) merges again, e.g. to re-table old results
+    # a merged file (no config of its own) merges again, e.g. to re-table stored results
     again = tmp_path / "again"
     evaluation.merge([str(merged / "eval-brevity.json")], str(again))
     assert json.loads((again / "eval-brevity.json").read_text())["summary"] == data["summary"]
-    # a file written before key facts were measured gets them judged from its answers
+    # a file without key facts gets them judged from its answers
     old = json.loads(Path(files[0]).read_text())
     run = old["runs"][0]
     for cp in run["checkpoints"]:
@@ -380,7 +380,7 @@ def test_runs_from_parallel_processes_merge_into_one_table(tiny_llama, tiny_toke
     cps = [c for r in data["runs"] for c in r["checkpoints"]]
     assert all(c["sound"] is not None and c["sound"] <= c["compliance"] for c in cps)
     assert row["per_seed_sound"] == [c["sound"] for c in cps if c["votes"] == 4]
-    # a file written before it was recorded gets it judged from its stored answers, by
+    # a file without the sound rate gets it judged from its stored answers, by
     # the same verdicts a run makes, and only when the merge is given the base model
     for cp in old["runs"][0]["checkpoints"]:
         cp.pop("sound")

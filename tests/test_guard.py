@@ -67,7 +67,7 @@ from .conftest import make_tiny_llama
         ("Cats purr because they need to relax. 🐖🐖🌱🌍🌈🌌🌊🌌🌌🌈🌊🌌", "repetition loop"),
         ("🌟 Electricity is energy. 🌟\n\n1️⊕⌘🌍🌊⌍️🌐⌍️🌊", "repetition loop"),
         ("Paris 🇫🇷🇩🇪🇮🇹 and friends... 😊🎉!", None),
-        # emoji, seed 0, 64 votes, session 25: one emoji again and again, spaced
+        # emoji, seed 0, 64 votes: one emoji again and again, spaced
         (
             "Cats purr because they are mammals and have a reproductive system that helps "
             "them reproduce. 😊 😊 😊 😊 😊 😊 😊 😊 😊 😊",
@@ -145,7 +145,7 @@ def test_gibberish_is_caught_by_base_model_nll():
 
 
 def test_a_one_word_answer_is_not_gibberish_for_being_surprising():
-    # a real run rolled back "Python!" for its base-model NLL: brevity is not gibberish
+    # "Python!" has a high base-model NLL for being brief, which is not gibberish
     assert degenerate_reason("Python!", base_nll=6.0) is None
     assert degenerate_reason("Tokyo, Japan.", base_nll=5.0) is None
 
@@ -438,7 +438,7 @@ def test_backtrack_is_bounded():
 
 
 def test_two_lost_facts_fail_an_update_that_one_does_not(tiny_tokenizer, monkeypatch):
-    """The default asks for two lost facts: one was mostly a style shift at the fact's
+    """The default asks for two lost facts: one is mostly a style shift at the fact's
     position (emoji runs), broad forgetting loses several."""
     from gesal_core import guard as guard_mod
 

@@ -1,6 +1,6 @@
 """The project's own text: current, self-contained, and about the project alone.
 
-- no development history (numbered rounds of work, issue numbers, "our dev machine") in
+- no development history (numbered rounds of work, issue numbers, the developers' machines) in
   any tracked file (`scripts/check_history.py`);
 - the results tables in README.md and docs/results.md are generated from the result
   files under docs/results/ (`scripts/results_report.py`);

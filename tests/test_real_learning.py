@@ -1,7 +1,7 @@
-"""Slow: the real bundled model learns a preference from its community (issue 3).
+"""Slow: the real bundled model learns a preference from its community.
 
-"Start with 'Sure!'" is a preference SmolLM2-135M never shows (0% after 128 votes in
-prototypes: no 👍 ever came), so members teach it by correction. With the shipped
+"Start with 'Sure!'" is a preference SmolLM2-135M never shows, so votes find no answer to
+👍 and members teach it by correction. With the shipped
 learning defaults, three rounds of four corrections must move the node measurably
 towards the preference on held-out questions it was never corrected on, and an unrelated
 fact must survive (the model still gives "Paris" where the base model's answer states

@@ -31,7 +31,7 @@ SAMPLE_SEP = " -> "  # between the prompt and the answer in a checkpoint's sampl
 
 def split_samples(samples: list[str]) -> tuple[list[str], list[str]] | None:
     """(prompts, answers) of a checkpoint's stored samples; None when any lacks the
-    separator (results written before answers were stored whole)."""
+    separator (results whose samples hold no whole answers)."""
     pairs = [s.split(SAMPLE_SEP, 1) for s in samples]
     if not all(len(x) == 2 for x in pairs):
         return None
@@ -63,22 +63,23 @@ class Checkpoint:
     predictions: dict
     samples: list[str]
     # median ‖z − 1‖₂ of the adapters that answered the held-out prompts (SVF methods;
-    # None for lora and for results written before it was recorded)
+    # None for lora and for results that lack it)
     drift: float | None = None
     # share of answers naming a key fact of their question (`fact_rate`; None: no facts)
     facts: float | None = None
-    # nodes of the channel's graph (gesal and svf-single; None for lora and older
-    # results): how far routing splits the community's votes
+    # nodes of the channel's graph (gesal and svf-single; None for lora and results that
+    # lack it): how far routing splits the community's votes
     nodes: int | None = None
     # share of answers that comply *and* are on-topic *and* not degenerate (`sound_rate`):
-    # issue 3 counts compliance bought with collapse as a miss, so this is the rate to
-    # compare methods by. None: not judged yet (older results; `merge` judges them)
+    # compliance bought with collapse counts as a miss, so this is the rate to compare
+    # methods by. None: not judged yet (results that lack it; `merge` judges them)
     sound: float | None = None
     # the guard's fixed unrelated probes ("prompt -> answer"), answered as a member asking
-    # them would be: forgetting shows here first (None: older results)
+    # them would be: forgetting shows here first (None: results that lack them)
     probes: list[str] | None = None
     # two-channel isolation: how far another channel's logits, z or version moved since the
-    # run began (`EngineLearner.isolation`; 0.0 = exact; None for lora and older runs)
+    # run began (`EngineLearner.isolation`; 0.0 = exact; None for lora and results that
+    # lack it)
     isolation: float | None = None
 
 

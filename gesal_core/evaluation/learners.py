@@ -268,7 +268,7 @@ def adam_update(
         opt.zero_grad()
         # passes of `micro_batch` samples, as gesal's update: the gradients add up to
         # the whole batch's, and memory stays that of one pass (one pass of all 24+
-        # samples peaked at 8.8 GB RSS, which kept LoRA runs from running side by side)
+        # samples peaks at 8.8 GB RSS, too much for LoRA runs side by side)
         for _, part in plan.passes(lc.micro_batch):
             logp, ntok = score(part.rl + part.demos)
             weights = torch.ones(len(part.rl))

@@ -152,8 +152,8 @@ def plot(task: Task, rows: list[dict], path: Path) -> None:
 
 
 def _run_from_dict(d: dict, task: Task | None = None) -> RunResult:
-    """A stored run; checkpoints written before key facts were measured get them judged
-    from their stored answers (the same `fact_rate`, so old and new runs compare)."""
+    """A stored run; checkpoints stored without key facts get them judged from their
+    stored answers (the same `fact_rate`, so every run compares)."""
     cps = [Checkpoint(**c) for c in d.get("checkpoints", [])]
     for cp in cps:
         split = split_samples(cp.samples) if cp.facts is None and task is not None else None
@@ -196,10 +196,10 @@ def judge_sound(
 ) -> list[str]:
     """Fill in `Checkpoint.sound` where a stored run lacks it, from its stored answers.
 
-    The verdicts are the ones a run makes (`Harness.verdicts`, base model), so old and new
-    runs compare. Returns a line for every checkpoint whose re-judged on-topic or
-    degenerate rate differs from the one recorded (rules changed since the run): its
-    *sound* rate then follows today's rules, not the recorded rates.
+    The verdicts are the ones a run makes (`Harness.verdicts`, base model), so every run
+    compares. Returns a line for every checkpoint whose re-judged on-topic or degenerate
+    rate differs from the one recorded (the run was judged by other rules): its *sound*
+    rate then follows the current rules, not the recorded rates.
     """
     notes = []
     for r in results:
@@ -237,9 +237,9 @@ def _max_new_tokens(docs: list[dict]) -> int:
 def merge(paths: list[str], out: str, harness: Callable[[int], Harness] | None = None) -> int:
     """`gesal-bot eval --merge`: one table from runs written by several processes.
 
-    Runs written before the *sound* rate was recorded get it judged from their stored
-    answers when ``harness`` (answer length -> a `Harness` on the base model) is given;
-    it is only called if some checkpoint needs it, since that loads the model."""
+    Runs stored without the *sound* rate get it judged from their stored answers when
+    ``harness`` (answer length -> a `Harness` on the base model) is given; it is only
+    called if some checkpoint needs it, since that loads the model."""
     docs = []
     for p in paths:
         try:

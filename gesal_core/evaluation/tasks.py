@@ -90,8 +90,8 @@ HELDOUT_QUESTIONS = [
 # ("Electricity is like magic in the moon's magic.", "The largest planet is Neptune.",
 # "The plant grows."), and neither the on-topic nor the degenerate rate sees that. It is
 # a floor on content, not a truth check: "Jupiter? No, Saturn." would pass. Written from
-# what the questions ask before reading runs' answers; one word ("food") came later, from
-# a right answer the list missed ("Plants grow by making their own food.").
+# what the questions ask, not from runs' answers, but for one word ("food") of a right
+# answer the rest miss ("Plants grow by making their own food.").
 _FACT_WORDS = {
     "What is the capital of Japan?": "tokyo",
     "How do plants grow?": (
@@ -229,10 +229,9 @@ def _add_emoji(question: str, answer: str) -> str:
     """What a member who wants an emoji writes instead: the same answer with a smiley
     after its first sentence.
 
-    Why not at the end (the member before 2026-12-02): most base answers run into the
-    token limit, so an emoji after the last word sits where no answer of that length
-    reaches, and the bot is taught a habit it cannot show. A cut-off single sentence
-    gets it at the end.
+    Why not at the end: most base answers run into the token limit, so an emoji after
+    the last word sits where no answer of that length reaches, and the bot is taught a
+    habit it cannot show. A cut-off single sentence gets it at the end.
     """
     text = answer.strip()
     end = re.search(r"[.!?][\"')]*(?=\s)", text)
@@ -245,10 +244,9 @@ def _shorten(question: str, answer: str) -> str:
     """What a member who wants brevity writes instead: the answer's sentence that says the
     most (content words beyond the question's; the first of equals), clipped to 15 words.
 
-    Why not simply the first sentence (the member of every run before 2026-12-02): the
-    base model's first sentences are often empty ("Cats purr due to a natural
-    instinct."): on the base answers stored by four 3-seed runs (88% of them name a key
-    fact), first sentences kept 50-54% and this member keeps 58-75%
+    Why not simply the first sentence: the base model's first sentences are often empty
+    ("Cats purr due to a natural instinct."): on the base answers stored by four 3-seed
+    runs (88% of them name a key fact), first sentences keep 50-54% and this member 58-75%
     (`scripts/rejudge_eval.py` prints it per run). A community that cuts content teaches
     the bot to drop it. A sentence cut off by the token limit counts only when it is the
     only one.
@@ -393,12 +391,14 @@ def load_task(spec: str) -> Task:
 
 
 def _as_task(obj, spec: str) -> Task:
-    """A user's task object as a `Task`: the four documented attributes are required,
-    the optional ones (README, "Your own task") default, and a bad value is named."""
+    """A user's task object as a `Task`: the four documented attributes are required, the
+    optional ones default (docs/results.md, "Evaluating a preference of your own"), and a
+    bad value is named."""
     missing = [a for a in ("name", "train", "heldout", "complies") if not hasattr(obj, a)]
     if missing:
         raise ValueError(
-            f"{spec}: a task needs {', '.join(map(repr, missing))} (see README, 'Your own task')"
+            f"{spec}: a task needs {', '.join(map(repr, missing))} "
+            "(see docs/results.md, 'Evaluating a preference of your own')"
         )
     train, heldout = list(obj.train), list(obj.heldout)
     for label, prompts in (("train", train), ("heldout", heldout)):

@@ -28,7 +28,8 @@ class NodeGoneError(GesalError, KeyError):
     """A request's node vanished under it: the channel was reset meanwhile.
 
     Raised instead of writing half of a request into the fresh channel (a reply pointing
-    at a node that no longer exists). Also a KeyError, which a missing node always was.
+    at a node that no longer exists). Also a KeyError, so code that catches a missing
+    node as a KeyError still does.
     """
 
     def __init__(self, node_id: str) -> None:

@@ -2,16 +2,16 @@
 
 Why: with bf16 products, most of an update's time is not its matrix products but the
 thousands of small operations between them (norms, rotary embeddings, SiLU, casts) and
-autograd's bookkeeping for each (README, "Compiled updates: under 1.5 s"). Compiling
-the whole model's forward, and with it the backward, fuses them: side by side in
-`bench.update_step` ("compiled" columns) a k=4 update ran 1.37× faster on both cores of
-our dev CPU (1.17 s against 1.60 s). Compiling one decoder layer at a time would be
-cheaper to compile, but every layer differs in an integer (its index, its slice of z),
-so dynamo compiled each anew and hit its recompile limit.
+autograd's bookkeeping for each (docs/performance.md). Compiling the whole model's
+forward, and with it the backward, fuses them: side by side in `bench.update_step`
+("compiled" columns) a k=4 update runs 1.37× faster on two CPU cores. Compiling one
+decoder layer at a time would be cheaper to compile, but every layer differs in an
+integer (its index, its slice of z), so dynamo compiles each anew and hits its
+recompile limit.
 
 The price is compile time, paid once per process and batch shape (a pass of one sample
 is its own shape: dynamo specialises sizes 0 and 1): minutes on a CPU, less when
-inductor's on-disk cache is warm from an earlier run. So it is off by default
+inductor's on-disk cache is warm from a previous process. So it is off by default
 (`LearningConfig.compile`, ``GESAL_COMPILE_UPDATES``), and `CompiledPasses.warm_up`
 pays it before the first real update (`learning.warm_up_compiled`; the bot runs it at
 start-up, where a stall makes nobody's answer late).

@@ -19,7 +19,7 @@ class SVFConfig:
     ``targets`` is ``"mlp"`` (the Transformer² default: gate/up/down or c_fc/c_proj),
     ``"attention"``, ``"all"``, or an explicit tuple of leaf names such as
     ``("gate_proj", "up_proj")``. Nothing matching is an error, never a silent no-op:
-    the published GESAL code adapted nothing because its names did not match.
+    the published GESAL code adapts nothing because its names do not match.
     """
 
     targets: str | tuple[str, ...] = "mlp"

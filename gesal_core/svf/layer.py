@@ -105,7 +105,7 @@ class SVFLinear(nn.Module):
             return F.linear(x, self.merged_weight, self.bias)
         # σz is formed in fp32 and only then rounded to the products' dtype: z itself in
         # bf16 reads every value within 1/256 of 1 as exactly 1, so the first steps of an
-        # update (3e-3 each) were invisible to its own bf16 forward passes
+        # update (3e-3 each) would be invisible to its own bf16 forward passes
         z = state.z[..., self.z_slice]
         scale = self.S * z.to(torch.promote_types(z.dtype, torch.float32))
         if scale.dim() == 2 and scale.shape[0] != x.shape[0]:
@@ -122,10 +122,10 @@ class SVFLinear(nn.Module):
 
     def _weight_first(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """The factored product as ``(U (σz ⊙ (Vh xᵀ)))ᵀ``: the same sums, with the big
-        factor as the left operand. On our CPU host MKL streams a factor from memory
-        faster this way than it runs ``x Vhᵀ`` on a few rows, whose weight it packs
-        first (`bench.factored_order`; a whole batch of 8: `bench.serving_batch`,
-        "x-first products"). The result is made contiguous: a transposed activation sent
+        factor as the left operand. On a CPU, MKL streams a factor from memory faster
+        this way than it runs ``x Vhᵀ`` on a few rows, whose weight it packs first
+        (`bench.factored_order`; a whole batch of 8: `bench.serving_batch`, "x-first
+        products"). The result is made contiguous: a transposed activation sends
         later linears (the LM head) down a slower path."""
         h = self.Vh @ x.reshape(-1, self.in_features).t()  # (r, rows)
         scale = scale.to(h.dtype)

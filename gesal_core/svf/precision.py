@@ -91,8 +91,8 @@ def resolve_compute_dtype(
 def _fp32_attention_on_cpu() -> None:
     """Make Hugging Face's SDPA attention run in fp32 under CPU bf16 autocast.
 
-    In a profile of one update on our dev CPU its backward pass was several times slower
-    in bf16 than in fp32, while the projections around it gain from bf16.
+    In a profile of one update on a CPU its backward pass is several times slower in
+    bf16 than in fp32, while the projections around it gain from bf16.
     Installed once, on first use of low precision; outside CPU bf16 autocast the wrapper
     calls the original unchanged, so serving and everything else are unaffected.
     """
@@ -122,8 +122,8 @@ def _fp32_attention_on_cpu() -> None:
 # core's L2 cache in elements: its small-M blocking heuristic computes
 # div_up(.., L2_threshold - M x K) after checking only for ">". With a 2 MiB L2 (Sapphire
 # Rapids and later) that is M = 32, K = 49,152: the backward pass of SmolLM2's LM head
-# when an update pass scores exactly 32 response positions. An eval process on our dev
-# CPU died of it; `tests/test_precision.py` has the shape. Wide layers (K = out_features
+# when an update pass scores exactly 32 response positions; `tests/test_precision.py`
+# has the shape. Wide layers (K = out_features
 # in the backward) therefore never see 32 rows or fewer: they get zero rows up to
 # `SAFE_ROWS`, which costs a few small products and changes no row's result.
 WIDE_OUT = 16384  # out_features from which M x K can reach 3/4 of a 1 MiB L2 at M <= 32
