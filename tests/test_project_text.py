@@ -66,3 +66,19 @@ def test_doc_links_stay_inside_the_repository():
             if not path.is_relative_to(ROOT) or not path.exists():
                 broken.append(f"{doc.relative_to(ROOT)} -> {target}")
     assert not broken, broken
+
+
+def test_doc_sections_named_in_the_code_exist():
+    """Code comments point at docs by section name (`docs/learning.md, "Settling"`): each
+    name must be a heading of that doc."""
+    cited = re.compile(r'(docs/[\w-]+\.md)[,:]?\s*\(?"([A-Z][^"]+)"')
+    missing = []
+    for path in check_history.tracked_files([]):
+        if path.suffix not in {".py", ".md", ".sh", ".yml", ".yaml", ".toml"}:
+            continue
+        for doc, wrapped in cited.findall(path.read_text(errors="replace")):
+            section = re.sub(r"\s*\n\s*#?\s*", " ", wrapped)  # a name wrapped in a comment
+            text = (ROOT / doc).read_text() if (ROOT / doc).exists() else ""
+            if section not in re.findall(r"^#+\s+(.+?)\s*$", text, re.M):
+                missing.append(f"{path.relative_to(ROOT)}: {doc}, {section!r}")
+    assert not missing, missing
