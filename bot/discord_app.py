@@ -18,7 +18,10 @@ developer portal) to include them.
 Admin commands live in one ``/gesal`` group with ``default_permissions`` (Manage
 Channels), which only hides them in the client; a server can grant a command to anyone,
 so every invocation is checked again here against the permissions Discord computed for
-the invoking member (``interaction.permissions``), never trusting the client.
+the invoking member (``interaction.permissions``), never trusting the client. An import's
+attachment is downloaded only after that check passes, and only when Discord says it is
+at most `MAX_DOWNLOAD_BYTES`. Reactions by bots (``member.bot``, or the cached user's
+``bot`` flag) never count as votes.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from discord import app_commands
 
 from .observability import Check, Health, connection_check, request_context
 from .service import (
+    MAX_IMPORT_BYTES,
     AdminCommand,
     AdminResult,
     ChatService,
@@ -48,6 +52,8 @@ log = logging.getLogger(__name__)
 PLATFORM = "discord"
 CORRECTION_ACK = "\u2705"  # ✅ on the member's correction
 ADMIN_PERMISSIONS = discord.Permissions(manage_channels=True)
+# The largest import attachment downloaded: the service refuses bigger imports anyway.
+MAX_DOWNLOAD_BYTES = MAX_IMPORT_BYTES
 
 
 def make_intents(message_content: bool = False) -> discord.Intents:
@@ -71,6 +77,21 @@ def is_admin(interaction: discord.Interaction) -> bool:
 
 def _files(result: AdminResult) -> list[discord.File]:
     return [discord.File(io.BytesIO(f.data), filename=f.name) for f in result.files]
+
+
+async def read_export(attachment: discord.Attachment) -> bytes | str:
+    """The attachment's bytes, or one sentence saying why not. Its size comes from
+    Discord, so a file over `MAX_DOWNLOAD_BYTES` is refused without fetching it."""
+    cap = MAX_DOWNLOAD_BYTES
+    if attachment.size > cap:
+        return f"That file is too large to be an export (over {cap / 2**20:.3g} MB)."
+    try:
+        data = await attachment.read()
+    except discord.HTTPException as exc:
+        return f"Downloading the file failed (HTTP {exc.status})."
+    if len(data) > cap:
+        return f"That file is too large to be an export (over {cap / 2**20:.3g} MB)."
+    return data
 
 
 class ConfirmReset(discord.ui.View):
@@ -108,10 +129,21 @@ def build_gesal_group(bot: GesalDiscordBot) -> app_commands.Group:
         guild_only=True,
     )
 
-    async def run(interaction: discord.Interaction, name: str, **kw) -> None:
+    async def run(
+        interaction: discord.Interaction,
+        name: str,
+        attachment: discord.Attachment | None = None,
+        **kw,
+    ) -> None:
         # Defer first: Discord wants an answer within 3 s, and export/import/train
         # can take longer.
         await interaction.response.defer(ephemeral=True, thinking=True)
+        if attachment is not None and is_admin(interaction):  # a member's file is never fetched
+            data = await read_export(attachment)
+            if isinstance(data, str):
+                await interaction.followup.send(data, ephemeral=True)
+                return
+            kw["file"] = data
         result = await bot.admin(interaction, name, **kw)
         if result.needs_confirmation:
             view = ConfirmReset(bot, interaction.user.id)
@@ -130,8 +162,7 @@ def build_gesal_group(bot: GesalDiscordBot) -> app_commands.Group:
     @group.command(name="import", description="Replace this channel's graph with an export")
     @app_commands.describe(file="a JSON file made by /gesal export")
     async def import_(interaction: discord.Interaction, file: discord.Attachment) -> None:
-        data = await file.read()
-        await run(interaction, "import", file=data)
+        await run(interaction, "import", attachment=file)
 
     @group.command(name="stats", description="Nodes, votes, rewards and last update")
     async def stats(interaction: discord.Interaction) -> None:
@@ -341,9 +372,6 @@ class GesalDiscordBot(discord.Client):
         if payload.emoji.id is not None:  # custom server emoji are never votes
             return
         workspace, channel, _ = await self._where(payload.channel_id, payload.guild_id)
-        is_bot = (self.user is not None and payload.user_id == self.user.id) or bool(
-            payload.member is not None and payload.member.bot
-        )
         await self.service.handle_reaction(
             Reaction(
                 PLATFORM,
@@ -353,9 +381,20 @@ class GesalDiscordBot(discord.Client):
                 str(payload.message_id),
                 str(payload.emoji),
                 added,
-                reactor_is_bot=is_bot,
+                reactor_is_bot=self._reactor_is_bot(payload),
             )
         )
+
+    def _reactor_is_bot(self, payload: discord.RawReactionActionEvent) -> bool:
+        """This bot, or any bot: the member Discord sends with a guild reaction, else
+        the cached user (a removal carries no member; a bot's vote never counted, so
+        the removal of its reaction changes nothing either way)."""
+        if self.user is not None and payload.user_id == self.user.id:
+            return True
+        if payload.member is not None:
+            return payload.member.bot
+        user = self.get_user(payload.user_id)
+        return user is not None and user.bot
 
     # -- admin -----------------------------------------------------------------------
     async def admin(self, interaction: discord.Interaction, name: str, **kw) -> AdminResult:

@@ -5,6 +5,8 @@
   the model works afterwards. Slack has no typing indicator for bots in channels, so
   the question gets an :eyes: reaction while the bot thinks.
 * ``reaction_added`` / ``reaction_removed`` → votes (the service decides what counts).
+  Reactions by bots never count: the bot's own, and any user ``users.info`` calls a
+  bot (``is_bot``, remembered per user), so another app cannot vote.
 * Corrections: a thread reply starting with ``better:`` or ✏️ corrects the bot's latest
   answer above it in that thread. It arrives as ``app_mention`` when it mentions the
   bot, or as a ``message`` event when the app subscribes to ``message.channels``.
@@ -14,18 +16,25 @@
   arrives as a signed ``block_actions`` request, and the bot checks again, on its own
   side, that the presser is the admin who asked and is still an admin, before anything
   is deleted.
+* ``/gesal import <file id>`` checks admin rights first and downloads nothing for anyone
+  else. The download goes only to Slack's file host (`SLACK_FILE_ORIGINS`: the bot token
+  travels with it, so a ``files.info`` answer pointing elsewhere is refused), and stops
+  at `MAX_DOWNLOAD_BYTES` (``files.info``'s ``size`` first, then while reading).
 * Both transports: Socket Mode (``SLACK_APP_TOKEN``) and HTTP (``SLACK_SIGNING_SECRET``;
   bolt verifies the signature and timestamp of every request, and `dedupe_retries`
-  drops Slack's retries of an event already received, by ``event_id``).
+  drops Slack's retries of an event already received, by ``event_id``: through Redis
+  when the store is Redis, so a retry that reaches another replica is dropped too).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import time
 from collections import OrderedDict
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 from slack_bolt.async_app import AsyncApp
@@ -35,6 +44,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from .observability import Check, Health, connection_check, request_context
 from .service import (
+    MAX_IMPORT_BYTES,
     AdminCommand,
     AdminResult,
     ChatService,
@@ -54,6 +64,20 @@ THINKING = "eyes"
 _FILE_ID = re.compile(r"\bF[A-Z0-9]{6,}\b")
 RESET_CONFIRM, RESET_CANCEL = "gesal_reset_confirm", "gesal_reset_cancel"
 
+# Where an export may be downloaded from, as scheme://host[:port]. The request carries
+# the bot token, so only Slack's own file host gets it; `build_app(file_origins=...)`
+# replaces the list (tests serve files on loopback).
+SLACK_FILE_ORIGINS = ("https://files.slack.com",)
+# The largest export downloaded: the service refuses bigger imports anyway, so a bigger
+# file is never fetched (a full 64-node channel exports to about 20 MB).
+MAX_DOWNLOAD_BYTES = MAX_IMPORT_BYTES
+DOWNLOAD_TIMEOUT_S = 120.0
+MAX_REDIRECTS = 3  # followed only while they stay on an allowed origin
+# Slack retries an unacknowledged event after about 1 s, 1 min and 5 min: an hour covers it.
+DEDUPE_TTL_S = 3600
+DEDUPE_PREFIX = "gesal:slack:event:"
+KNOWN_USERS = 10_000  # users whose bot flag is remembered (least recently seen go first)
+
 
 def _err(exc: SlackApiError) -> str:
     """Slack's error code (``channel_not_found``…), or the HTTP status when there is none."""
@@ -64,13 +88,15 @@ def _err(exc: SlackApiError) -> str:
 
 
 class EventDeduper:
-    """Remembers recent ``event_id``s so a retried delivery is processed once."""
+    """Remembers recent ``event_id``s in this process, so a retried delivery is
+    processed once (the de-duplication of a single process, and the fallback of
+    `RedisEventDeduper`)."""
 
     def __init__(self, size: int = 10_000) -> None:
         self.size = size
         self._seen: OrderedDict[str, float] = OrderedDict()
 
-    def seen(self, event_id: str) -> bool:
+    async def seen(self, event_id: str) -> bool:
         """True if ``event_id`` was seen before; records it otherwise."""
         if event_id in self._seen:
             return True
@@ -78,6 +104,93 @@ class EventDeduper:
         while len(self._seen) > self.size:
             self._seen.popitem(last=False)
         return False
+
+    async def close(self) -> None:
+        return None
+
+
+class RedisEventDeduper:
+    """``event_id``s recorded in Redis, so every replica behind Slack's HTTP endpoint
+    drops a retry that another one already received.
+
+    One ``SET <key> 1 NX EX <ttl>`` per event: the first process to record an id owns
+    it; the key expires after `DEDUPE_TTL_S`. Its own small client from the store's URL,
+    one per event loop (redis-py's asyncio connections are loop-bound). While Redis
+    cannot be reached it falls back to this process's memory: events keep flowing, and
+    only a retry that lands on another replica in that time is processed twice.
+    """
+
+    def __init__(
+        self, url: str, ttl: int = DEDUPE_TTL_S, fallback: EventDeduper | None = None
+    ) -> None:
+        from gesal_core.store.redis_store import url_secrets
+
+        self.url, self.ttl = url, ttl
+        self.fallback = fallback or EventDeduper()
+        self._secrets = url_secrets(url)
+        self._client = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _redis(self):
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            import redis.asyncio as aioredis
+
+            self._client = aioredis.Redis.from_url(
+                self.url, socket_timeout=2.0, socket_connect_timeout=2.0
+            )
+            self._loop = loop
+        return self._client
+
+    async def seen(self, event_id: str) -> bool:
+        try:
+            first = await self._redis().set(DEDUPE_PREFIX + event_id, b"1", nx=True, ex=self.ttl)
+        except Exception as exc:  # noqa: BLE001 - Redis trouble must not drop events
+            from gesal_core.store.redis_store import scrub
+
+            log.warning(
+                "shared event de-duplication unavailable (%s); using this process's",
+                scrub(f"{type(exc).__name__}: {exc}", self._secrets),
+            )
+            return await self.fallback.seen(event_id)
+        return not first
+
+    async def close(self) -> None:
+        if self._client is not None and self._loop is asyncio.get_running_loop():
+            await self._client.aclose()
+        self._client = self._loop = None
+
+
+def event_deduper(store) -> EventDeduper | RedisEventDeduper:
+    """Shared de-duplication when the store is a Redis store, else this process's own."""
+    from gesal_core.store.redis_store import RedisStore
+
+    if isinstance(store, RedisStore):
+        return RedisEventDeduper(store.url)
+    return EventDeduper()
+
+
+def _origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an http(s) URL without user info; None for anything else."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # a port that is not a number
+        return None
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    if scheme not in ("http", "https") or not host or "@" in parts.netloc:
+        return None
+    return scheme, host, port or (443 if scheme == "https" else 80)
+
+
+def file_url_allowed(url: str, origins: tuple[str, ...] = SLACK_FILE_ORIGINS) -> bool:
+    """Is ``url`` on one of ``origins`` (same scheme, host and port)?"""
+    where = _origin(url)
+    return where is not None and any(where == _origin(o) for o in origins)
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 2**20:.3g} MB"
 
 
 def parse_command(text: str) -> tuple[str, dict[str, str], list[str]]:
@@ -107,9 +220,18 @@ HELP = (
 class SlackBot:
     """Registers the listeners on an `AsyncApp` and holds what they share."""
 
-    def __init__(self, app: AsyncApp, service: ChatService, settings: Settings) -> None:
+    def __init__(
+        self,
+        app: AsyncApp,
+        service: ChatService,
+        settings: Settings,
+        *,
+        file_origins: tuple[str, ...] = SLACK_FILE_ORIGINS,
+    ) -> None:
         self.app, self.service, self.settings = app, service, settings
-        self.deduper = EventDeduper()
+        self.file_origins = file_origins
+        self.deduper = event_deduper(service.engine.store)
+        self._bots: OrderedDict[str, bool] = OrderedDict()  # user id -> users.info is_bot
         app.middleware(self.dedupe_retries)
         app.event("app_mention")(self.on_mention)
         app.event("message")(self.on_message)
@@ -122,10 +244,14 @@ class SlackBot:
     # -- plumbing ------------------------------------------------------------------------
     async def dedupe_retries(self, body: dict, next) -> BoltResponse | None:  # noqa: A002
         event_id = body.get("event_id") if isinstance(body, dict) else None
-        if event_id and self.deduper.seen(event_id):
+        if event_id and await self.deduper.seen(str(event_id)):
             log.info("dropping a repeated delivery of event %s", event_id)
             return BoltResponse(status=200, body="")
         return await next()
+
+    async def close(self) -> None:
+        """Release the shared de-duplication's Redis connection, if there is one."""
+        await self.deduper.close()
 
     @staticmethod
     def _team(body: dict, event: dict | None = None) -> str:
@@ -253,13 +379,19 @@ class SlackBot:
             log.debug("%s %s failed: %s", method, name, _err(exc))
 
     # -- reactions -----------------------------------------------------------------------
-    async def on_reaction_added(self, body: dict, event: dict, context) -> None:
-        await self._reaction(body, event, context, True)
+    async def on_reaction_added(
+        self, body: dict, event: dict, client: AsyncWebClient, context
+    ) -> None:
+        await self._reaction(body, event, client, context, True)
 
-    async def on_reaction_removed(self, body: dict, event: dict, context) -> None:
-        await self._reaction(body, event, context, False)
+    async def on_reaction_removed(
+        self, body: dict, event: dict, client: AsyncWebClient, context
+    ) -> None:
+        await self._reaction(body, event, client, context, False)
 
-    async def _reaction(self, body: dict, event: dict, context, added: bool) -> None:
+    async def _reaction(
+        self, body: dict, event: dict, client: AsyncWebClient, context, added: bool
+    ) -> None:
         item = event.get("item", {})
         if item.get("type") != "message":
             return
@@ -272,9 +404,33 @@ class SlackBot:
                 item["ts"],
                 event.get("reaction", ""),
                 added,
-                reactor_is_bot=event.get("user") == context.bot_user_id,
+                reactor_is_bot=await self.is_bot(client, event, context.bot_user_id),
             )
         )
+
+    async def is_bot(self, client: AsyncWebClient, event: dict, own_user: str | None) -> bool:
+        """Did a bot react? This bot itself; an event that names a bot (``bot_id``);
+        else ``users.info``'s ``is_bot``, remembered per user (a user does not become a
+        bot). When Slack cannot say, the reaction is treated as a bot's and not counted:
+        a lost vote is cheaper than another app's votes steering a channel."""
+        user = event.get("user") or ""
+        if not user or user == own_user or event.get("bot_id") or event.get("bot_profile"):
+            return True
+        known = self._bots.get(user)
+        if known is not None:
+            self._bots.move_to_end(user)
+            return known
+        try:
+            info = (await client.users_info(user=user))["user"]
+        except SlackApiError as exc:
+            log.warning(
+                "users.info failed for %s (%s); its reaction is not counted", user, _err(exc)
+            )
+            return True
+        self._bots[user] = bot = bool(info.get("is_bot"))
+        while len(self._bots) > KNOWN_USERS:
+            self._bots.popitem(last=False)
+        return bot
 
     # -- /gesal ----------------------------------------------------------------------------
     async def is_admin(self, client: AsyncWebClient, user: str) -> bool:
@@ -295,8 +451,9 @@ class SlackBot:
         if name == "help":
             await self._tell(client, channel, user, HELP)
             return
+        admin = await self.is_admin(client, user)
         file = None
-        if name == "import":
+        if name == "import" and admin:  # a non-admin's file is never fetched
             file = await self._download_export(client, rest)
             if isinstance(file, str):  # an explanation, not bytes
                 await self._tell(client, channel, user, file)
@@ -308,7 +465,7 @@ class SlackBot:
                 channel,
                 user,
                 name,
-                is_admin=await self.is_admin(client, user),
+                is_admin=admin,
                 args=args,
                 file=file,
             )
@@ -389,6 +546,8 @@ class SlackBot:
             await self._tell(client, channel, user, text)
 
     async def _download_export(self, client: AsyncWebClient, rest: list[str]) -> bytes | str:
+        """The export's bytes, or one sentence saying why not (the caller checked that
+        the asker is an admin)."""
         file_id = next((w for w in rest if _FILE_ID.fullmatch(w)), None)
         if file_id is None:
             return (
@@ -399,18 +558,43 @@ class SlackBot:
             info = (await client.files_info(file=file_id))["file"]
         except SlackApiError as exc:
             return f"I can't open that file ({_err(exc)})."
-        url = info.get("url_private_download") or info.get("url_private")
+        cap = MAX_DOWNLOAD_BYTES
+        too_large = f"That file is too large to be an export (over {_megabytes(cap)})."
+        size = info.get("size")
+        if isinstance(size, int) and size > cap:
+            return too_large
+        url = info.get("url_private_download") or info.get("url_private") or ""
         headers = {"Authorization": f"Bearer {client.token}"}
+        timeout = aiohttp.ClientTimeout(total=DOWNLOAD_TIMEOUT_S)
         try:
-            async with (
-                aiohttp.ClientSession() as http,
-                http.get(url, headers=headers) as resp,
-            ):
-                if resp.status != 200:
-                    return f"Downloading the file failed (HTTP {resp.status})."
-                return await resp.read()
-        except aiohttp.ClientError as exc:
+            async with aiohttp.ClientSession(timeout=timeout) as http:
+                for _ in range(MAX_REDIRECTS + 1):
+                    if not file_url_allowed(url, self.file_origins):
+                        log.warning(
+                            "refused to download file %s from %s: not a Slack file host",
+                            file_id,
+                            urlsplit(url).netloc or url[:80],
+                        )
+                        return "That file is not on Slack's file host, so I did not fetch it."
+                    # redirects are followed here, one by one, so that the token only
+                    # ever goes to an allowed origin
+                    async with http.get(url, headers=headers, allow_redirects=False) as resp:
+                        if resp.status in (301, 302, 303, 307, 308):
+                            url = urljoin(url, resp.headers.get("Location", ""))
+                            continue
+                        if resp.status != 200:
+                            return f"Downloading the file failed (HTTP {resp.status})."
+                        if (resp.content_length or 0) > cap:
+                            return too_large
+                        data = bytearray()
+                        async for chunk in resp.content.iter_chunked(64 * 1024):
+                            data += chunk
+                            if len(data) > cap:
+                                return too_large
+                        return bytes(data)
+        except (aiohttp.ClientError, TimeoutError) as exc:
             return f"Downloading the file failed ({type(exc).__name__})."
+        return "Downloading the file failed (too many redirects)."
 
 
 def confirm_blocks(text: str, channel: str, user: str) -> list[dict]:
@@ -442,10 +626,27 @@ def confirm_blocks(text: str, channel: str, user: str) -> list[dict]:
 
 
 def build_app(
-    service: ChatService, settings: Settings, client: AsyncWebClient | None = None
+    service: ChatService,
+    settings: Settings,
+    client: AsyncWebClient | None = None,
+    *,
+    file_origins: tuple[str, ...] = SLACK_FILE_ORIGINS,
 ) -> AsyncApp:
     """A bolt `AsyncApp` with every listener registered. ``client`` lets tests point the
-    Web API at a fake server (``AsyncWebClient(token=..., base_url=...)``)."""
+    Web API at a fake server (``AsyncWebClient(token=..., base_url=...)``), and
+    ``file_origins`` its file downloads. `make_bot` keeps the `SlackBot` too, whose
+    ``close`` releases the Redis connection of its event de-duplication."""
+    return make_bot(service, settings, client, file_origins=file_origins).app
+
+
+def make_bot(
+    service: ChatService,
+    settings: Settings,
+    client: AsyncWebClient | None = None,
+    *,
+    file_origins: tuple[str, ...] = SLACK_FILE_ORIGINS,
+) -> SlackBot:
+    """The `SlackBot` on a new bolt `AsyncApp` (its ``app``); see `build_app`."""
     if settings.slack_bot_token is None:
         raise SettingsError("SLACK_BOT_TOKEN is not set")
     token = settings.slack_bot_token.get_secret_value()
@@ -458,8 +659,7 @@ def build_app(
         request_verification_enabled=secret is not None,
         process_before_response=False,
     )
-    SlackBot(app, service, settings)
-    return app
+    return SlackBot(app, service, settings, file_origins=file_origins)
 
 
 async def run_slack(
@@ -478,10 +678,15 @@ async def run_slack(
     the result of ``auth.test`` at start-up (a revoked or mistyped token fails it).
     ``client`` points the Web API elsewhere (tests use a fake Slack on loopback).
     """
-    import asyncio
-
     mode = mode or settings.slack_mode or "socket"
-    app = build_app(service, settings, client=client)
+    bot = make_bot(service, settings, client=client)
+    try:
+        await _serve(bot.app, settings, mode, health)
+    finally:
+        await bot.close()
+
+
+async def _serve(app: AsyncApp, settings: Settings, mode: str, health: Health | None) -> None:
     if mode == "socket":
         from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 
@@ -536,4 +741,14 @@ async def _auth_test(client: AsyncWebClient) -> Check:
     return Check(True, f"HTTP mode; auth.test ok as {resp.get('user')} in {resp.get('team_id')}")
 
 
-__all__ = ["EventDeduper", "SlackBot", "build_app", "parse_command", "run_slack"]
+__all__ = [
+    "EventDeduper",
+    "RedisEventDeduper",
+    "SlackBot",
+    "build_app",
+    "event_deduper",
+    "file_url_allowed",
+    "make_bot",
+    "parse_command",
+    "run_slack",
+]

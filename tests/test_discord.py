@@ -327,3 +327,166 @@ def test_every_log_line_of_a_mention_carries_one_request_id(engine, settings, ca
     assert len(replied) == 2 and all(r.reply_id for r in replied)
     untagged = [r.getMessage() for r in caplog.records if r.request_id == "-"]
     assert not any("mention from" in m or "replied in" in m for m in untagged)
+
+
+def test_reactions_by_other_bots_do_not_count(engine, settings):
+    async def go():
+        bot = make_bot(engine, settings)
+        async with simcord.run(bot) as env:
+            guild, channel, alice, bob = await world(env)
+            helper = guild.add_member(env.create_user("helper", bot=True))
+            await env.settle()
+            await bob.send(channel, f"{env.bot.user.mention} hello world")
+            await env.settle()
+            reply = bot_messages(env, channel)[0]
+            key = f"discord:{guild.id}:{channel.id}"
+            reply_id = await engine.reply_for_message(key, str(reply.id))
+            await helper.react(reply, "👍")
+            await helper.react(reply, "👎")
+            await alice.react(reply, "👍")
+            await env.settle()
+            assert (await engine.store.get_reply(key, reply_id)).votes == {str(alice.id): 1}
+            assert await engine.pending(key) == 1
+
+    asyncio.run(go())
+
+
+def _record_cdn_reads(env) -> list[str]:
+    """Every attachment the bot downloads from the (fake) CDN, by URL."""
+    reads: list[str] = []
+    real = env.backend.cdn.get
+
+    def get(url: str):
+        reads.append(url)
+        return real(url)
+
+    env.backend.cdn.get = get
+    return reads
+
+
+def test_import_attachment_is_fetched_only_for_an_admin_and_within_the_cap(
+    engine, settings, monkeypatch
+):
+    import bot.discord_app as discord_app
+
+    monkeypatch.setattr(discord_app, "MAX_DOWNLOAD_BYTES", 4096)
+
+    async def go():
+        bot = make_bot(engine, settings)
+        async with simcord.run(bot) as env:
+            guild, channel, alice, bob = await world(env)
+            reads = _record_cdn_reads(env)
+            commands = await env.bot.tree.fetch_commands()
+            gesal = next(c for c in commands if c.name == "gesal")
+            guild.set_command_permissions(gesal, {bob: True})  # the server lets bob use it
+            small = ("g.json", b'{"format": "gesal-graph"}')
+
+            result = await bob.slash(channel, "gesal import", file=small)
+            await env.settle()
+            assert "only admins" in answer(result).content
+            assert reads == []  # a member's attachment is never downloaded
+
+            result = await alice.slash(channel, "gesal import", file=("g.json", b"x" * 5000))
+            await env.settle()
+            said = answer(result).content
+            assert "too large" in said and ". " not in said
+            assert reads == []  # Discord's size says so: not downloaded either
+
+            await alice.slash(channel, "gesal import", file=small)
+            await env.settle()
+            assert len(reads) == 1 and reads[0].endswith("/g.json")
+
+    asyncio.run(go())
+
+
+async def forged_click(env, member, message, label: str):
+    """``member`` presses a button of a message they cannot see: the interaction
+    simcord's `click` refuses to build for them, sent as a client could send it."""
+    from simcord import actors
+
+    stored = env.backend.get_message(message.channel_id, message.id)
+    button = actors._find_component(  # noqa: SLF001
+        stored.components, types=(discord.ComponentType.button.value,), custom_id=None, label=label
+    )
+    data = {"custom_id": button["custom_id"], "component_type": button["type"]}
+    return await actors._component_interaction(member, stored, data)  # noqa: SLF001
+
+
+def test_reset_button_rechecks_who_presses_it(engine, settings):
+    """The reset prompt's button re-checks on the bot's side: another member pressing
+    it, or the admin after losing Manage Channels, is refused and nothing is reset."""
+
+    async def go():
+        bot = make_bot(engine, settings)
+        async with simcord.run(bot) as env:
+            guild, channel, alice, bob = await world(env)
+            mod_role = guild.roles["mods"]
+            key = f"discord:{guild.id}:{channel.id}"
+            await bob.send(channel, f"{env.bot.user.mention} hello world")
+            await env.settle()
+            assert (await engine.stats(key))["nodes"] == 1
+
+            async def prompt():
+                result = await alice.slash(channel, "gesal reset")
+                await env.settle()
+                assert "cannot be undone" in answer(result).content
+                return answer(result)
+
+            first = await prompt()
+            # Discord shows alice's ephemeral prompt to nobody else; a client that sends
+            # its button anyway (a forged or replayed interaction) reaches the bot as bob
+            click = await forged_click(env, bob, first, "Reset this channel")
+            await env.settle()
+            assert "Only the admin who asked" in answer(click).content
+            assert (await engine.stats(key))["nodes"] == 1
+
+            # alice loses Manage Channels between the command and the button press
+            env.backend.remove_member_role(guild.id, alice.id, mod_role.id)
+            await env.settle()
+            click = await alice.click(first, label="Reset this channel")
+            await env.settle()
+            assert "only admins" in answer(click).content
+            assert (await engine.stats(key))["nodes"] == 1
+
+            # with the role back, a fresh prompt's button resets
+            env.backend.add_member_role(guild.id, alice.id, mod_role.id)
+            await env.settle()
+            click = await alice.click(await prompt(), label="Reset this channel")
+            await env.settle()
+            assert "has been reset" in answer(click).content
+            assert (await engine.stats(key))["nodes"] == 0
+
+    asyncio.run(go())
+
+
+def test_redis_down_a_member_sees_no_address(tiny_tokenizer, settings, caplog):
+    """With Redis unreachable, the answer in the channel says the bot's memory is
+    unavailable; the URL's host, port, user name and password stay out of it, and the
+    password out of the log."""
+    import logging
+    import socket
+
+    from gesal_core.store.redis_store import RedisStore
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed once the block ends: nothing listens
+    password = "Pa55-w0rd-xyz"
+    caplog.set_level(logging.DEBUG)
+    eng = make_engine(tiny_tokenizer, store=RedisStore(f"redis://{password}@127.0.0.1:{port}/0"))
+
+    async def go():
+        async with simcord.run(make_bot(eng, settings)) as env:
+            guild, channel, alice, bob = await world(env)
+            await bob.send(channel, f"{env.bot.user.mention} hello world")
+            await env.settle()
+            return [m.content for m in bot_messages(env, channel)]
+
+    try:
+        said = asyncio.run(go())
+    finally:
+        eng.close()
+    assert len(said) == 1 and "memory" in said[0] and "not reachable" in said[0]
+    for leak in (password, "127.0.0.1", str(port), "redis://"):
+        assert leak not in said[0]
+    assert password not in caplog.text and f"redis://***@127.0.0.1:{port}/0" in caplog.text

@@ -169,3 +169,56 @@ def test_redact_url():
         redact_url("rediss://h:1/0?ssl_ca_certs=/c.crt&password=pw&db=2&ssl_password=k")
         == "rediss://h:1/0?ssl_ca_certs=/c.crt&password=***&db=2&ssl_password=***"
     )
+
+
+def test_redact_url_masks_every_place_a_secret_goes():
+    from gesal_core.store.redis_store import url_secrets
+
+    # a lone user-info part is taken for a password: that is how it is usually meant
+    assert redact_url("redis://s3cret@h:1/0") == "redis://***@h:1/0"
+    assert redact_url("redis://u:p%40ss@h:1/0") == "redis://u:***@h:1/0"
+    assert redact_url("redis://u:p@ss@h:1/0") == "redis://u:***@h:1/0"  # '@' in a password
+    assert redact_url("unix://u:pw@/run/redis.sock?db=1") == "unix://u:***@/run/redis.sock?db=1"
+    assert redact_url("redis://h:1/0?PASSWORD=pw") == "redis://h:1/0?PASSWORD=***"
+    assert url_secrets("redis://s3cret@h:1/0") == ["s3cret"]
+    assert set(url_secrets("rediss://u:p%40ss@h/0?ssl_password=k&password=q")) == {
+        "p%40ss",
+        "p@ss",
+        "k",
+        "q",
+    }
+    assert url_secrets("redis://h:1/0?ssl_ca_certs=/c.crt") == []
+
+
+def test_store_errors_name_no_server_and_their_detail_masks_the_secret(caplog):
+    """At run time the error's text is what a chat member may see: no server. Its
+    ``detail`` (logged once per interval, not per call) names the server, secret masked.
+    At start-up, open_store's error is for the operator and names the server."""
+    import logging
+
+    from gesal_core.store.redis_store import LOG_EVERY_S
+
+    caplog.set_level(logging.WARNING, logger="gesal_core.store")
+    url = "redis://botuser:pw-123@127.0.0.1:1/0"
+
+    async def go():
+        store = RedisStore(url, retries=0)
+        errors = []
+        for _ in range(3):
+            with pytest.raises(StoreUnavailableError) as err:
+                await store.load_nodes("c")
+            errors.append(err.value)
+        await store.close()
+        with pytest.raises(StoreUnavailableError) as start:
+            await open_store(url, retries=0)
+        return errors, start.value
+
+    errors, at_start = run(go())
+    for err in errors:
+        assert "not reachable" in str(err)
+        assert all(s not in str(err) for s in ("botuser", "pw-123", "127.0.0.1", "redis://"))
+        assert "redis://botuser:***@127.0.0.1:1/0" in err.detail and "pw-123" not in err.detail
+    lines = [r.getMessage() for r in caplog.records if "not reachable" in r.getMessage()]
+    assert LOG_EVERY_S >= 1 and len(lines) == 2  # one per store within the interval
+    assert all("redis://botuser:***@127.0.0.1:1/0" in m and "pw-123" not in m for m in lines)
+    assert "redis://botuser:***@127.0.0.1:1/0" in str(at_start)

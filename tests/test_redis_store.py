@@ -283,6 +283,43 @@ def test_config_meta_channels_and_reset(make_redis_store, redis_client):
     assert not redis_client.keys("gesal:{discord:1:2}:*")
 
 
+def test_a_vote_is_acknowledged_only_once_redis_has_fsynced_it(tmp_path):
+    """WAITAOF is what makes an acknowledged vote durable, and killing redis-server
+    cannot show it (the page cache outlives the process). A server that never fsyncs
+    (``appendfsync no``) can: the write is in its memory and its AOF's page cache, yet
+    the store does not acknowledge the vote, because the server never confirms an
+    fsync. A store that skipped WAITAOF would acknowledge it, and fail here."""
+    from gesal_core.store import StoreUnavailableError
+    from gesal_core.store.redis_store import RedisStore
+
+    from .redis_server import start_test_server
+
+    server = start_test_server(tmp_path / "r", extra=("--appendfsync", "no"))
+
+    async def go():
+        durable = RedisStore(server.url, fsync_timeout_ms=300)
+        await durable.put_reply(CH, reply())
+        t0 = time.perf_counter()
+        with pytest.raises(StoreUnavailableError, match="could not confirm") as err:
+            await durable.set_vote(CH, "r1", "ann", 1)
+        waited = time.perf_counter() - t0
+        # the same write without the wait: acknowledged although nothing is on disk
+        trusting = RedisStore(server.url, fsync_votes=False)
+        event = await trusting.set_vote(CH, "r1", "bob", 1)
+        await durable.close()
+        await trusting.close()
+        return str(err.value), waited, event
+
+    try:
+        message, waited, event = run(go())
+        assert "please try again" in message
+        assert waited >= 0.3  # it waited for the fsync confirmation that never came
+        assert event  # what a store without WAITAOF would have told the member
+        assert server.client().info("persistence")["aof_enabled"] == 1
+    finally:
+        server.stop()
+
+
 def test_bad_channel_keys_are_refused(make_redis_store):
     s = make_redis_store()
     for bad in ["", "a{b}", "has space", "x" * 300]:

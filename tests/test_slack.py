@@ -19,7 +19,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.service import ChatService
 from bot.settings import load_settings
-from bot.slack_app import RESET_CANCEL, RESET_CONFIRM, build_app, parse_command
+from bot.slack_app import RESET_CANCEL, RESET_CONFIRM, build_app, make_bot, parse_command
 
 from .fakes.slack import BOT_TOKEN, BOT_USER, TEAM, FakeSlack
 from .fakes.tiny import make_engine
@@ -42,7 +42,9 @@ class Harness:
         self.engine, self.fake = engine, fake
         client = AsyncWebClient(token=BOT_TOKEN, base_url=fake.api_url)
         self.service = ChatService(engine, settings)
-        self.app = build_app(self.service, settings, client=client)
+        # the fake serves files on loopback: the only file host this bot may fetch from
+        self.bot = make_bot(self.service, settings, client=client, file_origins=(fake.url,))
+        self.app = self.bot.app
         self.n = 0
 
     async def __aenter__(self) -> Harness:
@@ -58,6 +60,8 @@ class Harness:
     async def __aexit__(self, *exc) -> None:
         await self.http.close()
         await self.runner.cleanup()
+        await self.bot.close()
+        await self.service.close()
 
     async def post(self, body: str, headers: dict, content_type: str) -> tuple[int, str]:
         headers = {**headers, "Content-Type": content_type}
@@ -65,8 +69,16 @@ class Harness:
             return resp.status, await resp.text()
 
     async def event(self, event: dict, event_id: str | None = None, retry: int = 0):
+        body = self.event_body(event, event_id)
+        headers = sign(body)
+        if retry:
+            headers |= {"X-Slack-Retry-Num": str(retry), "X-Slack-Retry-Reason": "http_timeout"}
+        return await self.post(body, headers, "application/json")
+
+    def event_body(self, event: dict, event_id: str | None = None) -> str:
+        """An Events API request body, as Slack sends it."""
         self.n += 1
-        body = json.dumps(
+        return json.dumps(
             {
                 "token": "legacy",
                 "team_id": TEAM,
@@ -78,10 +90,6 @@ class Harness:
                 "authorizations": [{"team_id": TEAM, "user_id": BOT_USER, "is_bot": True}],
             }
         )
-        headers = sign(body)
-        if retry:
-            headers |= {"X-Slack-Retry-Num": str(retry), "X-Slack-Retry-Reason": "http_timeout"}
-        return await self.post(body, headers, "application/json")
 
     async def command(self, text: str, user: str = "U2") -> tuple[int, str]:
         body = urllib.parse.urlencode(
@@ -547,3 +555,341 @@ def test_manifest_matches_the_listeners():
     scopes = set(manifest["oauth_config"]["scopes"]["bot"])
     needed = {"app_mentions:read", "chat:write", "reactions:read", "commands", "users:read"}
     assert needed | {"files:write", "files:read", "channels:history"} <= scopes
+
+
+# -- requests Slack did not sign ------------------------------------------------------------
+
+
+def test_unsigned_and_future_requests_are_refused_and_not_handled(engine, settings):
+    """No signature headers, a signature without its timestamp, or a timestamp beyond
+    the five-minute window in the future: 401, and no listener runs. The same body,
+    signed now, is answered: the refusals were about the signature alone."""
+
+    async def go():
+        fake = await FakeSlack().start()
+        try:
+            async with Harness(engine, settings, fake) as h:
+                q = fake.add_message("C1", text="hi", user="U2")
+                body = h.event_body(mention_event(f"<@{BOT_USER}> hello", q["ts"]), "EvUnsigned")
+                now = int(time.time())
+                refused = [
+                    {},
+                    {"X-Slack-Signature": sign(body)["X-Slack-Signature"]},
+                    sign(body, ts=now + 301),
+                    sign(body, ts=now + 3600),
+                ]
+                for headers in refused:
+                    assert (await h.post(body, headers, "application/json"))[0] == 401, headers
+                await asyncio.sleep(0.5)
+                assert fake.calls == []  # no thinking reaction, no thread read, no answer
+                assert (await engine.stats(KEY))["replies"] == 0
+                # the same event id was not recorded as seen by the refused requests
+                assert (await h.post(body, sign(body), "application/json"))[0] == 200
+                await until(lambda: fake.called("chat.postMessage"))
+        finally:
+            await fake.stop()
+
+    asyncio.run(go())
+
+
+# -- votes by other bots ----------------------------------------------------------------------
+
+
+def test_reactions_by_other_bots_do_not_count(engine, settings):
+    async def go():
+        fake = await FakeSlack(users={"UHELPER": {"is_bot": True}}).start()
+        try:
+            async with Harness(engine, settings, fake) as h:
+                q = fake.add_message("C1", text="hi", user="U2")
+                await h.event(mention_event(f"<@{BOT_USER}> hello world", q["ts"]))
+                await until(lambda: fake.called("chat.postMessage"))
+                reply_ts = fake.messages["C1"][-1]["ts"]
+                reply_id = await engine.reply_for_message(KEY, reply_ts)
+
+                def reaction(user: str, name: str = "+1", **extra) -> dict:
+                    return {
+                        "type": "reaction_added",
+                        "user": user,
+                        "reaction": name,
+                        "item": {"type": "message", "channel": "C1", "ts": reply_ts},
+                        "event_ts": fake.next_ts(),
+                        **extra,
+                    }
+
+                def looked_up(user: str) -> int:
+                    return sum(c["user"] == user for c in fake.called("users.info"))
+
+                await h.event(reaction("UHELPER"))  # users.info says is_bot
+                await until(lambda: looked_up("UHELPER") == 1)
+                await h.event(reaction("UHELPER", "-1"))  # remembered: no second lookup
+                await h.event(reaction("UAPP", bot_id="B2"))  # the event itself names a bot
+                await h.event(reaction(BOT_USER))  # the bot's own
+                await asyncio.sleep(0.3)
+                await h.event(reaction("U3"))  # a member
+                await until(lambda: engine.store._ch(KEY).replies[reply_id].votes)
+                await asyncio.sleep(0.2)
+                assert (await engine.store.get_reply(KEY, reply_id)).votes == {"U3": 1}
+                assert looked_up("UHELPER") == 1 and looked_up("U3") == 1
+                assert looked_up("UAPP") == 0 and looked_up(BOT_USER) == 0
+                assert await engine.pending(KEY) == 1
+        finally:
+            await fake.stop()
+
+    asyncio.run(go())
+
+
+# -- importing a file: admins only, Slack's file host only, bounded --------------------------
+
+
+class FileThief:
+    """A web server on loopback that records every request: where a token must never go."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+
+    async def __aenter__(self) -> FileThief:
+        async def record(request: web.Request) -> web.Response:
+            self.requests.append({"path": request.path, "headers": dict(request.headers)})
+            return web.Response(body=b'{"format": "gesal-graph"}')
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", record)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # noqa: SLF001
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.runner.cleanup()
+
+
+def test_file_url_allow_list():
+    from bot.slack_app import SLACK_FILE_ORIGINS, file_url_allowed
+
+    assert SLACK_FILE_ORIGINS == ("https://files.slack.com",)
+    for url in (
+        "https://files.slack.com/files-pri/T1-F1/download/gesal.json",
+        "https://FILES.slack.com:443/files-pri/T1-F1/gesal.json",
+    ):
+        assert file_url_allowed(url), url
+    for url in (
+        "http://files.slack.com/files-pri/T1-F1/gesal.json",  # the token in clear text
+        "https://files.slack.com.evil.example/x",
+        "https://evil.example/files.slack.com/x",
+        "https://evil.example/?u=https://files.slack.com/x",
+        "https://files.slack.com:8443/x",
+        "https://files.slack.com@evil.example/x",
+        "https://user@files.slack.com/x",
+        "https://files.slack.com:port/x",
+        "//files.slack.com/x",
+        "file:///etc/passwd",
+        "",
+    ):
+        assert not file_url_allowed(url), url
+
+
+def test_import_checks_admin_first_stays_on_slack_and_is_capped(engine, settings, monkeypatch):
+    import bot.slack_app as slack_app
+
+    monkeypatch.setattr(slack_app, "MAX_DOWNLOAD_BYTES", 4096)
+
+    async def go():
+        fake = await FakeSlack().start()
+        try:
+            async with Harness(engine, settings, fake) as h, FileThief() as thief:
+
+                async def said(text: str, user: str = "U9") -> str:
+                    before = len(fake.called("chat.postEphemeral"))
+                    await h.command(text, user=user)
+                    await until(lambda: len(fake.called("chat.postEphemeral")) > before)
+                    return fake.called("chat.postEphemeral")[-1]["text"]
+
+                small = fake.add_file("gesal.json", b'{"format": "gesal-graph"}')
+                # a member: refused before Slack is even asked about the file
+                assert "only admins" in await said(f"import {small}", user="U2")
+                assert fake.called("files.info") == [] and fake.downloads == []
+
+                # files.info says it is too large: never downloaded
+                big = fake.add_file("gesal.json", b"x" * 5000)
+                answer = await said(f"import {big}")
+                assert "too large" in answer and ". " not in answer  # one sentence
+                assert len(fake.called("files.info")) == 1 and fake.downloads == []
+
+                # files.info understates the size: the download stops past the cap
+                liar = fake.add_file("gesal.json", b"x" * 300_000, size=10)
+                assert "too large" in await said(f"import {liar}")
+                assert fake.downloads == [liar]
+
+                # files.info points somewhere else: nothing is sent there, token or not
+                stolen = fake.add_file(
+                    "gesal.json", b"{}", url_private_download=f"{thief.url}/steal.json"
+                )
+                assert "not on Slack's file host" in await said(f"import {stolen}")
+                # Slack's host redirects elsewhere: not followed
+                moved = fake.add_file("gesal.json", b"{}", redirect=f"{thief.url}/moved.json")
+                assert "not on Slack's file host" in await said(f"import {moved}")
+                assert fake.downloads == [liar, moved]
+                assert thief.requests == []
+                assert (await engine.stats(KEY))["replies"] == 0
+                # an admin's file within the cap, on the allowed host, is fetched
+                await said(f"import {small}")
+                assert fake.downloads == [liar, moved, small]
+        finally:
+            await fake.stop()
+
+    asyncio.run(go())
+
+
+def test_the_default_allow_list_refuses_a_file_off_slack(engine, settings):
+    """Built as in production (no file_origins given): the fake's loopback file URL is
+    not Slack's, so an admin's import fetches nothing."""
+
+    async def go():
+        fake = await FakeSlack().start()
+        try:
+            client = AsyncWebClient(token=BOT_TOKEN, base_url=fake.api_url)
+            service = ChatService(engine, settings)
+            async with Harness(engine, settings, fake) as h:
+                h.bot.file_origins = make_bot(service, settings, client=client).file_origins
+                fid = fake.add_file("gesal.json", b'{"format": "gesal-graph"}')
+                await h.command(f"import {fid}", user="U9")
+                await until(lambda: fake.called("chat.postEphemeral"))
+                assert "not on Slack's file host" in fake.called("chat.postEphemeral")[-1]["text"]
+                assert fake.downloads == []
+        finally:
+            await fake.stop()
+
+    asyncio.run(go())
+
+
+# -- retries across replicas ----------------------------------------------------------------
+
+
+def test_retries_are_dropped_across_replicas_sharing_redis(tiny_tokenizer, settings, redis_url):
+    """Two bot processes behind one Slack endpoint, one Redis: a retry that lands on the
+    other replica is acknowledged but not answered again."""
+    import redis as sync_redis
+
+    from bot.slack_app import DEDUPE_PREFIX, DEDUPE_TTL_S, RedisEventDeduper
+    from gesal_core.store.redis_store import RedisStore
+
+    engines = [make_engine(tiny_tokenizer, store=RedisStore(redis_url)) for _ in range(2)]
+
+    async def go():
+        fake = await FakeSlack().start()
+        try:
+            async with (
+                Harness(engines[0], settings, fake) as a,
+                Harness(engines[1], settings, fake) as b,
+            ):
+                assert isinstance(a.bot.deduper, RedisEventDeduper)
+                q = fake.add_message("C1", text="hi", user="U2")
+                ev = mention_event(f"<@{BOT_USER}> hello world", q["ts"])
+                assert (await a.event(ev, event_id="EvShared"))[0] == 200
+                await until(lambda: fake.called("chat.postMessage"))
+                assert (await b.event(ev, event_id="EvShared", retry=1))[0] == 200
+                assert (await a.event(ev, event_id="EvShared", retry=2))[0] == 200
+                await asyncio.sleep(0.5)
+                assert len(fake.called("chat.postMessage")) == 1
+                # the other replica answers events of its own
+                q2 = fake.add_message("C1", text="hi", user="U3")
+                await b.event(mention_event(f"<@{BOT_USER}> hello", q2["ts"]), event_id="EvB")
+                await until(lambda: len(fake.called("chat.postMessage")) == 2)
+        finally:
+            await fake.stop()
+
+    try:
+        asyncio.run(go())
+    finally:
+        for eng in engines:
+            eng.close()
+    ttl = sync_redis.Redis.from_url(redis_url).ttl(DEDUPE_PREFIX + "EvShared")
+    assert 0 < ttl <= DEDUPE_TTL_S
+
+
+def test_in_process_dedup_without_redis(engine, settings):
+    from bot.slack_app import EventDeduper
+
+    async def go():
+        fake = await FakeSlack().start()
+        try:
+            async with Harness(engine, settings, fake) as h:
+                assert type(h.bot.deduper) is EventDeduper  # the store is in memory
+                assert not await h.bot.deduper.seen("Ev1")
+                assert await h.bot.deduper.seen("Ev1")
+        finally:
+            await fake.stop()
+
+    asyncio.run(go())
+
+
+# -- Redis down: what a member sees ---------------------------------------------------------
+
+PASSWORD, USER = "Pa55-w0rd-xyz", "botuser"
+
+
+def _unreachable_urls(port: int) -> list[str]:
+    return [
+        f"redis://{USER}:{PASSWORD}@127.0.0.1:{port}/0",
+        f"redis://{PASSWORD}@127.0.0.1:{port}/0",  # a lone user-info part is a password
+        f"redis://127.0.0.1:{port}/0?password={PASSWORD}",
+        f"rediss://{USER}:{PASSWORD}@127.0.0.1:{port}/0"
+        f"?ssl_ca_certs=/etc/gesal/redis-ca.crt&ssl_password={PASSWORD}",
+        f"unix://{USER}:{PASSWORD}@/nonexistent/gesal/redis.sock?db=0",
+    ]
+
+
+@pytest.mark.parametrize("shape", range(5))
+def test_redis_down_members_see_no_address_and_logs_no_password(
+    tiny_tokenizer, settings, caplog, shape
+):
+    """A mention, an admin's /gesal stats and /healthz with Redis unreachable, for each
+    shape of REDIS_URL: the chat says the bot's memory is unavailable, naming neither
+    host, port, socket, user nor secret; the log names the server with the secret
+    masked; /healthz names no server either."""
+    import logging
+
+    from bot.observability import Health, engine_checks
+    from gesal_core.store.redis_store import RedisStore
+
+    port = _free_port()  # nothing listens there
+    url = _unreachable_urls(port)[shape]
+    caplog.set_level(logging.DEBUG)
+    eng = make_engine(tiny_tokenizer, store=RedisStore(url, retries=0))
+
+    async def go():
+        fake = await FakeSlack().start()
+        try:
+            async with Harness(eng, settings, fake) as h:
+                q = fake.add_message("C1", text="hi", user="U2")
+                await h.event(mention_event(f"<@{BOT_USER}> hello world", q["ts"]))
+                await until(lambda: fake.called("chat.postMessage"))
+                await h.command("stats", user="U9")
+                await until(lambda: fake.called("chat.postEphemeral"))
+                health = Health()
+                engine_checks(health, eng)
+                ok, body = await health.report()
+                assert not ok and not body["checks"]["redis"]["ok"]
+                return (
+                    fake.called("chat.postMessage")[0]["text"],
+                    fake.called("chat.postEphemeral")[0]["text"],
+                    json.dumps(body),
+                )
+        finally:
+            await fake.stop()
+
+    try:
+        answer, stats, healthz = asyncio.run(go())
+    finally:
+        eng.close()
+    for text in (answer, stats, healthz):
+        assert "memory" in text and "not reachable" in text, text
+        for leak in (PASSWORD, USER, "127.0.0.1", str(port), "redis.sock", "redis-ca.crt", "://"):
+            assert leak not in text, (leak, text)
+    logs = caplog.text
+    assert PASSWORD not in logs
+    # the operator's log names the server, secret masked
+    where = "/nonexistent/gesal/redis.sock" if url.startswith("unix") else f"127.0.0.1:{port}"
+    assert f"{where}" in logs and "***" in logs

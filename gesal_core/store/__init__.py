@@ -33,7 +33,8 @@ async def open_store(
     or ``unix://`` with an optional password, or ``memory://`` for a throwaway
     in-process store. Unset or empty: start the embedded server under the data directory
     (or ``embedded_dir``). The server must answer PING, or this raises
-    `StoreUnavailableError` with a message that names it (password hidden).
+    `StoreUnavailableError` with a message for the operator that names it (secrets
+    masked); once open, the store's errors name no server (see `StoreUnavailableError`).
     """
     from .redis_store import RedisStore, check_url
 
@@ -62,10 +63,13 @@ async def open_store(
     store = RedisStore(url, default_config, **redis_options)
     try:
         await store.ping()
-    except Exception:
+    except Exception as exc:
         await store.close()
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
+        if isinstance(exc, StoreUnavailableError):
+            # start-up: whoever reads this runs the bot, so it names the server
+            raise StoreUnavailableError(exc.detail) from exc
         raise
 
     async def close() -> None:

@@ -46,8 +46,16 @@ class NodeGoneError(GesalError, KeyError):
 class StoreUnavailableError(GesalError):
     """The database cannot be reached (or refuses writes); nothing was changed.
 
-    The message is meant for a chat user or an operator as-is; it never holds a password.
+    ``str(exc)`` is meant for whoever asked, a chat member included: it says that the
+    bot's memory is unavailable and never names the server (no address, user name or
+    secret), since chat platforms show it to anyone in the channel. ``detail`` is the
+    operator's version for logs and start-up errors: it names the server, with every
+    secret of its URL masked (``redis://user:***@host:6379/0``).
     """
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail or message
 
 
 @runtime_checkable

@@ -17,7 +17,8 @@ The key layout is described in `layout.py`; the atomic steps are the Lua scripts
   the reply's current votes. A duplicated event (a retried write) changes nothing.
 * **Failures are messages.** Connection errors are retried with exponential backoff and
   the client reconnects by itself; when Redis stays away, calls raise
-  `StoreUnavailableError`, whose text can be shown to a chat user. Nothing crashes.
+  `StoreUnavailableError`, whose text can be shown to a chat user (it names no server;
+  the log gets the server with its secrets masked). Nothing crashes.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit, urlunsplit
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -77,20 +78,51 @@ TLS_HINT = (
 )
 
 
-def redact_url(url: str) -> str:
-    """The URL with its password replaced, safe for logs and error messages.
+# ``password=`` and ``ssl_password=`` (a client key's): the query options that hold secrets
+_QUERY_SECRET = re.compile(r"(?i)(^|&)([^=&]*password=)([^&]*)")
 
-    Both places redis-py reads a password from are covered: the ``user:password@``
-    part and a ``password=`` query option (``ssl_password=`` too, a client key's).
+
+def url_secrets(url: str) -> list[str]:
+    """Every secret a Redis URL carries, as written and percent-decoded.
+
+    The password of ``user:password@``; a lone user-info part (``redis://secret@host``),
+    which is how people write a password alone and which some clients send as one; and
+    the value of any ``password=`` query option.
     """
     parts = urlsplit(url)
-    query = re.sub(r"(?i)(^|&)([^=&]*password=)[^&]*", r"\1\2***", parts.query)
-    if parts.password is None and query == parts.query:
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    found: list[str] = []
+    if at:
+        user, colon, password = userinfo.partition(":")
+        found.append(password if colon else user)
+    found += [m.group(3) for m in _QUERY_SECRET.finditer(parts.query)]
+    variants = {v for s in found for v in (s, unquote(s), unquote_plus(s)) if v}
+    return sorted(variants, key=len, reverse=True)
+
+
+def scrub(text: str, secrets: list[str]) -> str:
+    """``text`` with each of ``secrets`` replaced by ``***``."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def redact_url(url: str) -> str:
+    """The URL with its secrets masked (see `url_secrets`), for logs and operators.
+
+    ``user:password@`` keeps the user name (``user:***@``); a lone user-info part is
+    taken for a password (``***@``); ``password=`` query values become ``***``. Host,
+    port, database and file paths (``ssl_ca_certs``) stay: an operator needs them. This
+    is never what a chat member sees (`StoreUnavailableError` keeps the two apart).
+    """
+    parts = urlsplit(url)
+    query = _QUERY_SECRET.sub(r"\1\2***", parts.query)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at and query == parts.query:
         return url  # unchanged (urlunsplit would also drop unix:///'s empty host)
-    if parts.password is not None:
-        netloc = parts.netloc.rsplit("@", 1)[1]
-        user = f"{parts.username}:" if parts.username else ":"
-        parts = parts._replace(netloc=f"{user}***@{netloc}")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        parts = parts._replace(netloc=f"{user}:***@{host}" if colon else f"***@{host}")
     return urlunsplit(parts._replace(query=query))
 
 
@@ -112,8 +144,9 @@ def check_url(url: str) -> None:
     try:
         aioredis.ConnectionPool.from_url(url).make_connection()  # parses; no I/O
     except (TypeError, ValueError, RedisError) as exc:
+        reason = scrub(str(exc), url_secrets(url))
         raise StoreUnavailableError(
-            f"REDIS_URL ({where}) has a setting the Redis client does not accept: {exc}"
+            f"REDIS_URL ({where}) has a setting the Redis client does not accept: {reason}"
         ) from None
 
 
@@ -196,34 +229,64 @@ def _event(event_id: str, f: dict[bytes, bytes]) -> FeedbackEvent:
     )
 
 
+# What a member is told. These never name the server: chat platforms show them to
+# everyone in the channel, so the address and user name stay in the operator's log.
+UNREACHABLE = (
+    "the bot's memory (its database) is not reachable right now, so nothing was saved; "
+    "it keeps retrying, please try again in a moment"
+)
+REFUSED_LOGIN = (
+    "the bot's memory (its database) refused the bot's login, so nothing was saved; "
+    "the bot's operator needs to check its database settings"
+)
+TLS_FAILED = (
+    "the bot's memory (its database) is not reachable right now (its secure connection "
+    "failed), so nothing was saved; the bot's operator needs to check its database settings"
+)
+FULL = (
+    "the bot's memory (its database) is full and refuses writes, so nothing was saved; "
+    "the bot's operator needs to give it more room"
+)
+LOG_EVERY_S = 10.0  # one log line per kind of failure and interval, not one per call
+
+
 def _guarded(fn):
-    """Turn connection-level failures into a StoreUnavailableError with a plain message."""
+    """Turn connection-level failures into a StoreUnavailableError: a member's message,
+    and a detail (server named, secrets masked) that goes to the log and to start-up."""
 
     @functools.wraps(fn)
     async def wrapper(self: RedisStore, *args, **kwargs):
         try:
             return await fn(self, *args, **kwargs)
         except AuthenticationError as exc:
-            raise StoreUnavailableError(
+            raise self._unavailable(
+                REFUSED_LOGIN,
                 f"the database (Redis at {self.where}) refused the credentials; "
-                "check the user name and password in REDIS_URL"
+                "check the user name and password in REDIS_URL",
+                exc,
             ) from exc
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             tls = _tls_failure(exc)
             if tls:
-                raise StoreUnavailableError(
+                raise self._unavailable(
+                    TLS_FAILED,
                     f"the TLS connection to the database (Redis at {self.where}) failed "
-                    f"({tls}); {TLS_HINT}"
+                    f"({tls}); {TLS_HINT}",
+                    exc,
                 ) from exc
-            raise StoreUnavailableError(
+            raise self._unavailable(
+                UNREACHABLE,
                 f"the database (Redis at {self.where}) is not reachable right now, so "
-                "nothing was saved; gesal-bot keeps retrying, please try again in a moment"
+                "nothing was saved; gesal-bot keeps retrying, please try again in a moment",
+                exc,
             ) from exc
         except ResponseError as exc:
             if str(exc).startswith("OOM"):
-                raise StoreUnavailableError(
+                raise self._unavailable(
+                    FULL,
                     f"the database (Redis at {self.where}) is full and refuses writes "
-                    "(maxmemory with noeviction); nothing was saved"
+                    "(maxmemory with noeviction); nothing was saved",
+                    exc,
                 ) from exc
             raise
 
@@ -253,6 +316,8 @@ class RedisStore:
     ) -> None:
         self.url = url
         self.where = redact_url(url)
+        self._secrets = url_secrets(url)
+        self._logged: dict[str, float] = {}  # detail -> when it was last logged
         self._default = default_config or ChannelConfig()
         self.max_replies = max_replies
         self.claim_idle_ms = claim_idle_ms
@@ -263,6 +328,25 @@ class RedisStore:
         self._client_obj: aioredis.Redis | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._aof: bool | None = None  # does the server have AOF on (WAITAOF usable)?
+
+    # -- failures ------------------------------------------------------------------------
+    def _unavailable(
+        self, message: str, detail: str, cause: BaseException
+    ) -> StoreUnavailableError:
+        """The error to raise, after logging its detail with the client's own reason.
+
+        ``detail`` names the server by `redact_url`, so it holds no secret. The reason
+        (``Error 111 connecting to 127.0.0.1:6379``) is redis-py's text, which holds none
+        either; being someone else's, it is scrubbed of the URL's secrets all the same.
+        Logged at most once per `LOG_EVERY_S` for the same detail, so an outage is a
+        line every few seconds rather than one per call.
+        """
+        now = time.monotonic()
+        if now - self._logged.get(detail, -LOG_EVERY_S) >= LOG_EVERY_S:
+            self._logged[detail] = now
+            reason = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+            log.warning("%s (%s)", detail, scrub(reason, self._secrets))
+        return StoreUnavailableError(message, detail)
 
     # -- connection ----------------------------------------------------------------------
     def _make_client(self) -> aioredis.Redis:
@@ -597,8 +681,8 @@ class RedisStore:
         try:
             held = bool(await self._r.set(key, token, nx=True, px=lease_ms))
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise StoreUnavailableError(
-                f"the database (Redis at {self.where}) is not reachable right now"
+            raise self._unavailable(
+                UNREACHABLE, f"the database (Redis at {self.where}) is not reachable right now", exc
             ) from exc
         heartbeat = asyncio.create_task(self._keep_lock(key, token, ttl)) if held else None
         try:

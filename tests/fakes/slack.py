@@ -33,6 +33,7 @@ class FakeSlack:
     uploads: dict[str, dict] = field(default_factory=dict)  # file id -> {name, data, ...}
     socket_acks: list[dict] = field(default_factory=list)
     responses: list[dict] = field(default_factory=list)  # bodies POSTed to response_url
+    downloads: list[str] = field(default_factory=list)  # file ids requested from /download
     url: str = ""
 
     def __post_init__(self) -> None:
@@ -74,6 +75,14 @@ class FakeSlack:
 
     def next_ts(self) -> str:
         return f"1700000000.{next(self._ts):06d}"
+
+    def add_file(self, name: str, data: bytes, redirect: str = "", **info) -> str:
+        """A file already shared in Slack; ``info`` overrides what ``files.info`` says
+        about it (``size``, ``url_private_download``), as a lying or hostile answer would;
+        ``redirect``: its download answers 302 to that URL."""
+        fid = f"F{next(self._files):08d}"
+        self.uploads[fid] = {"name": name, "data": data, "redirect": redirect, "info": info}
+        return fid
 
     def add_message(self, channel: str, **msg) -> dict:
         msg.setdefault("ts", self.next_ts())
@@ -165,13 +174,13 @@ class FakeSlack:
         if fid not in self.uploads:
             return {"error": "file_not_found"}
         f = self.uploads[fid]
-        return {
-            "file": {
-                "id": fid,
-                "name": f["name"],
-                "url_private_download": f"{self.url}/download/{fid}",
-            }
+        info = {
+            "id": fid,
+            "name": f["name"],
+            "size": len(f.get("data", b"")),
+            "url_private_download": f"{self.url}/download/{fid}",
         }
+        return {"file": {**info, **f.get("info", {})}}
 
     # -- files ---------------------------------------------------------------------------
     async def _upload(self, request: web.Request) -> web.Response:
@@ -185,11 +194,14 @@ class FakeSlack:
         return web.Response(text="OK")
 
     async def _download(self, request: web.Request) -> web.Response:
+        self.downloads.append(request.match_info["fid"])
         if request.headers.get("Authorization") != f"Bearer {BOT_TOKEN}":
             return web.Response(status=403)
         f = self.uploads.get(request.match_info["fid"])
         if f is None or "data" not in f:
             return web.Response(status=404)
+        if f.get("redirect"):  # a file host that sends the client on elsewhere
+            return web.Response(status=302, headers={"Location": f["redirect"]})
         return web.Response(body=f["data"])
 
     async def _response(self, request: web.Request) -> web.Response:
