@@ -190,13 +190,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from gesal_core import snapshot
+
     path = Path(args.file)
     if not path.is_file():
         raise GesalError(f"no such file: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GesalError(f"{path} is not a JSON export: {exc}") from None
+    try:  # the file's size and nesting are checked before it is parsed
+        data = snapshot.loads(path.read_bytes())
+    except GesalError as exc:
+        raise GesalError(f"{path} is not an export that can be imported: {exc}") from None
     _need_yes(args, f"importing replaces the whole graph of {args.channel}")
 
     async def go(engine) -> dict:
@@ -243,6 +245,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
             f"{s['pending_feedback']} pending, {s['updates']} updates "
             f"({s['rollbacks']} rolled back), mean reward {s['mean_reward']:+.2f}, "
             f"largest drift |z-1| {drift:.2f}, last trained {when}"
+            + (
+                f"; training {'PARKED' if s['train_parked'] else 'failing'} after "
+                f"{s['train_failures']} failed run(s): {s['train_error']}"
+                if s["train_failures"]
+                else ""
+            )
         )
     return EXIT_OK
 

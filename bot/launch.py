@@ -88,15 +88,16 @@ async def serve(
 
     try:
         if "local" in platforms:
+            from .playground.guard import check_bind
             from .playground.server import Playground, create_app
 
-            playground = Playground(progress, metrics=metrics, health=health)
             host, port = settings.gesal_playground_host, settings.gesal_playground_port
-            if host not in ("127.0.0.1", "localhost", "::1"):
-                log.warning(
-                    "the playground listens on %s: anyone who can reach it has admin rights", host
-                )
-            runner = await start_server(create_app(playground, refresh), host, port)
+            # every playground request acts as admin: another address only on purpose
+            warning = check_bind(host, settings.gesal_playground_public)
+            if warning:
+                print(warning, file=sys.stderr, flush=True)
+            playground = Playground(progress, metrics=metrics, health=health)
+            runner = await start_server(create_app(playground, refresh, host=host), host, port)
             runners.append(runner)
             url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{bound_port(runner)}/"
             print(f"gesal-bot playground: {url}  (starting; the page shows progress)", flush=True)

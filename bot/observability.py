@@ -238,6 +238,15 @@ class Metrics:
         self.last_train = Gauge(
             "gesal_last_train_timestamp_seconds", "Unix time of the last training run", registry=r
         )
+        # Labelled by channel: which community's training broke is what an operator needs
+        # to act on. The label adds no series the per-channel gauges above do not already
+        # have, and only for channels that failed (a parked one stops counting).
+        self.train_failures = Counter(
+            "gesal_train_failures",
+            "Channel training runs that raised (the channel's feedback stays pending)",
+            ["channel"],
+            registry=r,
+        )
 
     def observe_reply(self, platform: str, seconds: float, tokens: int) -> None:
         self.replies.labels(platform).inc()
@@ -256,6 +265,8 @@ class Metrics:
             for r in reports:
                 self.node_updates.labels(r.status).inc()
         self.rollbacks.inc(report.count("rolled_back"))
+        for channel in report.failed:
+            self.train_failures.labels(channel).inc()
 
     async def refresh(self, engine) -> None:
         """Set the per-channel gauges from the store (called when /metrics is scraped)."""

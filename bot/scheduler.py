@@ -24,6 +24,12 @@ maths on the model's worker thread. Across processes, the engine takes the store
 per-channel trainer lock (a Redis ``SET NX PX`` lock) and commits with a version
 compare-and-set, so two deployments sharing one Redis never apply the same feedback
 twice.
+
+One channel cannot stop the others: `Engine.train` isolates each channel's failure (its
+feedback stays pending, and after ``EngineConfig.park_after`` failures in a row the
+channel is parked until an admin acts), so a run always reaches every channel. A failed
+or parked channel's counts towards an early run are dropped: the interval job retries a
+failed one, and votes in a parked one must not start run after run.
 """
 
 from __future__ import annotations
@@ -106,7 +112,8 @@ class TrainingScheduler:
 
     async def run_once(self) -> TrainReport | None:
         """One training pass over every channel with pending feedback. Never raises:
-        a failed run is logged and the feedback stays pending for the next one."""
+        a failed run (an unreachable store) is logged and the feedback stays pending for
+        the next one; a failed channel is in the report's ``failed``."""
         # what arrived until now is in the store's pending buffer, which this run reads;
         # what arrives during the run is counted afresh
         counted, self.new_feedback = self.new_feedback, {}
@@ -125,6 +132,12 @@ class TrainingScheduler:
             if waiting is None or channel in waiting:
                 self.new_feedback[channel] = replies | self.new_feedback.get(channel, set())
         if report is not None:
+            if report.failed:
+                log.warning(
+                    "training failed in %d channel(s), the others trained: %s",
+                    len(report.failed),
+                    "; ".join(f"{ch}: {err}" for ch, err in sorted(report.failed.items())),
+                )
             if report.events or report.waiting:
                 log.info("training: %s", report.summary())
             self.reports = [*self.reports[-19:], report]

@@ -28,7 +28,6 @@ result carries a plain-words message instead (see `ReplyParts.kind`).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -38,6 +37,8 @@ from typing import Literal
 
 from gesal_core.engine import Engine
 from gesal_core.errors import GesalError
+from gesal_core.records import ConfigError
+from gesal_core.snapshot import SnapshotError
 
 from .observability import current_request_id, request_context
 from .ratelimit import MentionLimits, RateLimiter, mention_limits
@@ -508,17 +509,10 @@ class ChatService:
                 f"That file is too large to be an export (over {MAX_IMPORT_BYTES >> 20} MB).",
                 ok=False,
             )
-        try:
-            data = json.loads(cmd.file.decode("utf-8"))
-        except UnicodeDecodeError:
-            return AdminResult("That file is not text; attach the .json export.", ok=False)
-        except json.JSONDecodeError as exc:
-            return AdminResult(
-                f"That file is not valid JSON (line {exc.lineno}, column {exc.colno}); "
-                "nothing was changed.",
-                ok=False,
-            )
-        counts = await self.engine.import_graph(cmd.key, data)
+        try:  # the file itself: its size and nesting are checked before it is parsed
+            counts = await self.engine.import_graph(cmd.key, cmd.file)
+        except SnapshotError as exc:
+            return AdminResult(f"Not imported, nothing was changed: {exc}.", ok=False)
         return AdminResult(
             f"Imported {counts['nodes']} nodes and {counts['replies']} replies; "
             "this channel's previous graph was replaced.",
@@ -542,10 +536,21 @@ class ChatService:
             f"Settings: threshold {cfg['threshold']}, rewards {cfg['reward_up']:+g}/"
             f"{cfg['reward_down']:+g}, at most {cfg['max_nodes']} nodes."
         )
+        if s["train_parked"]:
+            text += (
+                f"\n**Training is paused** after {s['train_failures']} failed runs in a row "
+                f"({s['train_error']}); the feedback is kept. Fix the cause, then "
+                "/gesal train retries it; /gesal reset drops it."
+            )
+        elif s["train_failures"]:
+            text += (
+                f"\nThe last {s['train_failures']} training run(s) failed "
+                f"({s['train_error']}); the feedback is kept for the next one."
+            )
         return AdminResult(text, data=s)
 
     async def _admin_config(self, cmd: AdminCommand) -> AdminResult:
-        changes: dict[str, float | int] = {}
+        changes: dict[str, str] = {}
         for name, raw in cmd.args.items():
             if raw is None or str(raw).strip() == "":
                 continue
@@ -553,14 +558,13 @@ class ChatService:
                 return AdminResult(
                     f"Unknown setting “{name}”; settable: {', '.join(CONFIG_KEYS)}.", ok=False
                 )
-            try:
-                changes[name] = int(raw) if name == "max_nodes" else float(raw)
-            except (TypeError, ValueError):
-                return AdminResult(f"{name} must be a number, not “{raw}”.", ok=False)
+            changes[name] = str(raw).strip()
         if changes:
+            # the engine parses and range-checks every value (NaN and infinities too), for
+            # every adapter alike; a refused change leaves all settings as they were
             try:
                 cfg = await self.engine.configure(cmd.key, **changes)
-            except ValueError as exc:
+            except ConfigError as exc:
                 return AdminResult(f"Not changed: {exc}.", ok=False)
             head = "Updated."
         else:
@@ -580,6 +584,13 @@ class ChatService:
     async def _admin_train(self, cmd: AdminCommand) -> AdminResult:
         # an admin's "train now" does not wait for full rounds
         report = await self.engine.train(cmd.key, force=True)
+        if cmd.key in report.failed:
+            return AdminResult(
+                f"Training failed ({report.failed[cmd.key]}); the feedback is kept, and "
+                "the details are in the bot's log.",
+                ok=False,
+                data={"events": 0, "error": report.failed[cmd.key]},
+            )
         return AdminResult(f"Training done: {report.summary()}.", data={"events": report.events})
 
 

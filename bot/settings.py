@@ -39,8 +39,10 @@ Variable names (case-insensitive):
 ``GESAL_THRESHOLD``                similarity (-1 to 1) a prompt needs to join its
                                    channel's nearest node, else it starts a new one; new
                                    channels start with it, admins change it per channel
-``GESAL_REWARD_UP``                reward of a 👍 (above 0); new channels start with it
-``GESAL_REWARD_DOWN``              reward of a 👎 (below 0); new channels start with it
+``GESAL_REWARD_UP``                reward of a 👍 (above 0, at most 10); new channels
+                                   start with it
+``GESAL_REWARD_DOWN``              reward of a 👎 (below 0, at least -10); new channels
+                                   start with it
 ``GESAL_UPDATE_DTYPE``             dtype of a training update's matrix products:
                                    ``auto`` (``bfloat16`` where it runs faster on this
                                    machine, else ``float32``), ``float32`` or
@@ -80,6 +82,9 @@ Variable names (case-insensitive):
 ``GESAL_PLAYGROUND_HOST``          address the local web playground listens on (anyone
                                    who can reach it has admin rights)
 ``GESAL_PLAYGROUND_PORT``          port of the local web playground
+``GESAL_PLAYGROUND_PUBLIC``        ``true``: allow GESAL_PLAYGROUND_HOST to be an address
+                                   other than loopback; whoever can reach it then has
+                                   admin rights over every playground channel
 =================================  =====================================================
 """
 
@@ -92,7 +97,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gesal_core.errors import GesalError
-from gesal_core.records import ChannelConfig
+from gesal_core.records import REWARD_LIMIT, ChannelConfig
 
 if TYPE_CHECKING:
     from gesal_core.engine import EngineConfig
@@ -130,9 +135,13 @@ class Settings(BaseSettings):
     gesal_model: str | None = None
     gesal_device: str = "auto"
     gesal_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    gesal_threshold: float = Field(_DEFAULTS.threshold, ge=-1.0, le=1.0)
-    gesal_reward_up: float = Field(_DEFAULTS.reward_up, gt=0)
-    gesal_reward_down: float = Field(_DEFAULTS.reward_down, lt=0)
+    # the ranges of `ChannelConfig`, NaN and infinities refused by name: a NaN reward makes
+    # every baseline and loss of a channel NaN
+    gesal_threshold: float = Field(_DEFAULTS.threshold, ge=-1.0, le=1.0, allow_inf_nan=False)
+    gesal_reward_up: float = Field(_DEFAULTS.reward_up, gt=0, le=REWARD_LIMIT, allow_inf_nan=False)
+    gesal_reward_down: float = Field(
+        _DEFAULTS.reward_down, lt=0, ge=-REWARD_LIMIT, allow_inf_nan=False
+    )
     gesal_update_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     gesal_compile_updates: bool = False  # LearningConfig.compile
     # The library's defaults (LearningConfig), repeated here so the reference shows them
@@ -166,6 +175,7 @@ class Settings(BaseSettings):
     # -- playground -----------------------------------------------------------------
     gesal_playground_host: str = "127.0.0.1"
     gesal_playground_port: int = Field(8765, ge=1, le=65535)
+    gesal_playground_public: bool = False  # checked where the playground binds
 
     @field_validator("slack_admin_users", mode="before")
     @classmethod

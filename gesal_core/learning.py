@@ -608,14 +608,15 @@ def reinforce_steps(
     cfg = cfg or LearningConfig()
     plan = plan_batch(samples, baseline, cfg, replay)
     dropped = plan.dropped_stale
-    # what a rollback records: the reward statistics are facts about the community even
-    # when the step is thrown away, unless the rewards themselves were non-finite
+    # what every result but an update records: the reward statistics are facts about the
+    # community even when no step is taken, unless they are non-finite, which a baseline
+    # would carry into every later advantage of the node
     kept = plan.baseline if math.isfinite(plan.baseline) else baseline
     if plan.skip:
-        return StepResult(None, "skipped", plan.skip, plan.baseline, dropped_stale=dropped)
+        return StepResult(None, "skipped", plan.skip, kept, dropped_stale=dropped)
     if scale <= 0:
         reason = "settled (no 👎 among the node's recent rated replies)"
-        return StepResult(None, "skipped", reason, plan.baseline, dropped_stale=dropped)
+        return StepResult(None, "skipped", reason, kept, dropped_stale=dropped)
     if not np.isfinite(z0).all():
         return StepResult(
             None, "rolled_back", "the node's z is non-finite", kept, dropped_stale=dropped
@@ -698,7 +699,7 @@ def reinforce_steps(
         new_z,
         "updated",
         "",
-        plan.baseline,
+        kept,
         loss=loss_value,
         grad_norm=grad_norm,
         step_norm=float(np.linalg.norm(new_z - z0)),

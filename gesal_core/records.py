@@ -8,11 +8,17 @@ and the JSON export all share one shape.
 from __future__ import annotations
 
 import base64
+import logging
+import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
+from .errors import GesalError
+
+log = logging.getLogger(__name__)
 UP, DOWN = 1, -1
 CORRECTION = "correction"
 VOTE = "vote"
@@ -31,9 +37,46 @@ def vec_from_b64(s: str | None) -> np.ndarray | None:
     return np.frombuffer(base64.b64decode(s), dtype="<f4").astype(np.float32)
 
 
+# Largest magnitude a vote's reward may have. Only the ratio of up to down and the sign
+# shape what a node learns (updates are bounded by `LearningConfig.max_step`, Adam scales
+# the gradient), so larger rewards buy nothing but larger losses and statistics that no
+# longer read as votes; ten times the defaults' order leaves room for any weighting.
+REWARD_LIMIT = 10.0
+MAX_NODES_LIMIT = 10_000
+
+
+class ConfigError(GesalError, ValueError):
+    """A channel setting outside its range or not a finite number: a `GesalError` (its
+    message is for the admin who typed it) and a ValueError for code that parses."""
+
+
+def _number(name: str, value: object, whole: bool = False) -> float | int:
+    """One setting's value as a finite number (an int for ``whole``), or `ConfigError`."""
+    shown = repr(value[:40]) if isinstance(value, str) else str(value)[:40]
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | str):
+        raise ConfigError(f"{name} must be a number, not {shown}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, not {shown}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{name} must be a finite number, not {shown}")
+    if whole:
+        if not number.is_integer():
+            raise ConfigError(f"{name} must be a whole number, not {shown}")
+        return int(number)
+    return number
+
+
 @dataclass
 class ChannelConfig:
-    """Per-channel settings an admin may change (`/gesal config`)."""
+    """Per-channel settings an admin may change (`/gesal config`).
+
+    Ranges: ``threshold`` in [-1, 1] (a cosine similarity); ``reward_up`` in
+    (0, REWARD_LIMIT], ``reward_down`` in [-REWARD_LIMIT, 0); ``max_nodes`` from 1 to
+    10,000; every value finite. A NaN reward would make every reward, baseline and loss
+    of the channel NaN, so nothing outside these ranges is ever stored.
+    """
 
     # Cosine similarity (of centred embeddings, gesal_core/embedding.py) below which a prompt
     # starts a new node. 0.15 gives the best topic purity in `bench.embedding_choice`.
@@ -43,21 +86,77 @@ class ChannelConfig:
     max_nodes: int = 64
 
     def validate(self) -> ChannelConfig:
+        """This config if every value is in its range, else `ConfigError` naming the
+        first one that is not."""
+        for f in fields(self):
+            _number(f.name, getattr(self, f.name), whole=f.name == "max_nodes")
         if not -1.0 <= self.threshold <= 1.0:
-            raise ValueError("threshold must be between -1 and 1")
-        if self.reward_up <= 0 or self.reward_down >= 0:
-            raise ValueError("reward_up must be > 0 and reward_down < 0")
-        if not 1 <= self.max_nodes <= 10_000:
-            raise ValueError("max_nodes must be between 1 and 10000")
+            raise ConfigError(f"threshold must be between -1 and 1, not {self.threshold:g}")
+        if not 0 < self.reward_up <= REWARD_LIMIT:
+            raise ConfigError(
+                f"reward_up must be above 0 and at most {REWARD_LIMIT:g}, not {self.reward_up:g}"
+            )
+        if not -REWARD_LIMIT <= self.reward_down < 0:
+            raise ConfigError(
+                f"reward_down must be below 0 and at least {-REWARD_LIMIT:g}, "
+                f"not {self.reward_down:g}"
+            )
+        if not 1 <= self.max_nodes <= MAX_NODES_LIMIT:
+            raise ConfigError(
+                f"max_nodes must be between 1 and {MAX_NODES_LIMIT}, not {self.max_nodes}"
+            )
         return self
 
     @classmethod
-    def from_dict(cls, d: dict) -> ChannelConfig:
+    def parse(cls, d: object) -> ChannelConfig:
+        """A config from what a person supplied (`Engine.configure`, an import): every
+        value checked, unknown names refused; `ConfigError` names the first problem."""
+        if not isinstance(d, dict):
+            raise ConfigError("the channel settings must be a mapping of names to numbers")
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-        return cls(**{k: type(getattr(cls(), k))(v) for k, v in d.items()}).validate()
+            raise ConfigError(f"unknown setting(s): {', '.join(sorted(map(str, unknown)))}")
+        values = {k: _number(k, v, whole=k == "max_nodes") for k, v in d.items()}
+        return cls(**values).validate()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ChannelConfig:
+        """A config the store kept. A value that does not pass `validate` (a NaN reward
+        written by hand or by a build that checked nothing, or a value outside a range
+        narrower than the one it was set under) falls back to this class's default for
+        that setting, with a warning: one bad setting must not make every mention of the
+        channel fail, and the admin's next `configure` writes a valid config back.
+        Unknown names still raise."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(sorted(map(str, unknown)))}")
+        default = cls()
+        values = {}
+        for name, value in d.items():
+            try:
+                values[name] = _number(name, value, whole=name == "max_nodes")
+                cls(**{**asdict(default), name: values[name]}).validate()
+            except ConfigError as exc:
+                values[name] = getattr(default, name)
+                _warn_once(name, value, f"{exc}; using the default {values[name]!r}")
+        try:
+            return cls(**values).validate()
+        except ConfigError as exc:  # each value fits alone, not together: all defaults
+            _warn_once("config", tuple(sorted(values.items())), f"{exc}; using the defaults")
+            return cls()
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_once(name: str, value: object, message: str) -> None:
+    """Log a repaired stored setting once per process: every mention reads the config."""
+    key = (name, repr(value))
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("a stored channel setting is invalid: %s", message)
 
 
 @dataclass

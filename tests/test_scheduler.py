@@ -180,3 +180,76 @@ def test_end_to_end_votes_train_the_node_on_redis(tiny_tokenizer, settings, make
             await store.close()
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_a_poisoned_channel_never_stops_a_healthy_one_on_schedule(
+    tiny_tokenizer, settings, kind, request
+):
+    """Scheduled runs through the metered engine, as `bot.runtime` wires them: the healthy
+    channel trains on every run while the poisoned one fails, is counted, keeps its
+    feedback and is parked after three runs (admin stats say so); an admin's
+    ``/gesal train`` trains it once the poison is gone."""
+    from bot.observability import MeteredEngine, Metrics
+    from bot.service import AdminCommand
+
+    settings = settings.model_copy(update={"gesal_train_round": 1})
+
+    def admin(channel: str, name: str) -> AdminCommand:
+        return AdminCommand("discord", "g", channel, "boss", name, True)
+
+    async def go():
+        store = request.getfixturevalue("make_redis_store")() if kind == "redis" else None
+        raw = _engine(tiny_tokenizer, settings, store=store)
+        metrics = Metrics()
+        engine = MeteredEngine(raw, metrics)
+        sched = TrainingScheduler(engine, settings)
+        service = ChatService(engine, settings)
+        asked = [0]
+
+        async def feedback(channel: str, emoji: str) -> str:
+            asked[0] += 1
+            parts = await service.handle_mention(
+                Mention("discord", "g", channel, "u1", "hello world", f"m{asked[0]}")
+            )
+            await service.link_reply(parts, [f"r{asked[0]}"])
+            react = Reaction("discord", "g", channel, "u2", f"r{asked[0]}", emoji, True)
+            assert (await service.handle_reaction(react)).counted
+            return parts.channel_key, parts.reply_id
+
+        bad, poisoned = await feedback("bad", "👍")
+        reply = await raw.store.get_reply(bad, poisoned)
+        reply.text = 42  # what an export from a build that checked no types can hold
+        await raw.store.put_reply(bad, reply)
+        try:
+            for n in (1, 2, 3, 4):
+                good, _ = await feedback("good", "👎")
+                report = await sched.run_once()
+                assert report is not None and good in report.channels
+                assert await raw.pending(good) == 0  # trained on every run
+                assert await raw.pending(bad) == 1  # kept
+                assert (bad in report.failed) == (n <= 3) and (bad in report.parked) == (n >= 3)
+                failures = metrics.registry.get_sample_value(
+                    "gesal_train_failures_total", {"channel": bad}
+                )
+                assert failures == min(n, 3)  # a parked channel stops counting
+            stats = await service.handle_admin(admin("bad", "stats"))
+            assert "Training is paused** after 3 failed runs" in stats.text
+            assert "AttributeError" in stats.text and stats.data["train_parked"]
+
+            retry = await service.handle_admin(admin("bad", "train"))
+            assert not retry.ok and "Training failed (AttributeError" in retry.text
+            reply.text = "hello"
+            await raw.store.put_reply(bad, reply)
+            fixed = await service.handle_admin(admin("bad", "train"))
+            assert fixed.ok and fixed.data["events"] == 1, fixed.text
+            assert await raw.pending(bad) == 0
+            stats = await service.handle_admin(admin("bad", "stats"))
+            assert "paused" not in stats.text and not stats.data["train_parked"]
+            assert bad not in (await sched.run_once()).parked
+        finally:
+            raw.close()
+            if store is not None:
+                await store.close()
+
+    asyncio.run(go())

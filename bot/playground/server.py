@@ -7,14 +7,21 @@ goes through `bot.service.ChatService`, the same code the other adapters use, so
 newcomer sees here is what a Discord channel gets.
 
 Admin rights: the page is served on loopback to the person who started it, so its admin
-actions run as an admin. Binding to another address logs a warning for that reason.
+actions run as an admin. That is why `guard.Guard` lets only the served page use the API
+(Host, Origin, JSON and a per-process token), why a reset needs the confirmation the
+server handed out with its preview, and why binding to another address needs
+GESAL_PLAYGROUND_PUBLIC and prints a warning.
 """
 
 from __future__ import annotations
 
+import hmac
 import itertools
+import json
 import logging
+import math
 import re
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -26,6 +33,7 @@ from aiohttp import web
 from ..boot import BootProgress
 from ..observability import Health, Metrics, add_routes, request_context
 from ..service import AdminCommand, ChatService, Correction, Mention, Reaction
+from .guard import TOKEN_HEADER, Guard, security_headers
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +46,8 @@ _CHANNEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 _MEMBER_NAME = re.compile(r"^[\w.-]{1,24}$")
 _MENTION = re.compile(rf"(^|\s)@{BOT_NAME}\b", re.IGNORECASE)
 MAX_TEXT = 4000
+RESET_CONFIRM_SECONDS = 300.0  # how long a reset preview's confirmation stays valid
+TOKEN_PLACEHOLDER = "{{GESAL_TOKEN}}"  # in static/index.html, replaced when served
 
 
 @dataclass
@@ -71,8 +81,6 @@ class BadRequest(web.HTTPBadRequest):
 
 
 def _json_str(s: str) -> str:
-    import json
-
     return json.dumps(s, ensure_ascii=False)
 
 
@@ -107,6 +115,9 @@ class Playground:
         self.info: dict[str, Any] = {}
         self.channels: dict[str, Channel] = {}
         self._ids = itertools.count(1)
+        # channel -> (confirmation, expiry): handed out with a reset's preview, needed
+        # (once) to reset, so no single request can empty a channel
+        self._reset_confirms: dict[str, tuple[str, float]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------
     async def attach(self, service: ChatService, scheduler: Any = None, **info: Any) -> None:
@@ -317,19 +328,44 @@ class Playground:
     async def config(self, request: web.Request) -> web.Response:
         ch = self._channel(request)
         body = await _json(request)
-        args = {k: str(v) for k, v in body.items() if v is not None}
+        args = {k: _config_value(k, v) for k, v in body.items() if v is not None}
         result = await self._run_admin(ch, "config", args=args)
         return web.json_response({"text": result.text, "data": result.data})
 
     async def reset(self, request: web.Request) -> web.Response:
+        """Without ``confirm``: the preview (what would be lost) and a one-time
+        ``confirm`` value; with that value, within RESET_CONFIRM_SECONDS: the reset."""
         ch = self._channel(request)
         body = await _json(request)
-        result = await self._run_admin(ch, "reset", confirmed=bool(body.get("confirmed")))
-        if not result.needs_confirmation:
-            ch.messages.clear()  # the replies they showed no longer exist
-        return web.json_response(
-            {"text": result.text, "needs_confirmation": result.needs_confirmation}
-        )
+        given = body.get("confirm")
+        if given is None:
+            if body.get("confirmed"):
+                raise BadRequest(
+                    "a reset needs the confirm value of its preview: ask for the reset "
+                    "without it first, then send that value back as confirm"
+                )
+            result = await self._run_admin(ch, "reset", confirmed=False)
+            confirm = secrets.token_urlsafe(16)
+            self._reset_confirms[ch.name] = (confirm, time.monotonic() + RESET_CONFIRM_SECONDS)
+            return web.json_response(
+                {"text": result.text, "needs_confirmation": True, "confirm": confirm}
+            )
+        expected, expires = self._reset_confirms.get(ch.name, ("", 0.0))
+        if (
+            not isinstance(given, str)
+            or not expected
+            or time.monotonic() > expires
+            or not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode())
+        ):
+            raise BadRequest(
+                f"that confirmation does not match a current reset preview of #{ch.name} "
+                f"(each is valid once, for {RESET_CONFIRM_SECONDS / 60:g} minutes): "
+                "ask for the reset again"
+            )
+        del self._reset_confirms[ch.name]
+        result = await self._run_admin(ch, "reset", confirmed=True)
+        ch.messages.clear()  # the replies they showed no longer exist
+        return web.json_response({"text": result.text, "needs_confirmation": False})
 
     async def export(self, request: web.Request) -> web.Response:
         ch = self._channel(request)
@@ -345,15 +381,9 @@ class Playground:
         )
 
     async def import_(self, request: web.Request) -> web.Response:
+        """The body is the export file itself (the page sends it as application/json)."""
         ch = self._channel(request)
-        data: bytes | None = None
-        if request.content_type.startswith("multipart/"):
-            form = await request.post()
-            upload = form.get("file")
-            if upload is not None and hasattr(upload, "file"):
-                data = upload.file.read()
-        else:
-            data = await request.read()
+        data = await request.read()
         result = await self._run_admin(ch, "import", file=data or None)
         return web.json_response({"text": result.text, "data": result.data})
 
@@ -408,11 +438,16 @@ async def graph_view(engine, key: str, ch: Channel | None = None) -> dict:
     }
 
 
+def _no_constants(name: str) -> None:
+    # Python's json accepts NaN and Infinity, which are not JSON and never a valid value
+    raise BadRequest(f"the request body contains {name}, which is not a JSON number")
+
+
 async def _json(request: web.Request) -> dict:
     if not request.can_read_body:
         return {}
     try:
-        body = await request.json()
+        body = json.loads(await request.text(), parse_constant=_no_constants)
     except ValueError:
         raise BadRequest("the request body is not JSON") from None
     if not isinstance(body, dict):
@@ -420,18 +455,53 @@ async def _json(request: web.Request) -> dict:
     return body
 
 
+def _config_value(name: str, value: Any) -> str:
+    """A setting's value as the service parses it; non-numbers and non-finite numbers
+    are refused here, before anything is stored."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise BadRequest(f"{name} must be a number")
+    try:
+        number = float(value)
+    except ValueError:
+        return str(value)  # the service says it must be a number
+    if not math.isfinite(number):
+        raise BadRequest(f"{name} must be a finite number, not {value}")
+    return str(value)
+
+
 def _static_dir():
     return resources.files("bot.playground") / "static"
 
 
-def create_app(playground: Playground, refresh_metrics=None) -> web.Application:
-    """The aiohttp application: the page, its JSON API, /healthz and /metrics."""
-    app = web.Application(client_max_size=60 * 1024 * 1024)
+def create_app(
+    playground: Playground,
+    refresh_metrics=None,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    token: str | None = None,
+) -> web.Application:
+    """The aiohttp application: the page, its JSON API, /healthz and /metrics.
+
+    ``host`` and ``port`` are where it is bound (the Host check; the port defaults to
+    the one each connection arrived on); ``token`` defaults to a fresh random one,
+    which only the served page carries.
+    """
+    guard = Guard(host, port, token)
+    app = web.Application(client_max_size=60 * 1024 * 1024, middlewares=[guard.middleware])
+    app.on_response_prepare.append(security_headers)
     pg = playground
     static = _static_dir()
+    page = (static / "index.html").read_text(encoding="utf-8")
+    if TOKEN_PLACEHOLDER not in page:
+        raise RuntimeError(f"static/index.html lacks {TOKEN_PLACEHOLDER}")
+    page = page.replace(TOKEN_PLACEHOLDER, guard.token)
 
-    async def index(_request: web.Request) -> web.FileResponse:
-        return web.FileResponse(str(static / "index.html"))
+    async def index(_request: web.Request) -> web.Response:
+        # no-store: a page kept from an earlier run would carry that run's token
+        return web.Response(
+            text=page, content_type="text/html", headers={"Cache-Control": "no-store"}
+        )
 
     r = app.router
     r.add_get("/", index)
@@ -454,4 +524,12 @@ def create_app(playground: Playground, refresh_metrics=None) -> web.Application:
     return app
 
 
-__all__ = ["Channel", "Message", "Playground", "create_app", "graph_view", "mentions_bot"]
+__all__ = [
+    "TOKEN_HEADER",
+    "Channel",
+    "Message",
+    "Playground",
+    "create_app",
+    "graph_view",
+    "mentions_bot",
+]

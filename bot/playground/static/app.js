@@ -6,15 +6,21 @@ const $ = (sel) => document.querySelector(sel);
 // drafts: open correction boxes (message id -> text so far). The log is re-rendered on
 // every vote and message, so a half-written correction must live here, not in the DOM.
 const state = { channel: "general", members: [], selectedReply: null, messages: [],
-                drafts: new Map() };
+                drafts: new Map(), resetConfirm: null };
 const SVG = "http://www.w3.org/2000/svg";
+// The server refuses every change that lacks this token or is not JSON, so that pages on
+// other sites cannot drive the playground (bot/playground/guard.py).
+const TOKEN = document.querySelector('meta[name="gesal-token"]').content;
 
+// api(path) GETs; api(path, { json }) POSTs an object; api(path, { jsonText }) POSTs
+// text that already is JSON (an export file). Changes carry the token.
 async function api(path, options = {}) {
-  const opts = { ...options, headers: { ...(options.headers || {}) } };
-  if (opts.json !== undefined) {
-    opts.body = JSON.stringify(opts.json);
+  const opts = { method: "GET", headers: {} };
+  if (options.json !== undefined || options.jsonText !== undefined) {
+    opts.method = "POST";
+    opts.body = options.jsonText !== undefined ? options.jsonText : JSON.stringify(options.json);
     opts.headers["Content-Type"] = "application/json";
-    opts.method = opts.method || "POST";
+    opts.headers["X-Gesal-Token"] = TOKEN;
   }
   const resp = await fetch(path, opts);
   const type = resp.headers.get("Content-Type") || "";
@@ -249,7 +255,7 @@ function showAdmin(text) { $("#admin-out").textContent = text; }
 $("#train").addEventListener("click", async () => {
   $("#train").disabled = true;
   try {
-    const res = await api(`${chan()}/train`, { method: "POST" });
+    const res = await api(`${chan()}/train`, { json: {} });
     showAdmin(res.text);
     await Promise.all([refreshGraph(), refreshSchedule()]);
   } catch (e) { toast(e.message, true); }
@@ -278,27 +284,38 @@ $("#set-threshold").addEventListener("click", async () => {
 $("#import-file").addEventListener("change", async (ev) => {
   const file = ev.target.files[0];
   if (!file) return;
-  const form = new FormData();
-  form.append("file", file);
   try {
-    const res = await api(`${chan()}/import`, { method: "POST", body: form });
+    const res = await api(`${chan()}/import`, { jsonText: await file.text() });
     showAdmin(res.text);
     await refreshGraph();
   } catch (e) { toast(e.message, true); }
   ev.target.value = "";
 });
 
+// Reset is two requests: the preview answers what would be lost and a one-time
+// `confirm` value; only that value, sent back, resets (the server checks it).
 $("#reset").addEventListener("click", async () => {
   try {
-    const res = await api(`${chan()}/reset`, { json: { confirmed: false } });
+    const res = await api(`${chan()}/reset`, { json: {} });
+    state.resetConfirm = { channel: state.channel, confirm: res.confirm };
     $("#reset-text").textContent = res.text;
     $("#reset-confirm").hidden = false;
   } catch (e) { toast(e.message, true); }
 });
-$("#reset-no").addEventListener("click", () => ($("#reset-confirm").hidden = true));
+$("#reset-no").addEventListener("click", () => {
+  state.resetConfirm = null;
+  $("#reset-confirm").hidden = true;
+});
 $("#reset-yes").addEventListener("click", async () => {
+  const pending = state.resetConfirm;
+  state.resetConfirm = null;
+  if (!pending || pending.channel !== state.channel) {
+    $("#reset-confirm").hidden = true;
+    toast("the channel changed: press Reset channel… again", true);
+    return;
+  }
   try {
-    const res = await api(`${chan()}/reset`, { json: { confirmed: true } });
+    const res = await api(`${chan()}/reset`, { json: { confirm: pending.confirm } });
     $("#reset-confirm").hidden = true;
     showAdmin(res.text);
     await selectChannel(state.channel);
