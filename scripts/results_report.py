@@ -56,10 +56,17 @@ class SeedRun:
     checkpoints: dict[int, dict]
 
 
+def run_files(task: str) -> list[Path]:
+    """Every ``eval-<task>.json`` under the task's run folders, one level deep or more."""
+    return sorted((RESULTS / task / "runs").glob(f"*/**/eval-{task}.json"))
+
+
 def load_runs(task: str) -> list[SeedRun]:
-    """Every seed-run of a task, from ``docs/results/<task>/runs/*/eval-<task>.json``."""
+    """Every seed-run of a task; the run is the folder under ``docs/results/<task>/runs/``."""
     found = []
-    for path in sorted((RESULTS / task / "runs").glob(f"*/eval-{task}.json")):
+    runs_dir = RESULTS / task / "runs"
+    for path in run_files(task):
+        run = path.relative_to(runs_dir).parts[0]
         doc = json.loads(path.read_text())
         for r in doc["runs"]:
             cps = {cp["votes"]: cp for cp in r["checkpoints"]}
@@ -69,7 +76,7 @@ def load_runs(task: str) -> list[SeedRun]:
                     f"{path}: {r['method']} seed {r['seed']} has no sound rate at "
                     f"{unjudged} votes; merge it once with `gesal-bot eval --merge` first"
                 )
-            found.append(SeedRun(path.parent.name, r["method"], r["seed"], cps))
+            found.append(SeedRun(run, r["method"], r["seed"], cps))
     if not found:
         raise SystemExit(f"no runs under {RESULTS / task / 'runs'}")
     return found
@@ -154,7 +161,7 @@ def merge_plots() -> None:
     from gesal_core.evaluation.report import merge
 
     for task in TASKS:
-        paths = sorted(str(p) for p in (RESULTS / task / "runs").glob(f"*/eval-{task}.json"))
+        paths = [str(p) for p in run_files(task)]
         rel = [str(Path(p).relative_to(ROOT)) for p in paths]
         with contextlib.redirect_stdout(io.StringIO()):
             merge(rel, str((RESULTS / task).relative_to(ROOT)))
