@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import re
 import time
 import uuid
 from collections import defaultdict
@@ -35,13 +37,18 @@ from .learning import (
 )
 from .records import CORRECTION, ChannelConfig, FeedbackEvent, Node, NodeUpdate, Reply
 from .serving import BatchedGenerator, GenRequest, ServingConfig
-from .store import ConflictError, MemoryStore, Store, UnknownReplyError
+from .store import ConflictError, MemoryStore, Store, StoreUnavailableError, UnknownReplyError
 from .svf import SVFModel
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 8000
 DOWNVOTED_KEPT = 64  # texts a node avoids repeating, newest kept
+# A channel's training health, in its meta (the store's, so every trainer process and
+# `gesal-bot stats` see it; a reset or an import clears it with the rest of the channel)
+TRAIN_FAILURES = "train_failures"  # failed runs in a row
+TRAIN_PARKED = "train_parked"  # true: scheduled runs skip the channel
+TRAIN_ERROR = "train_error"  # the last failure, one sentence
 
 
 @dataclass(frozen=True)
@@ -69,10 +76,17 @@ class EngineConfig:
     # (docs/learning.md, "Training rounds").
     train_round: int = 8
     train_max_wait: float = 86400.0  # seconds after which waiting feedback trains anyway
+    # A channel whose training fails this many runs in a row is parked: scheduled runs
+    # skip it, its feedback stays pending, and its admin stats show the last error, until
+    # an admin trains it (`train(channel, force=True)`), resets it or imports a graph into
+    # it. One channel's bad data then costs three logged tracebacks, not one per run.
+    park_after: int = 3
 
     def __post_init__(self) -> None:
         if self.train_round < 1:
             raise GesalError(f"train_round must be at least 1, not {self.train_round}")
+        if self.park_after < 1:
+            raise GesalError(f"park_after must be at least 1, not {self.park_after}")
         if not self.train_max_wait >= 0:
             raise GesalError(f"train_max_wait must be 0 or more seconds, not {self.train_max_wait}")
 
@@ -108,6 +122,11 @@ class TrainReport:
     seconds: float = 0.0
     # channel -> node -> replies with new feedback, for channels whose round is not full
     waiting: dict[str, dict[str, int]] = field(default_factory=dict)
+    # channel -> the error its training raised in this run (its feedback stays pending)
+    failed: dict[str, str] = field(default_factory=dict)
+    # channel -> the error it is parked with, for every channel this run skipped or parked
+    # (`EngineConfig.park_after`)
+    parked: dict[str, str] = field(default_factory=dict)
 
     def count(self, status: str) -> int:
         return sum(r.status == status for rs in self.channels.values() for r in rs)
@@ -118,6 +137,12 @@ class TrainReport:
             f"{self.count('skipped')} skipped, {self.count('rolled_back')} rolled back "
             f"in {self.seconds:.1f}s"
             + (f"; {n} node(s) waiting for a round" if (n := self.n_waiting()) else "")
+            + (f"; training failed in {', '.join(sorted(self.failed))}" if self.failed else "")
+            + (
+                f"; parked until an admin acts: {', '.join(sorted(self.parked))}"
+                if self.parked
+                else ""
+            )
         )
 
     def n_waiting(self) -> int:
@@ -164,6 +189,11 @@ async def channel_stats(store: Store, channel: str) -> dict:
         "rollbacks": sum(n.rollbacks for n in nodes),
         "mean_reward": (sum(n.reward_sum for n in nodes) / max(1, sum(n.rated for n in nodes))),
         "last_update": meta.get("last_train"),
+        # training failures in a row; parked: scheduled runs skip the channel until an
+        # admin trains, resets or imports it (`EngineConfig.park_after`)
+        "train_failures": int(meta.get(TRAIN_FAILURES) or 0),
+        "train_parked": bool(meta.get(TRAIN_PARKED)),
+        "train_error": meta.get(TRAIN_ERROR) if meta.get(TRAIN_FAILURES) else None,
         "config": asdict(await store.get_config(channel)),
         "node_list": [
             {
@@ -179,6 +209,30 @@ async def channel_stats(store: Store, channel: str) -> dict:
             for n in nodes
         ],
     }
+
+
+# a URL, or anything with user@host in it, may carry a user name, a password or an address
+_ADDRESS = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+|\S+@\S+", re.IGNORECASE)
+
+
+def _error_sentence(exc: BaseException) -> str:
+    """A failure in one line for admin stats: the exception's type and the first line of
+    its message, addresses removed, cut at 200 characters. The traceback is logged."""
+    lines = str(exc).strip().splitlines()
+    words = _ADDRESS.sub("<address>", lines[0].strip()) if lines else ""
+    if len(words) > 200:
+        words = words[:199] + "…"
+    return f"{type(exc).__name__}: {words}" if words else type(exc).__name__
+
+
+def _refuse_non_finite(channel: str, updates: list[NodeUpdate], reports: list[NodeReport]) -> None:
+    """The last check before a commit: a z with a NaN or an infinity is never written
+    (the node would answer nothing but errors); its node is rolled back instead."""
+    for update, report in zip(updates, reports, strict=True):
+        if update.z is not None and not np.isfinite(update.z).all():
+            update.z, update.updated, update.rolled_back = None, False, True
+            report.status, report.reason = "rolled_back", "non-finite z"
+            log.warning("channel %s node %s: non-finite z rolled back", channel, update.node_id)
 
 
 def _norm_text(text: str) -> str:
@@ -452,30 +506,86 @@ class Engine:
         A channel whose round is not full (`EngineConfig.train_round`, `train_max_wait`)
         keeps its feedback pending, and its nodes are listed in `TrainReport.waiting`;
         ``force`` trains all pending feedback now (an admin's "train now").
+
+        Channels fail one by one, as they train: a channel whose training raises is
+        logged with its traceback, listed in `TrainReport.failed`, keeps its feedback
+        pending, and the run goes on with the next channel. After
+        `EngineConfig.park_after` failures in a row the channel is parked
+        (`TrainReport.parked`, its admin stats): only ``train(channel, force=True)``, an
+        admin's "train now" of that channel, trains it again, and a reset or an import
+        clears it. An unreachable store or a stopped model worker ends the run instead:
+        no channel could train, and it is no channel's fault.
         """
         report = TrainReport()
         start = time.perf_counter()
         async with self._train_lock:
             channels = [channel] if channel else await self.store.channels()
             for ch in channels:
-                reports, n_events, waiting = await self._train_channel(ch, force)
-                if reports or n_events:
-                    report.channels[ch] = reports
-                    report.events += n_events
-                if waiting:
-                    report.waiting[ch] = waiting
+                await self._train_channel(ch, force, report, admin=force and channel is not None)
         report.seconds = time.perf_counter() - start
         self.last_train = time.time()
         return report
 
     async def _train_channel(
-        self, channel: str, force: bool
-    ) -> tuple[list[NodeReport], int, dict[str, int]]:
+        self, channel: str, force: bool, report: TrainReport, admin: bool = False
+    ) -> None:
+        """Train one channel into ``report``; its failure is its own (see `train`)."""
         async with self.store.trainer_lock(channel, self.config.train_lock_ttl) as held:
             if not held:
                 log.info("training %s: another trainer is at it; skipping this round", channel)
-                return [], 0, {}
-            return await self._train_channel_locked(channel, force)
+                return
+            failures = 0
+            try:  # a channel whose own meta cannot be read fails alone too
+                meta = await self.store.meta(channel)
+                failures = int(meta.get(TRAIN_FAILURES) or 0)
+                if meta.get(TRAIN_PARKED) and not admin:
+                    report.parked[channel] = str(meta.get(TRAIN_ERROR) or "")
+                    log.debug("training %s: parked until an admin acts", channel)
+                    return
+                reports, n_events, waiting = await self._train_channel_locked(channel, force)
+            except StoreUnavailableError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one channel's failure stays its own
+                if not self.worker.alive():
+                    raise
+                await self._training_failed(channel, exc, failures + 1, report)
+                return
+            if reports or n_events:
+                report.channels[channel] = reports
+                report.events += n_events
+            if waiting:
+                report.waiting[channel] = waiting
+            if failures and (n_events or admin):
+                await self.store.set_meta(
+                    channel, **{TRAIN_FAILURES: 0, TRAIN_PARKED: False, TRAIN_ERROR: None}
+                )
+                log.info("training %s works again after %d failed run(s)", channel, failures)
+
+    async def _training_failed(
+        self, channel: str, exc: Exception, failures: int, report: TrainReport
+    ) -> None:
+        """Log, report and record a channel's failed run; park it after
+        `EngineConfig.park_after` of them in a row."""
+        error = _error_sentence(exc)
+        parked = failures >= self.config.park_after
+        report.failed[channel] = error
+        if parked:
+            report.parked[channel] = error
+        log.error(
+            "training %s failed (%d run(s) in a row)%s; its feedback stays pending: %s",
+            channel,
+            failures,
+            ", parked until an admin trains, resets or imports it" if parked else "",
+            error,
+            exc_info=exc,
+            extra={"channel": channel},
+        )
+        try:
+            await self.store.set_meta(
+                channel, **{TRAIN_FAILURES: failures, TRAIN_PARKED: parked, TRAIN_ERROR: error}
+            )
+        except Exception:  # noqa: BLE001 - the next run counts again
+            log.exception("training %s: the failure could not be recorded", channel)
 
     def _round_is_full(self, replies: int, oldest: float) -> bool:
         """Whether a channel with new feedback on ``replies`` replies, the oldest given
@@ -529,6 +639,11 @@ class Engine:
             for rid, reply in rs.items()
             if (r := reply_reward(reply.votes, cfg)) is not None
         }
+        bad = [rid for rid, r in rewards.items() if not math.isfinite(r)]
+        if bad:  # a stored config validates on read; this keeps a NaN out of every baseline
+            log.warning("channel %s: non-finite rewards of replies %s not learnt", channel, bad)
+            for rid in bad:
+                del rewards[rid]
         prior = prior_baseline(list(rewards.values()), cfg)
         this_round = {rid for rs in by_node.values() for rid in rs}
         replay = await self._replay_sets(channel, redirects, cfg, this_round)
@@ -549,6 +664,7 @@ class Engine:
                 continue
             before[node_id] = node.z
             update, rep = await self._train_node(
+                channel,
                 node,
                 list(replies.values()),
                 list(corrections.get(node_id, {}).values()),
@@ -563,6 +679,7 @@ class Engine:
             reports.append(rep)
         kept = [r for r in reports if r.status != "orphaned"]
         await self._guard(channel, updates, kept, before)
+        _refuse_non_finite(channel, updates, kept)
         try:
             await self.store.commit(channel, updates, acked)
         except ConflictError as exc:
@@ -670,6 +787,7 @@ class Engine:
 
     async def _train_node(
         self,
+        channel: str,
         node: Node,
         replies: list[Reply],
         corrections: list[tuple[Reply, str]],
@@ -681,7 +799,28 @@ class Engine:
         """One node's update from its rated replies and corrections; ``prior`` is the
         baseline of a node without history (see `prior_baseline`), ``replay`` its earlier
         liked answers and corrections (see `_replay_sets`). Replies in ``unlearnt`` count
-        in the node's votes but are not learnt from (see `_learnable`)."""
+        in the node's votes but are not learnt from (see `_learnable`).
+
+        A non-finite number read from the store (a baseline, a counted verdict, a recent
+        reward, written by hand or by a build that checked nothing) is logged and
+        replaced: the baseline by ``prior``, the others left out. Carried on, one NaN
+        makes every later advantage, loss and update of the node NaN."""
+        baseline = node.baseline if node.rated else prior
+        if not math.isfinite(baseline):
+            log.warning(
+                "channel %s node %s: baseline %r is not finite; it restarts from the "
+                "channel's usual verdict, %.3f",
+                channel,
+                node.node_id,
+                baseline,
+                prior,
+            )
+            baseline = prior
+        history = [r for r in node.recent if math.isfinite(r)]
+        if len(history) < len(node.recent):
+            log.warning(
+                "channel %s node %s: non-finite recent rewards dropped", channel, node.node_id
+            )
         samples: list[Sample] = []
         rewards: list[float] = []  # first verdicts: the node's statistics and window
         changed = 0.0  # how far later votes moved the verdicts of replies counted before
@@ -692,6 +831,15 @@ class Engine:
             r = channel_rewards.get(reply.reply_id)
             if r is None:  # every vote retracted: what was learnt stays learnt
                 continue
+            if reply.counted is not None and not math.isfinite(reply.counted):
+                log.warning(
+                    "channel %s reply %s: its counted verdict %r is not finite; it is "
+                    "learnt afresh",
+                    channel,
+                    reply.reply_id,
+                    reply.counted,
+                )
+                reply.counted = None
             if reply.counted is None:
                 rewards.append(r)
             elif r == reply.counted:  # new votes, same verdict: nothing more to learn
@@ -721,25 +869,33 @@ class Engine:
             if ids:
                 samples.append(self._correction_sample(reply, ids))
                 demos += 1
-        recent = (node.recent + rewards)[-self.config.recent_rewards :]
+        recent = (history + rewards)[-self.config.recent_rewards :]
         result = await self.worker.steps(
             reinforce_steps,
             self.svf,
             node.z,
             samples,
-            node.baseline if node.rated else prior,
+            baseline,
             self.config.learning,
             self.tokenizer.pad_token_id or 0,
             replay or [],
-            settle_scale(node.recent, rewards, demos > 0, self.config.learning),
+            settle_scale(history, rewards, demos > 0, self.config.learning),
         )
         status, reason = result.status, result.reason
         updated = status == "updated"
+        if not math.isfinite(result.baseline):
+            log.warning(
+                "channel %s node %s: the round's baseline %r is not finite; %.3f is kept",
+                channel,
+                node.node_id,
+                result.baseline,
+                baseline,
+            )
         update = NodeUpdate(
             node_id=node.node_id,
             expected_version=node.version,
             z=result.z if updated else None,
-            baseline=result.baseline,
+            baseline=result.baseline if math.isfinite(result.baseline) else baseline,
             rated_delta=len(rewards),
             reward_sum_delta=float(sum(rewards)) + changed,
             recent=recent,
@@ -755,9 +911,12 @@ class Engine:
         return await channel_stats(self.store, channel)
 
     async def configure(self, channel: str, **changes) -> ChannelConfig:
+        """Change some of a channel's settings and return them all. Every value must be
+        a finite number in its range (`ChannelConfig`); else `ConfigError`, a
+        `GesalError`, names the first bad one and the channel keeps its settings."""
         current = asdict(await self.store.get_config(channel))
         current.update(changes)
-        cfg = ChannelConfig.from_dict(current)
+        cfg = ChannelConfig.parse(current)
         await self.store.set_config(channel, cfg)
         return cfg
 
@@ -791,26 +950,27 @@ class Engine:
         """Byte-stable JSON: the same state always serialises to the same bytes."""
         return json.dumps(data, sort_keys=True, ensure_ascii=False, indent=1) + "\n"
 
-    async def import_graph(self, channel: str, data: dict) -> dict:
+    async def import_graph(self, channel: str, data: dict | bytes | str) -> dict:
         """Replace a channel's graph with an export (possibly from another channel).
 
-        The whole file is checked first (`snapshot.parse`): a bad one changes nothing.
+        ``data``: the export file as bytes or text (its size and nesting are checked
+        before it is parsed), or its parsed JSON. Validate, then swap: the whole document
+        is checked first and turned into records (`snapshot.parse`, in a thread, so a
+        large file does not hold up other channels' answers), then the store replaces the
+        channel in one atomic step (`Store.replace`). A refused file raises
+        `SnapshotError` (a `GesalError`: one sentence naming the field) and changes nothing.
         """
         config = getattr(self.svf.model, "config", None)
-        snap = snapshot.parse(
+        snap = await asyncio.to_thread(
+            snapshot.parse,
             data,
             self.svf.z_size,
             getattr(config, "hidden_size", None),  # prompts embed as mean hidden states
             getattr(config, "vocab_size", None),
+            max_replies=getattr(self.store, "max_replies", None),  # the store's retention
         )
-        await self.store.reset(channel)
-        await self.store.set_config(channel, snap.config)
-        if snap.merged:
-            await self.store.set_meta(channel, merged=snap.merged)
-        for n in snap.nodes:
-            await self.store.save_node(channel, n)
-        for r in snap.replies:
-            await self.store.put_reply(channel, r)
+        meta = {"merged": snap.merged} if snap.merged else {}
+        await self.store.replace(channel, snap.config, snap.nodes, snap.replies, meta)
         # the imported nodes keep their ids and versions: what this process cached under
         # those keys may be another z (an export of a copy trained elsewhere)
         await self._forget(channel)

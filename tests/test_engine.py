@@ -773,21 +773,27 @@ def _damaged(text: str, how: str) -> dict:
         data["merged"] = {"gone": "also-gone"}
     elif how == "nodes not a list":
         data["nodes"] = {"a": 1}
+    elif how == "NaN reward in the settings":
+        data["config"]["reward_up"] = float("nan")
+    elif how == "reward beyond the bound":
+        data["config"]["reward_down"] = -50.0
     return data
 
 
 DAMAGES = [
-    ("embedding missing", "invalid embedding"),
-    ("embedding wrong size", "invalid embedding"),
-    ("embedding not finite", "invalid embedding"),
-    ("two nodes, one id", "two nodes share an id"),
-    ("reply of no node", "has no node"),
-    ("vote of 7", "vote other than"),
-    ("token beyond the vocabulary", "invalid token ids"),
-    ("model missing", "SVF components"),
-    ("not base64", "invalid z vector"),
-    ("merged into nothing", "missing node"),
-    ("nodes not a list", "nodes is not a list"),
+    ("embedding missing", r"^nodes\[0\]\.embedding: must be a base64 .* string, not null$"),
+    ("embedding wrong size", r"^nodes\[0\]\.embedding: has 3 components; this model's .* 32$"),
+    ("embedding not finite", r"^nodes\[0\]\.embedding: component 0 is nan, not a finite"),
+    ("two nodes, one id", r"^nodes\[1\]\.node_id: '\w+' is the id of an earlier node too$"),
+    ("reply of no node", r"^replies\[0\]\.node_id: 'nowhere' is neither a node of the export"),
+    ("vote of 7", r"^replies\[0\]\.votes\.ann: a vote is 1 or -1, not 7$"),
+    ("token beyond the vocabulary", r"^replies\[0\]\.response_ids\[0\]: 1000000000 is not a token"),
+    ("model missing", r"^model\.z_size: .* model with null SVF components"),
+    ("not base64", r"^nodes\[0\]\.z: is not valid base64$"),
+    ("merged into nothing", r"^merged\.gone: was merged into 'also-gone', which is not a node"),
+    ("nodes not a list", r"^nodes: must be a JSON list, not a JSON object$"),
+    ("NaN reward in the settings", "channel settings are invalid: reward_up must be a finite"),
+    ("reward beyond the bound", "channel settings are invalid: reward_down must be below 0"),
 ]
 
 
@@ -1065,3 +1071,224 @@ def test_the_documented_engine_example_runs_and_bad_input_is_a_gesal_error(
         eng.close()
 
     run(bad())
+
+
+async def _poison(eng, channel):
+    """A liked reply whose stored text is a number, as an export from a build that
+    checked no types (or a hand-edited record) leaves it: learning from it raises
+    AttributeError in that channel's training, every time."""
+    r = await eng.respond(channel, ask("hello"))
+    await eng.vote(channel, r.reply_id, "ann", 1)
+    reply = await eng.store.get_reply(channel, r.reply_id)
+    reply.text = 42
+    await eng.store.put_reply(channel, reply)
+    return r
+
+
+def test_a_failing_channel_never_stops_the_others_and_is_parked(svf, tiny_tokenizer):
+    """The poisoned channel fails alone: the healthy one trains on every run, the
+    poisoned one's feedback stays pending and after `park_after` (3) failures in a row it
+    is parked, shown in its stats, and skipped; an admin's train retries it, and once the
+    poison is gone trains it and unparks it."""
+
+    async def go():
+        eng = make_engine(svf, tiny_tokenizer, threshold=-1.0)
+        assert eng.config.park_after == 3
+        poisoned = await _poison(eng, "bad")
+        for n in (1, 2, 3):
+            healthy = await eng.respond("good", ask(f"hello {n}"))
+            await eng.vote("good", healthy.reply_id, "ann", -1)
+            report = await eng.train()
+            assert [r.status for r in report.channels["good"]] != []
+            assert await eng.pending("good") == 0  # trained on every run
+            assert "bad" not in report.channels and report.failed["bad"].startswith(
+                "AttributeError: 'int' object has no attribute"
+            )
+            assert await eng.pending("bad") == 1  # kept for later
+            stats = await eng.stats("bad")
+            assert stats["train_failures"] == n and stats["train_parked"] == (n == 3)
+            assert stats["train_error"] == report.failed["bad"]
+        assert report.parked == {"bad": stats["train_error"]}
+        assert "training failed in bad" in report.summary()
+        assert "parked until an admin acts: bad" in report.summary()
+
+        healthy = await eng.respond("good", ask("hello 4"))  # parked: skipped, not failed
+        await eng.vote("good", healthy.reply_id, "ann", -1)
+        report = await eng.train()
+        assert report.failed == {} and report.parked == {"bad": stats["train_error"]}
+        assert "good" in report.channels and await eng.pending("good") == 0
+        assert (await eng.stats("bad"))["train_failures"] == 3
+        assert (await eng.train("bad")).parked  # naming it is not an admin's "train now"
+
+        report = await eng.train("bad", force=True)  # an admin retries: the poison is there
+        assert "bad" in report.failed and await eng.pending("bad") == 1
+        assert (await eng.stats("bad"))["train_parked"]
+
+        reply = await eng.store.get_reply("bad", poisoned.reply_id)
+        reply.text = "hello"  # the poison gone, the admin trains it again
+        await eng.store.put_reply("bad", reply)
+        report = await eng.train("bad", force=True)
+        assert report.failed == {} and report.parked == {} and report.events == 1
+        assert await eng.pending("bad") == 0
+        stats = await eng.stats("bad")
+        assert (stats["train_failures"], stats["train_parked"], stats["train_error"]) == (
+            0,
+            False,
+            None,
+        )
+        eng.close()
+
+    run(go())
+
+
+def test_a_reset_unparks_a_channel_and_drops_its_poison(svf, tiny_tokenizer):
+    async def go():
+        eng = make_engine(svf, tiny_tokenizer, threshold=-1.0, park_after=1)
+        await _poison(eng, "bad")
+        assert "bad" in (await eng.train()).parked
+        assert (await eng.stats("bad"))["train_parked"]
+        await eng.reset("bad")
+        stats = await eng.stats("bad")
+        assert not stats["train_parked"] and stats["train_failures"] == 0
+        assert stats["pending_feedback"] == 0
+        fresh = await eng.respond("bad", ask("hello"))
+        await eng.vote("bad", fresh.reply_id, "ann", -1)
+        report = await eng.train()
+        assert "bad" in report.channels and report.failed == {} and report.parked == {}
+        assert await eng.pending("bad") == 0
+        eng.close()
+
+    run(go())
+
+
+def test_a_failure_shown_in_stats_names_no_address(svf, tiny_tokenizer, monkeypatch):
+    """Admin stats get one line of the error with addresses removed; the log has the
+    traceback."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("lost redis://bob:hunter2@10.0.0.7:6379/0 and bob@10.0.0.7\nmore")
+
+    async def go():
+        eng = make_engine(svf, tiny_tokenizer, threshold=-1.0, park_after=2)
+        r = await eng.respond("c", ask("hello"))
+        await eng.vote("c", r.reply_id, "ann", 1)  # a 👍 is checked for degeneration
+        monkeypatch.setattr("gesal_core.engine.degenerate_reason", broken)
+        report = await eng.train()
+        error = (await eng.stats("c"))["train_error"]
+        assert report.failed == {"c": error}
+        assert error == "RuntimeError: lost <address> and <address>"
+        eng.close()
+
+    run(go())
+
+
+def test_an_unreachable_store_ends_the_run_and_counts_against_no_channel(
+    svf, tiny_tokenizer, monkeypatch
+):
+    from gesal_core.store import StoreUnavailableError
+
+    async def go():
+        eng = make_engine(svf, tiny_tokenizer, threshold=-1.0, park_after=1)
+        r = await eng.respond("c", ask("hello"))
+        await eng.vote("c", r.reply_id, "ann", -1)
+
+        async def down(*args, **kwargs):
+            raise StoreUnavailableError("the database is not reachable")
+
+        with monkeypatch.context() as m:
+            m.setattr(eng.store, "pending", down)
+            with pytest.raises(StoreUnavailableError):
+                await eng.train()
+        stats = await eng.stats("c")
+        assert stats["train_failures"] == 0 and not stats["train_parked"]
+        assert "c" in (await eng.train()).channels  # back: it trains as usual
+        eng.close()
+
+    run(go())
+
+
+def test_config_refuses_non_finite_and_out_of_range_values(svf, tiny_tokenizer):
+    """What `/gesal config` and the playground send: a bad value is one sentence and
+    changes nothing; the bounds themselves are accepted."""
+    nan, inf = float("nan"), float("inf")
+    bad = [
+        ("reward_up", nan, "reward_up must be a finite number"),
+        ("reward_up", "nan", "reward_up must be a finite number"),
+        ("reward_up", inf, "reward_up must be a finite number"),
+        ("reward_down", -inf, "reward_down must be a finite number"),
+        ("threshold", nan, "threshold must be a finite number"),
+        ("reward_up", 0.0, "reward_up must be above 0 and at most 10"),
+        ("reward_up", 10.5, "reward_up must be above 0 and at most 10"),
+        ("reward_down", 0.5, "reward_down must be below 0 and at least -10"),
+        ("reward_down", -11, "reward_down must be below 0 and at least -10"),
+        ("threshold", 1.5, "threshold must be between -1 and 1"),
+        ("max_nodes", 0, "max_nodes must be between 1 and 10000"),
+        ("max_nodes", 2.5, "max_nodes must be a whole number"),
+        ("reward_up", "lots", "reward_up must be a number"),
+        ("colour", 1, "unknown setting"),
+    ]
+
+    async def go():
+        eng = make_engine(svf, tiny_tokenizer)
+        before = await eng.configure("c", threshold=0.5, reward_up=2.0)
+        for name, value, words in bad:
+            with pytest.raises(GesalError, match=words) as err:
+                await eng.configure("c", **{name: value})
+            message = str(err.value)
+            assert "\n" not in message and ". " not in message, message  # one sentence
+            assert await eng.store.get_config("c") == before, (name, value)
+        edges = await eng.configure("c", threshold=-1, reward_up=10, reward_down=-10)
+        assert (edges.threshold, edges.reward_up, edges.reward_down) == (-1.0, 10.0, -10.0)
+        eng.close()
+
+    run(go())
+
+
+def test_a_node_with_a_nan_baseline_trains_again_and_heals(svf, tiny_tokenizer):
+    """A NaN baseline (and NaN in the recent rewards), what an unchecked NaN reward
+    leaves behind, restarts from the channel's usual verdict: the node updates, its
+    statistics are finite again, and the channel's export imports."""
+
+    async def go():
+        eng = make_engine(svf, tiny_tokenizer, threshold=-1.0)
+        liked, _ = await _liked_and_disliked(eng)
+        await eng.train()
+        node = await eng.store.get_node("c", liked.node_id)
+        assert node.rated > 0  # its own baseline is the one used
+        node.baseline, node.recent = float("nan"), [*node.recent, float("nan")]
+        await eng.store.save_node("c", node)
+        await _liked_and_disliked(eng)
+        (rep,) = (await eng.train()).channels["c"]
+        assert rep.status == "updated", rep.reason
+        after = await eng.store.get_node("c", liked.node_id)
+        assert after.version == node.version + 1
+        assert np.isfinite(after.baseline) and np.isfinite(after.recent).all()
+        assert np.isfinite(after.z).all()
+        await eng.import_graph("copy", json.loads(Engine.dumps(await eng.export("c"))))
+        eng.close()
+
+    run(go())
+
+
+def test_a_non_finite_update_is_never_committed(svf, tiny_tokenizer, monkeypatch):
+    """Whatever a step returns, a NaN z or baseline is not written: the node is rolled
+    back and keeps a finite baseline."""
+    from gesal_core.learning import StepResult
+
+    def nan_steps(svf_, z0, *args, **kwargs):
+        yield
+        return StepResult(np.full_like(z0, np.nan), "updated", "", float("nan"))
+
+    async def go():
+        eng = make_engine(svf, tiny_tokenizer, threshold=-1.0)
+        liked, _ = await _liked_and_disliked(eng)
+        monkeypatch.setattr("gesal_core.engine.reinforce_steps", nan_steps)
+        (rep,) = (await eng.train()).channels["c"]
+        assert rep.status == "rolled_back" and "non-finite" in rep.reason
+        node = await eng.store.get_node("c", liked.node_id)
+        assert node.version == 0 and np.allclose(node.z, 1.0)
+        assert np.isfinite(node.baseline)
+        assert await eng.pending("c") == 0  # the feedback counted, the step did not
+        eng.close()
+
+    run(go())

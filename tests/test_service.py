@@ -21,6 +21,7 @@ from bot.service import (
 )
 from bot.settings import SettingsError, load_settings
 from bot.text import parse_correction, split_message, vote_for_emoji
+from gesal_core.records import vec_from_b64, vec_to_b64
 
 from .fakes.tiny import make_engine
 
@@ -464,5 +465,31 @@ def test_admin_commands(service):
         res = await service.handle_admin(admin("train"))
         assert res.ok and "Training done" in res.text
         assert not (await service.handle_admin(admin("dance"))).ok
+
+    run(go())
+
+
+def test_a_refused_import_says_what_and_where_and_changes_nothing(service):
+    """`/gesal import` sends the file itself to the engine: nesting that would have been
+    a RecursionError ("something went wrong") and a harmful z are each one sentence
+    naming the field, and the channel keeps its graph."""
+
+    async def go():
+        await service.handle_mention(mention())
+        before = (await service.handle_admin(admin("export"))).file(".json").data
+        data = json.loads(before)
+        z = vec_from_b64(data["nodes"][0]["z"])
+        z[0] = 1e30
+        data["nodes"][0]["z"] = vec_to_b64(z)
+        deep = b'{"format": "gesal-graph", "nodes": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        for raw, words in (
+            (deep, "the file nests lists and objects 100001 deep"),
+            (json.dumps(data).encode(), "nodes[0].z: component 0 is 1e+30, outside [-10, 10]"),
+        ):
+            res = await service.handle_admin(admin("import", file=raw))
+            assert not res.ok and res.text.startswith("Not imported, nothing was changed: ")
+            assert words in res.text, res.text
+            after = (await service.handle_admin(admin("export"))).file(".json").data
+            assert after == before
 
     run(go())

@@ -147,5 +147,24 @@ class Store(Protocol):
         """
         ...
 
+    async def replace(
+        self,
+        channel: str,
+        config: ChannelConfig,
+        nodes: list[Node],
+        replies: list[Reply],
+        meta: dict,
+    ) -> None:
+        """Replace the channel's data with these records in one atomic step (an import).
+
+        The same as `reset` followed by writing the config, the meta fields, every node
+        (in this order: their creation order) and every reply, except that no reader and
+        no concurrent write ever sees a state in between: a write racing it lands wholly
+        before (and is gone) or wholly after it. If it fails, the channel is unchanged.
+        Pending feedback goes with the old data; the trainer lock stays. The caller
+        validates the records (`gesal_core.snapshot`).
+        """
+        ...
+
     async def meta(self, channel: str) -> dict: ...
     async def set_meta(self, channel: str, **values) -> None: ...

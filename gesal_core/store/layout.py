@@ -27,6 +27,9 @@ key                               type    content
 ``gesal:{ch}:config``             string  the channel's settings (JSON)
 ``gesal:{ch}:meta``               hash    field -> JSON value (last_train, merged, ...)
 ``gesal:{ch}:trainlock``          string  the trainer lock's token (with a TTL)
+``gesal:import:{ch}:<token>:…``   any     an import being staged: the same keys as above
+                                          under this prefix, each with a TTL, until one
+                                          script moves them into place (`lua.REPLACE`)
 ================================  ======  ================================================
 
 Why little-endian float32 bytes for vectors: it is exactly numpy's ``<f4`` memory, so a
@@ -39,12 +42,15 @@ would halve it again but round the adapters, and z moves in small steps.
 
 from __future__ import annotations
 
+import re
+
 from ..errors import GesalError
 
 PREFIX = "gesal"
 CHANNELS = f"{PREFIX}:channels"
 GROUP = "trainers"
 MAX_CHANNEL_CHARS = 256
+STAGE = re.compile(r"[A-Za-z0-9]{1,64}")
 
 
 class BadChannelError(GesalError):
@@ -65,11 +71,22 @@ def check_channel(channel: str) -> str:
 
 
 class Keys:
-    """The keys of one channel (all sharing the hash tag ``{channel}``)."""
+    """The keys of one channel (all sharing the hash tag ``{channel}``).
 
-    def __init__(self, channel: str) -> None:
+    ``stage``: the keys of an import being staged for the channel instead, under
+    ``gesal:import:{channel}:<stage>``. The same hash tag puts them in the channel's slot,
+    so one script can move them into place; the other prefix keeps them out of the
+    channel's own key pattern until then.
+    """
+
+    def __init__(self, channel: str, stage: str | None = None) -> None:
         self.channel = check_channel(channel)
-        self.base = f"{PREFIX}:{{{channel}}}"
+        if stage is None:
+            self.base = f"{PREFIX}:{{{channel}}}"
+        elif STAGE.fullmatch(stage):
+            self.base = f"{PREFIX}:import:{{{channel}}}:{stage}"
+        else:
+            raise ValueError(f"a staging token is 1 to 64 letters or digits, not {stage!r}")
         self.nodes = f"{self.base}:nodes"
         self.seq = f"{self.base}:seq"
         self.replies = f"{self.base}:replies"

@@ -3,7 +3,8 @@
 A script runs to completion with no other command interleaved, so each one is a small
 transaction. Every key a script touches is passed in KEYS and shares the channel's hash
 tag, so the scripts also run on Redis Cluster. Errors are returned with a one-word code
-(``NONODE``, ``NOREPLY``, ``CONFLICT``, ``BADDIM``) that `RedisStore` maps to exceptions.
+(``NONODE``, ``NOREPLY``, ``CONFLICT``, ``BADDIM``, ``STAGED``) that `RedisStore` maps to
+exceptions.
 """
 
 from __future__ import annotations
@@ -120,6 +121,61 @@ for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
   n = n + redis.call('UNLINK', r, r .. ':corr')
 end
 return n + redis.call('UNLINK', unpack(KEYS))
+""",
+)
+
+# KEYS: the channel's fixed keys (nodes, replies, messages, feedback, config, meta, seq),
+# then the same seven of a staged import (`Keys(channel, stage)`), then the stage's "done"
+# marker. ARGV: the channel's key prefix, the stage's, the staged node and reply counts.
+# An import, in one step: the stage is checked whole first (so a stage that expired or was
+# cut short changes nothing), then the channel's data goes exactly as in RESET (the
+# trainer lock stays; the feedback stream and its group go) and every staged key is
+# renamed into its place, without the TTL that guarded it while staged. The marker makes
+# a retried call (its reply lost to a dropped connection) a success, not a STAGED error.
+REPLACE = Script(
+    "replace",
+    """
+if redis.call('EXISTS', KEYS[15]) == 1 then return 0 end
+local nn, nr = tonumber(ARGV[3]), tonumber(ARGV[4])
+local nodes = redis.call('ZRANGE', KEYS[8], 0, -1)
+local replies = redis.call('ZRANGE', KEYS[9], 0, -1)
+if #nodes ~= nn or #replies ~= nr or redis.call('EXISTS', KEYS[12]) == 0 then
+  return redis.error_reply('STAGED the staged import is incomplete')
+end
+for _, id in ipairs(nodes) do
+  if redis.call('EXISTS', ARGV[2] .. ':node:' .. id) == 0 then
+    return redis.error_reply('STAGED the staged import is incomplete')
+  end
+end
+for _, id in ipairs(replies) do
+  if redis.call('EXISTS', ARGV[2] .. ':reply:' .. id) == 0 then
+    return redis.error_reply('STAGED the staged import is incomplete')
+  end
+end
+local n = 0
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  n = n + redis.call('UNLINK', ARGV[1] .. ':node:' .. id)
+end
+for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  local r = ARGV[1] .. ':reply:' .. id
+  n = n + redis.call('UNLINK', r, r .. ':corr')
+end
+n = n + redis.call('UNLINK', unpack(KEYS, 1, 7))
+local function move(from, to)
+  redis.call('RENAME', from, to)
+  redis.call('PERSIST', to)
+end
+for _, id in ipairs(nodes) do move(ARGV[2] .. ':node:' .. id, ARGV[1] .. ':node:' .. id) end
+for _, id in ipairs(replies) do
+  local from, to = ARGV[2] .. ':reply:' .. id, ARGV[1] .. ':reply:' .. id
+  move(from, to)
+  if redis.call('EXISTS', from .. ':corr') == 1 then move(from .. ':corr', to .. ':corr') end
+end
+for i = 1, 7 do
+  if redis.call('EXISTS', KEYS[7 + i]) == 1 then move(KEYS[7 + i], KEYS[i]) end
+end
+redis.call('SET', KEYS[15], '1', 'EX', 600)
+return n
 """,
 )
 
@@ -274,6 +330,7 @@ ALL = {
         OBSERVE,
         PUT_REPLY,
         RESET,
+        REPLACE,
         SET_VOTE,
         ADD_CORRECTION,
         LINK_MESSAGE,

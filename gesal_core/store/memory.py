@@ -183,6 +183,26 @@ class MemoryStore:
     async def reset(self, channel: str) -> None:
         self._channels.pop(channel, None)
 
+    async def replace(
+        self,
+        channel: str,
+        config: ChannelConfig,
+        nodes: list[Node],
+        replies: list[Reply],
+        meta: dict,
+    ) -> None:
+        """Build the channel anew from these records, then swap it in with one
+        assignment: no await in between, so no other task sees a mix. Pending feedback
+        goes with the old channel, as on `reset`; the trainer lock stays."""
+        new = _Channel(config=copy.deepcopy(config.validate()), meta=copy.deepcopy(meta))
+        for node in nodes:
+            new.nodes[node.node_id] = copy.deepcopy(node)
+        for reply in replies:
+            new.replies[reply.reply_id] = copy.deepcopy(reply)
+            if reply.platform_message_id:
+                new.messages[reply.platform_message_id] = reply.reply_id
+        self._channels[channel] = new
+
     async def meta(self, channel: str) -> dict:
         return dict(self._ch(channel).meta)
 

@@ -65,6 +65,10 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_REPLIES = 2000
 DEFAULT_CLAIM_IDLE_MS = 30_000
 CONSUMER_GC_MS = 3_600_000  # forget consumers idle for an hour with nothing pending
+# An import's staged keys expire after this long: far longer than staging takes, so only
+# the stage of a process that died mid-import ever expires.
+STAGE_TTL_S = 3600
+STAGE_BATCH = 1000  # commands per staging pipeline
 NODE_INTS = ("count", "version", "rated", "updates", "skipped", "rollbacks")
 NODE_FLOATS = ("baseline", "reward_sum", "created_at", "updated_at")
 NODE_JSON = ("recent", "downvoted", "neighbors")
@@ -200,6 +204,20 @@ def node_from_fields(node_id: str, h: dict[bytes, bytes]) -> Node:
         downvoted=list(json.loads(g["downvoted"])),
         neighbors=[(n, float(s)) for n, s in json.loads(g["neighbors"])],
     )
+
+
+def reply_to_fields(reply: Reply) -> tuple[dict[str, str], list[str]]:
+    """A reply's hash fields (``data``, ``v:<user>``, ``msg``, ``counted``) and its
+    corrections list (JSON items)."""
+    d = reply.to_dict()
+    data = json.dumps({key: v for key, v in d.items() if key not in REPLY_EXTRA})
+    fields: dict[str, str] = {"data": data}
+    fields.update({f"v:{u}": str(int(v)) for u, v in reply.votes.items()})
+    if reply.platform_message_id:
+        fields["msg"] = reply.platform_message_id
+    if reply.counted is not None:
+        fields["counted"] = repr(float(reply.counted))
+    return fields, [json.dumps(c) for c in reply.corrections]
 
 
 def reply_from_fields(h: dict[bytes, bytes], corrections: list[bytes]) -> Reply:
@@ -473,15 +491,7 @@ class RedisStore:
     async def put_reply(self, channel: str, reply: Reply, *, require_node: bool = False) -> None:
         k = Keys(channel)
         await self._register(channel)
-        d = reply.to_dict()
-        data = json.dumps({key: v for key, v in d.items() if key not in REPLY_EXTRA})
-        fields: dict[str, str] = {"data": data}
-        fields.update({f"v:{u}": str(int(v)) for u, v in reply.votes.items()})
-        if reply.platform_message_id:
-            fields["msg"] = reply.platform_message_id
-        if reply.counted is not None:
-            fields["counted"] = repr(float(reply.counted))
-        corrections = [json.dumps(c) for c in reply.corrections]
+        fields, corrections = reply_to_fields(reply)
         keys = [
             k.reply(reply.reply_id),
             k.corrections(reply.reply_id),
@@ -744,6 +754,109 @@ class RedisStore:
         await self._r.srem(CHANNELS, channel)
         keys = [k.nodes, k.replies, k.messages, k.feedback, k.config, k.meta, k.seq]
         await self._eval(lua.RESET, keys, [k.base])
+
+    @_guarded
+    async def replace(
+        self,
+        channel: str,
+        config: ChannelConfig,
+        nodes: list[Node],
+        replies: list[Reply],
+        meta: dict,
+    ) -> None:
+        """Replace the channel's data with these records, atomically (an import).
+
+        The records are written first under a staging prefix in the channel's slot
+        (`Keys(channel, stage)`, each key with a TTL, so a process that dies while staging
+        leaves nothing for long), then `lua.REPLACE` checks the stage whole, deletes the
+        channel's data as `reset` does and renames the staged keys into place, in one
+        step: readers see the old channel or the new one, never a mix, and a write racing
+        the import lands wholly before it (and is gone) or wholly after it. A failure
+        before that step leaves the channel as it was, and the stage is deleted.
+
+        The registry entry is added before staging and again after the swap, so a
+        channel with data is never left out of it (at worst, after a racing reset, it
+        names an empty channel, as after `reset`).
+        """
+        k, stage = Keys(channel), Keys(channel, uuid.uuid4().hex)
+        staged = [stage.node(n.node_id) for n in nodes]
+        staged += [
+            x for r in replies for x in (stage.reply(r.reply_id), stage.corrections(r.reply_id))
+        ]
+        staged += [*self._fixed(stage), f"{stage.base}:done"]
+        await self._register(channel)
+        try:
+            await self._stage(stage, config, nodes, replies, meta)
+            keys = [*self._fixed(k), *self._fixed(stage), f"{stage.base}:done"]
+            try:
+                await self._eval(lua.REPLACE, keys, [k.base, stage.base, len(nodes), len(replies)])
+            except ResponseError as exc:
+                if str(exc).startswith("STAGED"):
+                    raise StoreUnavailableError(
+                        "the import could not be written whole (the database lost part of "
+                        "it), so nothing was changed; please try again"
+                    ) from exc
+                raise
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                for i in range(0, len(staged), 1000):  # what is left: nothing after a swap
+                    await self._r.unlink(*staged[i : i + 1000])
+        await self._register(channel)
+        if len(replies) > self.max_replies:
+            await self._trim_replies(k, len(replies) - self.max_replies)
+
+    @staticmethod
+    def _fixed(k: Keys) -> list[str]:
+        """A channel's (or a stage's) keys that are not per node or reply, in the order
+        `lua.REPLACE` expects."""
+        return [k.nodes, k.replies, k.messages, k.feedback, k.config, k.meta, k.seq]
+
+    async def _stage(
+        self, s: Keys, config: ChannelConfig, nodes: list[Node], replies: list[Reply], meta: dict
+    ) -> None:
+        """Write the records under the staging keys ``s``, each with `STAGE_TTL_S`, in
+        pipelines of a bounded size. Every command is idempotent (a key is deleted before
+        its list is pushed), so a pipeline the client retries after a dropped connection
+        writes the same stage."""
+        r, ttl = self._r, STAGE_TTL_S
+        p = r.pipeline(transaction=False)
+
+        async def flush(force: bool = False) -> None:
+            nonlocal p
+            if len(p) >= STAGE_BATCH or (force and len(p)):
+                await p.execute()
+                p = r.pipeline(transaction=False)
+
+        p.set(s.config, json.dumps(vars(config.validate())), ex=ttl)
+        for i, node in enumerate(nodes, 1):
+            key = s.node(node.node_id)
+            p.delete(key)
+            p.hset(key, mapping=node_to_fields(node))
+            p.expire(key, ttl)
+            p.zadd(s.nodes, {node.node_id: i})  # creation order, as `save_node` gives it
+            p.expire(s.nodes, ttl)
+            await flush()
+        if nodes:
+            p.set(s.seq, len(nodes), ex=ttl)
+        for reply in replies:
+            fields, corrections = reply_to_fields(reply)
+            key, corr = s.reply(reply.reply_id), s.corrections(reply.reply_id)
+            p.delete(key, corr)
+            p.hset(key, mapping=fields)
+            p.expire(key, ttl)
+            if corrections:
+                p.rpush(corr, *corrections)
+                p.expire(corr, ttl)
+            p.zadd(s.replies, {reply.reply_id: repr(float(reply.created_at))})
+            p.expire(s.replies, ttl)
+            if reply.platform_message_id:
+                p.hset(s.messages, reply.platform_message_id, reply.reply_id)
+                p.expire(s.messages, ttl)
+            await flush()
+        if meta:
+            p.hset(s.meta, mapping={key: json.dumps(v) for key, v in meta.items()})
+            p.expire(s.meta, ttl)
+        await flush(force=True)
 
     @_guarded
     async def meta(self, channel: str) -> dict:
