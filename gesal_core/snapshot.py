@@ -23,8 +23,10 @@ Every field is bounded; what the engine itself writes is always inside:
   at most ``LearningConfig.max_step`` × ``rejected_step`` (3 × 2) in L2 and nothing bounds
   the total by default (``max_drift`` 0), so the bound is a practical one: each of an
   update's 4 Adam steps moves a component by about ``lr`` (3e-3, doubled for a rejected
-  node), a few hundredths per update, and trained nodes of the bundled model reach
-  ‖z−1‖₂ of 4–9 over 51,840 components (docs/results), hundredths per component.
+  node), at most about 0.02 per update (38 updates of a mostly rejected node of the tiny
+  test model move its largest component by 0.5: tests/test_import.py), and trained nodes
+  of the bundled model reach ‖z−1‖₂ of 4–9 over 51,840 components (docs/results),
+  hundredths per component.
   Reaching ±10 takes hundreds of maximal updates of one component in one direction;
   beyond it lie the harmful values (1e30 made every answer fail on inf/NaN logits, 50 gave
   gibberish). New nodes start from weighted means of other nodes' z and folding averages
@@ -122,9 +124,10 @@ def build(
 
 # -- reading the file ---------------------------------------------------------------------
 
-# A JSON string, escapes included; possessive, so a long or unterminated one is read in
-# linear time (an unterminated one runs to the end of the text: json.loads stops there).
-_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+(?:"|\Z)', re.DOTALL)
+# A JSON string, escapes included. It matches from every quote it starts at, to the
+# closing quote or, unterminated (json.loads stops there), to the end of the text, lone
+# final backslash included; possessive, so the text is read once, in linear time.
+_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _CHUNK = 1 << 22
 
