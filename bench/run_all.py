@@ -36,6 +36,7 @@ SCRIPTS = (
     "redis_store",
     "lora_export",
     "svd_cache",
+    "reliability",
 )
 
 
