@@ -37,6 +37,7 @@ SCRIPTS = (
     "lora_export",
     "svd_cache",
     "reliability",
+    "routing_load",
 )
 
 

@@ -136,7 +136,9 @@ async def _with_store(args: argparse.Namespace, fn):
 
     settings = _settings(args)
     url = settings.redis_url.get_secret_value() if settings.redis_url else ""
-    store, close = await open_store(url, settings.channel_defaults())
+    store, close = await open_store(
+        url, settings.channel_defaults(), settings.gesal_redis_maxmemory
+    )
     try:
         return await fn(store)
     finally:
@@ -151,7 +153,9 @@ async def _with_engine(args: argparse.Namespace, fn):
 
     settings = _settings(args)
     url = settings.redis_url.get_secret_value() if settings.redis_url else ""
-    store, close = await open_store(url, settings.channel_defaults())
+    store, close = await open_store(
+        url, settings.channel_defaults(), settings.gesal_redis_maxmemory
+    )
     engine = None
     try:
         engine = await asyncio.to_thread(

@@ -269,10 +269,13 @@ class Metrics:
             self.train_failures.labels(channel).inc()
 
     async def refresh(self, engine) -> None:
-        """Set the per-channel gauges from the store (called when /metrics is scraped)."""
+        """Set the per-channel gauges from the store (called when /metrics is scraped).
+
+        Two counts per channel (on Redis an XLEN and a ZCARD), never a node record: a
+        scrape costs the same whatever the channels' nodes hold."""
         for channel in await engine.store.channels():
             self.pending.labels(channel).set(await engine.store.pending_count(channel))
-            self.nodes.labels(channel).set(len(await engine.store.load_nodes(channel)))
+            self.nodes.labels(channel).set(await engine.store.node_count(channel))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -43,8 +43,9 @@ class Runtime:
                 log.exception("error while shutting down")
 
 
-async def open_store(url: str, defaults):
-    """`gesal_core.store.open_store` (Redis: REDIS_URL, or the embedded server).
+async def open_store(url: str, defaults, maxmemory: str | None = None):
+    """`gesal_core.store.open_store` (Redis: REDIS_URL, or the embedded server with
+    ``maxmemory``, GESAL_REDIS_MAXMEMORY).
 
     If the store package cannot be imported, the in-memory store stands in, with a
     warning.
@@ -60,7 +61,7 @@ async def open_store(url: str, defaults):
             return None
 
         return MemoryStore(defaults), close
-    return await real_open(url, defaults)
+    return await real_open(url, defaults, embedded_maxmemory=maxmemory)
 
 
 async def open_store_step(settings: Settings, progress: BootProgress):
@@ -68,7 +69,9 @@ async def open_store_step(settings: Settings, progress: BootProgress):
 
     async def step(s):
         url = settings.redis_url.get_secret_value() if settings.redis_url else ""
-        store, close = await open_store(url, settings.channel_defaults())
+        store, close = await open_store(
+            url, settings.channel_defaults(), settings.gesal_redis_maxmemory
+        )
         if url == "memory://":
             s.detail = "in-memory (nothing survives a restart)"
         elif url:

@@ -29,6 +29,11 @@ Variable names (case-insensitive):
                                    ``rediss://`` or ``unix://`` URL, or ``memory://`` to
                                    keep nothing across restarts; unset: an embedded
                                    Redis server
+``GESAL_REDIS_MAXMEMORY``          memory limit of the embedded Redis (REDIS_URL unset),
+                                   in Redis's syntax (``512mb``, ``2gb``); at the limit
+                                   it refuses writes, votes included, and members are
+                                   told nothing was saved (a server of your own sets its
+                                   own ``maxmemory``)
 ``GESAL_MODEL``                    the model: unset or ``bundled`` for the bundled
                                    SmolLM2-135M-Instruct, else a folder, a ``.gguf``
                                    file or a Hugging Face hub id (needs internet)
@@ -90,6 +95,7 @@ Variable names (case-insensitive):
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -132,6 +138,10 @@ class Settings(BaseSettings):
 
     # -- engine and store -----------------------------------------------------------
     redis_url: SecretStr | None = None  # may embed a password
+    # gesal_core.store.embedded.DEFAULT_MAXMEMORY, repeated so the reference shows it
+    # without importing the store; a test keeps the two equal. Not 0: without a limit
+    # the server's noeviction never applies.
+    gesal_redis_maxmemory: str = "1gb"
     gesal_model: str | None = None
     gesal_device: str = "auto"
     gesal_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -206,6 +216,16 @@ class Settings(BaseSettings):
                 "new feedback before it trains, which also starts training at once); remove it"
             )
         return v
+
+    @field_validator("gesal_redis_maxmemory")
+    @classmethod
+    def _redis_size(cls, v: str) -> str:
+        if not re.fullmatch(r"[1-9][0-9]*(b|kb?|mb?|gb?)?", v.strip(), re.IGNORECASE):
+            raise ValueError(
+                "must be a size in Redis's syntax above 0: a whole number of bytes, or "
+                "with a unit (512mb, 2gb)"
+            )
+        return v.strip()
 
     @field_validator("gesal_device")
     @classmethod

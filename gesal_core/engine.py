@@ -35,9 +35,24 @@ from .learning import (
     reinforce_steps,
     settle_scale,
 )
-from .records import CORRECTION, ChannelConfig, FeedbackEvent, Node, NodeUpdate, Reply
+from .records import (
+    CORRECTION,
+    ChannelConfig,
+    FeedbackEvent,
+    Node,
+    NodeHead,
+    NodeUpdate,
+    Reply,
+)
 from .serving import BatchedGenerator, GenRequest, ServingConfig
-from .store import ConflictError, MemoryStore, Store, StoreUnavailableError, UnknownReplyError
+from .store import (
+    ConflictError,
+    MemoryStore,
+    NodeGoneError,
+    Store,
+    StoreUnavailableError,
+    UnknownReplyError,
+)
 from .svf import SVFModel
 from .worker import ModelWorker
 
@@ -390,46 +405,66 @@ class Engine:
     async def _route(
         self, channel: str, emb: np.ndarray, create: bool = True
     ) -> tuple[Node, bool, float]:
+        """The node that answers ``emb``: the nearest one, or a new one (True) when none
+        is similar enough. Routing reads the nodes' heads (`Store.node_heads`, no z), so
+        a mention's store read grows with the embeddings only; the one z read is the
+        answering node's, or a new node's neighbours' (and a fold's two nodes when the
+        channel is full). A node deleted between the two reads (a reset, or a fold by
+        another process) raises NodeGoneError, as `observe` would have."""
         async with self._channel_locks[channel]:  # two new prompts must not race to create
-            nodes = await self.store.load_nodes(channel)
+            heads = await self.store.node_heads(channel)
             cfg = await self.store.get_config(channel)
-            index = graph.GraphIndex.build(nodes)
+            index = graph.GraphIndex.build(heads)
             route = graph.route(index, emb, cfg.threshold)
-            by_id = {n.node_id: n for n in nodes}
             if route.node_id is not None:
-                return by_id[route.node_id], False, route.similarity
+                return await self._node(channel, route.node_id), False, route.similarity
             if not create:  # what a new node would start from, without storing it
-                z = graph.initial_z(index, by_id, emb, self.svf.z_size)
+                z = await self._initial_z(channel, index, emb)
                 return Node("(new)", emb.copy(), z), True, route.similarity
-            if len(nodes) >= cfg.max_nodes:
-                if not await self._fold_least_used(channel, nodes, index):
-                    return nodes[0], False, route.similarity  # the only node takes it
-                nodes = await self.store.load_nodes(channel)
-                index = graph.GraphIndex.build(nodes)
-                by_id = {n.node_id: n for n in nodes}
+            if len(heads) >= cfg.max_nodes:
+                if not await self._fold_least_used(channel, heads, index):
+                    # the only node takes it
+                    return await self._node(channel, heads[0].node_id), False, route.similarity
+                heads = await self.store.node_heads(channel)
+                index = graph.GraphIndex.build(heads)
             node = Node(
                 node_id=graph.new_node_id(),
                 embedding=emb.copy(),
-                z=graph.initial_z(index, by_id, emb, self.svf.z_size),
+                z=await self._initial_z(channel, index, emb),
             )
             await self.store.save_node(channel, node)
             edges = graph.knn_edges(index, node)
             await self.store.set_neighbors(channel, node.node_id, edges)
-            grown = graph.GraphIndex.build([*nodes, node])
+            grown = graph.GraphIndex.build([*heads, node])
+            by_id = {h.node_id: h for h in heads}
             for other, _ in edges:  # keep the neighbours' edge lists current too
                 await self.store.set_neighbors(channel, other, graph.knn_edges(grown, by_id[other]))
             node.neighbors = edges
             return node, True, route.similarity
 
-    async def _fold_least_used(self, channel: str, nodes: list[Node], index) -> bool:
+    async def _node(self, channel: str, node_id: str) -> Node:
+        node = await self.store.get_node(channel, node_id)
+        if node is None:
+            raise NodeGoneError(node_id)
+        return node
+
+    async def _initial_z(self, channel: str, index: graph.GraphIndex, emb: np.ndarray):
+        """`graph.initial_z`, reading the z of only the neighbours it blends."""
+        nodes = {i: await self._node(channel, i) for i, _ in graph.init_neighbours(index, emb)}
+        return graph.initial_z(index, nodes, emb, self.svf.z_size)
+
+    async def _fold_least_used(
+        self, channel: str, heads: list[NodeHead], index: graph.GraphIndex
+    ) -> bool:
         """Fold a full channel's least used node into its nearest; False when there is no
         other node (max_nodes 1): deleting the only one would orphan the feedback waiting
         on its replies."""
-        victim = graph.least_used(nodes)
-        nearest = index.nearest(victim.embedding, k=1, exclude=victim.node_id)
+        least = graph.least_used(heads)
+        nearest = index.nearest(least.embedding, k=1, exclude=least.node_id)
         if not nearest:
             return False
-        target = next(n for n in nodes if n.node_id == nearest[0][0])
+        victim = await self._node(channel, least.node_id)
+        target = await self._node(channel, nearest[0][0])
         await self.store.save_node(channel, graph.merge_into(target, victim))
         meta = await self.store.meta(channel)
         merged = dict(meta.get("merged", {}))

@@ -2,6 +2,9 @@
 
 Pure functions over `Node` records plus a small cached index, so routing costs one
 matrix-vector product (about a millisecond at 10k nodes) and never touches the store.
+Routing and folding need only ids, embeddings, counts and ages, so they take a channel's
+`NodeHead`s (or whole `Node`s): the z vectors are read only for the node that answers and
+for a new node's `K_INIT` neighbours (`init_neighbours`).
 
 Embeddings are unit vectors, so cosine similarity is a dot product. A node's embedding
 is the running mean of its prompts' unit embeddings; it is re-normalised for routing.
@@ -10,14 +13,18 @@ is the running mean of its prompts' unit embeddings; it is re-normalised for rou
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
-from .records import Node
+from .records import Node, NodeHead
 
 K_EDGES = 4  # kNN edges kept per node
 K_INIT = 3  # neighbours whose z seeds a new node
+
+_N = TypeVar("_N", Node, NodeHead)
 
 
 def new_node_id() -> str:
@@ -37,7 +44,7 @@ class GraphIndex:
     matrix: np.ndarray  # (N, H) float32
 
     @classmethod
-    def build(cls, nodes: list[Node]) -> GraphIndex:
+    def build(cls, nodes: Sequence[Node | NodeHead]) -> GraphIndex:
         if not nodes:
             return cls([], np.zeros((0, 0), dtype=np.float32))
         return cls(
@@ -78,15 +85,22 @@ def route(index: GraphIndex, embedding: np.ndarray, threshold: float) -> Route:
     return Route(None, best[0][1] if best else -1.0)
 
 
+def init_neighbours(index: GraphIndex, embedding: np.ndarray) -> list[tuple[str, float]]:
+    """The nodes whose z `initial_z` blends for a new node at ``embedding``: the
+    `K_INIT` nearest with a positive similarity (the only z a new node needs read)."""
+    return [(i, s) for i, s in index.nearest(embedding, k=K_INIT) if s > 0]
+
+
 def initial_z(
-    index: GraphIndex, nodes: dict[str, Node], embedding: np.ndarray, z_size: int
+    index: GraphIndex, nodes: Mapping[str, Node], embedding: np.ndarray, z_size: int
 ) -> np.ndarray:
     """A new node's z: its nearest neighbours' z weighted by (positive) similarity, or ones.
 
     Starting from neighbours means a community's learned style carries over to a new
-    topic instead of restarting from the base model.
+    topic instead of restarting from the base model. ``nodes`` needs to hold only the
+    `init_neighbours`.
     """
-    neighbours = [(i, s) for i, s in index.nearest(embedding, k=K_INIT) if s > 0]
+    neighbours = init_neighbours(index, embedding)
     if not neighbours:
         return np.ones(z_size, dtype=np.float32)
     weights = np.array([s for _, s in neighbours], dtype=np.float64)
@@ -97,11 +111,13 @@ def initial_z(
     return np.asarray(z, dtype=np.float32)
 
 
-def knn_edges(index: GraphIndex, node: Node, k: int = K_EDGES) -> list[tuple[str, float]]:
+def knn_edges(
+    index: GraphIndex, node: Node | NodeHead, k: int = K_EDGES
+) -> list[tuple[str, float]]:
     return index.nearest(node.embedding, k=k, exclude=node.node_id)
 
 
-def least_used(nodes: list[Node]) -> Node:
+def least_used(nodes: Sequence[_N]) -> _N:
     """The node to fold away when a channel is full: fewest prompts, then oldest."""
     return min(nodes, key=lambda n: (n.count, n.updated_at))
 

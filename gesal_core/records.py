@@ -201,6 +201,18 @@ class Node:
 
 
 @dataclass
+class NodeHead:
+    """What routing reads of a node: its embedding, and the count and age that pick the
+    node to fold when a channel is full. No z, which is about a hundred times the size of
+    an embedding: a mention reads every node's head and only the z it answers with."""
+
+    node_id: str
+    embedding: np.ndarray
+    count: int = 0
+    updated_at: float = 0.0
+
+
+@dataclass
 class Reply:
     """A response the bot gave, with everything needed to learn from votes on it."""
 

@@ -24,6 +24,7 @@ async def open_store(
     default_config: ChannelConfig | None = None,
     *,
     embedded_dir: Path | None = None,
+    embedded_maxmemory: str | None = None,
     **redis_options,
 ) -> tuple[Store, Closer]:
     """Open the store the app should use and a coroutine function that closes it.
@@ -32,7 +33,8 @@ async def open_store(
     (TLS; redis-py's query options such as ``?ssl_ca_certs=/path/ca.crt`` pass through)
     or ``unix://`` with an optional password, or ``memory://`` for a throwaway
     in-process store. Unset or empty: start the embedded server under the data directory
-    (or ``embedded_dir``). The server must answer PING, or this raises
+    (or ``embedded_dir``), with ``embedded_maxmemory`` (Redis syntax, ``1gb``; default
+    `embedded.DEFAULT_MAXMEMORY`) as its memory limit. The server must answer PING, or this raises
     `StoreUnavailableError` with a message for the operator that names it (secrets
     masked); once open, the store's errors name no server (see `StoreUnavailableError`).
     """
@@ -49,9 +51,10 @@ async def open_store(
         return store, close_memory
     embedded = None
     if not url:
-        from .embedded import start_embedded
+        from .embedded import DEFAULT_MAXMEMORY, start_embedded
 
-        embedded = await asyncio.to_thread(start_embedded, embedded_dir)
+        maxmemory = embedded_maxmemory or DEFAULT_MAXMEMORY
+        embedded = await asyncio.to_thread(start_embedded, embedded_dir, maxmemory=maxmemory)
         url = embedded.url
     elif not url.startswith(("redis://", "rediss://", "unix://")):
         raise StoreUnavailableError(

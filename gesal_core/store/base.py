@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from ..errors import GesalError
-from ..records import ChannelConfig, FeedbackEvent, Node, NodeUpdate, Reply
+from ..records import ChannelConfig, FeedbackEvent, Node, NodeHead, NodeUpdate, Reply
 
 
 class UnknownReplyError(GesalError):
@@ -62,6 +62,15 @@ class StoreUnavailableError(GesalError):
 class Store(Protocol):
     # -- graph ---------------------------------------------------------------------
     async def load_nodes(self, channel: str) -> list[Node]: ...
+    async def node_heads(self, channel: str) -> list[NodeHead]:
+        """Every node's id, embedding, count and `updated_at`, without z, in creation
+        order (as `load_nodes`): what routing a mention reads, in one consistent read."""
+        ...
+
+    async def node_count(self, channel: str) -> int:
+        """How many nodes the channel has, without reading any (the /metrics gauge)."""
+        ...
+
     async def get_node(self, channel: str, node_id: str) -> Node | None: ...
     async def save_node(self, channel: str, node: Node) -> None:
         """Write a whole node record, creating or replacing it."""

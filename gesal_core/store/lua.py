@@ -37,6 +37,27 @@ return 1
 """,
 )
 
+# KEYS: nodes zset. ARGV: the channel's key prefix. Routing's read: each node's id,
+# embedding, count and updated_at (flat, in creation order), never its z. One script, so
+# one round trip and one consistent view, however many nodes the channel has; node
+# hashes are found through the index, as in RESET, and share the channel's hash tag.
+NODE_HEADS = Script(
+    "node_heads",
+    """
+local out = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local h = redis.call('HMGET', ARGV[1] .. ':node:' .. id, 'emb', 'count', 'updated_at')
+  if h[1] then
+    out[#out + 1] = id
+    out[#out + 1] = h[1]
+    out[#out + 1] = h[2]
+    out[#out + 1] = h[3]
+  end
+end
+return out
+""",
+)
+
 # KEYS: node. ARGV: neighbours JSON. A node deleted meanwhile stays deleted.
 SET_NEIGHBORS = Script(
     "set_neighbors",
@@ -326,6 +347,7 @@ ALL = {
     s.name: s
     for s in (
         SAVE_NODE,
+        NODE_HEADS,
         SET_NEIGHBORS,
         OBSERVE,
         PUT_REPLY,

@@ -17,7 +17,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..records import CORRECTION, VOTE, ChannelConfig, FeedbackEvent, Node, NodeUpdate, Reply
+from ..records import (
+    CORRECTION,
+    VOTE,
+    ChannelConfig,
+    FeedbackEvent,
+    Node,
+    NodeHead,
+    NodeUpdate,
+    Reply,
+)
 from .base import ConflictError, NodeGoneError, UnknownReplyError
 
 
@@ -47,6 +56,15 @@ class MemoryStore:
     # -- graph ---------------------------------------------------------------------
     async def load_nodes(self, channel: str) -> list[Node]:
         return [copy.deepcopy(n) for n in self._ch(channel).nodes.values()]
+
+    async def node_heads(self, channel: str) -> list[NodeHead]:
+        return [
+            NodeHead(n.node_id, n.embedding.copy(), n.count, n.updated_at)
+            for n in self._ch(channel).nodes.values()
+        ]
+
+    async def node_count(self, channel: str) -> int:
+        return len(self._ch(channel).nodes)
 
     async def get_node(self, channel: str, node_id: str) -> Node | None:
         node = self._ch(channel).nodes.get(node_id)

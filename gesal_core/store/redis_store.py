@@ -55,7 +55,7 @@ from redis.exceptions import (
     TimeoutError as RedisTimeoutError,
 )
 
-from ..records import VOTE, ChannelConfig, FeedbackEvent, Node, NodeUpdate, Reply
+from ..records import VOTE, ChannelConfig, FeedbackEvent, Node, NodeHead, NodeUpdate, Reply
 from . import lua
 from .base import ConflictError, NodeGoneError, StoreUnavailableError, UnknownReplyError
 from .layout import CHANNELS, GROUP, Keys
@@ -446,6 +446,19 @@ class RedisStore:
                 p.hgetall(k.node(i))
             rows = await p.execute()
         return [node_from_fields(i, h) for i, h in zip(ids, rows, strict=True) if h]
+
+    @_guarded
+    async def node_heads(self, channel: str) -> list[NodeHead]:
+        k = Keys(channel)
+        flat = await self._eval(lua.NODE_HEADS, [k.nodes], [k.base])
+        return [
+            NodeHead(_s(flat[i]), _vec(flat[i + 1]), int(flat[i + 2]), float(flat[i + 3]))
+            for i in range(0, len(flat), 4)
+        ]
+
+    @_guarded
+    async def node_count(self, channel: str) -> int:
+        return int(await self._r.zcard(Keys(channel).nodes))
 
     @_guarded
     async def get_node(self, channel: str, node_id: str) -> Node | None:
