@@ -255,6 +255,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 if s["train_failures"]
                 else ""
             )
+            + ("; near a limit: " + "; ".join(s["near_caps"]) if s["near_caps"] else "")
         )
     return EXIT_OK
 

@@ -3,6 +3,7 @@
 - ``/healthz`` answers 200 only when every registered check passes (Redis, the model
   worker, the platform connections) and reports the age of the last training run, so a
   container orchestrator restarts a wedged bot and a human sees *why* it is unhealthy.
+  Channels near a cap are listed under ``warnings``, which never fail it.
 - ``/metrics`` is Prometheus text from `prometheus_client`, on a private registry so
   that several engines (tests, the playground) never share counters by accident.
 - Logs carry a request id per mention (a `ContextVar`, so it follows the asyncio task
@@ -364,6 +365,7 @@ class Health:
         self.timeout = timeout
         self.checks: dict[str, HealthCheck] = {}
         self.info: dict[str, Callable[[], object]] = {}
+        self.warnings: dict[str, Callable[[], Awaitable[object]]] = {}
 
     def add(self, name: str, check: HealthCheck) -> None:
         self.checks[name] = check
@@ -371,6 +373,19 @@ class Health:
     def add_info(self, name: str, value: Callable[[], object]) -> None:
         """Reported in /healthz but never makes it fail (e.g. age of the last training)."""
         self.info[name] = value
+
+    def add_warning(self, name: str, warning: Callable[[], Awaitable[object]]) -> None:
+        """Reported under ``warnings`` in /healthz when it answers something non-empty,
+        and never makes /healthz fail: a channel near a cap is capacity, not ill health."""
+        self.warnings[name] = warning
+
+    async def _warn(self, warning: Callable[[], Awaitable[object]]) -> object:
+        try:
+            return await asyncio.wait_for(warning(), self.timeout)
+        except asyncio.TimeoutError:
+            return f"unavailable: no answer within {self.timeout:g}s"
+        except Exception as exc:  # noqa: BLE001 - a warning that fails is reported, not raised
+            return f"unavailable: {type(exc).__name__}"
 
     async def _run(self, check: HealthCheck) -> Check:
         try:
@@ -385,6 +400,11 @@ class Health:
         results = await asyncio.gather(*(self._run(self.checks[n]) for n in names))
         checks = {n: {"ok": r.ok, "detail": r.detail} for n, r in zip(names, results, strict=True)}
         body: dict = {"ok": all(r.ok for r in results), "checks": checks}
+        wnames = list(self.warnings)
+        found = await asyncio.gather(*(self._warn(self.warnings[n]) for n in wnames))
+        warnings = {n: w for n, w in zip(wnames, found, strict=True) if w}
+        if warnings:
+            body["warnings"] = warnings
         for name, fn in self.info.items():
             try:
                 body[name] = fn()
@@ -413,9 +433,21 @@ def engine_checks(health: Health, engine, train_interval: float | None = None) -
         age = None if last is None else round(time.time() - last, 1)
         return {"age_seconds": age, "interval_seconds": train_interval}
 
+    async def capacity() -> dict[str, list[str]]:
+        # counts only per channel (`channel_capacity`), like the /metrics gauges
+        from gesal_core.engine import channel_capacity
+
+        near = {}
+        for channel in await engine.store.channels():
+            found = await channel_capacity(engine.store, channel)
+            if found:
+                near[channel] = found
+        return near
+
     health.add("redis" if hasattr(engine.store, "ping") else "store", store)
     health.add("model_worker", worker)
     health.add_info("last_training", last_train)
+    health.add_warning("near_caps", capacity)
 
 
 ConnectionProbe = Callable[[], "bool | Check | Awaitable[bool | Check]"]

@@ -547,6 +547,8 @@ class ChatService:
                 f"\nThe last {s['train_failures']} training run(s) failed "
                 f"({s['train_error']}); the feedback is kept for the next one."
             )
+        if s["near_caps"]:
+            text += "\n**Near a limit**: " + "; ".join(s["near_caps"]) + "."
         return AdminResult(text, data=s)
 
     async def _admin_config(self, cmd: AdminCommand) -> AdminResult:

@@ -64,6 +64,13 @@ DOWNVOTED_KEPT = 64  # texts a node avoids repeating, newest kept
 TRAIN_FAILURES = "train_failures"  # failed runs in a row
 TRAIN_PARKED = "train_parked"  # true: scheduled runs skip the channel
 TRAIN_ERROR = "train_error"  # the last failure, one sentence
+# Capacity warnings (admin stats, /healthz): a channel is flagged before a cap bites.
+# At NEAR_CAP of `max_nodes` a new topic soon folds the least used node into another; at
+# NEAR_CAP of the store's reply retention the oldest replies (and their votes) soon drop.
+# Feedback streams have no cap, so PENDING_WARN pending events is the threshold: a parked
+# or failing channel's stream grows with every vote until an admin acts.
+NEAR_CAP = 0.9
+PENDING_WARN = 1000
 
 
 @dataclass(frozen=True)
@@ -183,12 +190,55 @@ def _follow(redirects: dict[str, str], node_id: str) -> str:
     return node_id
 
 
+def capacity_warnings(
+    *,
+    nodes: int,
+    max_nodes: int,
+    pending: int,
+    replies: int | None = None,
+    max_replies: int | None = None,
+) -> list[str]:
+    """One sentence per cap a channel is near (`NEAR_CAP`, `PENDING_WARN`); [] if none.
+
+    ``max_replies`` is None for a store without reply retention (`MemoryStore`), and
+    ``replies`` None where the caller counts no replies (/healthz reads counts only)."""
+    out = []
+    if nodes >= NEAR_CAP * max_nodes:
+        out.append(
+            f"{nodes} of {max_nodes} nodes: new topics fold the least used node into another"
+        )
+    if replies is not None and max_replies and replies >= NEAR_CAP * max_replies:
+        out.append(
+            f"{replies} of {max_replies} replies kept: the oldest replies and their votes drop"
+        )
+    if pending >= PENDING_WARN:
+        out.append(
+            f"{pending} feedback events pending (warning at {PENDING_WARN}): the stream grows "
+            "until training drains it"
+        )
+    return out
+
+
+async def channel_capacity(store: Store, channel: str) -> list[str]:
+    """`capacity_warnings` from counts only (on Redis a ZCARD, an XLEN and the config):
+    no node or reply record is read, so /healthz stays cheap whatever channels hold.
+    Replies are not counted here; admin stats show that warning."""
+    cfg = await store.get_config(channel)
+    return capacity_warnings(
+        nodes=await store.node_count(channel),
+        max_nodes=cfg.max_nodes,
+        pending=await store.pending_count(channel),
+    )
+
+
 async def channel_stats(store: Store, channel: str) -> dict:
     """A channel's nodes, votes, rewards and updates: store reads only, no model needed
     (`gesal-bot stats` answers without loading one)."""
     nodes = await store.load_nodes(channel)
     replies = await store.list_replies(channel)
     meta = await store.meta(channel)
+    config = await store.get_config(channel)
+    pending = await store.pending_count(channel)
     ups = sum(v > 0 for r in replies for v in r.votes.values())
     downs = sum(v < 0 for r in replies for v in r.votes.values())
     return {
@@ -199,7 +249,7 @@ async def channel_stats(store: Store, channel: str) -> dict:
         "votes_up": ups,
         "votes_down": downs,
         "corrections": sum(len(r.corrections) for r in replies),
-        "pending_feedback": await store.pending_count(channel),
+        "pending_feedback": pending,
         "updates": sum(n.updates for n in nodes),
         "rollbacks": sum(n.rollbacks for n in nodes),
         "mean_reward": (sum(n.reward_sum for n in nodes) / max(1, sum(n.rated for n in nodes))),
@@ -209,7 +259,15 @@ async def channel_stats(store: Store, channel: str) -> dict:
         "train_failures": int(meta.get(TRAIN_FAILURES) or 0),
         "train_parked": bool(meta.get(TRAIN_PARKED)),
         "train_error": meta.get(TRAIN_ERROR) if meta.get(TRAIN_FAILURES) else None,
-        "config": asdict(await store.get_config(channel)),
+        "config": asdict(config),
+        # caps this channel is near, one sentence each (`capacity_warnings`)
+        "near_caps": capacity_warnings(
+            nodes=len(nodes),
+            max_nodes=config.max_nodes,
+            pending=pending,
+            replies=len(replies),
+            max_replies=getattr(store, "max_replies", None),  # the store's retention
+        ),
         "node_list": [
             {
                 "id": n.node_id,

@@ -98,7 +98,7 @@ def test_compose_wiring(compose):
     redis, bot = compose["services"]["redis"], compose["services"]["bot"]
     cmd = " ".join(redis["command"])
     assert "--appendonly yes" in cmd and "--appendfsync everysec" in cmd
-    assert "noeviction" in cmd
+    assert "noeviction" in cmd and "--maxmemory 1gb" in cmd
     volume = redis["volumes"][0].split(":")[0]
     assert volume in compose["volumes"]  # a named volume, not a bind mount
     assert redis["healthcheck"]["test"][-1] == "ping"
@@ -158,6 +158,11 @@ def test_kubernetes_wiring():
     assert all(v == "" for k, v in secret["stringData"].items() if k != "REDIS_URL")
     sts = next(d for d in docs if d["kind"] == "StatefulSet")
     assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    # Redis refuses writes at maxmemory (noeviction) before the kernel kills it at the limit
+    redis = sts["spec"]["template"]["spec"]["containers"][0]
+    args = " ".join(redis["args"])
+    assert "--maxmemory 768mb" in args and "noeviction" in args
+    assert redis["resources"]["limits"]["memory"] == "1Gi"
     assert "everysec" in sts["spec"]["template"]["spec"]["containers"][0]["args"]
     # the Secret's default REDIS_URL points at the StatefulSet's stable pod name
     service = sts["spec"]["serviceName"]

@@ -423,6 +423,20 @@ def admin(name, is_admin=True, **kw):
     return AdminCommand("discord", "g1", "c1", "u1", name, is_admin, **kw)
 
 
+def test_admin_stats_say_when_a_channel_nears_a_cap(service):
+    async def go():
+        await service.handle_mention(mention())
+        res = await service.handle_admin(admin("stats"))
+        assert res.ok and "Near a limit" not in res.text and res.data["near_caps"] == []
+        res = await service.handle_admin(admin("config", args={"max_nodes": "1"}))
+        assert res.ok
+        res = await service.handle_admin(admin("stats"))
+        assert "**Near a limit**: 1 of 1 nodes: new topics fold" in res.text
+        assert res.data["near_caps"][0].startswith("1 of 1 nodes")
+
+    run(go())
+
+
 def test_admin_commands(service):
     async def go():
         for name in ("reset", "export", "import", "stats", "config", "train"):

@@ -266,6 +266,13 @@ FULL = (
     "the bot's operator needs to give it more room"
 )
 LOG_EVERY_S = 10.0  # one log line per kind of failure and interval, not one per call
+# Connections per client. A call holds its connection through its retries (and a vote
+# through WAITAOF), so during an outage calls pile up on the pool; a full pool makes new
+# calls wait up to POOL_WAIT_S for a connection rather than fail at once. The wait is a
+# little above the retry budget (~3 s), so a call queued behind a retried one still gets
+# its turn when Redis returns; past it the call is refused as unreachable.
+POOL_SIZE = 256
+POOL_WAIT_S = 10.0
 
 
 def _guarded(fn):
@@ -370,9 +377,13 @@ class RedisStore:
     def _make_client(self) -> aioredis.Redis:
         # Writes and reads are retried with backoff (~3 s in all by default) across
         # reconnects; a Redis restart that takes longer surfaces as StoreUnavailableError.
+        # The retry settings are connection settings: the client retries with the policy
+        # of the connection the command runs on.
         retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), self._retries)
-        return aioredis.Redis.from_url(
+        pool = aioredis.BlockingConnectionPool.from_url(
             self.url,
+            max_connections=POOL_SIZE,
+            timeout=POOL_WAIT_S,
             retry=retry,
             retry_on_error=[RedisConnectionError, RedisTimeoutError, BusyLoadingError],
             socket_timeout=self._socket_timeout,
@@ -380,6 +391,8 @@ class RedisStore:
             health_check_interval=30,
             decode_responses=False,
         )
+        # from_pool: the client owns the pool, so closing the client disconnects it.
+        return aioredis.Redis.from_pool(pool)
 
     @property
     def _r(self) -> aioredis.Redis:
