@@ -123,6 +123,9 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         case_sensitive=False,
         extra="ignore",  # a shared .env may hold other tools' variables
+        # every number a deployment sets is finite: an infinite interval or a NaN rate
+        # would pass the range checks' comparisons in surprising ways
+        allow_inf_nan=False,
     )
 
     # -- platforms ------------------------------------------------------------------

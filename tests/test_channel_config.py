@@ -37,6 +37,11 @@ def clean_env(monkeypatch):
         ("GESAL_REWARD_DOWN", "-11", "greater than or equal to -10"),
         ("GESAL_THRESHOLD", "nan", "finite number"),
         ("GESAL_THRESHOLD", "1.5", "less than or equal to 1"),
+        # every other number a deployment sets is finite too
+        ("GESAL_TRAIN_INTERVAL", "inf", "finite number"),
+        ("GESAL_TRAIN_MAX_WAIT", "Infinity", "finite number"),
+        ("GESAL_LEARNING_RATE", "nan", "finite number"),
+        ("GESAL_PULL", "nan", "finite number"),
     ],
 )
 def test_start_up_refuses_a_non_finite_or_out_of_range_default(clean_env, name, value, words):
