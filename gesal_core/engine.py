@@ -220,14 +220,15 @@ def capacity_warnings(
 
 
 async def channel_capacity(store: Store, channel: str) -> list[str]:
-    """`capacity_warnings` from counts only (on Redis a ZCARD, an XLEN and the config):
-    no node or reply record is read, so /healthz stays cheap whatever channels hold.
-    Replies are not counted here; admin stats show that warning."""
+    """`capacity_warnings` from counts only (on Redis two ZCARDs, an XLEN and the config):
+    no node or reply record is read, so /healthz stays cheap whatever channels hold."""
     cfg = await store.get_config(channel)
     return capacity_warnings(
         nodes=await store.node_count(channel),
         max_nodes=cfg.max_nodes,
         pending=await store.pending_count(channel),
+        replies=await store.reply_count(channel),
+        max_replies=getattr(store, "max_replies", None),  # the store's retention
     )
 
 

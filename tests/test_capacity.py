@@ -74,7 +74,8 @@ def test_healthz_lists_channels_near_a_cap_and_stays_healthy(monkeypatch):
 
     async def go():
         store = _CountsOnly()
-        await _fill(store, 9, 1, 5)
+        store.max_replies = 5  # a small retention cap, as RedisStore(max_replies=5) has
+        await _fill(store, 9, 5, 5)
         await store.set_config("discord:1:3", ChannelConfig(max_nodes=10))
         await store.save_node("discord:1:3", _node(0))  # far from its caps
         eng = SimpleNamespace(
@@ -89,7 +90,22 @@ def test_healthz_lists_channels_near_a_cap_and_stays_healthy(monkeypatch):
     near = body["warnings"]["near_caps"]
     assert list(near) == [CH]
     assert near[CH][0].startswith("9 of 10 nodes")
-    assert near[CH][1].startswith("5 feedback events pending")
+    assert near[CH][1].startswith("5 of 5 replies kept")
+    assert near[CH][2].startswith("5 feedback events pending")
+
+
+def test_redis_counts_the_replies_it_keeps(make_redis_store):
+    """/healthz's reply count is the retention set's size (a ZCARD), whatever is trimmed."""
+
+    async def go():
+        store = make_redis_store(max_replies=3)
+        try:
+            await _fill(store, 1, 5, 0)
+            return await store.reply_count(CH), len(await store.list_replies(CH))
+        finally:
+            await store.close()
+
+    assert asyncio.run(go()) == (3, 3)
 
 
 def test_healthz_has_no_warnings_when_no_channel_is_near_a_cap():

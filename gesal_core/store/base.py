@@ -71,6 +71,10 @@ class Store(Protocol):
         """How many nodes the channel has, without reading any (the /metrics gauge)."""
         ...
 
+    async def reply_count(self, channel: str) -> int:
+        """How many replies the channel keeps, without reading any (/healthz's caps)."""
+        ...
+
     async def get_node(self, channel: str, node_id: str) -> Node | None: ...
     async def save_node(self, channel: str, node: Node) -> None:
         """Write a whole node record, creating or replacing it."""

@@ -66,6 +66,9 @@ class MemoryStore:
     async def node_count(self, channel: str) -> int:
         return len(self._ch(channel).nodes)
 
+    async def reply_count(self, channel: str) -> int:
+        return len(self._ch(channel).replies)
+
     async def get_node(self, channel: str, node_id: str) -> Node | None:
         node = self._ch(channel).nodes.get(node_id)
         return copy.deepcopy(node) if node else None

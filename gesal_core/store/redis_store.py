@@ -474,6 +474,10 @@ class RedisStore:
         return int(await self._r.zcard(Keys(channel).nodes))
 
     @_guarded
+    async def reply_count(self, channel: str) -> int:
+        return int(await self._r.zcard(Keys(channel).replies))
+
+    @_guarded
     async def get_node(self, channel: str, node_id: str) -> Node | None:
         h = await self._r.hgetall(Keys(channel).node(node_id))
         return node_from_fields(node_id, h) if h else None
