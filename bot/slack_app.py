@@ -10,8 +10,13 @@
 * Corrections: a thread reply starting with ``better:`` or ✏️ corrects the bot's latest
   answer above it in that thread. It arrives as ``app_mention`` when it mentions the
   bot, or as a ``message`` event when the app subscribes to ``message.channels``.
+* A channel's key is ``slack:<team>:<channel>`` with the team that installed the bot
+  (`channel_team`), for every kind of request: in a shared (Slack Connect) channel the
+  members of every team teach, vote in and administer the same memory.
 * ``/gesal stats|config|export|import|reset|train``. Admin status is checked on every
-  call from ``users.info`` (``is_admin``/``is_owner``) or ``SLACK_ADMIN_USERS``.
+  call from ``users.info`` (``is_admin``/``is_owner``) or ``SLACK_ADMIN_USERS``. The
+  answer goes to the command's ``response_url`` (ephemeral, to the user who typed it),
+  so it arrives also in conversations the bot is not a member of.
   ``/gesal reset`` answers with Block Kit buttons (reset / cancel); pressing "reset"
   arrives as a signed ``block_actions`` request, and the bot checks again, on its own
   side, that the presser is the admin who asked and is still an admin, before anything
@@ -39,7 +44,7 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.response import BoltResponse
-from slack_sdk.errors import SlackApiError
+from slack_sdk.errors import SlackApiError, SlackRequestError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from .observability import Check, Health, connection_check, request_context
@@ -210,6 +215,30 @@ def parse_command(text: str) -> tuple[str, dict[str, str], list[str]]:
     return words[0].lower(), args, rest
 
 
+def channel_team(body: dict, context=None, event: dict | None = None) -> str:
+    """The team a channel's key (``slack:<team>:<channel>``) is stored under, for every
+    kind of request: the workspace that installed the bot, so one channel has one key
+    whoever acts in it.
+
+    In a shared (Slack Connect) channel ``event.team``/``user_team`` name the actor's
+    team and the body's ``team_id`` the team the event came from, both of which differ
+    from member to member. Bolt's ``context.team_id`` is the installing workspace
+    (``authorizations[0].team_id`` for events, the request's team for commands and
+    buttons); the body's ``team_id``, then ``team.id`` (``null`` in org-wide installs),
+    then ``event.team`` stand in only when it is missing."""
+    team = context.get("team_id") if context is not None else None
+    if team:
+        return str(team)
+    body_team = body.get("team")
+    event = event or {}
+    return str(
+        body.get("team_id")
+        or (body_team.get("id") if isinstance(body_team, dict) else body_team)
+        or event.get("team")
+        or "T"
+    )
+
+
 HELP = (
     "Usage: `/gesal stats` · `/gesal config [threshold=0.8] [reward_up=1] [reward_down=-2]` · "
     "`/gesal export` · `/gesal import <file id>` (upload the export to this channel first) · "
@@ -253,11 +282,6 @@ class SlackBot:
         """Release the shared de-duplication's Redis connection, if there is one."""
         await self.deduper.close()
 
-    @staticmethod
-    def _team(body: dict, event: dict | None = None) -> str:
-        event = event or {}
-        return event.get("team") or body.get("team_id") or body.get("team", {}).get("id") or "T"
-
     # -- mentions and corrections ---------------------------------------------------------
     async def on_mention(self, body: dict, event: dict, client: AsyncWebClient, context) -> None:
         if event.get("thread_ts") and parse_correction(strip_mentions(event.get("text", ""))):
@@ -272,7 +296,7 @@ class SlackBot:
         ctx, more = await self._thread_context(client, channel, event, context.bot_user_id)
         mention = Mention(
             PLATFORM,
-            self._team(body, event),
+            channel_team(body, context, event),
             channel,
             event.get("user", ""),
             strip_mentions(event.get("text", "")),
@@ -356,7 +380,7 @@ class SlackBot:
         result = await self.service.handle_correction(
             Correction(
                 PLATFORM,
-                self._team(body, event),
+                channel_team(body, context, event),
                 channel,
                 event.get("user", ""),
                 ts,
@@ -398,7 +422,7 @@ class SlackBot:
         await self.service.handle_reaction(
             Reaction(
                 PLATFORM,
-                self._team(body),
+                channel_team(body, context, event),
                 item["channel"],
                 event.get("user", ""),
                 item["ts"],
@@ -444,24 +468,26 @@ class SlackBot:
             return False
         return bool(info.get("is_admin") or info.get("is_owner") or info.get("is_primary_owner"))
 
-    async def on_command(self, ack, command: dict, client: AsyncWebClient) -> None:
-        await ack()  # within 3 s; the work and its answer follow as an ephemeral message
+    async def on_command(
+        self, ack, command: dict, client: AsyncWebClient, context, respond
+    ) -> None:
+        await ack()  # within 3 s; the work and its answer follow through response_url
         name, args, rest = parse_command(command.get("text", ""))
         channel, user = command["channel_id"], command["user_id"]
         if name == "help":
-            await self._tell(client, channel, user, HELP)
+            await self._reply(respond, HELP)
             return
         admin = await self.is_admin(client, user)
         file = None
         if name == "import" and admin:  # a non-admin's file is never fetched
             file = await self._download_export(client, rest)
             if isinstance(file, str):  # an explanation, not bytes
-                await self._tell(client, channel, user, file)
+                await self._reply(respond, file)
                 return
         result = await self.service.handle_admin(
             AdminCommand(
                 PLATFORM,
-                command.get("team_id") or "T",
+                channel_team(command, context),
                 channel,
                 user,
                 name,
@@ -470,12 +496,12 @@ class SlackBot:
                 file=file,
             )
         )
-        await self._render(client, channel, user, result)
+        await self._render(client, respond, channel, user, result)
 
-    async def _render(self, client, channel: str, user: str, result: AdminResult) -> None:
+    async def _render(self, client, respond, channel: str, user: str, result: AdminResult) -> None:
         text = result.text
         if result.needs_confirmation:
-            await self._tell(client, channel, user, text, confirm_blocks(text, channel, user))
+            await self._reply(respond, text, confirm_blocks(text, channel, user))
             return
         if result.files:
             try:
@@ -487,9 +513,32 @@ class SlackBot:
                     ],
                 )
                 return
-            except SlackApiError as exc:
-                text = f"I could not upload the files ({_err(exc)})."
-        await self._tell(client, channel, user, text)
+            except (SlackApiError, SlackRequestError) as exc:
+                # SlackApiError: an API step refused (files.getUploadURLExternal,
+                # files.completeUploadExternal); SlackRequestError: the upload of the
+                # bytes themselves failed, whose message carries the status and body
+                reason = _err(exc) if isinstance(exc, SlackApiError) else "the upload failed"
+                log.warning("could not upload the export to %s: %s", channel, exc)
+                text = f"I could not upload the export files ({reason})."
+        await self._reply(respond, text)
+
+    @staticmethod
+    async def _reply(respond, text: str, blocks: list | None = None) -> None:
+        """Answer a slash command through its ``response_url``: ephemeral, seen only by
+        the user who typed it, and delivered in any conversation the command can be
+        typed in, also those the bot is not a member of (where ``chat.postEphemeral``
+        answers ``channel_not_found``)."""
+        try:
+            resp = await respond(text=text, blocks=blocks, response_type="ephemeral")
+        except Exception as exc:  # noqa: BLE001 - no response_url, network, timeout
+            log.warning("could not answer /gesal: %s: %s", type(exc).__name__, exc)
+            return
+        if resp.status_code != 200:
+            log.warning(
+                "could not answer /gesal: response_url answered HTTP %d %s",
+                resp.status_code,
+                (resp.body or "")[:200],
+            )
 
     @staticmethod
     async def _tell(
@@ -501,7 +550,9 @@ class SlackBot:
             log.warning("could not answer /gesal: %s", _err(exc))
 
     # -- the reset buttons -----------------------------------------------------------------
-    async def on_reset_confirm(self, ack, body: dict, action: dict, respond, client) -> None:
+    async def on_reset_confirm(
+        self, ack, body: dict, action: dict, respond, client, context
+    ) -> None:
         """The "reset" button. The request is signed by Slack, but whoever presses it is
         checked here again: the admin who asked, and still an admin (``users.info``)."""
         await ack()
@@ -516,11 +567,10 @@ class SlackBot:
                 respond, client, channel, user, "Only the admin who asked can confirm this."
             )
             return
-        team = body.get("team", {}).get("id") or body.get("user", {}).get("team_id") or "T"
         result = await self.service.handle_admin(
             AdminCommand(
                 PLATFORM,
-                team,
+                channel_team(body, context),
                 channel,
                 user,
                 "reset",
@@ -538,7 +588,8 @@ class SlackBot:
         )
 
     async def _answer(self, respond, client, channel: str, user: str, text: str) -> None:
-        """Replace the ephemeral prompt (so its buttons cannot be pressed twice)."""
+        """Replace the ephemeral prompt (so its buttons cannot be pressed twice); a new
+        ephemeral message when there is no ``response_url`` or it cannot be reached."""
         try:
             await respond(text=text, replace_original=True)
         except Exception as exc:  # noqa: BLE001 - no response_url, or it expired
@@ -746,6 +797,7 @@ __all__ = [
     "RedisEventDeduper",
     "SlackBot",
     "build_app",
+    "channel_team",
     "event_deduper",
     "file_url_allowed",
     "make_bot",

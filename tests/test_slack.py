@@ -21,11 +21,12 @@ from bot.service import ChatService
 from bot.settings import load_settings
 from bot.slack_app import RESET_CANCEL, RESET_CONFIRM, build_app, make_bot, parse_command
 
-from .fakes.slack import BOT_TOKEN, BOT_USER, TEAM, FakeSlack
+from .fakes.slack import BOT_TOKEN, BOT_USER, TEAM, FakeSlack, event_callback
 from .fakes.tiny import make_engine
 
 SECRET = "test-signing-secret"
 KEY = f"slack:{TEAM}:C1"
+TEAM_FIELD = {"id": TEAM, "domain": "town"}  # a ``block_actions`` payload's ``team``
 
 
 def sign(body: str, ts: int | None = None, secret: str = SECRET) -> dict:
@@ -68,48 +69,54 @@ class Harness:
         async with self.http.post(self.url, data=body.encode(), headers=headers) as resp:
             return resp.status, await resp.text()
 
-    async def event(self, event: dict, event_id: str | None = None, retry: int = 0):
-        body = self.event_body(event, event_id)
+    async def event(
+        self,
+        event: dict,
+        event_id: str | None = None,
+        retry: int = 0,
+        actor_team: str | None = None,
+    ):
+        body = self.event_body(event, event_id, actor_team)
         headers = sign(body)
         if retry:
             headers |= {"X-Slack-Retry-Num": str(retry), "X-Slack-Retry-Reason": "http_timeout"}
         return await self.post(body, headers, "application/json")
 
-    def event_body(self, event: dict, event_id: str | None = None) -> str:
-        """An Events API request body, as Slack sends it."""
+    def event_body(
+        self, event: dict, event_id: str | None = None, actor_team: str | None = None
+    ) -> str:
+        """An Events API request body, as Slack sends it (see `event_callback`)."""
         self.n += 1
-        return json.dumps(
-            {
-                "token": "legacy",
-                "team_id": TEAM,
-                "api_app_id": "A1",
-                "type": "event_callback",
-                "event_id": event_id or f"Ev{self.n:04d}",
-                "event_time": int(time.time()),
-                "event": event,
-                "authorizations": [{"team_id": TEAM, "user_id": BOT_USER, "is_bot": True}],
-            }
-        )
+        return json.dumps(event_callback(event, event_id or f"Ev{self.n:04d}", actor_team))
 
-    async def command(self, text: str, user: str = "U2") -> tuple[int, str]:
+    async def command(self, text: str, user: str = "U2", channel: str = "C1") -> tuple[int, str]:
         body = urllib.parse.urlencode(
             {
                 "command": "/gesal",
                 "text": text,
                 "user_id": user,
-                "channel_id": "C1",
+                "channel_id": channel,
                 "team_id": TEAM,
-                "response_url": self.fake.url + "/response",
+                # the URL names whom Slack delivers its answers to, for the fake to record
+                "response_url": self.fake.url
+                + "/response?"
+                + urllib.parse.urlencode({"user": user, "channel": channel}),
                 "trigger_id": "t1",
             }
         )
         return await self.post(body, sign(body), "application/x-www-form-urlencoded")
 
     async def click(
-        self, blocks: list[dict], action_id: str, user: str, secret: str = SECRET
+        self,
+        blocks: list[dict],
+        action_id: str,
+        user: str,
+        secret: str = SECRET,
+        team: dict | None = TEAM_FIELD,
     ) -> tuple[int, str]:
         """Press a button of an ephemeral message: a signed ``block_actions`` request,
-        built the way Slack builds it from the message's blocks."""
+        built the way Slack builds it from the message's blocks. ``team=None`` is how an
+        org-wide install's payload names it."""
         button = next(
             e
             for b in blocks
@@ -124,7 +131,7 @@ class Harness:
             "token": "legacy",
             "container": {"type": "message", "channel_id": "C1", "is_ephemeral": True},
             "trigger_id": "t2",
-            "team": {"id": TEAM, "domain": "town"},
+            "team": team,
             "channel": {"id": "C1", "name": "general"},
             "response_url": self.fake.url + "/response",
             "actions": [
@@ -296,11 +303,11 @@ def test_slash_commands_admin_check_and_file_round_trip(engine, settings):
                 await until(lambda: fake.called("chat.postMessage"))
 
                 for sub in ("stats", "export", "reset", "config threshold=0.1", "train"):
-                    before = len(fake.called("chat.postEphemeral"))
+                    before = len(fake.responses)
                     status, _ = await h.command(sub, user="U2")
                     assert status == 200
-                    await until(lambda b=before: len(fake.called("chat.postEphemeral")) > b)
-                    said = fake.called("chat.postEphemeral")[-1]
+                    await until(lambda b=before: len(fake.responses) > b)
+                    said = fake.responses[-1]
                     assert "only admins" in said["text"] and said["user"] == "U2", sub
                 assert not fake.uploads
                 assert (await engine.stats(KEY))["nodes"] == 1
@@ -320,22 +327,19 @@ def test_slash_commands_admin_check_and_file_round_trip(engine, settings):
 
                 # the allow-listed user resets (with the button) and imports it back
                 await h.command("reset", user="U9")
-                await until(lambda: "blocks" in fake.called("chat.postEphemeral")[-1])
+                await until(lambda: fake.responses and "blocks" in fake.responses[-1])
                 assert (await engine.stats(KEY))["nodes"] == 1
-                blocks = fake.called("chat.postEphemeral")[-1]["blocks"]
+                blocks = fake.responses[-1]["blocks"]
+                before = len(fake.responses)
                 assert (await h.click(blocks, RESET_CONFIRM, user="U9"))[0] == 200
-                await until(lambda: fake.responses)
+                await until(lambda: len(fake.responses) > before)
                 assert "has been reset" in fake.responses[-1]["text"]
                 assert (await engine.stats(KEY))["nodes"] == 0
                 await h.command(f"import {fid}", user="U9")
-                await until(
-                    lambda: "Imported 1 nodes" in fake.called("chat.postEphemeral")[-1]["text"]
-                )
+                await until(lambda: "Imported 1 nodes" in fake.responses[-1]["text"])
                 assert (await engine.stats(KEY))["nodes"] == 1
                 await h.command("import FNOTTHERE1", user="U9")
-                await until(
-                    lambda: "file_not_found" in fake.called("chat.postEphemeral")[-1]["text"]
-                )
+                await until(lambda: "file_not_found" in fake.responses[-1]["text"])
         finally:
             await fake.stop()
 
@@ -355,10 +359,10 @@ def test_reset_buttons_recheck_the_presser_on_the_server(engine, settings):
                 await until(lambda: fake.called("chat.postMessage"))
 
                 async def prompt(user: str) -> list[dict]:
-                    before = len(fake.called("chat.postEphemeral"))
+                    before = len(fake.responses)
                     await h.command("reset", user=user)
-                    await until(lambda: len(fake.called("chat.postEphemeral")) > before)
-                    said = fake.called("chat.postEphemeral")[-1]
+                    await until(lambda: len(fake.responses) > before)
+                    said = fake.responses[-1]
                     assert "cannot be undone" in said["text"] and said["user"] == user
                     blocks = said["blocks"]
                     return json.loads(blocks) if isinstance(blocks, str) else blocks
@@ -390,11 +394,95 @@ def test_reset_buttons_recheck_the_presser_on_the_server(engine, settings):
                 assert "has been reset" in await pressed(blocks, RESET_CONFIRM, "UADMIN")
                 assert (await engine.stats(KEY))["nodes"] == 0
                 # non-admins never get the buttons
-                before = len(fake.called("chat.postEphemeral"))
+                before = len(fake.responses)
                 await h.command("reset", user="U2")
-                await until(lambda: len(fake.called("chat.postEphemeral")) > before)
-                said = fake.called("chat.postEphemeral")[-1]
+                await until(lambda: len(fake.responses) > before)
+                said = fake.responses[-1]
                 assert "only admins" in said["text"] and not said.get("blocks")
+        finally:
+            await fake.stop()
+
+    asyncio.run(go())
+
+
+def test_reset_button_of_an_org_wide_install_with_a_null_team(engine, settings):
+    async def go():
+        fake = await FakeSlack().start()
+        try:
+            async with Harness(engine, settings, fake) as h:
+                q = fake.add_message("C1", text="hi", user="U2")
+                await h.event(mention_event(f"<@{BOT_USER}> hello world", q["ts"]))
+                await until(lambda: fake.called("chat.postMessage"))
+                await h.command("reset", user="U9")
+                await until(lambda: fake.responses and "blocks" in fake.responses[-1])
+                blocks = fake.responses[-1]["blocks"]
+                before = len(fake.responses)
+                status, _ = await h.click(blocks, RESET_CONFIRM, user="U9", team=None)
+                assert status == 200
+                await until(lambda: len(fake.responses) > before)
+                assert "has been reset" in fake.responses[-1]["text"]
+                assert (await engine.stats(KEY))["nodes"] == 0
+        finally:
+            await fake.stop()
+
+    asyncio.run(go())
+
+
+def test_a_failed_export_upload_is_told_to_the_admin_and_logged(engine, settings, caplog):
+    import logging
+
+    async def go():
+        fake = await FakeSlack(upload_status=500).start()
+        try:
+            async with Harness(engine, settings, fake) as h:
+                q = fake.add_message("C1", text="hi", user="U2")
+                await h.event(mention_event(f"<@{BOT_USER}> hello world", q["ts"]))
+                await until(lambda: fake.called("chat.postMessage"))
+                with caplog.at_level(logging.WARNING, logger="bot.slack_app"):
+                    await h.command("export", user="U9")
+                    await until(lambda: fake.responses)
+                said = fake.responses[-1]
+                assert said["user"] == "U9"
+                assert "could not upload the export" in said["text"]
+                assert not any(u.get("completed") for u in fake.uploads.values())
+                assert any(
+                    "could not upload the export" in r.getMessage() and "500" in r.getMessage()
+                    for r in caplog.records
+                )
+        finally:
+            await fake.stop()
+
+    asyncio.run(go())
+
+
+def test_commands_are_answered_where_the_bot_is_not_a_member(engine, settings, caplog):
+    """``/gesal`` works in any conversation it can be typed in: the answer goes to the
+    command's ``response_url``, which Slack delivers to the user who typed it, also
+    where ``chat.postEphemeral`` answers ``channel_not_found``."""
+    import logging
+
+    async def go():
+        fake = await FakeSlack(not_in={"COUT"}).start()
+        try:
+            async with Harness(engine, settings, fake) as h:
+                assert (await h.command("stats", user="U9", channel="COUT"))[0] == 200
+                await until(lambda: fake.responses)
+                said = fake.responses[-1]
+                assert said["user"] == "U9" and said["channel"] == "COUT"
+                assert (
+                    said["response_type"] == "ephemeral" and "Graph of this channel" in said["text"]
+                )
+                # when Slack refuses the answer too, the reason is logged
+                fake.response_status = 404
+                with caplog.at_level(logging.WARNING, logger="bot.slack_app"):
+                    await h.command("stats", user="U9", channel="COUT")
+                    await until(
+                        lambda: any("could not answer" in r.getMessage() for r in caplog.records)
+                    )
+                said = next(
+                    r.getMessage() for r in caplog.records if "could not answer" in r.getMessage()
+                )
+                assert "404" in said and "expired_url" in said
         finally:
             await fake.stop()
 
@@ -638,6 +726,46 @@ def test_reactions_by_other_bots_do_not_count(engine, settings):
     asyncio.run(go())
 
 
+def test_shared_channel_members_of_other_teams_share_one_channel_key(engine, settings):
+    """Slack Connect: the question comes from a member of T_EXT, the vote from a member
+    of T_THIRD; both belong to the channel of the workspace that installed the bot."""
+    shared = f"slack:{TEAM}:C222"
+
+    async def go():
+        fake = await FakeSlack(users={"UADMIN": {"is_admin": True}}).start()
+        try:
+            async with Harness(engine, settings, fake) as h:
+                q = fake.add_message("C222", text="hi", user="UEXT")
+                ev = mention_event(f"<@{BOT_USER}> hello world", q["ts"], user="UEXT")
+                ev["channel"] = "C222"
+                await h.event(ev, actor_team="T_EXT")
+                await until(lambda: fake.called("chat.postMessage"))
+                reply_ts = fake.messages["C222"][-1]["ts"]
+                reply_id = await engine.reply_for_message(shared, reply_ts)
+                assert reply_id is not None
+                vote = {
+                    "type": "reaction_added",
+                    "user": "UTHIRD",
+                    "reaction": "+1",
+                    "item": {"type": "message", "channel": "C222", "ts": reply_ts},
+                    "item_user": BOT_USER,
+                    "event_ts": fake.next_ts(),
+                }
+                await h.event(vote, actor_team="T_THIRD")
+                await until(lambda: engine.store._ch(shared).replies[reply_id].votes)
+                assert (await engine.store.get_reply(shared, reply_id)).votes == {"UTHIRD": 1}
+
+                # the host workspace's admin sees that memory in /gesal stats
+                before = len(fake.responses)
+                await h.command("stats", user="UADMIN", channel="C222")
+                await until(lambda: len(fake.responses) > before)
+                assert "1 nodes" in fake.responses[-1]["text"]
+        finally:
+            await fake.stop()
+
+    asyncio.run(go())
+
+
 # -- importing a file: admins only, Slack's file host only, bounded --------------------------
 
 
@@ -701,10 +829,10 @@ def test_import_checks_admin_first_stays_on_slack_and_is_capped(engine, settings
             async with Harness(engine, settings, fake) as h, FileThief() as thief:
 
                 async def said(text: str, user: str = "U9") -> str:
-                    before = len(fake.called("chat.postEphemeral"))
+                    before = len(fake.responses)
                     await h.command(text, user=user)
-                    await until(lambda: len(fake.called("chat.postEphemeral")) > before)
-                    return fake.called("chat.postEphemeral")[-1]["text"]
+                    await until(lambda: len(fake.responses) > before)
+                    return fake.responses[-1]["text"]
 
                 small = fake.add_file("gesal.json", b'{"format": "gesal-graph"}')
                 # a member: refused before Slack is even asked about the file
@@ -755,8 +883,8 @@ def test_the_default_allow_list_refuses_a_file_off_slack(engine, settings):
                 h.bot.file_origins = make_bot(service, settings, client=client).file_origins
                 fid = fake.add_file("gesal.json", b'{"format": "gesal-graph"}')
                 await h.command(f"import {fid}", user="U9")
-                await until(lambda: fake.called("chat.postEphemeral"))
-                assert "not on Slack's file host" in fake.called("chat.postEphemeral")[-1]["text"]
+                await until(lambda: fake.responses)
+                assert "not on Slack's file host" in fake.responses[-1]["text"]
                 assert fake.downloads == []
         finally:
             await fake.stop()
@@ -867,14 +995,14 @@ def test_redis_down_members_see_no_address_and_logs_no_password(
                 await h.event(mention_event(f"<@{BOT_USER}> hello world", q["ts"]))
                 await until(lambda: fake.called("chat.postMessage"))
                 await h.command("stats", user="U9")
-                await until(lambda: fake.called("chat.postEphemeral"))
+                await until(lambda: fake.responses)
                 health = Health()
                 engine_checks(health, eng)
                 ok, body = await health.report()
                 assert not ok and not body["checks"]["redis"]["ok"]
                 return (
                     fake.called("chat.postMessage")[0]["text"],
-                    fake.called("chat.postEphemeral")[0]["text"],
+                    fake.responses[0]["text"],
                     json.dumps(body),
                 )
         finally:

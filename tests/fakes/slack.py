@@ -11,12 +11,38 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import time
 from dataclasses import dataclass, field
 
 from aiohttp import WSMsgType, web
 
 BOT_TOKEN = "xoxb-test-token"
 BOT_USER, BOT_ID, TEAM = "UBOT", "BBOT", "T1"
+
+
+def event_callback(event: dict, event_id: str, actor_team: str | None = None) -> dict:
+    """An Events API request body, as Slack sends it to the app installed in `TEAM`.
+
+    ``actor_team``: the event happens in a shared (Slack Connect) channel and the actor
+    is a member of that other team. Slack then names the actor's team in ``event.team``
+    and ``event.user_team`` and in the body's ``team_id`` (the team the event comes
+    from), marks the body ``is_ext_shared_channel``, and only ``authorizations`` names
+    the workspace that installed the app."""
+    body = {
+        "token": "legacy",
+        "team_id": TEAM,
+        "api_app_id": "A1",
+        "type": "event_callback",
+        "event_id": event_id,
+        "event_time": int(time.time()),
+        "event": event,
+        "authorizations": [{"team_id": TEAM, "user_id": BOT_USER, "is_bot": True}],
+    }
+    if actor_team is not None:
+        body["team_id"] = actor_team
+        body["is_ext_shared_channel"] = True
+        body["event"] = {**event, "team": actor_team, "user_team": actor_team}
+    return body
 
 
 @dataclass
@@ -34,6 +60,9 @@ class FakeSlack:
     socket_acks: list[dict] = field(default_factory=list)
     responses: list[dict] = field(default_factory=list)  # bodies POSTed to response_url
     downloads: list[str] = field(default_factory=list)  # file ids requested from /download
+    not_in: set[str] = field(default_factory=set)  # channels the bot is not a member of
+    response_status: int = 200  # what response_url answers (404: an expired URL)
+    upload_status: int = 200  # what the upload URL answers (500: the file host fails)
     url: str = ""
 
     def __post_init__(self) -> None:
@@ -130,6 +159,8 @@ class FakeSlack:
         return {"channel": args["channel"], "ts": msg["ts"], "message": msg}
 
     def _m_chat_postEphemeral(self, args):
+        if args["channel"] in self.not_in:  # as Slack answers outside the bot's channels
+            return {"error": "channel_not_found"}
         return {"message_ts": self.next_ts()}
 
     def _m_reactions_add(self, args):
@@ -187,6 +218,8 @@ class FakeSlack:
         fid = request.match_info["fid"]
         if fid not in self.uploads:
             return web.Response(status=404)
+        if self.upload_status != 200:
+            return web.Response(status=self.upload_status, text="upload failed")
         post = await request.post()
         part = post.get("file")
         data = part.file.read() if hasattr(part, "file") else await request.read()
@@ -205,8 +238,13 @@ class FakeSlack:
         return web.Response(body=f["data"])
 
     async def _response(self, request: web.Request) -> web.Response:
-        """A slash command's or button's ``response_url`` (no token: the URL is the key)."""
-        self.responses.append(await request.json())
+        """A slash command's or button's ``response_url`` (no token: the URL is the key).
+        Each body is recorded with the URL's query (tests put ``user`` and ``channel``
+        there, to see whom an answer reaches: Slack knows it from the URL)."""
+        body = {**request.query, **await request.json()}
+        if self.response_status != 200:
+            return web.Response(status=self.response_status, text="expired_url")
+        self.responses.append(body)
         return web.Response(text="ok")
 
     # -- Socket Mode ---------------------------------------------------------------------
