@@ -8,8 +8,11 @@
   Reactions by bots never count: the bot's own, and any user ``users.info`` calls a
   bot (``is_bot``, remembered per user), so another app cannot vote.
 * Corrections: a thread reply starting with ``better:`` or ✏️ corrects the bot's latest
-  answer above it in that thread. It arrives as ``app_mention`` when it mentions the
-  bot, or as a ``message`` event when the app subscribes to ``message.channels``.
+  answer above it in that thread, also when it is sent to the channel too
+  (``thread_broadcast``). It arrives as ``app_mention`` when it mentions the bot, or as
+  a ``message`` event when the app subscribes to ``message.channels``.
+* Web API calls answered 429 are sent again after ``Retry-After`` (`with_retries`), so
+  one rate-limited ``chat.postMessage`` does not lose an answer.
 * A channel's key is ``slack:<team>:<channel>`` with the team that installed the bot
   (`channel_team`), for every kind of request: in a shared (Slack Connect) channel the
   members of every team teach, vote in and administer the same memory.
@@ -45,6 +48,11 @@ import aiohttp
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.response import BoltResponse
 from slack_sdk.errors import SlackApiError, SlackRequestError
+from slack_sdk.http_retry.async_handler import AsyncRetryHandler
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler,
+    AsyncRateLimitErrorRetryHandler,
+)
 from slack_sdk.web.async_client import AsyncWebClient
 
 from .observability import Check, Health, connection_check, request_context
@@ -66,6 +74,9 @@ log = logging.getLogger(__name__)
 PLATFORM = "slack"
 CORRECTION_ACK = "white_check_mark"
 THINKING = "eyes"
+# Message subtypes that can carry a correction: a thread reply posted with "also send
+# to channel". Plain replies have no subtype.
+CORRECTION_SUBTYPES = frozenset({"thread_broadcast"})
 _FILE_ID = re.compile(r"\bF[A-Z0-9]{6,}\b")
 RESET_CONFIRM, RESET_CANCEL = "gesal_reset_confirm", "gesal_reset_cancel"
 
@@ -82,6 +93,11 @@ MAX_REDIRECTS = 3  # followed only while they stay on an allowed origin
 DEDUPE_TTL_S = 3600
 DEDUPE_PREFIX = "gesal:slack:event:"
 KNOWN_USERS = 10_000  # users whose bot flag is remembered (least recently seen go first)
+# A Web API call answered 429 (``ratelimited``) is sent again after its ``Retry-After``,
+# at most this many times, so one rate-limited ``chat.postMessage`` does not lose an
+# answer and a throttled workspace does not hold a listener for long.
+RATE_LIMIT_RETRIES = 2
+CONNECTION_RETRIES = 2  # a reset or dropped connection to Slack is retried this often
 
 
 def _err(exc: SlackApiError) -> str:
@@ -351,8 +367,17 @@ class SlackBot:
         ], more
 
     async def on_message(self, body: dict, event: dict, client: AsyncWebClient, context) -> None:
-        """Plain thread messages: only corrections matter (mentions come as app_mention)."""
-        if event.get("subtype") or event.get("bot_id") or not event.get("thread_ts"):
+        """Plain thread messages: only corrections matter (mentions come as app_mention).
+
+        A reply also sent to the channel (``thread_broadcast``) is a thread reply like
+        any other; every other subtype (edits, deletions, ``bot_message``…) and anything
+        a bot posts, the bot's own broadcasts included, is not a correction."""
+        subtype = event.get("subtype")
+        if subtype and subtype not in CORRECTION_SUBTYPES:
+            return
+        if event.get("bot_id") or not event.get("thread_ts"):
+            return
+        if context.bot_user_id and event.get("user") == context.bot_user_id:
             return
         text = event.get("text", "")
         if context.bot_user_id and f"<@{context.bot_user_id}>" in text:
@@ -690,6 +715,25 @@ def build_app(
     return make_bot(service, settings, client, file_origins=file_origins).app
 
 
+def retry_handlers() -> list[AsyncRetryHandler]:
+    """slack-sdk's retry handlers for rate limits (429, sent again after
+    ``Retry-After``) and for connections to Slack that drop or reset."""
+    return [
+        AsyncRateLimitErrorRetryHandler(max_retry_count=RATE_LIMIT_RETRIES),
+        AsyncConnectionErrorRetryHandler(max_retry_count=CONNECTION_RETRIES),
+    ]
+
+
+def with_retries(client: AsyncWebClient) -> AsyncWebClient:
+    """``client`` with each of `retry_handlers` whose kind it lacks (a handler the
+    caller configured stays as it is). Bolt's per-request clients copy the app client's
+    handlers, so every listener's ``client`` retries too."""
+    handlers = list(client.retry_handlers or [])
+    kinds = {type(h) for h in handlers}
+    client.retry_handlers = handlers + [h for h in retry_handlers() if type(h) not in kinds]
+    return client
+
+
 def make_bot(
     service: ChatService,
     settings: Settings,
@@ -703,7 +747,11 @@ def make_bot(
     token = settings.slack_bot_token.get_secret_value()
     secret = settings.slack_signing_secret
     app = AsyncApp(
-        client=client or AsyncWebClient(token=token),
+        client=(
+            with_retries(client)
+            if client is not None
+            else AsyncWebClient(token=token, retry_handlers=retry_handlers())
+        ),
         token=None if client else token,
         signing_secret=secret.get_secret_value() if secret else None,
         # Socket Mode needs no signature; HTTP mode always has a secret (settings check)
@@ -803,4 +851,5 @@ __all__ = [
     "make_bot",
     "parse_command",
     "run_slack",
+    "with_retries",
 ]

@@ -692,7 +692,7 @@ def test_reactions_by_other_bots_do_not_count(engine, settings):
                 await h.event(mention_event(f"<@{BOT_USER}> hello world", q["ts"]))
                 await until(lambda: fake.called("chat.postMessage"))
                 reply_ts = fake.messages["C1"][-1]["ts"]
-                reply_id = await engine.reply_for_message(KEY, reply_ts)
+                reply_id = await linked_reply(engine, reply_ts)
 
                 def reaction(user: str, name: str = "+1", **extra) -> dict:
                     return {
@@ -720,6 +720,109 @@ def test_reactions_by_other_bots_do_not_count(engine, settings):
                 assert looked_up("UHELPER") == 1 and looked_up("U3") == 1
                 assert looked_up("UAPP") == 0 and looked_up(BOT_USER) == 0
                 assert await engine.pending(KEY) == 1
+        finally:
+            await fake.stop()
+
+    asyncio.run(go())
+
+
+async def linked_reply(engine, ts: str, timeout: float = 20.0) -> str:
+    """The reply id the bot links to its message ``ts``, once the listener has linked it
+    (that happens just after ``chat.postMessage`` returns)."""
+    for _ in range(int(timeout / 0.05)):
+        reply_id = await engine.reply_for_message(KEY, ts)
+        if reply_id is not None:
+            return reply_id
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no reply linked to {ts}")
+
+
+def test_a_rate_limited_answer_is_posted_after_retry_after(engine, settings):
+    """Slack refuses the answer's ``chat.postMessage`` once with 429 and ``Retry-After:
+    1``: the client sends it again after that second, and the posted answer is linked to
+    its message, so a 👍 on it counts."""
+
+    async def go():
+        fake = await FakeSlack(rate_limited={"chat.postMessage": 1}).start()
+        try:
+            async with Harness(engine, settings, fake) as h:
+                q = fake.add_message("C1", text=f"<@{BOT_USER}> hello world", user="U2")
+                await h.event(mention_event(f"<@{BOT_USER}> hello world", q["ts"]))
+                await until(lambda: fake.messages["C1"][-1].get("user") == BOT_USER)
+                assert len(fake.called("chat.postMessage")) == 2
+                assert fake.rate_limited["chat.postMessage"] == 0
+                reply_ts = fake.messages["C1"][-1]["ts"]
+                reply_id = await linked_reply(engine, reply_ts)
+                await h.event(
+                    {
+                        "type": "reaction_added",
+                        "user": "U3",
+                        "reaction": "+1",
+                        "item": {"type": "message", "channel": "C1", "ts": reply_ts},
+                        "item_user": BOT_USER,
+                        "event_ts": fake.next_ts(),
+                    }
+                )
+                await until(lambda: engine.store._ch(KEY).replies[reply_id].votes)
+                assert (await engine.store.get_reply(KEY, reply_id)).votes == {"U3": 1}
+        finally:
+            await fake.stop()
+
+    asyncio.run(go())
+
+
+def test_a_correction_also_sent_to_the_channel_counts(engine, settings):
+    """A ``better:`` reply posted with "also send to channel" arrives as a message of
+    subtype ``thread_broadcast``: it corrects the answer like a plain thread reply. The
+    bot's own broadcasts, edits, deletions and other bots' messages correct nothing."""
+
+    async def go():
+        fake = await FakeSlack().start()
+        try:
+            async with Harness(engine, settings, fake) as h:
+                q = fake.add_message("C1", text=f"<@{BOT_USER}> hello world", user="U2")
+                await h.event(mention_event(f"<@{BOT_USER}> hello world", q["ts"]))
+                await until(lambda: fake.called("chat.postMessage"))
+                reply_ts = fake.messages["C1"][-1]["ts"]
+                reply_id = await linked_reply(engine, reply_ts)
+
+                def message(text: str, stored: bool = False, **extra) -> dict:
+                    """A message event in the answer's thread; ``stored``: the fake's
+                    thread holds it too (the ignored ones stay out of it, so the answer
+                    remains the bot's latest message above the correction)."""
+                    msg = {"text": text, "thread_ts": q["ts"], "ts": fake.next_ts(), **extra}
+                    if stored:
+                        fake.add_message("C1", **msg)
+                    return {"type": "message", "channel": "C1", "channel_type": "channel", **msg}
+
+                ignored = [
+                    message("better: from the bot", user=BOT_USER, bot_id="BBOT"),
+                    message("better: no bot id", user=BOT_USER),
+                    message("better: another app", bot_id="B2", subtype="bot_message"),
+                ]
+                for ev in ignored:
+                    ev["subtype"] = ev.get("subtype", "thread_broadcast")
+                edited = message("better: edited", user="U4")
+                edited |= {"subtype": "message_changed", "message": {"text": "better: edited"}}
+                deleted = message("better: deleted", user="U4", subtype="message_deleted")
+                for ev in [*ignored, edited, deleted]:
+                    await h.event(ev)
+                await asyncio.sleep(0.5)
+                assert not fake.called("reactions.add") or all(
+                    a["name"] != "white_check_mark" for a in fake.called("reactions.add")
+                )
+                assert not (await engine.store.get_reply(KEY, reply_id)).corrections
+
+                fix = message("better: Hi there!", True, user="U3", subtype="thread_broadcast")
+                await h.event(fix)
+                await until(
+                    lambda: any(
+                        a["name"] == "white_check_mark" and a["timestamp"] == fix["ts"]
+                        for a in fake.called("reactions.add")
+                    )
+                )
+                corr = (await engine.store.get_reply(KEY, reply_id)).corrections
+                assert [(c["text"], c["user"]) for c in corr] == [("Hi there!", "U3")]
         finally:
             await fake.stop()
 

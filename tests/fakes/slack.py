@@ -63,6 +63,8 @@ class FakeSlack:
     not_in: set[str] = field(default_factory=set)  # channels the bot is not a member of
     response_status: int = 200  # what response_url answers (404: an expired URL)
     upload_status: int = 200  # what the upload URL answers (500: the file host fails)
+    # method -> how many of its next calls Slack refuses as rate-limited (HTTP 429)
+    rate_limited: dict[str, int] = field(default_factory=dict)
     url: str = ""
 
     def __post_init__(self) -> None:
@@ -137,6 +139,11 @@ class FakeSlack:
             )
         if token != BOT_TOKEN:
             return web.json_response({"ok": False, "error": "invalid_auth"})
+        if self.rate_limited.get(method):
+            self.rate_limited[method] -= 1
+            return web.json_response(
+                {"ok": False, "error": "ratelimited"}, status=429, headers={"Retry-After": "1"}
+            )
         handler = getattr(self, "_m_" + method.replace(".", "_"), None)
         if handler is None:
             return web.json_response({"ok": False, "error": "unknown_method"})
