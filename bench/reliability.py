@@ -70,6 +70,8 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from bench.common import PROMPTS
+
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("bench.reliability")
 WORKSPACE = "bench"
@@ -82,20 +84,7 @@ UNKNOWN = "unknown"  # a refused vote may or may not have landed
 # the options a result file records
 SETTINGS = ("kills", "restarts", "down", "pause", "tokens", "train_round", "lock_ttl",
             "claim_ms", "grace", "guard", "seed", "threads")  # fmt: skip
-QUESTIONS = [
-    "What is the capital of France and why is it famous?",
-    "Can you explain what a black hole is in simple words?",
-    "Give me three tips for learning to play the guitar.",
-    "How do I reverse a list in Python?",
-    "What should I cook for dinner tonight with rice and eggs?",
-    "Why is the sky blue?",
-    "Write a short poem about autumn leaves.",
-    "What is the difference between weather and climate?",
-    "How many planets are in the solar system?",
-    "Recommend a good science fiction book.",
-    "What does HTTP stand for?",
-    "How can I improve my sleep?",
-]
+QUESTIONS = PROMPTS[:12]  # the generation benchmarks' community questions
 BETTER = [
     "Paris is the capital of France.",
     "Sure, here is a short answer!",

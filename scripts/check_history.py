@@ -1,7 +1,8 @@
 """Fail on development history in the project's own text: the project speaks of itself.
 
 Code, comments, docs and output describe the project as it is. How it got there (numbered
-rounds of work, issue numbers, "our dev machine") belongs in git history and issue notes.
+rounds of work, issue numbers, the developers' own machines) belongs in git history and
+issue notes.
 This scans every tracked text file (or the paths given) and prints each offending line.
 
     python scripts/check_history.py            # every tracked file; exit 1 on a finding

@@ -8,11 +8,9 @@ downloaded.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -23,12 +21,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from bot.launch import serve
-from bot.observability import OpsSettings
-from bot.settings import load_settings
-
 from .chromium import headless_chromium
-from .fakes.tiny import make_engine
+from .playground_server import PlaygroundServer
 from .system_deps import MissingSystemPackage
 
 
@@ -38,56 +32,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerThread:
-    """`serve()` on its own event loop in a thread; stop() cancels it like Ctrl-C."""
-
-    def __init__(self, tokenizer, port: int) -> None:
-        self.tokenizer, self.port = tokenizer, port
-        self.url: str | None = None
-        self.ready = threading.Event()
-        self.error: BaseException | None = None
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._main, daemon=True)
-
-    def _main(self) -> None:
-        settings = load_settings(
-            None,
-            redis_url="memory://",
-            gesal_playground_port=self.port,
-            gesal_rate_user=100,
-            gesal_train_interval=3600,
-        )
-
-        async def factory(store):
-            return make_engine(self.tokenizer, store, threshold=0.9999)
-
-        async def on_ready(_runtime, url) -> None:
-            self.url = url
-            self.ready.set()
-
-        self.task = self.loop.create_task(
-            serve(settings, OpsSettings(), ["local"], engine_factory=factory, ready=on_ready)
-        )
-        try:
-            self.loop.run_until_complete(self.task)
-        except asyncio.CancelledError:
-            pass
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            self.error = exc
-            self.ready.set()
-
-    def start(self) -> str:
-        self.thread.start()
-        assert self.ready.wait(60), "the playground did not start"
-        if self.error:
-            raise self.error
-        return self.url  # type: ignore[return-value]
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.task.cancel)
-        self.thread.join(30)
-
-
 @pytest.fixture
 def server(tiny_tokenizer, monkeypatch):
     for name in list(os.environ):
@@ -95,7 +39,7 @@ def server(tiny_tokenizer, monkeypatch):
             "GESAL_CACHE_DIR",
         ):
             monkeypatch.delenv(name, raising=False)
-    srv = ServerThread(tiny_tokenizer, _free_port())
+    srv = PlaygroundServer(tiny_tokenizer, _free_port(), gesal_rate_user=100)
     url = srv.start()
     yield srv, url
     srv.stop()

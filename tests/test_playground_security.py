@@ -16,7 +16,6 @@ import json
 import os
 import re
 import socket
-import threading
 import uuid
 from unittest import mock
 
@@ -30,7 +29,7 @@ from bot.playground.guard import Guard, check_bind, is_loopback
 from bot.settings import SettingsError, load_settings
 from gesal_core.engine import Engine
 
-from .fakes.tiny import make_engine
+from .playground_server import PlaygroundServer
 
 LAB = "playground:local:lab"
 EVIL = "http://evil.example"
@@ -42,58 +41,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    """`serve()` on its own event loop in a thread, keeping the runtime for reads."""
+class Server(PlaygroundServer):
+    """The playground with generous rate limits, and raw HTTP under the test's control."""
 
     def __init__(self, tokenizer, port: int) -> None:
-        self.tokenizer, self.port = tokenizer, port
-        self.runtime = None
-        self.ready = threading.Event()
-        self.error: BaseException | None = None
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._main, daemon=True)
-
-    def _main(self) -> None:
-        settings = load_settings(
-            None,
-            redis_url="memory://",
-            gesal_playground_port=self.port,
-            gesal_rate_user=1000,
-            gesal_rate_channel=1000,
-            gesal_train_interval=3600,
-        )
-
-        async def factory(store):
-            return make_engine(self.tokenizer, store, threshold=0.9999)
-
-        async def on_ready(runtime, _url) -> None:
-            self.runtime = runtime
-            self.ready.set()
-
-        self.task = self.loop.create_task(
-            serve(settings, OpsSettings(), ["local"], engine_factory=factory, ready=on_ready)
-        )
-        try:
-            self.loop.run_until_complete(self.task)
-        except asyncio.CancelledError:
-            pass
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            self.error = exc
-            self.ready.set()
-
-    def start(self) -> None:
-        self.thread.start()
-        assert self.ready.wait(60), "the playground did not start"
-        if self.error:
-            raise self.error
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.task.cancel)
-        self.thread.join(30)
-
-    def run(self, coro):
-        """Await ``coro`` on the server's loop (the store belongs to it)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+        super().__init__(tokenizer, port, gesal_rate_user=1000, gesal_rate_channel=1000)
 
     # -- raw HTTP, every header under the test's control ---------------------------------
     def send(

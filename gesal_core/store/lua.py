@@ -121,6 +121,19 @@ return redis.call('ZCARD', KEYS[3])
 """,
 )
 
+# The part of RESET and REPLACE that erases a channel's node and reply records (KEYS[1],
+# KEYS[2]: its node and reply sets; ARGV[1]: its key prefix); `n` counts what went.
+ERASE_RECORDS = """
+local n = 0
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  n = n + redis.call('UNLINK', ARGV[1] .. ':node:' .. id)
+end
+for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  local r = ARGV[1] .. ':reply:' .. id
+  n = n + redis.call('UNLINK', r, r .. ':corr')
+end
+"""
+
 # KEYS: nodes zset, replies zset, then the channel's fixed keys (messages, feedback,
 # config, meta, seq). ARGV: the channel's key prefix ``gesal:{ch}``.
 # One step, so a concurrent write lands wholly before (erased) or wholly after it. The
@@ -132,15 +145,8 @@ return redis.call('ZCARD', KEYS[3])
 # after a reset are trained as usual.
 RESET = Script(
     "reset",
-    """
-local n = 0
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  n = n + redis.call('UNLINK', ARGV[1] .. ':node:' .. id)
-end
-for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  local r = ARGV[1] .. ':reply:' .. id
-  n = n + redis.call('UNLINK', r, r .. ':corr')
-end
+    ERASE_RECORDS
+    + """
 return n + redis.call('UNLINK', unpack(KEYS))
 """,
 )
@@ -173,15 +179,9 @@ for _, id in ipairs(replies) do
     return redis.error_reply('STAGED the staged import is incomplete')
   end
 end
-local n = 0
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  n = n + redis.call('UNLINK', ARGV[1] .. ':node:' .. id)
-end
-for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  local r = ARGV[1] .. ':reply:' .. id
-  n = n + redis.call('UNLINK', r, r .. ':corr')
-end
-n = n + redis.call('UNLINK', unpack(KEYS, 1, 7))
+"""
+    + ERASE_RECORDS
+    + """n = n + redis.call('UNLINK', unpack(KEYS, 1, 7))
 local function move(from, to)
   redis.call('RENAME', from, to)
   redis.call('PERSIST', to)
