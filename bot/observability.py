@@ -218,6 +218,12 @@ class Metrics:
         self.reply_errors = Counter(
             "gesal_reply_errors", "Mentions that failed to get a reply", ["platform"], registry=r
         )
+        self.undelivered = Counter(
+            "gesal_undelivered",
+            "Answers and admin command results the platform refused to post, by kind",
+            ["platform", "kind"],
+            registry=r,
+        )
         self.votes = Counter("gesal_votes", "Votes recorded, by value", ["value"], registry=r)
         self.corrections = Counter("gesal_corrections", "Corrections recorded", registry=r)
         self.pending = Gauge(

@@ -155,7 +155,7 @@ async def build_runtime(
     closers.append(close_engine)
     engine = MeteredEngine(raw, metrics)
     engine_checks(health, engine, settings.gesal_train_interval)
-    service = ChatService(engine, settings)  # type: ignore[arg-type]
+    service = ChatService(engine, settings, metrics=metrics)  # type: ignore[arg-type]
     closers.append(service.close)
     runtime = Runtime(settings, engine, service, metrics, health, store_kind, closers=closers)
     runtime.scheduler = await _start_scheduler(runtime)

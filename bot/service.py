@@ -15,8 +15,7 @@ where to reply). Direct messages use ``workspace="dm"``.
 Typical adapter flow::
 
     parts = await service.handle_mention(Mention(...))
-    ids = [await send(chunk) for chunk in parts.chunks]      # platform calls
-    await service.link_reply(parts, ids)                      # so reactions find it
+    await service.deliver(parts, post)      # post(chunk) -> message id, or PostError
     ...
     await service.handle_reaction(Reaction(...))              # on reaction add/remove
     result = await service.handle_admin(AdminCommand(...))    # render result.text/files
@@ -40,7 +39,7 @@ from gesal_core.errors import GesalError
 from gesal_core.records import ConfigError
 from gesal_core.snapshot import SnapshotError
 
-from .observability import current_request_id, request_context
+from .observability import Metrics, current_request_id, request_context
 from .ratelimit import MentionLimits, RateLimiter, mention_limits
 from .settings import Settings
 from .text import LIMITS, parse_correction, split_message, vote_for_emoji
@@ -179,6 +178,34 @@ class ReplyParts:
         return self.kind == "answer"
 
 
+class PostError(Exception):
+    """An adapter could not post a message (after its client's own retries).
+
+    ``reason`` is one short phrase for the operator's log: the platform's error code
+    (``channel_not_found``, ``Missing Permissions``), ``rate limited``, a network error."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# Posts one chunk (in order, each after the previous) and returns its platform message id.
+Post = Callable[[str], Awaitable[str]]
+UndeliveredKind = Literal["answer", "command"]
+
+
+@dataclass
+class Delivery:
+    """What `ChatService.deliver` posted: the message ids, and why it stopped early."""
+
+    message_ids: list[str]
+    error: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.error is None
+
+
 @dataclass
 class Attachment:
     name: str
@@ -261,10 +288,12 @@ class ChatService:
         settings: Settings,
         on_feedback: Callable[[str, str], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
         self.settings = settings
         self.on_feedback = on_feedback
+        self.metrics = metrics
         # shared by every process when the store is Redis (see bot.ratelimit)
         self.limits: MentionLimits = mention_limits(
             engine.store, settings.gesal_rate_user, settings.gesal_rate_channel, clock
@@ -372,6 +401,50 @@ class ChatService:
             z_version=out.z_version,
             new_node=out.new_node,
         )
+
+    async def deliver(self, parts: ReplyParts, post: Post) -> Delivery:
+        """Post an answer's chunks in order and link the posted ones to the reply, so
+        reactions on any of them count.
+
+        ``post`` raises `PostError` when the platform refuses (its client has already
+        retried rate limits and dropped connections). Posting stops at the first
+        failure, which is logged and counted (``gesal_undelivered{kind="answer"}``). An
+        answer of which nothing was posted is discarded: no member can ever see, vote
+        on or correct it, so it must not sit in the channel's history as a reply.
+        """
+        ids: list[str] = []
+        error = None
+        for chunk in parts.chunks:
+            try:
+                ids.append(str(await post(chunk)))
+            except PostError as exc:
+                error = exc.reason
+                break
+        if ids:
+            await self.link_reply(parts, ids)
+        elif parts.reply_id is not None:
+            try:
+                await self.engine.discard_reply(parts.channel_key, parts.reply_id)
+            except Exception as exc:  # noqa: BLE001 - it expires with the history anyway
+                log.warning("could not discard unposted reply %s: %s", parts.reply_id, exc)
+        if error is not None:
+            what = "the answer was discarded" if not ids else "the rest was dropped"
+            self.undelivered(
+                parts.channel_key.split(":", 1)[0],
+                "answer",
+                f"{len(ids)} of {len(parts.chunks)} message(s) posted in "
+                f"{parts.channel_key}, {what}: {error}",
+            )
+        else:
+            log.info("posted %d message(s) in %s", len(ids), parts.channel_key)
+        return Delivery(ids, error)
+
+    def undelivered(self, platform: str, kind: UndeliveredKind, detail: str) -> None:
+        """Log and count something the bot had to say but could not post: an answer
+        (`deliver`) or an admin command's result (the adapters)."""
+        log.warning("could not post %s on %s: %s", kind, platform, detail)
+        if self.metrics is not None:
+            self.metrics.undelivered.labels(platform, kind).inc()
 
     async def link_reply(self, parts: ReplyParts, message_ids: list[str]) -> None:
         """Record the platform ids of the posted chunks, so reactions on them count."""

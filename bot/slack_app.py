@@ -64,16 +64,19 @@ from .service import (
     ContextMessage,
     Correction,
     Mention,
+    PostError,
     Reaction,
     strip_mentions,
 )
 from .settings import Settings, SettingsError
+from .slack_threads import ThreadReader
 from .text import parse_correction
 
 log = logging.getLogger(__name__)
 PLATFORM = "slack"
 CORRECTION_ACK = "white_check_mark"
 THINKING = "eyes"
+UNDELIVERED = "warning"  # on a question whose answer Slack refused to post
 # Message subtypes that can carry a correction: a thread reply posted with "also send
 # to channel". Plain replies have no subtype.
 CORRECTION_SUBTYPES = frozenset({"thread_broadcast"})
@@ -106,6 +109,20 @@ def _err(exc: SlackApiError) -> str:
     if isinstance(data, dict) and data.get("error"):
         return str(data["error"])
     return f"HTTP {getattr(exc.response, 'status_code', '?')}"
+
+
+# What a Web API call raises once the client's retries are spent: Slack refused
+# (SlackApiError), an upload failed (SlackRequestError), or the network did.
+WEB_ERRORS = (SlackApiError, SlackRequestError, aiohttp.ClientError, TimeoutError)
+
+
+def _why(exc: BaseException) -> str:
+    """A Web API call's failure in a few words: Slack's error code, or the kind of
+    network failure (the client has already retried rate limits and dropped
+    connections)."""
+    if isinstance(exc, SlackApiError):
+        return _err(exc)
+    return type(exc).__name__
 
 
 class EventDeduper:
@@ -275,6 +292,7 @@ class SlackBot:
     ) -> None:
         self.app, self.service, self.settings = app, service, settings
         self.file_origins = file_origins
+        self.threads = ThreadReader()
         self.deduper = event_deduper(service.engine.store)
         self._bots: OrderedDict[str, bool] = OrderedDict()  # user id -> users.info is_bot
         app.middleware(self.dedupe_retries)
@@ -326,22 +344,17 @@ class SlackBot:
             parts = await self.service.handle_mention(mention)
         finally:
             await self._react(client, "reactions_remove", channel, ts, THINKING)
-        ids = []
-        for chunk in parts.chunks:
+
+        async def post(chunk: str) -> str:
             try:
                 resp = await client.chat_postMessage(channel=channel, thread_ts=thread, text=chunk)
-            except SlackApiError as exc:
-                log.warning("could not post in %s: %s", channel, _err(exc))
-                break
-            ids.append(resp["ts"])
-        await self.service.link_reply(parts, ids)
-        log.info(
-            "posted %d of %d message(s) in %s (event %s)",
-            len(ids),
-            len(parts.chunks),
-            channel,
-            body.get("event_id", "-"),
-        )
+            except WEB_ERRORS as exc:
+                raise PostError(_why(exc)) from exc
+            return str(resp["ts"])
+
+        delivery = await self.service.deliver(parts, post)
+        if not delivery.message_ids:  # the member sees the question was not forgotten
+            await self._react(client, "reactions_add", channel, ts, UNDELIVERED)
 
     async def _thread_context(
         self, client: AsyncWebClient, channel: str, event: dict, bot_user: str | None
@@ -351,19 +364,18 @@ class SlackBot:
         if not thread or not limit:
             return [], False
         try:
-            resp = await client.conversations_replies(channel=channel, ts=thread, limit=200)
-        except SlackApiError as exc:  # missing history scope: answer without context
-            log.warning("cannot read thread %s: %s", thread, _err(exc))
+            earlier, more = await self.threads.before(client, channel, thread, event["ts"], limit)
+        except WEB_ERRORS as exc:
+            # e.g. a missing history scope: answer without the context
+            log.warning("cannot read thread %s: %s", thread, _why(exc))
             return [], False
-        earlier = [m for m in resp.get("messages", []) if float(m["ts"]) < float(event["ts"])]
-        more = len(earlier) > limit or bool(resp.get("has_more"))
         return [
             ContextMessage(
                 m.get("user") or m.get("bot_id", "bot"),
                 strip_mentions(m.get("text", "")),
                 is_bot=bool(m.get("bot_id")) or m.get("user") == bot_user,
             )
-            for m in earlier[-limit:]
+            for m in earlier
         ], more
 
     async def on_message(self, body: dict, event: dict, client: AsyncWebClient, context) -> None:
@@ -386,21 +398,18 @@ class SlackBot:
             await self._correction(body, event, client, context)
 
     async def _correction(self, body: dict, event: dict, client: AsyncWebClient, context) -> None:
+        """A correction replies to the bot's newest answer above it in the thread."""
         channel, ts = event["channel"], event["ts"]
+
+        def mine(m: dict) -> bool:
+            return m.get("user") == context.bot_user_id or m.get("bot_id") == context.bot_id
+
         try:
-            resp = await client.conversations_replies(
-                channel=channel, ts=event["thread_ts"], limit=200
-            )
-        except SlackApiError as exc:
-            log.warning("cannot read thread for a correction: %s", _err(exc))
+            answer = await self.threads.last(client, channel, event["thread_ts"], ts, mine)
+        except WEB_ERRORS as exc:
+            log.warning("cannot read thread for a correction: %s", _why(exc))
             return
-        mine = [
-            m
-            for m in resp.get("messages", [])
-            if float(m["ts"]) < float(ts)
-            and (m.get("user") == context.bot_user_id or m.get("bot_id") == context.bot_id)
-        ]
-        if not mine:
+        if answer is None:
             return
         result = await self.service.handle_correction(
             Correction(
@@ -409,23 +418,26 @@ class SlackBot:
                 channel,
                 event.get("user", ""),
                 ts,
-                mine[-1]["ts"],
+                answer["ts"],
                 strip_mentions(event.get("text", "")),
             )
         )
         if result.status == "corrected":
             await self._react(client, "reactions_add", channel, ts, CORRECTION_ACK)
         elif result.status == "error":
-            await client.chat_postMessage(
-                channel=channel, thread_ts=event["thread_ts"], text=result.message
-            )
+            try:
+                await client.chat_postMessage(
+                    channel=channel, thread_ts=event["thread_ts"], text=result.message
+                )
+            except WEB_ERRORS as exc:
+                log.warning("could not say why a correction failed: %s", _why(exc))
 
     @staticmethod
     async def _react(client: AsyncWebClient, method: str, channel: str, ts: str, name: str):
         try:
             await getattr(client, method)(channel=channel, timestamp=ts, name=name)
-        except SlackApiError as exc:  # cosmetic: never fail an answer over it
-            log.debug("%s %s failed: %s", method, name, _err(exc))
+        except WEB_ERRORS as exc:  # cosmetic: never fail an answer over it
+            log.debug("%s %s failed: %s", method, name, _why(exc))
 
     # -- reactions -----------------------------------------------------------------------
     async def on_reaction_added(
@@ -547,32 +559,26 @@ class SlackBot:
                 text = f"I could not upload the export files ({reason})."
         await self._reply(respond, text)
 
-    @staticmethod
-    async def _reply(respond, text: str, blocks: list | None = None) -> None:
+    async def _reply(self, respond, text: str, blocks: list | None = None) -> None:
         """Answer a slash command through its ``response_url``: ephemeral, seen only by
         the user who typed it, and delivered in any conversation the command can be
         typed in, also those the bot is not a member of (where ``chat.postEphemeral``
         answers ``channel_not_found``)."""
-        try:
-            resp = await respond(text=text, blocks=blocks, response_type="ephemeral")
-        except Exception as exc:  # noqa: BLE001 - no response_url, network, timeout
-            log.warning("could not answer /gesal: %s: %s", type(exc).__name__, exc)
-            return
-        if resp.status_code != 200:
-            log.warning(
-                "could not answer /gesal: response_url answered HTTP %d %s",
-                resp.status_code,
-                (resp.body or "")[:200],
-            )
+        failed = await self._respond(respond, text=text, blocks=blocks, response_type="ephemeral")
+        if failed:
+            self.service.undelivered(PLATFORM, "command", f"/gesal answer not delivered: {failed}")
 
     @staticmethod
-    async def _tell(
-        client: AsyncWebClient, channel: str, user: str, text: str, blocks: list | None = None
-    ) -> None:
+    async def _respond(respond, **message) -> str | None:
+        """Send through ``response_url``; None when Slack took it, else why not (the
+        URL is missing or expired after 30 minutes, or Slack cannot be reached)."""
         try:
-            await client.chat_postEphemeral(channel=channel, user=user, text=text, blocks=blocks)
-        except SlackApiError as exc:
-            log.warning("could not answer /gesal: %s", _err(exc))
+            resp = await respond(**message)
+        except Exception as exc:  # noqa: BLE001 - no response_url, network, timeout
+            return f"{type(exc).__name__}: {exc}"
+        if resp.status_code != 200:
+            return f"response_url answered HTTP {resp.status_code} {(resp.body or '')[:200]}"
+        return None
 
     # -- the reset buttons -----------------------------------------------------------------
     async def on_reset_confirm(
@@ -614,12 +620,20 @@ class SlackBot:
 
     async def _answer(self, respond, client, channel: str, user: str, text: str) -> None:
         """Replace the ephemeral prompt (so its buttons cannot be pressed twice); a new
-        ephemeral message when there is no ``response_url`` or it cannot be reached."""
+        ephemeral message when there is no ``response_url`` or it cannot be reached
+        (``chat.postEphemeral``, which works where the bot is a member)."""
+        failed = await self._respond(respond, text=text, replace_original=True)
+        if failed is None:
+            return
+        log.info("response_url failed (%s); answering with a new message", failed)
         try:
-            await respond(text=text, replace_original=True)
-        except Exception as exc:  # noqa: BLE001 - no response_url, or it expired
-            log.info("response_url failed (%s); answering with a new message", exc)
-            await self._tell(client, channel, user, text)
+            await client.chat_postEphemeral(channel=channel, user=user, text=text)
+        except WEB_ERRORS as exc:
+            self.service.undelivered(
+                PLATFORM,
+                "command",
+                f"reset answer not delivered: {failed}; chat.postEphemeral: {_why(exc)}",
+            )
 
     async def _download_export(self, client: AsyncWebClient, rest: list[str]) -> bytes | str:
         """The export's bytes, or one sentence saying why not (the caller checked that

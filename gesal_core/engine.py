@@ -538,6 +538,11 @@ class Engine:
         """Remember which platform message carries a reply, so reactions can find it."""
         await self.store.link_message(channel, reply_id, str(message_id))
 
+    async def discard_reply(self, channel: str, reply_id: str) -> None:
+        """Forget a reply that could not be posted: nobody can vote on or correct it,
+        so keeping it would only hold a place in the channel's reply history."""
+        await self.store.drop_reply(channel, reply_id)
+
     async def reply_for_message(self, channel: str, message_id: str) -> str | None:
         return await self.store.reply_for_message(channel, str(message_id))
 

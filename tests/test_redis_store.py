@@ -162,6 +162,26 @@ def test_replies_votes_messages_and_retention(make_redis_store):
     run(go())
 
 
+def test_a_dropped_reply_leaves_nothing_behind(make_redis_store):
+    """An answer that could not be posted is dropped: record, message link and its place
+    in the retention order go, on Redis and in memory alike; an unknown id is a no-op."""
+    from gesal_core.store.memory import MemoryStore
+
+    async def go():
+        for s in (make_redis_store(), MemoryStore()):
+            await s.put_reply(CH, reply("r1"))
+            await s.put_reply(CH, reply("r2"))
+            await s.link_message(CH, "r2", "m2")
+            await s.drop_reply(CH, "r2")
+            await s.drop_reply(CH, "nope")
+            assert await s.get_reply(CH, "r2") is None
+            assert await s.reply_for_message(CH, "m2") is None
+            assert [r.reply_id for r in await s.list_replies(CH)] == ["r1"]
+            assert await s.reply_count(CH) == 1
+
+    run(go())
+
+
 def test_commit_applies_and_acks_atomically(make_redis_store):
     async def go():
         s = make_redis_store()

@@ -17,6 +17,7 @@ from aiohttp import web
 from pydantic import SecretStr
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot.observability import Metrics
 from bot.service import ChatService
 from bot.settings import load_settings
 from bot.slack_app import RESET_CANCEL, RESET_CONFIRM, build_app, make_bot, parse_command
@@ -27,6 +28,14 @@ from .fakes.tiny import make_engine
 SECRET = "test-signing-secret"
 KEY = f"slack:{TEAM}:C1"
 TEAM_FIELD = {"id": TEAM, "domain": "town"}  # a ``block_actions`` payload's ``team``
+
+
+def undelivered(h: Harness, kind: str) -> float:
+    """What ``gesal_undelivered_total{platform="slack", kind=...}`` reads now."""
+    value = h.metrics.registry.get_sample_value(
+        "gesal_undelivered_total", {"platform": "slack", "kind": kind}
+    )
+    return value or 0.0
 
 
 def sign(body: str, ts: int | None = None, secret: str = SECRET) -> dict:
@@ -42,7 +51,8 @@ class Harness:
     def __init__(self, engine, settings, fake: FakeSlack) -> None:
         self.engine, self.fake = engine, fake
         client = AsyncWebClient(token=BOT_TOKEN, base_url=fake.api_url)
-        self.service = ChatService(engine, settings)
+        self.metrics = Metrics()
+        self.service = ChatService(engine, settings, metrics=self.metrics)
         # the fake serves files on loopback: the only file host this bot may fetch from
         self.bot = make_bot(self.service, settings, client=client, file_origins=(fake.url,))
         self.app = self.bot.app
@@ -290,7 +300,10 @@ def test_every_log_line_of_a_mention_carries_one_request_id(engine, settings, ca
             by_rid.setdefault(r.request_id, set()).add(r.name)
     assert len(by_rid) == 2, by_rid
     for names in by_rid.values():
-        assert {"bot.slack_app", "bot.service", "bot.observability"} <= names
+        assert {"bot.service", "bot.observability"} <= names
+    # "posted" is logged after the service has answered, inside the adapter's context
+    posted = [r for r in caplog.records if r.getMessage().startswith("posted")]
+    assert len(posted) == 2 and {r.request_id for r in posted} == set(by_rid)
 
 
 def test_slash_commands_admin_check_and_file_round_trip(engine, settings):
@@ -472,15 +485,14 @@ def test_commands_are_answered_where_the_bot_is_not_a_member(engine, settings, c
                 assert (
                     said["response_type"] == "ephemeral" and "Graph of this channel" in said["text"]
                 )
-                # when Slack refuses the answer too, the reason is logged
+                # when Slack refuses the answer too, the reason is logged and counted
+                assert undelivered(h, "command") == 0
                 fake.response_status = 404
-                with caplog.at_level(logging.WARNING, logger="bot.slack_app"):
+                with caplog.at_level(logging.WARNING, logger="bot"):
                     await h.command("stats", user="U9", channel="COUT")
-                    await until(
-                        lambda: any("could not answer" in r.getMessage() for r in caplog.records)
-                    )
+                    await until(lambda: undelivered(h, "command") == 1)
                 said = next(
-                    r.getMessage() for r in caplog.records if "could not answer" in r.getMessage()
+                    r.getMessage() for r in caplog.records if "not delivered" in r.getMessage()
                 )
                 assert "404" in said and "expired_url" in said
         finally:
@@ -1124,3 +1136,141 @@ def test_redis_down_members_see_no_address_and_logs_no_password(
     # the operator's log names the server, secret masked
     where = "/nonexistent/gesal/redis.sock" if url.startswith("unix") else f"127.0.0.1:{port}"
     assert f"{where}" in logs and "***" in logs
+
+
+def thread_reply(fake: FakeSlack, thread: str, text: str, user: str = "U4") -> dict:
+    """A member's reply in a thread, as the fake's history holds it and as the
+    ``message`` event that announces it."""
+    msg = fake.add_message("C1", text=text, user=user, thread_ts=thread)
+    return {"type": "message", "channel": "C1", "channel_type": "channel", **msg}
+
+
+def test_a_long_thread_is_read_from_its_newest_end(engine, settings):
+    """213 messages, 30 s apart, read by an app whose pages hold 15 messages: the
+    context of a question is the 10 messages just before it, a correction at the end
+    corrects the bot's last answer (not one on the thread's first page), and a second
+    question reads only what was posted since, in one request."""
+    from decimal import Decimal
+
+    seen: list[list[dict]] = []
+
+    async def go():
+        fake = await FakeSlack(replies_page_max=15, tick=Decimal(30)).start()
+        try:
+            async with Harness(engine, settings, fake) as h:
+                build = h.service.build_messages
+
+                def spy(m):
+                    messages, cut = build(m)
+                    seen.append(messages)
+                    return messages, cut
+
+                h.service.build_messages = spy  # type: ignore[method-assign]
+                parent = fake.add_message("C1", text="a long discussion", user="U2")
+                thread = parent["ts"]
+
+                async def ask(text: str) -> str:
+                    q = fake.add_message("C1", text=f"<@{BOT_USER}> {text}", user="U2")
+                    q["thread_ts"] = thread
+                    n = len(fake.called("chat.postMessage"))
+                    await h.event(mention_event(q["text"], q["ts"], thread_ts=thread))
+                    await until(lambda: len(fake.called("chat.postMessage")) == n + 1)
+                    return fake.messages["C1"][-1]["ts"]
+
+                first = await ask("what is redis?")
+                for i in range(195):
+                    thread_reply(fake, thread, f"chatter {i}")
+                before = len(fake.called("conversations.replies"))
+                last = await ask("and what is a stream?")
+                reads = fake.called("conversations.replies")[before:]
+                assert [m["content"] for m in seen[-1][-11:-1]] == [
+                    f"U4: chatter {i}" for i in range(185, 195)
+                ]
+                assert seen[-1][-1]["content"] == "and what is a stream?"
+                assert len(reads) <= 3, reads  # not the 14 pages from the thread's start
+                for i in range(5):
+                    thread_reply(fake, thread, f"more chatter {i}")
+                fix = thread_reply(fake, thread, "better: Streams are append-only logs.", "U3")
+                assert len(fake.messages["C1"]) == 1 + 2 * 2 + 195 + 6 == 206
+                await h.event(fix)
+                await until(lambda: fake.called("reactions.add")[-1]["timestamp"] == fix["ts"])
+                fixed = await engine.store.get_reply(KEY, await linked_reply(engine, last))
+                old = await engine.store.get_reply(KEY, await linked_reply(engine, first))
+                assert [c["text"] for c in fixed.corrections] == ["Streams are append-only logs."]
+                assert not old.corrections
+
+                # the cache: a question after more replies costs one request, for them
+                for i in range(6):
+                    thread_reply(fake, thread, f"late {i}")
+                before = len(fake.called("conversations.replies"))
+                await ask("one more")
+                reads = fake.called("conversations.replies")[before:]
+                assert len(reads) == 1 and Decimal(reads[0]["oldest"]) >= Decimal(fix["ts"])
+                assert [m["content"] for m in seen[-1][-11:-1]][-6:] == [
+                    f"U4: late {i}" for i in range(6)
+                ]
+        finally:
+            await fake.stop()
+
+    asyncio.run(go())
+
+
+def test_an_answer_slack_refuses_is_discarded_counted_and_flagged(engine, settings, caplog):
+    """``chat.postMessage`` keeps failing (``not_in_channel``; then 429 more times than
+    the client retries): the answer is not kept as a reply nobody can vote on, the
+    failure is logged with Slack's reason and counted, and the question gets a
+    :warning: so its author knows."""
+    import logging
+
+    async def go():
+        fake = await FakeSlack(errors={"chat.postMessage": "not_in_channel"}).start()
+        try:
+            async with Harness(engine, settings, fake) as h:
+                with caplog.at_level(logging.WARNING, logger="bot"):
+                    q = fake.add_message("C1", text=f"<@{BOT_USER}> hello", user="U2")
+                    await h.event(mention_event(q["text"], q["ts"]))
+                    await until(lambda: undelivered(h, "answer") == 1)
+                    await until(
+                        lambda: any(a["name"] == "warning" for a in fake.called("reactions.add"))
+                    )
+                    assert await engine.store.reply_count(KEY) == 0
+                    said = [r.getMessage() for r in caplog.records if "answer" in r.getMessage()]
+                    assert any("not_in_channel" in s and "discarded" in s for s in said), said
+
+                    del fake.errors["chat.postMessage"]
+                    fake.rate_limited["chat.postMessage"] = 3  # the client retries twice
+                    q = fake.add_message("C1", text=f"<@{BOT_USER}> again", user="U2")
+                    await h.event(mention_event(q["text"], q["ts"]))
+                    await until(lambda: undelivered(h, "answer") == 2, timeout=30)
+                    assert len(fake.called("chat.postMessage")) == 1 + 3
+                    assert await engine.store.reply_count(KEY) == 0
+        finally:
+            await fake.stop()
+
+    asyncio.run(go())
+
+
+def test_a_button_answer_falls_back_when_its_response_url_fails(engine, settings, caplog):
+    """Pressing "Cancel" after the prompt's ``response_url`` expired (HTTP 404): the
+    answer comes as a new ephemeral message; when that fails too, it is counted."""
+
+    async def go():
+        fake = await FakeSlack().start()
+        try:
+            async with Harness(engine, settings, fake) as h:
+                await h.command("reset", user="U9")
+                await until(lambda: fake.responses)
+                blocks = fake.responses[-1]["blocks"]
+                fake.response_status = 404
+                assert (await h.click(blocks, RESET_CANCEL, "U9"))[0] == 200
+                await until(lambda: fake.called("chat.postEphemeral"))
+                said = fake.called("chat.postEphemeral")[-1]
+                assert said["user"] == "U9" and said["text"] == "Nothing was reset."
+                assert undelivered(h, "command") == 0
+                fake.errors["chat.postEphemeral"] = "channel_not_found"
+                await h.click(blocks, RESET_CANCEL, "U9")
+                await until(lambda: undelivered(h, "command") == 1)
+        finally:
+            await fake.stop()
+
+    asyncio.run(go())

@@ -247,22 +247,25 @@ class Playground:
                         posted.id,
                     )
                 )
-                replies = [
-                    Message(
-                        self._next_id(),
-                        BOT_NAME,
-                        chunk,
-                        is_bot=True,
-                        kind=parts.kind,
-                        reply_id=parts.reply_id,
-                        node_id=parts.node_id,
-                        new_node=parts.new_node,
-                        z_version=parts.z_version,
+                replies: list[Message] = []
+
+                async def post(chunk: str) -> str:
+                    replies.append(
+                        Message(
+                            self._next_id(),
+                            BOT_NAME,
+                            chunk,
+                            is_bot=True,
+                            kind=parts.kind,
+                            reply_id=parts.reply_id,
+                            node_id=parts.node_id,
+                            new_node=parts.new_node,
+                            z_version=parts.z_version,
+                        )
                     )
-                    for chunk in parts.chunks
-                ]
-                await self._service().link_reply(parts, [m.id for m in replies])
-                log.info("answered %s (%s) with %d message(s)", member, parts.kind, len(replies))
+                    return replies[-1].id
+
+                await self._service().deliver(parts, post)
             ch.messages.extend(replies)
             new.extend(replies)
             return web.json_response({"messages": [asdict(m) for m in new], "request_id": rid})

@@ -107,6 +107,13 @@ class MemoryStore:
         reply = self._ch(channel).replies.get(reply_id)
         return copy.deepcopy(reply) if reply else None
 
+    async def drop_reply(self, channel: str, reply_id: str) -> None:
+        ch = self._ch(channel)
+        reply = ch.replies.pop(reply_id, None)
+        mid = reply.platform_message_id if reply else None
+        if mid and ch.messages.get(mid) == reply_id:
+            del ch.messages[mid]
+
     async def list_replies(self, channel: str) -> list[Reply]:
         return [copy.deepcopy(r) for r in self._ch(channel).replies.values()]
 

@@ -552,8 +552,15 @@ class RedisStore:
     async def _trim_replies(self, k: Keys, excess: int) -> None:
         """Retention: drop the oldest replies beyond ``max_replies``."""
         for rid in [i.decode() for i in await self._r.zrange(k.replies, 0, excess - 1)]:
-            keys = [k.reply(rid), k.corrections(rid), k.replies, k.messages]
-            await self._eval(lua.DROP_REPLY, keys, [rid])
+            await self._drop_reply(k, rid)
+
+    async def _drop_reply(self, k: Keys, reply_id: str) -> None:
+        keys = [k.reply(reply_id), k.corrections(reply_id), k.replies, k.messages]
+        await self._eval(lua.DROP_REPLY, keys, [reply_id])
+
+    @_guarded
+    async def drop_reply(self, channel: str, reply_id: str) -> None:
+        await self._drop_reply(Keys(channel), reply_id)
 
     async def _get_replies(self, k: Keys, ids: list[str]) -> list[Reply | None]:
         async with self._r.pipeline(transaction=False) as p:

@@ -13,6 +13,7 @@ import itertools
 import json
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from aiohttp import WSMsgType, web
 
@@ -65,10 +66,17 @@ class FakeSlack:
     upload_status: int = 200  # what the upload URL answers (500: the file host fails)
     # method -> how many of its next calls Slack refuses as rate-limited (HTTP 429)
     rate_limited: dict[str, int] = field(default_factory=dict)
+    # method -> the error code every call of it answers (``channel_not_found``…)
+    errors: dict[str, str] = field(default_factory=dict)
+    # the most messages one page of conversations.replies holds: 15 for apps
+    # distributed outside the Marketplace, 1000 for the others
+    replies_page_max: int = 1000
+    # time between two messages (seconds): each new ``ts`` is the clock advanced by this
+    tick: Decimal = Decimal("0.000001")
     url: str = ""
 
     def __post_init__(self) -> None:
-        self._ts = itertools.count(1)
+        self._now = Decimal("1700000000")
         self._files = itertools.count(1)
         self._sockets: list[web.WebSocketResponse] = []
         self._acked = asyncio.Event()
@@ -105,7 +113,9 @@ class FakeSlack:
         return [c.args for c in self.calls if c.method == method]
 
     def next_ts(self) -> str:
-        return f"1700000000.{next(self._ts):06d}"
+        """A new message's ``ts``: Slack's clock, moved on by `tick`."""
+        self._now += self.tick
+        return f"{self._now:.6f}"
 
     def add_file(self, name: str, data: bytes, redirect: str = "", **info) -> str:
         """A file already shared in Slack; ``info`` overrides what ``files.info`` says
@@ -144,6 +154,8 @@ class FakeSlack:
             return web.json_response(
                 {"ok": False, "error": "ratelimited"}, status=429, headers={"Retry-After": "1"}
             )
+        if method in self.errors:
+            return web.json_response({"ok": False, "error": self.errors[method]})
         handler = getattr(self, "_m_" + method.replace(".", "_"), None)
         if handler is None:
             return web.json_response({"ok": False, "error": "unknown_method"})
@@ -156,6 +168,8 @@ class FakeSlack:
         return {"user_id": BOT_USER, "bot_id": BOT_ID, "team_id": TEAM, "user": "gesal"}
 
     def _m_chat_postMessage(self, args):
+        if args["channel"] in self.not_in:
+            return {"error": "not_in_channel"}
         msg = self.add_message(
             args["channel"],
             text=args.get("text", ""),
@@ -177,13 +191,37 @@ class FakeSlack:
         return {}
 
     def _m_conversations_replies(self, args):
+        """A thread oldest first: one page of at most ``limit`` replies (capped at
+        `replies_page_max`) within ``oldest``/``latest`` (``inclusive`` keeps the
+        bounds), after the page the ``cursor`` names. The thread's parent comes first on
+        every page, whatever the bounds, as Slack returns it; ``has_more`` and a
+        ``next_cursor`` say that more pages follow."""
         thread = args["ts"]
-        msgs = [
-            m
-            for m in self.messages.get(args["channel"], [])
-            if m["ts"] == thread or m.get("thread_ts") == thread
-        ]
-        return {"messages": msgs, "has_more": False}
+        msgs = sorted(
+            (
+                m
+                for m in self.messages.get(args["channel"], [])
+                if m["ts"] == thread or m.get("thread_ts") == thread
+            ),
+            key=lambda m: Decimal(m["ts"]),
+        )
+        if not msgs or msgs[0]["ts"] != thread:
+            return {"error": "thread_not_found"}
+        inclusive = str(args.get("inclusive", "")).lower() in ("1", "true")
+        lo, hi = Decimal(args.get("oldest") or 0), Decimal(args.get("latest") or "1e12")
+        after = Decimal(args["cursor"].removeprefix("next_ts:")) if args.get("cursor") else None
+
+        def wanted(m: dict) -> bool:
+            t = Decimal(m["ts"])
+            inside = lo <= t <= hi if inclusive else lo < t < hi
+            return inside and (after is None or t > after)
+
+        replies = [m for m in msgs[1:] if wanted(m)]
+        size = min(int(args.get("limit") or self.replies_page_max), self.replies_page_max)
+        result = {"messages": [msgs[0], *replies[:size]], "has_more": len(replies) > size}
+        if len(replies) > size:
+            result["response_metadata"] = {"next_cursor": f"next_ts:{replies[size - 1]['ts']}"}
+        return result
 
     def _m_users_info(self, args):
         user = {"id": args["user"], "is_admin": False, "is_owner": False}
