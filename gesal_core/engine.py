@@ -1005,6 +1005,53 @@ class Engine:
         )
         return update, NodeReport(node.node_id, status, reason, len(counted), demos)
 
+    # -- reads: what the bot's status pages and the evaluation see ----------------------
+    def embed(self, text: str) -> np.ndarray:
+        """The routing embedding of one prompt. Runs the model on the calling thread:
+        for code that owns the model (the evaluation), never from the event loop."""
+        return self._embed(text)
+
+    async def channels(self) -> list[str]:
+        return await self.store.channels()
+
+    async def get_config(self, channel: str) -> ChannelConfig:
+        return await self.store.get_config(channel)
+
+    async def get_reply(self, channel: str, reply_id: str) -> Reply | None:
+        return await self.store.get_reply(channel, reply_id)
+
+    async def get_node(self, channel: str, node_id: str) -> Node | None:
+        return await self.store.get_node(channel, node_id)
+
+    async def nodes(self, channel: str) -> list[Node]:
+        return await self.store.load_nodes(channel)
+
+    async def replies(self, channel: str) -> list[Reply]:
+        return await self.store.list_replies(channel)
+
+    async def node_count(self, channel: str) -> int:
+        return await self.store.node_count(channel)
+
+    async def capacity(self, channel: str) -> list[str]:
+        """The caps the channel is near, one sentence each (`channel_capacity`)."""
+        return await channel_capacity(self.store, channel)
+
+    async def ping_store(self) -> str:
+        """Raise if the store cannot be reached; else its kind (``RedisStore``…)."""
+        ping = getattr(self.store, "ping", None)
+        if ping is None:
+            await self.store.channels()
+        else:
+            await ping()
+        return type(self.store).__name__
+
+    @property
+    def shared_url(self) -> str | None:
+        """The URL of the Redis server this engine's store lives on, which every bot
+        process of a deployment shares (rate limits, Slack's event record); None for a
+        store of this process alone."""
+        return getattr(self.store, "url", None)
+
     # -- admin --------------------------------------------------------------------------
     async def stats(self, channel: str) -> dict:
         return await channel_stats(self.store, channel)
