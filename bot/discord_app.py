@@ -22,14 +22,40 @@ the invoking member (``interaction.permissions``), never trusting the client. An
 attachment is downloaded only after that check passes, and only when Discord says it is
 at most `MAX_DOWNLOAD_BYTES`. Reactions by bots (``member.bot``, or the cached user's
 ``bot`` flag) never count as votes.
+
+Threads and forum posts share their parent channel's graph (the key is
+``discord:<guild>:<parent id>``): a mention in a thread is answered in the thread, and a
+vote or correction there counts like one in the channel. Without a reply chain, the
+thread's earlier messages (in a forum post: from the starter message on) are the context.
+
+A correction (``better: …`` replying to a message) is matched through the reference's
+message id, so it counts even when the bot's answer is no longer in discord.py's cache or
+has been deleted since; a correction on a message that carries no answer the bot can learn
+from is told so rather than answered as a question. A reference to a deleted message ends
+a reply chain's context there.
+
+Answers are posted through `ChatService.deliver`, as one reply chain under the question.
+discord.py retries rate limits (429, sleeping ``retry_after``) and server errors itself;
+whatever it still cannot post (Missing Permissions, an archived or locked thread, five
+429s in a row, a network error) is logged once for the operator with Discord's reason and
+counted (``gesal_undelivered_total``), an answer of which nothing was posted is discarded,
+and the member sees a ⚠️ reaction on their question when the bot may still react there.
+The "typing…" indicator is best effort: a refused one never stops the answer. An admin
+command's result that cannot be sent (an expired interaction, say) is logged and counted
+the same way, with ``kind="command"``.
+
+Direct messages are not read (no ``dm_messages`` intent): the bot serves servers only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
+from collections.abc import AsyncIterator
 
+import aiohttp
 import discord
 from discord import app_commands
 
@@ -41,8 +67,12 @@ from .service import (
     ChatService,
     ContextMessage,
     Correction,
+    Delivery,
     Mention,
+    Post,
+    PostError,
     Reaction,
+    ReplyParts,
     strip_mentions,
 )
 from .settings import Settings
@@ -51,6 +81,11 @@ from .text import parse_correction
 log = logging.getLogger(__name__)
 PLATFORM = "discord"
 CORRECTION_ACK = "\u2705"  # ✅ on the member's correction
+UNDELIVERED_FLAG = "\u26a0\ufe0f"  # ⚠️ on a question whose answer could not be posted
+NOT_LEARNABLE = (
+    "I can't learn from this correction: the message it replies to is not an answer of "
+    "mine that I still have on record."
+)
 ADMIN_PERMISSIONS = discord.Permissions(manage_channels=True)
 # The largest import attachment downloaded: the service refuses bigger imports anyway.
 MAX_DOWNLOAD_BYTES = MAX_IMPORT_BYTES
@@ -94,6 +129,58 @@ async def read_export(attachment: discord.Attachment) -> bytes | str:
     return data
 
 
+# What a REST call can raise once discord.py has given up retrying: Discord's refusal,
+# a rate limit longer than ``max_ratelimit_timeout`` (when one is set), or the network.
+SEND_ERRORS = (discord.HTTPException, discord.RateLimited, aiohttp.ClientError, OSError)
+
+
+def failure(exc: BaseException) -> str:
+    """One short phrase for the operator's log: Discord's own words and code, which say
+    what to fix (``Missing Permissions (HTTP 403, code 50013)``)."""
+    if isinstance(exc, discord.HTTPException):
+        return f"{exc.text or 'HTTP error'} (HTTP {exc.status}, code {exc.code})"
+    if isinstance(exc, discord.RateLimited):
+        return f"rate limited for {exc.retry_after:.0f} s"
+    return f"network error: {type(exc).__name__}: {exc}"
+
+
+@contextlib.asynccontextmanager
+async def typing_if_allowed(channel: discord.abc.Messageable) -> AsyncIterator[None]:
+    """Show "typing…" while the body runs, if Discord lets the bot. Starting it is a
+    POST that fails exactly where the answer will (no Send Messages, an archived thread),
+    and that failure is reported once, by `ChatService.deliver`; here it must not stop
+    the answer."""
+    typing = channel.typing()
+    try:
+        await typing.__aenter__()
+    except SEND_ERRORS as exc:
+        log.debug("no typing indicator in %s: %s", getattr(channel, "id", channel), failure(exc))
+        yield
+        return
+    try:
+        yield
+    finally:
+        await typing.__aexit__(None, None, None)
+
+
+async def send_result(
+    bot: GesalDiscordBot, interaction: discord.Interaction, name: str, text: str, **kw
+) -> None:
+    """Send an admin command's result as an ephemeral followup. Discord refuses it when
+    the interaction has expired (15 minutes after a long ``train``) or was deleted; the
+    command has run by then, so the operator learns what it said instead."""
+    try:
+        await interaction.followup.send(text, ephemeral=True, **kw)
+    except SEND_ERRORS as exc:
+        said = text if len(text) <= 120 else text[:119] + "…"
+        bot.service.undelivered(
+            PLATFORM,
+            "command",
+            f"the result of /gesal {name} in channel {interaction.channel_id} could not be "
+            f"sent ({failure(exc)}); it said: {said}",
+        )
+
+
 class ConfirmReset(discord.ui.View):
     """The confirmation button of ``/gesal reset``; only the asking admin may press it."""
 
@@ -108,15 +195,33 @@ class ConfirmReset(discord.ui.View):
                 "Only the admin who asked can confirm this.", ephemeral=True
             )
             return
-        await interaction.response.defer(ephemeral=True, thinking=True)
+        if not await defer(self.bot, interaction, "reset"):
+            return
         result = await self.bot.admin(interaction, "reset", confirmed=True)
         self.stop()
-        await interaction.followup.send(result.text, ephemeral=True)
+        await send_result(self.bot, interaction, "reset", result.text)
 
     @discord.ui.button(label="Cancel", style=discord.ButtonStyle.secondary)
     async def cancel(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
         self.stop()
         await interaction.response.send_message("Nothing was reset.", ephemeral=True)
+
+
+async def defer(bot: GesalDiscordBot, interaction: discord.Interaction, name: str) -> bool:
+    """Acknowledge a command within Discord's 3 s (its result may take longer). When
+    Discord refuses (the interaction already expired), the command is not run: the member
+    was shown "did not respond" and nothing could tell them what it did."""
+    try:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+    except SEND_ERRORS as exc:
+        bot.service.undelivered(
+            PLATFORM,
+            "command",
+            f"/gesal {name} in channel {interaction.channel_id} was not run because Discord "
+            f"refused to acknowledge it ({failure(exc)})",
+        )
+        return False
+    return True
 
 
 def build_gesal_group(bot: GesalDiscordBot) -> app_commands.Group:
@@ -137,19 +242,20 @@ def build_gesal_group(bot: GesalDiscordBot) -> app_commands.Group:
     ) -> None:
         # Defer first: Discord wants an answer within 3 s, and export/import/train
         # can take longer.
-        await interaction.response.defer(ephemeral=True, thinking=True)
+        if not await defer(bot, interaction, name):
+            return
         if attachment is not None and is_admin(interaction):  # a member's file is never fetched
             data = await read_export(attachment)
             if isinstance(data, str):
-                await interaction.followup.send(data, ephemeral=True)
+                await send_result(bot, interaction, name, data)
                 return
             kw["file"] = data
         result = await bot.admin(interaction, name, **kw)
         if result.needs_confirmation:
             view = ConfirmReset(bot, interaction.user.id)
-            await interaction.followup.send(result.text, view=view, ephemeral=True)
+            await send_result(bot, interaction, name, result.text, view=view)
             return
-        await interaction.followup.send(result.text, files=_files(result), ephemeral=True)
+        await send_result(bot, interaction, name, result.text, files=_files(result))
 
     @group.command(name="reset", description="Forget everything learned in this channel")
     async def reset(interaction: discord.Interaction) -> None:
@@ -238,13 +344,21 @@ class GesalDiscordBot(discord.Client):
 
     # -- keys ------------------------------------------------------------------------
     async def _where(self, channel_id: int, guild_id: int | None) -> tuple[str, str, str | None]:
-        """(workspace, channel, thread) for a channel id; threads map to their parent."""
+        """(workspace, channel, thread) for a channel id; threads (forum posts too) map
+        to their parent. A thread missing from the cache (archived, or created while the
+        bot was disconnected) is fetched, so its votes still reach the parent's graph."""
         workspace = str(guild_id) if guild_id else "dm"
         channel = self.get_channel(channel_id)
         if channel is None:
             try:
                 channel = await self.fetch_channel(channel_id)
-            except discord.HTTPException:
+            except SEND_ERRORS as exc:
+                log.warning(
+                    "could not look up channel %s (%s); if it is a thread, what happens "
+                    "there is filed under the thread instead of its parent channel",
+                    channel_id,
+                    failure(exc),
+                )
                 return workspace, str(channel_id), None
         if isinstance(channel, discord.Thread):
             return workspace, str(channel.parent_id), str(channel.id)
@@ -254,26 +368,39 @@ class GesalDiscordBot(discord.Client):
     async def on_message(self, message: discord.Message) -> None:
         if message.author.bot or self.user is None:
             return
-        replied = await self._replied_to(message)
-        to_me = replied is not None and replied.author.id == self.user.id
-        if to_me and parse_correction(message.content) is not None:
-            await self._correction(message, replied)
-        elif self.user in message.mentions:
+        if message.reference is not None and parse_correction(message.content) is not None:
+            replied = await self._replied_to(message)
+            if replied is None or replied.author.id == self.user.id:
+                # A reply to the bot, or to a message that is gone or unreadable now: the
+                # store knows whether its id carried one of the bot's answers.
+                addressed = replied is not None or self.user in message.mentions
+                await self._correction(message, addressed)
+                return
+        if self.user in message.mentions:
             await self._mention(message)
 
     async def _replied_to(self, message: discord.Message) -> discord.Message | None:
+        """The message ``message`` replies to, from the gateway's copy or fetched; None
+        when it was deleted or the bot may not read it."""
         ref = message.reference
         if ref is None or ref.message_id is None:
             return None
         if isinstance(ref.resolved, discord.Message):
             return ref.resolved
+        if isinstance(ref.resolved, discord.DeletedReferencedMessage):
+            return None
         try:
             return await message.channel.fetch_message(ref.message_id)
-        except discord.HTTPException:
+        except SEND_ERRORS:
             return None
 
-    async def _context(self, message: discord.Message) -> tuple[list[ContextMessage], bool]:
-        """Earlier messages of the reply chain (or of the thread), oldest first."""
+    async def _context(
+        self, message: discord.Message, in_thread: bool
+    ) -> tuple[list[ContextMessage], bool]:
+        """Earlier messages of the reply chain (or of the thread), oldest first. Reading
+        them is best effort: the question is answered without what cannot be read.
+        ``in_thread`` comes from `_where`, which also knows a thread missing from the
+        cache (there ``message.channel`` is only a `discord.PartialMessageable`)."""
         limit = self.settings.gesal_context_messages
         found: list[discord.Message] = []
         more = False
@@ -287,9 +414,12 @@ class GesalDiscordBot(discord.Client):
                 break
             found.append(parent)
             current = parent
-        if not found and isinstance(message.channel, discord.Thread) and limit:
-            async for m in message.channel.history(limit=limit + 1, before=message):
-                found.append(m)
+        if not found and in_thread and limit:
+            try:
+                async for m in message.channel.history(limit=limit + 1, before=message):
+                    found.append(m)
+            except SEND_ERRORS as exc:
+                log.info("could not read thread %s: %s", message.channel.id, failure(exc))
             more = len(found) > limit
             found = found[:limit]
         assert self.user is not None
@@ -310,7 +440,7 @@ class GesalDiscordBot(discord.Client):
         workspace, channel, thread = await self._where(
             message.channel.id, message.guild and message.guild.id
         )
-        context, more = await self._context(message)
+        context, more = await self._context(message, in_thread=thread is not None)
         mention = Mention(
             PLATFORM,
             workspace,
@@ -322,44 +452,78 @@ class GesalDiscordBot(discord.Client):
             context=context,
             context_truncated=more,
         )
-        async with message.channel.typing():
+        async with typing_if_allowed(message.channel):
             parts = await self.service.handle_mention(mention)
-        ids: list[str] = []
+        await self.post_or_tell(message, parts, thread)
+
+    def poster(self, message: discord.Message, thread: str | None = None) -> Post:
+        """The ``post`` that `ChatService.deliver` calls: each chunk replies to the one
+        before it (the first to ``message``), so a long answer reads as one chain, and
+        Discord's refusal becomes a `PostError` with its reason (and the thread, which
+        the channel key does not name). discord.py has retried 429s and server errors
+        before it raises."""
         target = message
-        for chunk in parts.chunks:  # each chunk replies to the previous one: one chain
+        in_thread = f" in thread {thread}" if thread else ""
+
+        async def post(chunk: str) -> str:
+            nonlocal target
             try:
                 target = await target.reply(chunk, mention_author=False)
-            except discord.HTTPException as exc:
-                log.warning("could not post a reply in %s: %s", parts.channel_key, exc)
-                break
-            ids.append(str(target.id))
-        await self.service.link_reply(parts, ids)
-        log.info(
-            "posted %d of %d message(s) in %s", len(ids), len(parts.chunks), message.channel.id
-        )
+            except SEND_ERRORS as exc:
+                raise PostError(failure(exc) + in_thread) from exc
+            return str(target.id)
 
-    async def _correction(self, message: discord.Message, replied: discord.Message) -> None:
-        workspace, channel, _ = await self._where(
+        return post
+
+    async def post_or_tell(
+        self, message: discord.Message, parts: ReplyParts, thread: str | None = None
+    ) -> Delivery:
+        """Reply to ``message`` with ``parts``; when Discord refuses, the operator reads why
+        in the log (`ChatService.deliver`), and the member sees ⚠️ on their message.
+
+        The ⚠️ is what can still reach the member where posting failed: a direct message
+        would be out of place, and many members refuse DMs from server members. It needs
+        Add Reactions and Read Message History, which a channel that denies Send Messages
+        often still grants; an archived or locked thread refuses it too, and then only
+        the operator's log line is left."""
+        delivery = await self.service.deliver(parts, self.poster(message, thread))
+        if not delivery.complete:
+            try:
+                await message.add_reaction(UNDELIVERED_FLAG)
+            except SEND_ERRORS as exc:
+                log.info("could not flag message %s with ⚠️ either: %s", message.id, failure(exc))
+        return delivery
+
+    async def _correction(self, message: discord.Message, addressed: bool) -> None:
+        """Hand a ``better:`` reply to the service. ``addressed``: the member replied to
+        the bot (or pinged it), so a correction that cannot count is answered with why."""
+        assert message.reference is not None and message.reference.message_id is not None
+        workspace, channel, thread = await self._where(
             message.channel.id, message.guild and message.guild.id
         )
-        result = await self.service.handle_correction(
-            Correction(
-                PLATFORM,
-                workspace,
-                channel,
-                str(message.author.id),
-                str(message.id),
-                str(replied.id),
-                strip_mentions(message.content),
-            )
+        correction = Correction(
+            PLATFORM,
+            workspace,
+            channel,
+            str(message.author.id),
+            str(message.id),
+            str(message.reference.message_id),
+            strip_mentions(message.content),
         )
-        try:
-            if result.status == "corrected":
+        result = await self.service.handle_correction(correction)
+        if result.status == "corrected":
+            try:
                 await message.add_reaction(CORRECTION_ACK)
-            elif result.status == "error":
-                await message.reply(result.message, mention_author=False)
-        except discord.HTTPException as exc:
-            log.warning("could not acknowledge a correction: %s", exc)
+            except SEND_ERRORS as exc:  # the correction is stored; only the ✅ is missing
+                log.warning(
+                    "correction %s in %s counted, but its ✅ could not be added: %s",
+                    message.id,
+                    correction.key,
+                    failure(exc),
+                )
+        elif result.status == "error" or (result.status == "ignored" and addressed):
+            text = result.message if result.status == "error" else NOT_LEARNABLE
+            await self.post_or_tell(message, ReplyParts([text], "error", correction.key), thread)
 
     # -- reactions -------------------------------------------------------------------
     async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:

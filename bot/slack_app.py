@@ -353,7 +353,7 @@ class SlackBot:
             return str(resp["ts"])
 
         delivery = await self.service.deliver(parts, post)
-        if not delivery.message_ids:  # the member sees the question was not forgotten
+        if not delivery.complete:  # the member sees the answer did not (all) arrive
             await self._react(client, "reactions_add", channel, ts, UNDELIVERED)
 
     async def _thread_context(

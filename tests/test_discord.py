@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import discord
 import pytest
 import simcord
 
-from bot.discord_app import CORRECTION_ACK, GesalDiscordBot, make_intents
+from bot.discord_app import (
+    CORRECTION_ACK,
+    NOT_LEARNABLE,
+    UNDELIVERED_FLAG,
+    GesalDiscordBot,
+    make_intents,
+)
 from bot.service import ChatService
 from bot.settings import load_settings
 
@@ -24,11 +31,16 @@ from .fakes.tiny import make_engine
 ADMIN_COMMANDS = ["reset", "export", "stats", "config", "train"]
 
 
-@pytest.fixture
-def settings(monkeypatch):
+def discord_settings(monkeypatch):
+    """Default settings, whatever tokens the environment running the tests has."""
     for name in ("DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "SLACK_SIGNING_SECRET"):
         monkeypatch.delenv(name, raising=False)
     return load_settings(None)
+
+
+@pytest.fixture
+def settings(monkeypatch):
+    return discord_settings(monkeypatch)
 
 
 @pytest.fixture
@@ -296,8 +308,8 @@ def test_run_discord_registers_its_connection_in_healthz(engine, settings, monke
 
 
 def test_every_log_line_of_a_mention_carries_one_request_id(engine, settings, caplog):
-    """Adapter, service and (metered) engine log lines of one mention share a request
-    id; the next mention gets another one."""
+    """Service and (metered) engine log lines of one mention, delivery included, share
+    a request id; the next mention gets another one."""
     import logging
 
     from bot.observability import MeteredEngine, Metrics, RequestIdFilter
@@ -321,8 +333,8 @@ def test_every_log_line_of_a_mention_carries_one_request_id(engine, settings, ca
     for r in tagged:
         by_rid.setdefault(r.request_id, set()).add(r.name)
     assert len(by_rid) == 2, by_rid  # one id per mention
-    for names in by_rid.values():  # ...on the adapter's, the service's and the engine's lines
-        assert {"bot.discord_app", "bot.service", "bot.observability"} <= names
+    for names in by_rid.values():  # ...on the service's (delivery too) and the engine's lines
+        assert {"bot.service", "bot.observability"} <= names
     replied = [r for r in tagged if r.getMessage().startswith("replied in")]
     assert len(replied) == 2 and all(r.reply_id for r in replied)
     untagged = [r.getMessage() for r in caplog.records if r.request_id == "-"]
@@ -490,3 +502,443 @@ def test_redis_down_a_member_sees_no_address(tiny_tokenizer, settings, caplog):
     for leak in (password, "127.0.0.1", str(port), "redis://"):
         assert leak not in said[0]
     assert password not in caplog.text and f"redis://***@127.0.0.1:{port}/0" in caplog.text
+
+
+# -- threads, forum posts and references -----------------------------------------------
+def record_prompts(engine) -> list[list[dict]]:
+    """The chat messages the engine is asked to answer, one list per mention: shows
+    which context the adapter read."""
+    seen: list[list[dict]] = []
+    real = engine.respond
+
+    async def respond(channel, messages, record=True):
+        seen.append(list(messages))
+        return await real(channel, messages, record)
+
+    engine.respond = respond
+    return seen
+
+
+def texts(messages: list[dict]) -> list[str]:
+    return [m["content"] for m in messages]
+
+
+async def gateway_message(env, channel, author, content, *, reference=None, **payload):
+    """``author`` posts in ``channel`` as Discord's gateway announces it, with fields
+    simcord's actors do not produce: a reply to a message deleted before it was sent
+    (``referenced_message=None``), or no ``referenced_message`` at all (discord.py then
+    has only the reference's ids)."""
+    from simcord.backend import serializers
+
+    backend = env.backend
+    ref = None
+    if reference is not None:
+        ref = {"channel_id": str(channel.id), "message_id": str(reference)}
+    message = backend.prepare_message(channel.id, author.id, content, reference=ref)
+    backend.commit_message(message, broadcast=False)
+    data = dict(serializers.message_payload(backend, message))
+    guild = backend.guilds[channel.guild.id]
+    data["member"] = serializers.member_payload(
+        backend, guild, guild.members[author.id], with_user=False
+    )
+    for name, value in payload.items():
+        if value is ...:
+            data.pop(name, None)
+        else:
+            data[name] = value
+    backend.emit("MESSAGE_CREATE", data)
+    await env.settle()
+    return message
+
+
+def in_channel(env, channel):
+    return [m for m in channel.history() if m.author.id == env.bot.user.id]
+
+
+def test_thread_mention_context_vote_and_correction(engine, settings):
+    """In a thread: answered in the thread, filed under the parent channel, the thread's
+    earlier messages are the context, and votes and corrections there count."""
+    prompts = record_prompts(engine)
+
+    async def go():
+        async with simcord.run(make_bot(engine, settings)) as env:
+            guild, channel, alice, bob = await world(env)
+            thread = env.backend.create_thread(channel.id, "help", bob.id)
+            await env.settle()
+            thread = next(t for t in channel.threads if t.id == thread.id)
+            await bob.send(thread, "my laptop will not boot")
+            question = await alice.send(thread, f"{env.bot.user.mention} any idea?")
+            await env.settle()
+            assert not in_channel(env, channel)  # nothing in the parent channel
+            (reply,) = bot_messages(env, thread)
+            assert reply.reference.message_id == question.id
+            assert texts(prompts[-1]) == [f"{bob.id}: my laptop will not boot", "any idea?"]
+
+            key = f"discord:{guild.id}:{channel.id}"
+            reply_id = await engine.reply_for_message(key, str(reply.id))
+            assert reply_id is not None
+            await alice.react(reply, "👍")
+            await env.settle()
+            assert (await engine.store.get_reply(key, reply_id)).votes == {str(alice.id): 1}
+
+            fix = await bob.send(thread, "better: check the power cable", reply_to=reply)
+            await env.settle()
+            stored = await engine.store.get_reply(key, reply_id)
+            assert stored.corrections[0]["text"] == "check the power cable"
+            fix_now = next(m for m in thread.history() if m.id == fix.id)
+            assert [str(r.emoji) for r in fix_now.reactions] == [CORRECTION_ACK]
+
+    asyncio.run(go())
+
+
+def test_thread_missing_from_the_cache_still_maps_to_its_parent(engine, settings):
+    """A thread discord.py never cached (created while the bot was away, archived and
+    reopened): the message's channel is only a PartialMessageable; the thread is
+    fetched, so the answer, its context and its votes still belong to the parent."""
+    prompts = record_prompts(engine)
+
+    async def go():
+        async with simcord.run(make_bot(engine, settings)) as env:
+            guild, channel, alice, bob = await world(env)
+            made = env.backend.create_thread(channel.id, "quiet", bob.id, broadcast=False)
+            thread = next(t for t in channel.threads if t.id == made.id)
+            await bob.send(thread, "the build is red")
+            assert env.bot.get_channel(thread.id) is None
+            await alice.send(thread, f"{env.bot.user.mention} why?")
+            await env.settle()
+            (reply,) = bot_messages(env, thread)
+            assert texts(prompts[-1]) == [f"{bob.id}: the build is red", "why?"]
+            key = f"discord:{guild.id}:{channel.id}"
+            reply_id = await engine.reply_for_message(key, str(reply.id))
+            assert reply_id is not None
+            await bob.react(reply, "👎")
+            await env.settle()
+            assert (await engine.store.get_reply(key, reply_id)).votes == {str(bob.id): -1}
+
+    asyncio.run(go())
+
+
+async def forum_post(env, forum, author, title: str, content: str):
+    """``author`` opens a post in ``forum``: a thread whose starter message has the
+    thread's id, announced THREAD_CREATE then MESSAGE_CREATE as Discord does (simcord's
+    own `create_forum_post` only lets the bot start posts)."""
+    backend = env.backend
+    made = backend.create_thread(forum.id, title, author.id, broadcast=False)
+    starter = backend.prepare_message(made.id, author.id, content)
+    starter.id = made.id
+    backend.commit_message(starter, broadcast=False)
+    backend.announce_thread_create(made)
+    backend.announce_message_create(starter)
+    await env.settle()
+    return next(t for t in forum.threads if t.id == made.id)
+
+
+def test_forum_post_is_answered_in_the_post_and_filed_under_the_forum(engine, settings):
+    prompts = record_prompts(engine)
+
+    async def go():
+        async with simcord.run(make_bot(engine, settings)) as env:
+            guild, channel, alice, bob = await world(env)
+            forum = guild.create_forum_channel("help-forum")
+            await env.settle()
+            post = await forum_post(
+                env, forum, bob, "Printer", f"{env.bot.user.mention} my printer jams"
+            )
+            (reply,) = bot_messages(env, post)
+            assert reply.reference.message_id == post.id  # the starter message
+            assert texts(prompts[-1]) == ["my printer jams"]
+            key = f"discord:{guild.id}:{forum.id}"
+            reply_id = await engine.reply_for_message(key, str(reply.id))
+            assert reply_id is not None
+            await alice.react(reply, "👍")
+            await env.settle()
+            assert (await engine.store.get_reply(key, reply_id)).votes == {str(alice.id): 1}
+
+            # a later mention in the post, not a reply: the post so far is the context
+            await alice.send(post, f"{env.bot.user.mention} and if it still jams?")
+            await env.settle()
+            context = prompts[-1][:-1]
+            assert context[0] == {"role": "user", "content": f"{bob.id}: my printer jams"}
+            assert context[1] == {"role": "assistant", "content": reply.content}
+            assert len(bot_messages(env, post)) == 2
+
+            await alice.send(post, "better: open the rear tray", reply_to=reply)
+            await env.settle()
+            stored = await engine.store.get_reply(key, reply_id)
+            assert stored.corrections[0]["text"] == "open the rear tray"
+
+    asyncio.run(go())
+
+
+def test_mention_replying_to_a_deleted_message_is_answered(engine, settings):
+    """The chain's context stops at a deleted message: Discord says it is gone
+    (``referenced_message: null``), so it is not fetched either."""
+    prompts = record_prompts(engine)
+
+    async def go():
+        async with simcord.run(make_bot(engine, settings)) as env:
+            guild, channel, alice, bob = await world(env)
+            gone = await alice.send(channel, "a message that will be deleted")
+            await alice.delete(gone)
+            since = len(env.http_requests)
+            await gateway_message(
+                env,
+                channel,
+                bob,
+                f"{env.bot.user.mention} what did alice mean?",
+                reference=gone.id,
+                referenced_message=None,
+            )
+            (reply,) = bot_messages(env, channel)
+            assert texts(prompts[-1]) == ["what did alice mean?"]
+            fetched = [r.path for r in env.http_requests[since:] if r.method == "GET"]
+            assert f"/channels/{channel.id}/messages/{gone.id}" not in fetched
+            key = f"discord:{guild.id}:{channel.id}"
+            assert await engine.reply_for_message(key, str(reply.id)) is not None
+
+    asyncio.run(go())
+
+
+def test_correction_counts_without_the_answer_in_the_cache_or_after_its_deletion(engine, settings):
+    """A ``better:`` reply is matched by the referenced message id: it counts when the
+    gateway carries no copy of the answer (it is fetched), and when a moderator deleted
+    the answer since: the store still knows that id was the bot's answer, and a
+    correction is most useful on exactly such an answer. It is not answered as a
+    question although it mentions the bot."""
+
+    async def go():
+        async with simcord.run(make_bot(engine, settings)) as env:
+            guild, channel, alice, bob = await world(env)
+            mod = guild.add_member(
+                env.create_user("mod"),
+                roles=[guild.create_role("del", permissions=discord.Permissions.all())],
+            )
+            await env.settle()
+            key = f"discord:{guild.id}:{channel.id}"
+            for who in (alice, bob):
+                await who.send(channel, f"{env.bot.user.mention} hello world")
+                await env.settle()
+            first, second = bot_messages(env, channel)
+
+            # no referenced_message: discord.py has the ids only and fetches the answer
+            fix = await gateway_message(
+                env, channel, alice, "better: hi there", reference=first.id, referenced_message=...
+            )
+            rid = await engine.reply_for_message(key, str(first.id))
+            assert (await engine.store.get_reply(key, rid)).corrections[0]["text"] == "hi there"
+            stored_fix = env.backend.get_message(channel.id, fix.id)
+            assert [r.emoji for r in stored_fix.reactions] == [CORRECTION_ACK]
+
+            # the answer is deleted; the correction arrives with referenced_message null.
+            # A reply to a deleted message pings nobody, so without the message content
+            # intent Discord only sends its text when it mentions the bot.
+            await mod.delete(second)
+            await env.settle()
+            fix = await gateway_message(
+                env,
+                channel,
+                bob,
+                f"{env.bot.user.mention} better: hello!",
+                reference=second.id,
+                referenced_message=None,
+            )
+            rid = await engine.reply_for_message(key, str(second.id))
+            assert (await engine.store.get_reply(key, rid)).corrections[0]["text"] == "hello!"
+            stored_fix = env.backend.get_message(channel.id, fix.id)
+            assert [r.emoji for r in stored_fix.reactions] == [CORRECTION_ACK]
+            assert len(bot_messages(env, channel)) == 1  # "better: …" was not answered
+
+    asyncio.run(go())
+
+
+def test_correction_on_a_bot_message_that_is_not_an_answer_is_told_why(engine, settings):
+    """A ``better:`` reply to the bot's "ask me something" prompt (no answer behind
+    it) cannot count; the member is told, instead of hearing nothing."""
+
+    async def go():
+        async with simcord.run(make_bot(engine, settings)) as env:
+            guild, channel, alice, bob = await world(env)
+            await bob.send(channel, f"{env.bot.user.mention}")
+            await env.settle()
+            (prompt,) = bot_messages(env, channel)
+            assert "Ask me something" in prompt.content
+            fix = await bob.send(channel, "better: say hello", reply_to=prompt)
+            await env.settle()
+            told = bot_messages(env, channel)[-1]
+            assert told.reference.message_id == fix.id
+            assert told.content == NOT_LEARNABLE
+
+    asyncio.run(go())
+
+
+# -- when Discord refuses to post -------------------------------------------------------
+def undelivered(metrics, kind: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "gesal_undelivered_total", {"platform": "discord", "kind": kind}
+    )
+    return value or 0.0
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def flags_on(env, channel, message) -> list[str]:
+    """The bot's own reactions on ``message``."""
+    stored = env.backend.get_message(channel.id, message.id)
+    return [r.emoji for r in stored.reactions if env.bot.user.id in r.user_ids]
+
+
+@pytest.mark.parametrize("where", ["channel", "thread"])
+def test_no_permission_to_post_flags_the_question_and_tells_the_operator_once(
+    engine, settings, caplog, where
+):
+    """Send Messages (or Send Messages in Threads) denied: the refused typing indicator
+    does not stop anything, the unposted answer is discarded, the operator reads one
+    warning with the channel and Discord's reason, the member sees ⚠️ on the question."""
+    from bot.observability import Metrics
+
+    caplog.set_level(logging.INFO)
+    metrics = Metrics()
+
+    async def go():
+        bot = GesalDiscordBot(ChatService(engine, settings, metrics=metrics), settings)
+        async with simcord.run(bot) as env:
+            guild, _, alice, bob = await world(env)
+            deny = (
+                discord.PermissionOverwrite(send_messages=False)
+                if where == "channel"
+                else discord.PermissionOverwrite(send_messages_in_threads=False)
+            )
+            channel = guild.create_text_channel("quiet", overwrites={env.bot.user: deny})
+            target = channel
+            if where == "thread":
+                made = env.backend.create_thread(channel.id, "t", bob.id)
+                await env.settle()
+                target = next(t for t in channel.threads if t.id == made.id)
+            await env.settle()
+            question = await bob.send(target, f"{env.bot.user.mention} hello world")
+            await env.settle()
+            assert not bot_messages(env, target)
+            assert flags_on(env, target, question) == [UNDELIVERED_FLAG]
+            key = f"discord:{guild.id}:{channel.id}"
+            assert (await engine.stats(key))["replies"] == 0  # discarded
+            return key, target.id
+
+    key, target_id = asyncio.run(go())
+    (warning,) = warnings_of(caplog)
+    assert key in warning and "Missing Permissions (HTTP 403, code 50013)" in warning
+    assert (f"in thread {target_id}" in warning) is (where == "thread")
+    assert undelivered(metrics, "answer") == 1
+
+
+def test_archived_thread_is_reported_when_nothing_can_be_posted(engine, settings, caplog):
+    """Discord refuses every write in an archived thread (50083): the answer is dropped
+    and logged once; the ⚠️ cannot be added either, which changes nothing else."""
+    caplog.set_level(logging.INFO)
+
+    async def go():
+        async with simcord.run(make_bot(engine, settings)) as env:
+            guild, channel, alice, bob = await world(env)
+            made = env.backend.create_thread(channel.id, "old", bob.id)
+            await env.settle()
+            thread = next(t for t in channel.threads if t.id == made.id)
+            for method, path in (
+                ("POST", "/channels/*/typing"),
+                ("POST", "/channels/*/messages"),
+                ("PUT", "/channels/*/messages/*/reactions/*"),
+            ):
+                env.inject_error(
+                    method, path, status=400, code=50083, message="Thread is archived", times=None
+                )
+            question = await bob.send(thread, f"{env.bot.user.mention} hello world")
+            await env.settle()
+            assert not bot_messages(env, thread) and not flags_on(env, thread, question)
+            key = f"discord:{guild.id}:{channel.id}"
+            assert (await engine.stats(key))["replies"] == 0
+            return key, thread.id
+
+    key, thread_id = asyncio.run(go())
+    (warning,) = warnings_of(caplog)
+    assert key in warning and f"in thread {thread_id}" in warning
+    assert "Thread is archived (HTTP 400, code 50083)" in warning
+
+
+def test_correction_without_add_reactions_still_counts_and_is_logged(engine, settings, caplog):
+    caplog.set_level(logging.INFO)
+
+    async def go():
+        async with simcord.run(make_bot(engine, settings)) as env:
+            guild, _, alice, bob = await world(env)
+            deny = discord.PermissionOverwrite(add_reactions=False)
+            channel = guild.create_text_channel("noreact", overwrites={env.bot.user: deny})
+            await env.settle()
+            await bob.send(channel, f"{env.bot.user.mention} hello world")
+            await env.settle()
+            (reply,) = bot_messages(env, channel)
+            fix = await alice.send(channel, "better: hi!", reply_to=reply)
+            await env.settle()
+            key = f"discord:{guild.id}:{channel.id}"
+            rid = await engine.reply_for_message(key, str(reply.id))
+            assert (await engine.store.get_reply(key, rid)).corrections[0]["text"] == "hi!"
+            assert not flags_on(env, channel, fix)
+            return key, fix.id
+
+    key, fix_id = asyncio.run(go())
+    (warning,) = warnings_of(caplog)
+    assert f"correction {fix_id} in {key} counted" in warning
+    assert "Missing Permissions" in warning
+
+
+def test_admin_result_that_cannot_be_sent_is_logged_and_counted(engine, settings, caplog):
+    """The followup fails (the interaction token expired during a long command): the
+    command ran, the operator reads what it said and why it was not shown."""
+    from bot.observability import Metrics
+
+    caplog.set_level(logging.INFO)
+    metrics = Metrics()
+
+    async def go():
+        bot = GesalDiscordBot(ChatService(engine, settings, metrics=metrics), settings)
+        async with simcord.run(bot) as env:
+            guild, channel, alice, bob = await world(env)
+            env.inject_error(
+                "POST", "/webhooks/*", status=401, code=50027, message="Invalid Webhook Token"
+            )
+            await alice.slash(channel, "gesal config", threshold=0.5)
+            await env.settle()
+            key = f"discord:{guild.id}:{channel.id}"
+            assert (await engine.store.get_config(key)).threshold == 0.5  # it ran
+
+    asyncio.run(go())
+    (warning,) = warnings_of(caplog)
+    assert "/gesal config" in warning and "Invalid Webhook Token (HTTP 401, code 50027)" in warning
+    assert "Updated." in warning
+    assert undelivered(metrics, "command") == 1
+
+
+def test_admin_command_that_cannot_be_acknowledged_is_not_run(engine, settings, caplog):
+    """Discord refuses the deferral (the interaction expired before the bot saw it):
+    the member saw "did not respond", so the command is not run behind their back."""
+    from bot.observability import Metrics
+
+    caplog.set_level(logging.INFO)
+    metrics = Metrics()
+
+    async def go():
+        bot = GesalDiscordBot(ChatService(engine, settings, metrics=metrics), settings)
+        async with simcord.run(bot) as env:
+            guild, channel, alice, bob = await world(env)
+            env.inject_error(
+                "POST", "/interactions/*", status=404, code=10062, message="Unknown interaction"
+            )
+            await alice.slash(channel, "gesal config", threshold=0.5)
+            await env.settle()
+            key = f"discord:{guild.id}:{channel.id}"
+            assert (await engine.store.get_config(key)).threshold != 0.5
+
+    asyncio.run(go())
+    (warning,) = warnings_of(caplog)
+    assert "/gesal config" in warning and "was not run" in warning
+    assert "Unknown interaction (HTTP 404, code 10062)" in warning
+    assert undelivered(metrics, "command") == 1
