@@ -229,7 +229,7 @@ def test_admin_export_import_config_and_reset(engine, settings):
 def test_healthz_follows_the_discord_connection(engine, settings):
     """``platform_discord`` is 503 until READY, while the gateway is down and after
     close; 200 with the heartbeat latency while connected (the real client's state)."""
-    from bot.observability import Health, connection_check
+    from bot.health import Health, connection_check
 
     async def go():
         bot = make_bot(engine, settings)
@@ -264,7 +264,7 @@ def test_run_discord_registers_its_connection_in_healthz(engine, settings, monke
     from pydantic import SecretStr
 
     from bot.discord_app import run_discord
-    from bot.observability import Health
+    from bot.health import Health
 
     from .fakes.health import serve_healthz
 
@@ -296,17 +296,18 @@ def test_run_discord_registers_its_connection_in_healthz(engine, settings, monke
 
 
 def test_every_log_line_of_a_mention_carries_one_request_id(engine, settings, caplog):
-    """Adapter, service and (metered) engine log lines of one mention share a request
-    id; the next mention gets another one."""
+    """The adapter's and the service's log lines of one mention (its metrics line
+    "replied in" included) share a request id; the next mention gets another one."""
     import logging
 
-    from bot.observability import MeteredEngine, Metrics, RequestIdFilter
+    from bot.logs import RequestIdFilter
+    from bot.metrics import Metrics
 
     caplog.set_level(logging.INFO, logger="bot")
     caplog.handler.addFilter(RequestIdFilter())  # what configure_logging installs
 
     async def go():
-        service = ChatService(MeteredEngine(engine, Metrics()), settings)
+        service = ChatService(engine, settings, metrics=Metrics())
         bot = GesalDiscordBot(service, settings)
         async with simcord.run(bot) as env:
             guild, channel, alice, bob = await world(env)
@@ -321,10 +322,11 @@ def test_every_log_line_of_a_mention_carries_one_request_id(engine, settings, ca
     for r in tagged:
         by_rid.setdefault(r.request_id, set()).add(r.name)
     assert len(by_rid) == 2, by_rid  # one id per mention
-    for names in by_rid.values():  # ...on the adapter's, the service's and the engine's lines
-        assert {"bot.discord_app", "bot.service", "bot.observability"} <= names
+    for names in by_rid.values():  # ...on the adapter's and the service's lines
+        assert {"bot.discord_app", "bot.service"} <= names
     replied = [r for r in tagged if r.getMessage().startswith("replied in")]
     assert len(replied) == 2 and all(r.reply_id for r in replied)
+    assert {r.request_id for r in replied} == set(by_rid)
     untagged = [r.getMessage() for r in caplog.records if r.request_id == "-"]
     assert not any("mention from" in m or "replied in" in m for m in untagged)
 
