@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-from types import SimpleNamespace
 
 import numpy as np
 
 from bench.common import apply_threads, base_args, interleaved, median, report
-from bot.observability import Metrics
+from bot.metrics import Metrics
 from gesal_core import graph
 from gesal_core.records import Node
 from gesal_core.store.embedded import start_embedded
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             store = RedisStore(server.url)
             eng = make_engine(make_tiny_tokenizer(), store=store, threshold=0.85)
-            metrics, target = Metrics(), SimpleNamespace(store=store)
+            metrics = Metrics()
             made = 0
             for n in sizes:
                 for i in range(made, n):
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 metrics_t = interleaved(
                     {
                         "full": lambda: run(full_refresh(metrics, store)),
-                        "counts": lambda: run(metrics.refresh(target)),
+                        "counts": lambda: run(metrics.refresh(eng)),
                     },
                     repeats,
                 )

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,9 @@ class ResourceMissingError(GesalError):
 
 
 EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_MISSING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+# the folder above the `bot` package: a clone of the repository when the bot runs from
+# one (bench/ is there), site-packages when it is installed from a wheel
+CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -111,7 +115,8 @@ def _settings(args: argparse.Namespace, **overrides: object):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .launch import choose_platforms, run_forever, serve
-    from .observability import configure_logging, load_ops_settings
+    from .logs import configure_logging
+    from .ops_settings import load_ops_settings
 
     settings = _settings(args, gesal_playground_host=args.host, gesal_playground_port=args.port)
     ops = load_ops_settings(".env")
@@ -135,10 +140,7 @@ async def _with_store(args: argparse.Namespace, fn):
     from .runtime import open_store
 
     settings = _settings(args)
-    url = settings.redis_url.get_secret_value() if settings.redis_url else ""
-    store, close = await open_store(
-        url, settings.channel_defaults(), settings.gesal_redis_maxmemory
-    )
+    store, close = await open_store(settings)
     try:
         return await fn(store)
     finally:
@@ -152,10 +154,7 @@ async def _with_engine(args: argparse.Namespace, fn):
     from .runtime import open_store
 
     settings = _settings(args)
-    url = settings.redis_url.get_secret_value() if settings.redis_url else ""
-    store, close = await open_store(
-        url, settings.channel_defaults(), settings.gesal_redis_maxmemory
-    )
+    store, close = await open_store(settings)
     engine = None
     try:
         engine = await asyncio.to_thread(
@@ -274,15 +273,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Runs bench/run_all.py from a source checkout (benchmarks are not installed)."""
-    try:
-        from bench import run_all  # type: ignore[import-not-found]
-    except ImportError:
+    """Runs ``python -m bench.run_all`` in the source checkout this bot runs from.
+
+    The benchmarks are scripts of the checkout, not part of the installed bot, so they
+    run in a process of their own, from the checkout's root."""
+    if not (CHECKOUT / "bench" / "run_all.py").is_file():
         raise ResourceMissingError(
-            "the benchmarks live in the source checkout: run gesal-bot bench from the "
-            "repository root (bench/run_all.py)"
-        ) from None
-    return int(run_all.main(args.bench_args) or 0)
+            "the benchmarks live in the source checkout (bench/run_all.py), which this "
+            "installation has not got: run gesal-bot bench from a clone of the repository"
+        )
+    run = subprocess.run([sys.executable, "-m", "bench.run_all", *args.bench_args], cwd=CHECKOUT)
+    return run.returncode
 
 
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -408,9 +409,21 @@ def _unavailable_errors() -> tuple[type[BaseException], ...]:
     return (StoreUnavailableError,)
 
 
+def _parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Everything after ``bench`` goes to the benchmarks, options included: argparse's
+    REMAINDER would read a leading ``--quick`` as an unknown option of gesal-bot."""
+    argv = sys.argv[1:] if argv is None else argv
+    i = next((k for k, a in enumerate(argv) if not a.startswith("-")), None)
+    if i is not None and argv[i] == "bench" and argv[i + 1 : i + 2] not in (["-h"], ["--help"]):
+        args = parser.parse_args(argv[: i + 1])
+        args.bench_args = argv[i + 1 :]
+        return args
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse_args(parser, argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -53,13 +53,13 @@ import contextlib
 import io
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import discord
 from discord import app_commands
 
-from .observability import Check, Health, connection_check, request_context
+from .health import Check, Health, connection_check
 from .service import (
     MAX_IMPORT_BYTES,
     AdminCommand,
@@ -433,44 +433,47 @@ class GesalDiscordBot(discord.Client):
         return context, more
 
     async def _mention(self, message: discord.Message) -> None:
-        with request_context():  # one id on every log line of this mention
-            await self._answer_mention(message)
+        """Answer a mention in a reply chain: `ChatService.exchange` tags every line,
+        the reads of the context here included, with one request id."""
+        thread: str | None = None
 
-    async def _answer_mention(self, message: discord.Message) -> None:
-        workspace, channel, thread = await self._where(
-            message.channel.id, message.guild and message.guild.id
-        )
-        context, more = await self._context(message, in_thread=thread is not None)
-        mention = Mention(
-            PLATFORM,
-            workspace,
-            channel,
-            str(message.author.id),
-            strip_mentions(message.content),
-            str(message.id),
-            thread=thread,
-            context=context,
-            context_truncated=more,
-        )
-        async with typing_if_allowed(message.channel):
-            parts = await self.service.handle_mention(mention)
-        await self.post_or_tell(message, parts, thread)
+        async def mention() -> Mention:
+            nonlocal thread
+            workspace, channel, thread = await self._where(
+                message.channel.id, message.guild and message.guild.id
+            )
+            context, more = await self._context(message, in_thread=thread is not None)
+            return Mention(
+                PLATFORM,
+                workspace,
+                channel,
+                str(message.author.id),
+                strip_mentions(message.content),
+                str(message.id),
+                thread=thread,
+                context=context,
+                context_truncated=more,
+            )
 
-    def poster(self, message: discord.Message, thread: str | None = None) -> Post:
+        post = self.poster(message, lambda: thread)
+        delivery = await self.service.exchange(mention(), post, typing_if_allowed(message.channel))
+        await self._flag(message, delivery)
+
+    def poster(self, message: discord.Message, thread: Callable[[], str | None]) -> Post:
         """The ``post`` that `ChatService.deliver` calls: each chunk replies to the one
         before it (the first to ``message``), so a long answer reads as one chain, and
         Discord's refusal becomes a `PostError` with its reason (and the thread, which
         the channel key does not name). discord.py has retried 429s and server errors
         before it raises."""
         target = message
-        in_thread = f" in thread {thread}" if thread else ""
 
         async def post(chunk: str) -> str:
             nonlocal target
             try:
                 target = await target.reply(chunk, mention_author=False)
             except SEND_ERRORS as exc:
-                raise PostError(failure(exc) + in_thread) from exc
+                where = thread()
+                raise PostError(failure(exc) + (f" in thread {where}" if where else "")) from exc
             return str(target.id)
 
         return post
@@ -478,21 +481,27 @@ class GesalDiscordBot(discord.Client):
     async def post_or_tell(
         self, message: discord.Message, parts: ReplyParts, thread: str | None = None
     ) -> Delivery:
-        """Reply to ``message`` with ``parts``; when Discord refuses, the operator reads why
-        in the log (`ChatService.deliver`), and the member sees ⚠️ on their message.
+        """Reply to ``message`` with ``parts``, flagging it when Discord refuses."""
+        delivery = await self.service.deliver(parts, self.poster(message, lambda: thread))
+        await self._flag(message, delivery)
+        return delivery
+
+    @staticmethod
+    async def _flag(message: discord.Message, delivery: Delivery) -> None:
+        """When Discord refused (part of) an answer, the operator reads why in the log
+        (`ChatService.deliver`), and the member sees ⚠️ on their message.
 
         The ⚠️ is what can still reach the member where posting failed: a direct message
         would be out of place, and many members refuse DMs from server members. It needs
         Add Reactions and Read Message History, which a channel that denies Send Messages
         often still grants; an archived or locked thread refuses it too, and then only
         the operator's log line is left."""
-        delivery = await self.service.deliver(parts, self.poster(message, thread))
-        if not delivery.complete:
-            try:
-                await message.add_reaction(UNDELIVERED_FLAG)
-            except SEND_ERRORS as exc:
-                log.info("could not flag message %s with ⚠️ either: %s", message.id, failure(exc))
-        return delivery
+        if delivery.complete:
+            return
+        try:
+            await message.add_reaction(UNDELIVERED_FLAG)
+        except SEND_ERRORS as exc:
+            log.info("could not flag message %s with ⚠️ either: %s", message.id, failure(exc))
 
     async def _correction(self, message: discord.Message, addressed: bool) -> None:
         """Hand a ``better:`` reply to the service. ``addressed``: the member replied to

@@ -20,14 +20,9 @@ from aiohttp import web
 from gesal_core.errors import GesalError
 
 from .boot import BootProgress
-from .observability import (
-    Health,
-    Metrics,
-    OpsSettings,
-    add_routes,
-    bound_port,
-    start_server,
-)
+from .health import Health, add_routes, bound_port, start_server
+from .metrics import Metrics
+from .ops_settings import OpsSettings
 from .runtime import Runtime, build_runtime
 from .settings import Settings
 

@@ -151,16 +151,16 @@ class RedisMentionLimits:
 
 
 def mention_limits(
-    store, per_user: int, per_channel: int, clock: Callable[[], float] = time.monotonic
+    shared_url: str | None,
+    per_user: int,
+    per_channel: int,
+    clock: Callable[[], float] = time.monotonic,
 ) -> MentionLimits:
-    """Shared limits when the store is a Redis store, else this process's own."""
+    """Limits shared on the Redis server at ``shared_url`` (`Engine.shared_url`, which
+    every bot process of a deployment uses), else this process's own."""
     memory = MemoryMentionLimits(per_user, per_channel, 60.0, clock)
-    try:
-        from gesal_core.store.redis_store import RedisStore
-    except ImportError:  # pragma: no cover - redis is a dependency
-        return memory
-    if isinstance(store, RedisStore):
-        return RedisMentionLimits(store.url, per_user, per_channel, 60.0, fallback=memory)
+    if shared_url:
+        return RedisMentionLimits(shared_url, per_user, per_channel, 60.0, fallback=memory)
     return memory
 
 

@@ -14,9 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gesal_core.engine import Engine
+from gesal_core.store import Store
 
 from .boot import BootProgress, in_thread, run_step
-from .observability import Health, MeteredEngine, Metrics, engine_checks
+from .health import Health, engine_checks
+from .metrics import Metrics
+from .scheduler import JOB_ID, TrainingScheduler
 from .service import ChatService
 from .settings import Settings
 
@@ -26,12 +29,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class Runtime:
     settings: Settings
-    engine: MeteredEngine
+    engine: Engine
     service: ChatService
     metrics: Metrics
     health: Health
     store_kind: str
-    scheduler: Any = None
+    scheduler: TrainingScheduler | None = None
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def close(self) -> None:
@@ -43,35 +46,23 @@ class Runtime:
                 log.exception("error while shutting down")
 
 
-async def open_store(url: str, defaults, maxmemory: str | None = None):
-    """`gesal_core.store.open_store` (Redis: REDIS_URL, or the embedded server with
-    ``maxmemory``, GESAL_REDIS_MAXMEMORY).
+async def open_store(settings: Settings) -> tuple[Store, Callable[[], Awaitable[None]]]:
+    """The store and its closer. REDIS_URL set: that server (``memory://``: this
+    process's memory); unset: the embedded one, with GESAL_REDIS_MAXMEMORY."""
+    from gesal_core.store import open_store as open_url
 
-    If the store package cannot be imported, the in-memory store stands in, with a
-    warning.
-    """
-    try:
-        from gesal_core.store import open_store as real_open
-    except ImportError:
-        from gesal_core.store import MemoryStore
-
-        log.warning("the Redis store cannot be imported: using the in-memory store")
-
-        async def close() -> None:
-            return None
-
-        return MemoryStore(defaults), close
-    return await real_open(url, defaults, embedded_maxmemory=maxmemory)
+    url = settings.redis_url.get_secret_value() if settings.redis_url else ""
+    return await open_url(
+        url, settings.channel_defaults(), embedded_maxmemory=settings.gesal_redis_maxmemory
+    )
 
 
 async def open_store_step(settings: Settings, progress: BootProgress):
-    """The store, and a closer. REDIS_URL set: that server; unset: the embedded one."""
+    """`open_store` as a boot step, with the kind of store as its detail."""
 
     async def step(s):
         url = settings.redis_url.get_secret_value() if settings.redis_url else ""
-        store, close = await open_store(
-            url, settings.channel_defaults(), settings.gesal_redis_maxmemory
-        )
+        store, close = await open_store(settings)
         if url == "memory://":
             s.detail = "in-memory (nothing survives a restart)"
         elif url:
@@ -153,23 +144,19 @@ async def build_runtime(
         raw.close()
 
     closers.append(close_engine)
-    engine = MeteredEngine(raw, metrics)
-    engine_checks(health, engine, settings.gesal_train_interval)
-    service = ChatService(engine, settings, metrics=metrics)  # type: ignore[arg-type]
+    engine_checks(health, raw, settings.gesal_train_interval)
+    service = ChatService(raw, settings, metrics=metrics)
     closers.append(service.close)
-    runtime = Runtime(settings, engine, service, metrics, health, store_kind, closers=closers)
-    runtime.scheduler = await _start_scheduler(runtime)
+    runtime = Runtime(settings, raw, service, metrics, health, store_kind, closers=closers)
+    runtime.scheduler = _start_scheduler(runtime)
     return runtime
 
 
-async def _start_scheduler(runtime: Runtime) -> Any:
-    """The training scheduler (bot/scheduler.py), wired to the service's feedback hook."""
-    try:
-        from .scheduler import TrainingScheduler
-    except ImportError:
-        log.warning("the training scheduler cannot be imported: train with /gesal train")
-        return None
-    sched = TrainingScheduler(runtime.engine, runtime.settings)  # type: ignore[arg-type]
+def _start_scheduler(runtime: Runtime) -> TrainingScheduler:
+    """The training scheduler, wired to the service's feedback hook and to the metrics."""
+    sched = TrainingScheduler(
+        runtime.engine, runtime.settings, on_report=runtime.metrics.observe_train
+    )
     sched.start()
     runtime.service.on_feedback = sched.feedback_arrived
 
@@ -180,12 +167,10 @@ async def _start_scheduler(runtime: Runtime) -> Any:
     return sched
 
 
-def schedule_status(sched: Any) -> dict:
+def schedule_status(sched: TrainingScheduler | None) -> dict:
     """Next scheduled training run (Unix time) for status pages; {} without a scheduler."""
     if sched is None:
         return {}
-    from .scheduler import JOB_ID
-
     job = sched.scheduler.get_job(JOB_ID) if sched.scheduler.running else None
     when = getattr(job, "next_run_time", None)
     return {"next_run": when.timestamp() if when else None, "running": job is not None}
@@ -196,6 +181,7 @@ __all__ = [
     "build_runtime",
     "compile_updates_step",
     "load_engine_steps",
+    "open_store",
     "open_store_step",
     "schedule_status",
 ]

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -51,9 +52,15 @@ JOB_ID = "gesal-train"
 class TrainingScheduler:
     """Owns the training job. Hook `feedback_arrived` into ``ChatService.on_feedback``."""
 
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        on_report: Callable[[TrainReport], None] | None = None,
+    ) -> None:
         self.engine = engine
         self.settings = settings
+        self.on_report = on_report  # e.g. the metrics' observe_train
         self.scheduler = AsyncIOScheduler(timezone=timezone.utc)
         self.reports: list[TrainReport] = []  # recent runs, newest last (for stats / tests)
         self.runs = asyncio.Event()  # set after every completed run
@@ -141,6 +148,8 @@ class TrainingScheduler:
             if report.events or report.waiting:
                 log.info("training: %s", report.summary())
             self.reports = [*self.reports[-19:], report]
+            if self.on_report is not None:
+                self.on_report(report)
         self.runs.set()
         if self._again:
             # after this job instance has been counted as finished (its done-callback is

@@ -1,9 +1,9 @@
 """The platform-neutral chat service: everything Discord, Slack and the playground share.
 
-Adapters translate platform events into the dataclasses below, call one ``handle_*``
-method, and render what comes back. All behaviour (prompt building, reply splitting,
-which reactions count, admin commands, rate limits, error wording) lives here, so the
-two platforms cannot drift apart and most of it is tested without any platform.
+Adapters translate platform events into the dataclasses below, call one method, and
+render what comes back. All behaviour (prompt building, reply splitting, which reactions
+count, admin commands, rate limits, error wording, request ids and metrics) lives here,
+so the platforms cannot drift apart and most of it is tested without any platform.
 
 Channel keys are ``<platform>:<workspace>:<channel>``, e.g. ``discord:<guild id>:<channel
 id>``, ``slack:<team id>:<channel id>``, ``playground:local:<name>``. **Threads share their
@@ -14,8 +14,7 @@ where to reply). Direct messages use ``workspace="dm"``.
 
 Typical adapter flow::
 
-    parts = await service.handle_mention(Mention(...))
-    await service.deliver(parts, post)      # post(chunk) -> message id, or PostError
+    delivery = await service.exchange(Mention(...), post)   # post(chunk) -> message id
     ...
     await service.handle_reaction(Reaction(...))              # on reaction add/remove
     result = await service.handle_admin(AdminCommand(...))    # render result.text/files
@@ -27,19 +26,22 @@ result carries a plain-words message instead (see `ReplyParts.kind`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gesal_core.engine import Engine
+from gesal_core.engine import Engine, ReplyOut
 from gesal_core.errors import GesalError
 from gesal_core.records import ConfigError
 from gesal_core.snapshot import SnapshotError
 
-from .observability import Metrics, current_request_id, request_context
+from .logs import current_request_id, request_context
+from .metrics import Metrics
 from .ratelimit import MentionLimits, RateLimiter, mention_limits
 from .settings import Settings
 from .text import LIMITS, parse_correction, split_message, vote_for_emoji
@@ -196,14 +198,21 @@ UndeliveredKind = Literal["answer", "command"]
 
 @dataclass
 class Delivery:
-    """What `ChatService.deliver` posted: the message ids, and why it stopped early."""
+    """What the service posted for a mention: the answer, the platform ids of the
+    messages posted (the first ``len(message_ids)`` chunks), and why posting stopped
+    early."""
 
+    parts: ReplyParts
     message_ids: list[str]
     error: str | None = None
 
     @property
     def complete(self) -> bool:
         return self.error is None
+
+    @property
+    def request_id(self) -> str | None:
+        return self.parts.request_id
 
 
 @dataclass
@@ -280,6 +289,8 @@ class ChatService:
 
     ``on_feedback(channel_key, reply_id)`` is awaited after every counted vote or
     correction; the scheduler uses it to train at once when a channel's round is full.
+    Replies, votes, corrections, undelivered answers and an admin's training runs are
+    counted in ``metrics`` as they are handled (a private registry when none is given).
     """
 
     def __init__(
@@ -293,10 +304,10 @@ class ChatService:
         self.engine = engine
         self.settings = settings
         self.on_feedback = on_feedback
-        self.metrics = metrics
+        self.metrics = metrics or Metrics()
         # shared by every process when the store is Redis (see bot.ratelimit)
         self.limits: MentionLimits = mention_limits(
-            engine.store, settings.gesal_rate_user, settings.gesal_rate_channel, clock
+            engine.shared_url, settings.gesal_rate_user, settings.gesal_rate_channel, clock
         )
 
     async def close(self) -> None:
@@ -339,8 +350,30 @@ class ChatService:
     async def _limited(self, m: Mention) -> float:
         return await self.limits.take(f"{m.platform}:{m.workspace}:{m.user}", m.key)
 
+    async def exchange(
+        self,
+        mention: Mention | Awaitable[Mention],
+        post: Post,
+        while_answering: AbstractAsyncContextManager[object] | None = None,
+    ) -> Delivery:
+        """Answer a mention and post the answer: the whole exchange, for every adapter.
+
+        One request id tags every log line of it, including the adapter's own reads
+        when ``mention`` is an awaitable that builds the `Mention` (a thread's earlier
+        messages). ``while_answering`` is entered while the answer is being written and
+        left before anything is posted (Discord's typing indicator, Slack's 👀
+        reaction). Then `deliver`. Never raises for user, infrastructure or platform
+        problems: the `Delivery` says what was posted.
+        """
+        with request_context(current_request_id()):
+            m = mention if isinstance(mention, Mention) else await mention
+            async with while_answering or contextlib.nullcontext():
+                parts = await self.handle_mention(m)
+            return await self.deliver(parts, post)
+
     async def handle_mention(self, m: Mention) -> ReplyParts:
-        """Answer a mention. Never raises for user or infrastructure problems.
+        """Answer a mention, without posting it (`exchange` also posts it). Never raises
+        for user or infrastructure problems.
 
         Every log line written while answering (here, in the engine, and in the adapter
         when it wraps the whole mention in `request_context`) carries one request id,
@@ -383,12 +416,14 @@ class ChatService:
         try:
             out = await self.engine.respond(key, messages)
         except Exception as exc:  # noqa: BLE001 - every failure becomes words, never a crash
+            self.metrics.reply_errors.labels(m.platform).inc()
             kind, words = explain(exc)
             if kind == "error" and words == BROKEN:
                 log.exception("answering a mention in %s failed", key)
             else:
                 log.warning("answering a mention in %s: %s", key, exc)
             return ReplyParts([words], kind, key)  # type: ignore[arg-type]
+        self._replied(m, out)
         text = out.text.strip() or "…"
         if cut or out.truncated:
             text += "\n\n_(I only read the most recent part of this conversation.)_"
@@ -400,6 +435,23 @@ class ChatService:
             node_id=out.node_id,
             z_version=out.z_version,
             new_node=out.new_node,
+        )
+
+    def _replied(self, m: Mention, out: ReplyOut) -> None:
+        """Count and log an answer the engine wrote."""
+        try:
+            tokens = len(self.engine.tokenizer(out.text, add_special_tokens=False)["input_ids"])
+        except Exception:  # noqa: BLE001 - a metric must never break a reply
+            tokens = 0
+        self.metrics.observe_reply(m.platform, out.seconds, tokens)
+        log.info(
+            "replied in %s: node %s%s, %d tokens in %.2fs",
+            m.key,
+            out.node_id,
+            " (new)" if out.new_node else "",
+            tokens,
+            out.seconds,
+            extra={"channel": m.key, "node": out.node_id, "reply_id": out.reply_id},
         )
 
     async def deliver(self, parts: ReplyParts, post: Post) -> Delivery:
@@ -437,14 +489,13 @@ class ChatService:
             )
         else:
             log.info("posted %d message(s) in %s", len(ids), parts.channel_key)
-        return Delivery(ids, error)
+        return Delivery(parts, ids, error)
 
     def undelivered(self, platform: str, kind: UndeliveredKind, detail: str) -> None:
         """Log and count something the bot had to say but could not post: an answer
         (`deliver`) or an admin command's result (the adapters)."""
         log.warning("could not post %s on %s: %s", kind, platform, detail)
-        if self.metrics is not None:
-            self.metrics.undelivered.labels(platform, kind).inc()
+        self.metrics.undelivered.labels(platform, kind).inc()
 
     async def link_reply(self, parts: ReplyParts, message_ids: list[str]) -> None:
         """Record the platform ids of the posted chunks, so reactions on them count."""
@@ -483,12 +534,14 @@ class ChatService:
                 return FeedbackResult("ignored", "not one of my replies")
             if r.added:
                 await self.engine.vote(key, reply_id, r.user, value)
+                self.metrics.observe_vote(value)
                 status: FeedbackStatus = "up" if value > 0 else "down"
             else:
-                reply = await self.engine.store.get_reply(key, reply_id)
+                reply = await self.engine.get_reply(key, reply_id)
                 if reply is None or reply.votes.get(str(r.user)) != value:
                     return FeedbackResult("ignored", "that reaction is not the current vote")
                 await self.engine.vote(key, reply_id, r.user, None)
+                self.metrics.observe_vote(None)
                 status = "retracted"
         except Exception as exc:  # noqa: BLE001
             log.warning("reaction in %s failed: %s", key, exc, exc_info=True)
@@ -507,6 +560,7 @@ class ChatService:
             if reply_id is None:
                 return FeedbackResult("ignored", "not a reply to one of my answers")
             await self.engine.correct(key, reply_id, c.user, better)
+            self.metrics.corrections.inc()
         except Exception as exc:  # noqa: BLE001
             log.warning("correction in %s failed: %s", key, exc)
             return FeedbackResult("error", explain(exc)[1])
@@ -643,7 +697,7 @@ class ChatService:
                 return AdminResult(f"Not changed: {exc}.", ok=False)
             head = "Updated."
         else:
-            cfg = await self.engine.store.get_config(cmd.key)
+            cfg = await self.engine.get_config(cmd.key)
             head = "Current settings."
         return AdminResult(
             f"{head} threshold {cfg.threshold}, reward_up {cfg.reward_up:+g}, "
@@ -659,6 +713,8 @@ class ChatService:
     async def _admin_train(self, cmd: AdminCommand) -> AdminResult:
         # an admin's "train now" does not wait for full rounds
         report = await self.engine.train(cmd.key, force=True)
+        self.metrics.observe_train(report)
+        log.info("training: %s", report.summary())
         if cmd.key in report.failed:
             return AdminResult(
                 f"Training failed ({report.failed[cmd.key]}); the feedback is kept, and "
@@ -677,8 +733,11 @@ __all__ = [
     "ChatService",
     "ContextMessage",
     "Correction",
+    "Delivery",
     "FeedbackResult",
     "Mention",
+    "Post",
+    "PostError",
     "Reaction",
     "RateLimiter",
     "ReplyParts",

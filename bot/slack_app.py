@@ -37,11 +37,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -55,7 +57,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 )
 from slack_sdk.web.async_client import AsyncWebClient
 
-from .observability import Check, Health, connection_check, request_context
+from .health import Check, Health, connection_check
 from .service import (
     MAX_IMPORT_BYTES,
     AdminCommand,
@@ -199,13 +201,10 @@ class RedisEventDeduper:
         self._client = self._loop = None
 
 
-def event_deduper(store) -> EventDeduper | RedisEventDeduper:
-    """Shared de-duplication when the store is a Redis store, else this process's own."""
-    from gesal_core.store.redis_store import RedisStore
-
-    if isinstance(store, RedisStore):
-        return RedisEventDeduper(store.url)
-    return EventDeduper()
+def event_deduper(shared_url: str | None) -> EventDeduper | RedisEventDeduper:
+    """De-duplication shared on the Redis server at ``shared_url`` (`Engine.shared_url`,
+    which every bot process of a deployment uses), else this process's own."""
+    return RedisEventDeduper(shared_url) if shared_url else EventDeduper()
 
 
 def _origin(url: str) -> tuple[str, str, int] | None:
@@ -293,7 +292,7 @@ class SlackBot:
         self.app, self.service, self.settings = app, service, settings
         self.file_origins = file_origins
         self.threads = ThreadReader()
-        self.deduper = event_deduper(service.engine.store)
+        self.deduper = event_deduper(service.engine.shared_url)
         self._bots: OrderedDict[str, bool] = OrderedDict()  # user id -> users.info is_bot
         app.middleware(self.dedupe_retries)
         app.event("app_mention")(self.on_mention)
@@ -321,29 +320,25 @@ class SlackBot:
         if event.get("thread_ts") and parse_correction(strip_mentions(event.get("text", ""))):
             await self._correction(body, event, client, context)
             return
-        with request_context():  # one id on every log line of this mention
-            await self._answer_mention(body, event, client, context)
+        await self._answer_mention(body, event, client, context)
 
     async def _answer_mention(self, body: dict, event: dict, client: AsyncWebClient, context):
         channel, ts = event["channel"], event["ts"]
         thread = event.get("thread_ts") or ts
-        ctx, more = await self._thread_context(client, channel, event, context.bot_user_id)
-        mention = Mention(
-            PLATFORM,
-            channel_team(body, context, event),
-            channel,
-            event.get("user", ""),
-            strip_mentions(event.get("text", "")),
-            ts,
-            thread=thread,
-            context=ctx,
-            context_truncated=more,
-        )
-        await self._react(client, "reactions_add", channel, ts, THINKING)
-        try:
-            parts = await self.service.handle_mention(mention)
-        finally:
-            await self._react(client, "reactions_remove", channel, ts, THINKING)
+
+        async def mention() -> Mention:
+            ctx, more = await self._thread_context(client, channel, event, context.bot_user_id)
+            return Mention(
+                PLATFORM,
+                channel_team(body, context, event),
+                channel,
+                event.get("user", ""),
+                strip_mentions(event.get("text", "")),
+                ts,
+                thread=thread,
+                context=ctx,
+                context_truncated=more,
+            )
 
         async def post(chunk: str) -> str:
             try:
@@ -352,9 +347,18 @@ class SlackBot:
                 raise PostError(_why(exc)) from exc
             return str(resp["ts"])
 
-        delivery = await self.service.deliver(parts, post)
+        delivery = await self.service.exchange(mention(), post, self._thinking(client, channel, ts))
         if not delivery.complete:  # the member sees the answer did not (all) arrive
             await self._react(client, "reactions_add", channel, ts, UNDELIVERED)
+
+    @contextlib.asynccontextmanager
+    async def _thinking(self, client: AsyncWebClient, channel: str, ts: str) -> AsyncIterator[None]:
+        """The 👀 reaction on the question while the answer is being written."""
+        await self._react(client, "reactions_add", channel, ts, THINKING)
+        try:
+            yield
+        finally:
+            await self._react(client, "reactions_remove", channel, ts, THINKING)
 
     async def _thread_context(
         self, client: AsyncWebClient, channel: str, event: dict, bot_user: str | None

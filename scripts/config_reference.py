@@ -21,7 +21,7 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings
 
 from bot import settings as settings_mod
-from bot.observability import OpsSettings
+from bot.ops_settings import OpsSettings
 from bot.settings import Settings
 
 MODELS: list[tuple[str, type[BaseSettings]]] = [

@@ -10,7 +10,7 @@ import asyncio
 import threading
 
 from bot.launch import serve
-from bot.observability import OpsSettings
+from bot.ops_settings import OpsSettings
 from bot.settings import load_settings
 
 from .fakes.tiny import make_engine

@@ -5,13 +5,12 @@ runs on the in-memory store and on a real Redis."""
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import redis
 
-from bot.observability import Metrics
+from bot.metrics import Metrics
 from gesal_core import graph
 from gesal_core.engine import Engine, EngineConfig
 from gesal_core.generate import SamplingConfig
@@ -21,6 +20,7 @@ from gesal_core.store import MemoryStore
 from gesal_core.svf import SVFConfig, SVFModel
 
 from .conftest import make_tiny_llama
+from .fakes.tiny import make_engine
 
 PROMPTS = [
     "hello world",
@@ -155,7 +155,9 @@ def _sample(text: str, name: str, labels: str) -> float:
     raise AssertionError(f"{key} not in metrics:\n{text}")
 
 
-def test_metrics_gauges_count_nodes_and_pending_feedback_without_reading_nodes(new_store):
+def test_metrics_gauges_count_nodes_and_pending_feedback_without_reading_nodes(
+    new_store, tiny_tokenizer
+):
     async def go():
         inner, rng = new_store(), np.random.default_rng(1)
         for channel, n_nodes, n_votes in (("a:1", 7, 3), ("b:2", 1, 0), ("c:3", 12, 5)):
@@ -166,7 +168,11 @@ def test_metrics_gauges_count_nodes_and_pending_feedback_without_reading_nodes(n
             for v in range(n_votes):
                 await inner.set_vote(channel, "r1", f"user{v}", 1)
         metrics = Metrics()
-        await metrics.refresh(SimpleNamespace(store=NoNodeReads(inner)))
+        engine = make_engine(tiny_tokenizer, store=NoNodeReads(inner))
+        try:
+            await metrics.refresh(engine)
+        finally:
+            engine.close()
         text = metrics.render().decode()
         if hasattr(inner, "close"):
             await inner.close()

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 import numpy as np
 
-from bot.observability import Health, engine_checks
+from bot.health import Health, engine_checks
 from gesal_core import engine as engine_mod
 from gesal_core.engine import capacity_warnings, channel_stats
 from gesal_core.records import ChannelConfig, Node, Reply
 from gesal_core.store import MemoryStore
+
+from .fakes.tiny import make_engine
 
 CH = "discord:1:2"
 
@@ -69,7 +70,7 @@ class _CountsOnly(MemoryStore):
         raise AssertionError("healthz read the replies")
 
 
-def test_healthz_lists_channels_near_a_cap_and_stays_healthy(monkeypatch):
+def test_healthz_lists_channels_near_a_cap_and_stays_healthy(monkeypatch, tiny_tokenizer):
     monkeypatch.setattr(engine_mod, "PENDING_WARN", 5)
 
     async def go():
@@ -78,12 +79,13 @@ def test_healthz_lists_channels_near_a_cap_and_stays_healthy(monkeypatch):
         await _fill(store, 9, 5, 5)
         await store.set_config("discord:1:3", ChannelConfig(max_nodes=10))
         await store.save_node("discord:1:3", _node(0))  # far from its caps
-        eng = SimpleNamespace(
-            store=store, worker=SimpleNamespace(alive=lambda: True), last_train=None
-        )
-        health = Health(timeout=1.0)
-        engine_checks(health, eng)
-        return await health.report()
+        eng = make_engine(tiny_tokenizer, store=store)
+        try:
+            health = Health(timeout=1.0)
+            engine_checks(health, eng)
+            return await health.report()
+        finally:
+            eng.close()
 
     ok, body = asyncio.run(go())
     assert ok  # capacity is not ill health: /healthz stays 200
@@ -108,16 +110,17 @@ def test_redis_counts_the_replies_it_keeps(make_redis_store):
     assert asyncio.run(go()) == (3, 3)
 
 
-def test_healthz_has_no_warnings_when_no_channel_is_near_a_cap():
+def test_healthz_has_no_warnings_when_no_channel_is_near_a_cap(tiny_tokenizer):
     async def go():
         store = MemoryStore()
         await _fill(store, 1, 1, 1)
-        eng = SimpleNamespace(
-            store=store, worker=SimpleNamespace(alive=lambda: True), last_train=None
-        )
-        health = Health(timeout=1.0)
-        engine_checks(health, eng)
-        return await health.report()
+        eng = make_engine(tiny_tokenizer, store=store)
+        try:
+            health = Health(timeout=1.0)
+            engine_checks(health, eng)
+            return await health.report()
+        finally:
+            eng.close()
 
     ok, body = asyncio.run(go())
     assert ok and "warnings" not in body

@@ -99,10 +99,23 @@ def test_invalid_setting_names_the_variable(clean_env, monkeypatch, capsys):
     assert "GESAL_THRESHOLD" in capsys.readouterr().err
 
 
-def test_bench_outside_a_checkout_is_a_missing_resource(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "bench", None)  # as when installed from a wheel
+def test_bench_outside_a_checkout_is_a_missing_resource(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(cli, "CHECKOUT", tmp_path)  # as when installed from a wheel
     assert cli.main(["bench"]) == cli.EXIT_MISSING
     assert "source checkout" in capsys.readouterr().err
+
+
+def test_bench_runs_the_checkouts_benchmarks_in_a_process_of_their_own(monkeypatch):
+    ran = []
+
+    def run(cmd, cwd):
+        ran.append((cmd, cwd))
+        return subprocess.CompletedProcess(cmd, 4)
+
+    monkeypatch.setattr(cli.subprocess, "run", run)
+    assert cli.main(["bench", "--quick", "--only", "decode"]) == 4  # its exit code
+    args = ["--quick", "--only", "decode"]
+    assert ran == [([sys.executable, "-m", "bench.run_all", *args], cli.CHECKOUT)]
 
 
 def test_destructive_commands_need_yes(clean_env, capsys):

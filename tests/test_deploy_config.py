@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import config_reference as ref  # noqa: E402
 
-from bot.observability import load_ops_settings  # noqa: E402
+from bot.ops_settings import load_ops_settings  # noqa: E402
 from bot.settings import load_settings  # noqa: E402
 
 NAMES = {v.name for v in ref.variables()}

@@ -241,7 +241,7 @@ def test_admin_export_import_config_and_reset(engine, settings):
 def test_healthz_follows_the_discord_connection(engine, settings):
     """``platform_discord`` is 503 until READY, while the gateway is down and after
     close; 200 with the heartbeat latency while connected (the real client's state)."""
-    from bot.observability import Health, connection_check
+    from bot.health import Health, connection_check
 
     async def go():
         bot = make_bot(engine, settings)
@@ -276,7 +276,7 @@ def test_run_discord_registers_its_connection_in_healthz(engine, settings, monke
     from pydantic import SecretStr
 
     from bot.discord_app import run_discord
-    from bot.observability import Health
+    from bot.health import Health
 
     from .fakes.health import serve_healthz
 
@@ -308,17 +308,18 @@ def test_run_discord_registers_its_connection_in_healthz(engine, settings, monke
 
 
 def test_every_log_line_of_a_mention_carries_one_request_id(engine, settings, caplog):
-    """Service and (metered) engine log lines of one mention, delivery included, share
-    a request id; the next mention gets another one."""
+    """The service's log lines of one mention (its metrics line "replied in" and the
+    delivery included) share a request id; the next mention gets another one."""
     import logging
 
-    from bot.observability import MeteredEngine, Metrics, RequestIdFilter
+    from bot.logs import RequestIdFilter
+    from bot.metrics import Metrics
 
     caplog.set_level(logging.INFO, logger="bot")
     caplog.handler.addFilter(RequestIdFilter())  # what configure_logging installs
 
     async def go():
-        service = ChatService(MeteredEngine(engine, Metrics()), settings)
+        service = ChatService(engine, settings, metrics=Metrics())
         bot = GesalDiscordBot(service, settings)
         async with simcord.run(bot) as env:
             guild, channel, alice, bob = await world(env)
@@ -333,10 +334,13 @@ def test_every_log_line_of_a_mention_carries_one_request_id(engine, settings, ca
     for r in tagged:
         by_rid.setdefault(r.request_id, set()).add(r.name)
     assert len(by_rid) == 2, by_rid  # one id per mention
-    for names in by_rid.values():  # ...on the service's (delivery too) and the engine's lines
-        assert {"bot.service", "bot.observability"} <= names
+    for names in by_rid.values():  # ...on the service's lines, delivery too
+        assert "bot.service" in names
+    posted = [r for r in tagged if r.getMessage().startswith("posted")]
+    assert {r.request_id for r in posted} == set(by_rid)
     replied = [r for r in tagged if r.getMessage().startswith("replied in")]
     assert len(replied) == 2 and all(r.reply_id for r in replied)
+    assert {r.request_id for r in replied} == set(by_rid)
     untagged = [r.getMessage() for r in caplog.records if r.request_id == "-"]
     assert not any("mention from" in m or "replied in" in m for m in untagged)
 
@@ -796,7 +800,7 @@ def test_no_permission_to_post_flags_the_question_and_tells_the_operator_once(
     """Send Messages (or Send Messages in Threads) denied: the refused typing indicator
     does not stop anything, the unposted answer is discarded, the operator reads one
     warning with the channel and Discord's reason, the member sees ⚠️ on the question."""
-    from bot.observability import Metrics
+    from bot.metrics import Metrics
 
     caplog.set_level(logging.INFO)
     metrics = Metrics()
@@ -893,7 +897,7 @@ def test_correction_without_add_reactions_still_counts_and_is_logged(engine, set
 def test_admin_result_that_cannot_be_sent_is_logged_and_counted(engine, settings, caplog):
     """The followup fails (the interaction token expired during a long command): the
     command ran, the operator reads what it said and why it was not shown."""
-    from bot.observability import Metrics
+    from bot.metrics import Metrics
 
     caplog.set_level(logging.INFO)
     metrics = Metrics()
@@ -920,7 +924,7 @@ def test_admin_result_that_cannot_be_sent_is_logged_and_counted(engine, settings
 def test_admin_command_that_cannot_be_acknowledged_is_not_run(engine, settings, caplog):
     """Discord refuses the deferral (the interaction expired before the bot saw it):
     the member saw "did not respond", so the command is not run behind their back."""
-    from bot.observability import Metrics
+    from bot.metrics import Metrics
 
     caplog.set_level(logging.INFO)
     metrics = Metrics()

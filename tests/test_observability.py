@@ -1,4 +1,5 @@
-"""/healthz, /metrics and structured logs, served by a real aiohttp server on loopback."""
+"""/healthz, /metrics (`bot.health`, `bot.metrics`) and structured logs (`bot.logs`),
+served by a real aiohttp server on loopback."""
 
 from __future__ import annotations
 
@@ -11,21 +12,19 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from bot.observability import (
+from bot.health import (
     Check,
     Health,
-    JsonFormatter,
-    MeteredEngine,
-    Metrics,
-    RedactFilter,
-    RequestIdFilter,
     add_routes,
     bound_port,
     connection_check,
     engine_checks,
-    request_context,
     start_server,
 )
+from bot.logs import JsonFormatter, RedactFilter, RequestIdFilter, request_context
+from bot.metrics import Metrics
+from bot.service import AdminCommand, ChatService, Mention, Reaction
+from bot.settings import load_settings
 from gesal_core.engine import Engine, EngineConfig
 from gesal_core.generate import SamplingConfig
 from gesal_core.guard import GuardConfig
@@ -66,32 +65,47 @@ async def _serve(health: Health, metrics: Metrics, refresh=None):
     return runner, f"http://127.0.0.1:{bound_port(runner)}"
 
 
-def test_metrics_follow_replies_votes_and_training(engine):
+def test_metrics_follow_replies_votes_and_training(engine, monkeypatch):
+    """The service counts what it handles; the gauges are read when /metrics is scraped."""
+    for name in ("DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "SLACK_SIGNING_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+    settings = load_settings(None)
+
     async def go():
         metrics = Metrics()
-        eng = MeteredEngine(engine, metrics)
+        service = ChatService(engine, settings, metrics=metrics)
         health = Health()
-        engine_checks(health, eng)
-        runner, base = await _serve(health, metrics, lambda: metrics.refresh(eng))
+        engine_checks(health, engine)
+        runner, base = await _serve(health, metrics, lambda: metrics.refresh(engine))
+
+        async def ask(text: str, message: str) -> None:
+            parts = await service.handle_mention(Mention("local", "x", "demo", "u", text, "q"))
+            await service.link_reply(parts, [message])
+
+        async def react(user: str, message: str, emoji: str, added: bool = True) -> None:
+            r = Reaction("local", "x", "demo", user, message, emoji, added)
+            assert (await service.handle_reaction(r)).counted
+
         try:
-            ch = "local:demo"
-            a = await eng.respond(ch, [{"role": "user", "content": "hello world"}])
-            b = await eng.respond(ch, [{"role": "user", "content": "0123456789 fox"}])
-            await eng.vote(ch, a.reply_id, "ann", 1)
-            await eng.vote(ch, a.reply_id, "bob", -1)
-            await eng.vote(ch, b.reply_id, "ann", 1)
-            await eng.vote(ch, b.reply_id, "ann", None)
+            await ask("hello world", "a")
+            await ask("0123456789 fox", "b")
+            await react("ann", "a", "👍")
+            await react("bob", "a", "👎")
+            await react("ann", "b", "👍")
+            await react("ann", "b", "👍", added=False)
             async with aiohttp.ClientSession() as http:
                 async with http.get(base + "/metrics") as resp:
                     assert resp.status == 200
                     assert resp.headers["Content-Type"].startswith("text/plain")
                     before = await resp.text()
-                await eng.train(ch)
+                train = AdminCommand("local", "x", "demo", "boss", "train", is_admin=True)
+                assert (await service.handle_admin(train)).ok
                 async with http.get(base + "/metrics") as resp:
                     after = await resp.text()
             return before, after
         finally:
             await runner.cleanup()
+            await service.close()
 
     before, after = asyncio.run(go())
     assert _sample(before, "gesal_replies_total", 'platform="local"') == 2
@@ -100,9 +114,9 @@ def test_metrics_follow_replies_votes_and_training(engine):
     assert _sample(before, "gesal_votes_total", 'value="up"') == 2
     assert _sample(before, "gesal_votes_total", 'value="down"') == 1
     assert _sample(before, "gesal_votes_total", 'value="retract"') == 1
-    assert _sample(before, "gesal_pending_feedback", 'channel="local:demo"') == 4
-    assert _sample(before, "gesal_nodes", 'channel="local:demo"') == 2
-    assert _sample(after, "gesal_pending_feedback", 'channel="local:demo"') == 0
+    assert _sample(before, "gesal_pending_feedback", 'channel="local:x:demo"') == 4
+    assert _sample(before, "gesal_nodes", 'channel="local:x:demo"') == 2
+    assert _sample(after, "gesal_pending_feedback", 'channel="local:x:demo"') == 0
     assert _sample(after, "gesal_update_seconds_count") == 1
     assert _sample(after, "gesal_last_train_timestamp_seconds") > 0
     statuses = [ln for ln in after.splitlines() if ln.startswith("gesal_node_updates_total{")]

@@ -24,7 +24,7 @@ from aiohttp.test_utils import make_mocked_request
 
 import bot.playground.server as playground_server
 from bot.launch import serve
-from bot.observability import OpsSettings
+from bot.ops_settings import OpsSettings
 from bot.playground.guard import Guard, check_bind, is_loopback
 from bot.settings import SettingsError, load_settings
 from gesal_core.engine import Engine

@@ -186,11 +186,11 @@ def test_end_to_end_votes_train_the_node_on_redis(tiny_tokenizer, settings, make
 def test_a_poisoned_channel_never_stops_a_healthy_one_on_schedule(
     tiny_tokenizer, settings, kind, request
 ):
-    """Scheduled runs through the metered engine, as `bot.runtime` wires them: the healthy
+    """Scheduled runs reporting to the metrics, as `bot.runtime` wires them: the healthy
     channel trains on every run while the poisoned one fails, is counted, keeps its
     feedback and is parked after three runs (admin stats say so); an admin's
     ``/gesal train`` trains it once the poison is gone."""
-    from bot.observability import MeteredEngine, Metrics
+    from bot.metrics import Metrics
     from bot.service import AdminCommand
 
     settings = settings.model_copy(update={"gesal_train_round": 1})
@@ -202,9 +202,8 @@ def test_a_poisoned_channel_never_stops_a_healthy_one_on_schedule(
         store = request.getfixturevalue("make_redis_store")() if kind == "redis" else None
         raw = _engine(tiny_tokenizer, settings, store=store)
         metrics = Metrics()
-        engine = MeteredEngine(raw, metrics)
-        sched = TrainingScheduler(engine, settings)
-        service = ChatService(engine, settings)
+        sched = TrainingScheduler(raw, settings, on_report=metrics.observe_train)
+        service = ChatService(raw, settings, metrics=metrics)
         asked = [0]
 
         async def feedback(channel: str, emoji: str) -> str:

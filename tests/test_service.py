@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import pytest
@@ -14,6 +15,7 @@ from bot.service import (
     ContextMessage,
     Correction,
     Mention,
+    PostError,
     RateLimiter,
     Reaction,
     channel_key,
@@ -289,6 +291,61 @@ def test_mention_reply_link_and_votes(service):
 
 async def _record(seen, key):
     seen.append(key)
+
+
+def test_exchange_answers_posts_links_and_counts_under_one_request_id(service):
+    """The whole exchange in the service: the adapter's own reads for the mention, its
+    "thinking" sign (left before anything is posted), the posts and the links share one
+    request id; reactions on any posted message count."""
+    from bot.logs import current_request_id
+
+    async def go():
+        seen: list[tuple[str, str | None]] = []
+
+        async def build() -> Mention:
+            seen.append(("build", current_request_id()))
+            return mention("tell me a long story")
+
+        @contextlib.asynccontextmanager
+        async def thinking():
+            seen.append(("think", current_request_id()))
+            yield
+            seen.append(("done", current_request_id()))
+
+        async def post(chunk: str) -> str:
+            seen.append(("post", current_request_id()))
+            return f"b{len(seen)}"
+
+        delivery = await service.exchange(build(), post, thinking())
+        assert delivery.complete and delivery.parts.ok and delivery.request_id
+        assert len(delivery.message_ids) == len(delivery.parts.chunks)
+        assert [what for what, _ in seen[:3]] == ["build", "think", "done"]
+        assert {rid for _, rid in seen} == {delivery.request_id}
+        assert current_request_id() is None
+        react = Reaction("discord", "g1", "c1", "u2", delivery.message_ids[-1], "👍", True)
+        assert (await service.handle_reaction(react)).status == "up"
+        registry = service.metrics.registry
+        assert registry.get_sample_value("gesal_replies_total", {"platform": "discord"}) == 1
+        assert registry.get_sample_value("gesal_votes_total", {"value": "up"}) == 1
+
+    run(go())
+
+
+def test_an_exchange_nothing_of_which_is_posted_drops_the_answer(service):
+    async def go():
+        async def refused(chunk: str) -> str:
+            raise PostError("channel_not_found")
+
+        delivery = await service.exchange(mention(), refused)
+        assert delivery.message_ids == [] and delivery.error == "channel_not_found"
+        assert not delivery.complete and delivery.parts.reply_id
+        assert await service.engine.get_reply("discord:g1:c1", delivery.parts.reply_id) is None
+        undelivered = service.metrics.registry.get_sample_value(
+            "gesal_undelivered_total", {"platform": "discord", "kind": "answer"}
+        )
+        assert undelivered == 1
+
+    run(go())
 
 
 def test_correction(service):

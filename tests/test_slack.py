@@ -17,7 +17,7 @@ from aiohttp import web
 from pydantic import SecretStr
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.observability import Metrics
+from bot.metrics import Metrics
 from bot.service import ChatService
 from bot.settings import load_settings
 from bot.slack_app import RESET_CANCEL, RESET_CONFIRM, build_app, make_bot, parse_command
@@ -274,7 +274,7 @@ def test_signatures_url_verification_mentions_votes_and_retries(engine, settings
 def test_every_log_line_of_a_mention_carries_one_request_id(engine, settings, caplog):
     import logging
 
-    from bot.observability import MeteredEngine, Metrics, RequestIdFilter
+    from bot.logs import RequestIdFilter
 
     caplog.set_level(logging.INFO, logger="bot")
     caplog.handler.addFilter(RequestIdFilter())  # what configure_logging installs
@@ -282,7 +282,7 @@ def test_every_log_line_of_a_mention_carries_one_request_id(engine, settings, ca
     async def go():
         fake = await FakeSlack().start()
         try:
-            async with Harness(MeteredEngine(engine, Metrics()), settings, fake) as h:
+            async with Harness(engine, settings, fake) as h:
                 for n in (1, 2):
                     q = fake.add_message("C1", text="hi", user="U2")
                     await h.event(mention_event(f"<@{BOT_USER}> hello {n}", q["ts"]))
@@ -300,10 +300,11 @@ def test_every_log_line_of_a_mention_carries_one_request_id(engine, settings, ca
             by_rid.setdefault(r.request_id, set()).add(r.name)
     assert len(by_rid) == 2, by_rid
     for names in by_rid.values():
-        assert {"bot.service", "bot.observability"} <= names
-    # "posted" is logged after the service has answered, inside the adapter's context
-    posted = [r for r in caplog.records if r.getMessage().startswith("posted")]
-    assert len(posted) == 2 and {r.request_id for r in posted} == set(by_rid)
+        assert "bot.service" in names
+    # "replied in" when the engine has answered, "posted" after posting: one exchange
+    for line in ("replied in", "posted"):
+        found = [r for r in caplog.records if r.getMessage().startswith(line)]
+        assert len(found) == 2 and {r.request_id for r in found} == set(by_rid), line
 
 
 def test_slash_commands_admin_check_and_file_round_trip(engine, settings):
@@ -561,7 +562,7 @@ async def _check(get, ok: bool, detail: str = "") -> dict:
 
 @pytest.mark.parametrize("token", [BOT_TOKEN, "xoxb-revoked"])
 def test_healthz_http_mode_reports_the_startup_auth_test(engine, settings, token):
-    from bot.observability import Health
+    from bot.health import Health
     from bot.slack_app import run_slack
 
     from .fakes.health import serve_healthz
@@ -606,7 +607,7 @@ def test_healthz_http_mode_reports_the_startup_auth_test(engine, settings, token
 
 
 def test_healthz_socket_mode_follows_the_websocket(engine, settings):
-    from bot.observability import Health
+    from bot.health import Health
     from bot.slack_app import run_slack
 
     from .fakes.health import serve_healthz
@@ -1094,7 +1095,7 @@ def test_redis_down_members_see_no_address_and_logs_no_password(
     masked; /healthz names no server either."""
     import logging
 
-    from bot.observability import Health, engine_checks
+    from bot.health import Health, engine_checks
     from gesal_core.store.redis_store import RedisStore
 
     port = _free_port()  # nothing listens there

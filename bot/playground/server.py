@@ -18,24 +18,26 @@ from __future__ import annotations
 import hmac
 import itertools
 import json
-import logging
 import math
 import re
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from aiohttp import web
 
 from ..boot import BootProgress
-from ..observability import Health, Metrics, add_routes, request_context
+from ..health import Health, add_routes
+from ..metrics import Metrics
 from ..service import AdminCommand, ChatService, Correction, Mention, Reaction
 from .guard import TOKEN_HEADER, Guard, security_headers
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from gesal_core.engine import Engine
+
 
 PLATFORM, WORKSPACE = "playground", "local"
 BOT_NAME = "gesal"
@@ -125,7 +127,7 @@ class Playground:
         self.service, self.scheduler = service, scheduler
         self.info.update(info)
         prefix = f"{PLATFORM}:{WORKSPACE}:"
-        for key in await service.engine.store.channels():
+        for key in await service.engine.channels():
             if key.startswith(prefix):
                 self.channels.setdefault(key[len(prefix) :], Channel(key[len(prefix) :]))
         self.channels.setdefault(DEFAULT_CHANNEL, Channel(DEFAULT_CHANNEL))
@@ -182,11 +184,11 @@ class Playground:
             body["schedule"] = await self._schedule(engine)
         return web.json_response(body)
 
-    async def _schedule(self, engine) -> dict:
+    async def _schedule(self, engine: Engine) -> dict:
         settings = self.service.settings if self.service else None
         pending = 0
         for name in self.channels:
-            pending += await engine.store.pending_count(self.key(name))
+            pending += await engine.pending(self.key(name))
         out: dict[str, Any] = {
             "pending": pending,
             "last_train": engine.last_train,
@@ -234,42 +236,34 @@ class Playground:
         posted = Message(self._next_id(), member, text)
         ch.messages.append(posted)
         new = [posted]
-        if mentions_bot(text):
-            with request_context() as rid:
-                log.info("mention by %s in #%s", member, ch.name)
-                parts = await self._service().handle_mention(
-                    Mention(
-                        PLATFORM,
-                        WORKSPACE,
-                        ch.name,
-                        member,
-                        strip_bot_mention(text),
-                        posted.id,
-                    )
-                )
-                replies: list[Message] = []
+        if not mentions_bot(text):
+            return web.json_response({"messages": [asdict(m) for m in new]})
 
-                async def post(chunk: str) -> str:
-                    replies.append(
-                        Message(
-                            self._next_id(),
-                            BOT_NAME,
-                            chunk,
-                            is_bot=True,
-                            kind=parts.kind,
-                            reply_id=parts.reply_id,
-                            node_id=parts.node_id,
-                            new_node=parts.new_node,
-                            z_version=parts.z_version,
-                        )
-                    )
-                    return replies[-1].id
+        async def post(_chunk: str) -> str:  # the page shows what the exchange returns
+            return self._next_id()
 
-                await self._service().deliver(parts, post)
-            ch.messages.extend(replies)
-            new.extend(replies)
-            return web.json_response({"messages": [asdict(m) for m in new], "request_id": rid})
-        return web.json_response({"messages": [asdict(m) for m in new]})
+        mention = Mention(PLATFORM, WORKSPACE, ch.name, member, strip_bot_mention(text), posted.id)
+        delivery = await self._service().exchange(mention, post)
+        parts = delivery.parts
+        replies = [
+            Message(
+                mid,
+                BOT_NAME,
+                chunk,
+                is_bot=True,
+                kind=parts.kind,
+                reply_id=parts.reply_id,
+                node_id=parts.node_id,
+                new_node=parts.new_node,
+                z_version=parts.z_version,
+            )
+            for mid, chunk in zip(delivery.message_ids, parts.chunks, strict=False)
+        ]
+        ch.messages.extend(replies)
+        new.extend(replies)
+        return web.json_response(
+            {"messages": [asdict(m) for m in new], "request_id": delivery.request_id}
+        )
 
     async def vote(self, request: web.Request) -> web.Response:
         """Set a member's reaction on a reply to ``up``, ``down`` or none (``null``)."""
@@ -395,13 +389,13 @@ class Playground:
         return web.json_response(await graph_view(self._service().engine, self.key(ch.name), ch))
 
 
-async def graph_view(engine, key: str, ch: Channel | None = None) -> dict:
+async def graph_view(engine: Engine, key: str, ch: Channel | None = None) -> dict:
     """Nodes (2-D layout, count, rewards, version, adapter drift), edges, and which
     node answered each reply on the page."""
     from ..picture import _layout
 
-    nodes = sorted(await engine.store.load_nodes(key), key=lambda n: n.created_at)
-    replies = await engine.store.list_replies(key)
+    nodes = sorted(await engine.nodes(key), key=lambda n: n.created_at)
+    replies = await engine.replies(key)
     votes: dict[str, list[int]] = {}
     for r in replies:
         votes.setdefault(r.node_id, []).extend(r.votes.values())

@@ -203,7 +203,7 @@ class Harness:
         by_id = {n.node_id: n for n in nodes or []}
         total, count, drifts = 0.0, 0, []
         for p, ref in zip(prompts, refs, strict=True):
-            emb = engine._embed(p)
+            emb = engine.embed(p)
             route = graph.route(index, emb, threshold)
             z = (
                 by_id[route.node_id].z
@@ -226,8 +226,8 @@ class Harness:
         nodes, threshold = None, 0.0
         if isinstance(learner, EngineLearner):  # model work stays on the engine's thread
             on_model_thread = learner.engine.worker.run
-            nodes = await learner.engine.store.load_nodes(learner.channel)
-            threshold = (await learner.engine.store.get_config(learner.channel)).threshold
+            nodes = await learner.engine.nodes(learner.channel)
+            threshold = (await learner.engine.get_config(learner.channel)).threshold
         else:
             on_model_thread = asyncio.to_thread
         topical, bad = await on_model_thread(self.verdicts, prompts, answers)

@@ -113,14 +113,14 @@ class EngineLearner(Learner):
                 out = await self.engine.respond(
                     OTHER_CHANNEL, [{"role": "user", "content": OTHER_QUESTION}]
                 )
-            reply = await self.engine.store.get_reply(OTHER_CHANNEL, out.reply_id)
+            reply = await self.engine.get_reply(OTHER_CHANNEL, out.reply_id)
             ids = reply.prompt_ids + reply.response_ids
-            node = await self.engine.store.get_node(OTHER_CHANNEL, out.node_id)
+            node = await self.engine.get_node(OTHER_CHANNEL, out.node_id)
             logits = await self.engine.worker.run(self._logits, node.z, ids)
             self._other = (ids, node.node_id, node.z.copy(), node.version, logits)
             return 0.0
         ids, node_id, z0, version, before = self._other
-        node = await self.engine.store.get_node(OTHER_CHANNEL, node_id)
+        node = await self.engine.get_node(OTHER_CHANNEL, node_id)
         if node is None or node.version != version:
             return float("inf")  # the other channel's node was replaced or retrained
         now = await self.engine.worker.run(self._logits, node.z, ids)

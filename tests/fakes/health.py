@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from bot.observability import Health, Metrics, add_routes, bound_port, start_server
+from bot.health import Health, add_routes, bound_port, start_server
+from bot.metrics import Metrics
 
 Probe = Callable[[], Awaitable[tuple[int, dict]]]
 
