@@ -4,7 +4,7 @@
 
 A community can only vote 👍 on what the bot shows. When most of a node's recent votes are
 👎 the engine can raise its sampling temperature from ``sampling.temperature`` up to
-``explore_max_temperature``, inside the same top-p nucleus (`Engine._explore`); that
+``explore_max_temperature``, inside the same top-p nucleus (`Responder.explore`); that
 bound is the sampling temperature by default (no widening), so the widest setting
 measured is ``--widest`` (1.0 unless given). This script samples the base model (z = 1,
 as every node starts) on each task's *training* prompts at the narrow setting, half-way,

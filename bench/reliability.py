@@ -516,12 +516,14 @@ async def restart_redis(box: dict, chaos: Chaos, args) -> None:
 
 async def watch_training(store, chaos: Chaos, keys: list[str], first: dict[str, float]) -> None:
     """Note when each channel's feedback is first committed (``trained_events`` > 0)."""
+    from gesal_core.records import ChannelMeta
+
     while len(first) < len(keys):
         for ch in keys:
             if ch in first:
                 continue
             try:
-                if int((await store.meta(ch)).get("trained_events") or 0) > 0:
+                if ChannelMeta.from_dict(await store.meta(ch)).trained_events > 0:
                     first[ch] = time.monotonic() - chaos.start
             except Exception:  # noqa: BLE001 - Redis is down for a moment: look again
                 pass
@@ -576,6 +578,7 @@ def owner(merged: dict[str, str], node_id: str) -> str:
 
 async def audit(store, client, tally: Tally, channels: list[str]) -> tuple[Audit, dict]:
     from gesal_core.engine import reply_reward
+    from gesal_core.records import ChannelMeta
     from gesal_core.store.layout import Keys
 
     a = Audit()
@@ -583,8 +586,8 @@ async def audit(store, client, tally: Tally, channels: list[str]) -> tuple[Audit
     replies: dict[tuple[str, str], object] = {}
     for ch in channels:
         cfg = await store.get_config(ch)
-        meta = await store.meta(ch)
-        merged = meta.get("merged", {})
+        meta = ChannelMeta.from_dict(await store.meta(ch))
+        merged = meta.merged
         stored = await store.list_replies(ch)
         for r in stored:
             replies[(ch, r.reply_id)] = r
@@ -611,7 +614,7 @@ async def audit(store, client, tally: Tally, channels: list[str]) -> tuple[Audit
                 problems.append(f"version {node.version} != updates {node.updates}")
             if problems:
                 a.inconsistent_nodes.append(f"{ch} node {node.node_id}: {'; '.join(problems)}")
-        trained = int(meta.get("trained_events") or 0)
+        trained = meta.trained_events
         pending = await store.pending_count(ch)
         feedback = Keys(ch).feedback
         added = 0  # entries the stream ever received (acknowledged ones are deleted)

@@ -10,7 +10,7 @@ in interleaved rounds so both see the same noise:
 * "mention routing": the store read plus routing of one mention that lands on an
   existing node. Before: every node read with its z, then routed (`full_route`, whole
   records, the baseline). After: the engine's own
-  `Engine._route(create=False)`, which reads every node's embedding (no z), then the
+  `ChannelGraph.route(create=False)`, which reads every node's embedding (no z), then the
   chosen node. The engine runs a tiny random model, which routing never calls.
 * "/metrics refresh": the per-channel gauges. Before: the loaded nodes counted
   (`full_refresh`). After: `Metrics.refresh` (`Store.node_count`, a ZCARD).
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 query = pick.embedding + 0.01 * rng.standard_normal(args.dim).astype(np.float32)
 
                 def heads(query=query, want=pick.node_id):
-                    node, new, _ = run(eng._route(CHANNEL, query, create=False))
+                    node, new, _ = run(eng.graph.route(CHANNEL, query, create=False))
                     assert not new and node.node_id == want and node.z.size == args.z_size
 
                 def full(query=query, want=pick.node_id):

@@ -270,3 +270,46 @@ class NodeUpdate:
     downvoted: list[str]
     # reply id -> the reward now counted for it (`Reply.counted`), written with the update
     counted: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ChannelMeta:
+    """A channel's bookkeeping beside its graph: the merge map and training health.
+
+    The store keeps these as loose fields (a Redis hash of JSON values), written one or a
+    few at a time so that concurrent writers (a fold, a trainer) never overwrite each
+    other's fields; code above the store reads them through this record. A reset or an
+    import clears them with the rest of the channel.
+    """
+
+    # folded node id -> the node that took it over: feedback on a folded node's replies
+    # goes to its target (see `owner`)
+    merged: dict[str, str] = field(default_factory=dict)
+    last_train: float | None = None  # wall clock of the channel's last committed run
+    train_failures: int = 0  # failed training runs in a row
+    train_parked: bool = False  # true: scheduled runs skip the channel until an admin acts
+    train_error: str | None = None  # the last failure, one sentence
+    trained_events: int = 0  # feedback events ever committed (the store counts them)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ChannelMeta:
+        """The record from the store's fields; absent ones take their defaults and fields
+        this record does not know are ignored, so an older or newer writer's extra field
+        never stops a channel from training."""
+        last = d.get("last_train")
+        error = d.get("train_error")
+        return cls(
+            merged=dict(d.get("merged") or {}),
+            last_train=float(last) if last is not None else None,
+            train_failures=int(d.get("train_failures") or 0),
+            train_parked=bool(d.get("train_parked")),
+            train_error=str(error) if error is not None else None,
+            trained_events=int(d.get("trained_events") or 0),
+        )
+
+    def owner(self, node_id: str) -> str:
+        """Where a node's feedback goes now: a folded node redirects to its target, which
+        may have been folded in turn."""
+        while node_id in self.merged:
+            node_id = self.merged[node_id]
+        return node_id

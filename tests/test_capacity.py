@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 
 from bot.health import Health, engine_checks
-from gesal_core import engine as engine_mod
+from gesal_core import stats as stats_mod
 from gesal_core.engine import capacity_warnings, channel_stats
 from gesal_core.records import ChannelConfig, Node, Reply
 from gesal_core.store import MemoryStore
@@ -35,7 +35,7 @@ async def _fill(store: MemoryStore, nodes: int, replies: int, votes: int) -> Non
 def test_capacity_warnings_start_at_ninety_percent_and_the_pending_threshold():
     assert capacity_warnings(nodes=8, max_nodes=10, pending=0) == []
     assert capacity_warnings(nodes=9, max_nodes=10, pending=0) != []
-    assert capacity_warnings(nodes=0, max_nodes=10, pending=engine_mod.PENDING_WARN) != []
+    assert capacity_warnings(nodes=0, max_nodes=10, pending=stats_mod.PENDING_WARN) != []
     assert capacity_warnings(nodes=0, max_nodes=10, pending=0, replies=1799, max_replies=2000) == []
     near = capacity_warnings(nodes=0, max_nodes=10, pending=0, replies=1800, max_replies=2000)
     assert near == ["1800 of 2000 replies kept: the oldest replies and their votes drop"]
@@ -44,7 +44,7 @@ def test_capacity_warnings_start_at_ninety_percent_and_the_pending_threshold():
 
 
 def test_stats_flag_each_cap_a_channel_nears(monkeypatch):
-    monkeypatch.setattr(engine_mod, "PENDING_WARN", 5)
+    monkeypatch.setattr(stats_mod, "PENDING_WARN", 5)
 
     async def go(nodes, replies, votes):
         store = MemoryStore()
@@ -71,7 +71,7 @@ class _CountsOnly(MemoryStore):
 
 
 def test_healthz_lists_channels_near_a_cap_and_stays_healthy(monkeypatch, tiny_tokenizer):
-    monkeypatch.setattr(engine_mod, "PENDING_WARN", 5)
+    monkeypatch.setattr(stats_mod, "PENDING_WARN", 5)
 
     async def go():
         store = _CountsOnly()

@@ -846,17 +846,17 @@ def test_exploration_widens_on_downvotes_and_narrows_back(svf, tiny_tokenizer):
     from gesal_core.records import Node
 
     node = Node("n", np.zeros(4, np.float32), np.ones(svf.z_size, np.float32))
-    assert eng._explore(node).temperature == pytest.approx(0.9)
+    assert eng.responder.explore(node).temperature == pytest.approx(0.9)
     node.recent = [-2.0] * 8
-    hot = eng._explore(node)
+    hot = eng.responder.explore(node)
     assert hot.temperature == pytest.approx(1.0)
     assert hot.top_p == eng.config.sampling.top_p  # never the unbounded tail
     node.recent = [-2.0] * 4 + [1.0] * 4
-    assert eng._explore(node).temperature == pytest.approx(0.9)
+    assert eng.responder.explore(node).temperature == pytest.approx(0.9)
     eng.close()
     plain = make_engine(svf, tiny_tokenizer)  # the default bound is below 0.9: no widening
     node.recent = [-2.0] * 8
-    assert plain._explore(node).temperature == pytest.approx(0.9)
+    assert plain.responder.explore(node).temperature == pytest.approx(0.9)
     plain.close()
 
 
@@ -902,7 +902,7 @@ def test_a_downvoted_answer_is_avoided_before_the_next_training_run(svf, tiny_to
         assert eng.serving.stats.resamples == avoided
         await eng.vote("c", r.reply_id, "ann", -1)
         await eng.train()  # the node's own list takes it over; the engine's is emptied
-        assert not eng._fresh_downvotes
+        assert not eng.downvotes
         node = await eng.store.get_node("c", r.node_id)
         assert " ".join(r.text.lower().split()) in node.downvoted
         eng.close()
@@ -1172,7 +1172,7 @@ def test_a_failure_shown_in_stats_names_no_address(svf, tiny_tokenizer, monkeypa
         eng = make_engine(svf, tiny_tokenizer, threshold=-1.0, park_after=2)
         r = await eng.respond("c", ask("hello"))
         await eng.vote("c", r.reply_id, "ann", 1)  # a 👍 is checked for degeneration
-        monkeypatch.setattr("gesal_core.engine.degenerate_reason", broken)
+        monkeypatch.setattr("gesal_core.training.samples.degenerate_reason", broken)
         report = await eng.train()
         error = (await eng.stats("c"))["train_error"]
         assert report.failed == {"c": error}
@@ -1282,7 +1282,7 @@ def test_a_non_finite_update_is_never_committed(svf, tiny_tokenizer, monkeypatch
     async def go():
         eng = make_engine(svf, tiny_tokenizer, threshold=-1.0)
         liked, _ = await _liked_and_disliked(eng)
-        monkeypatch.setattr("gesal_core.engine.reinforce_steps", nan_steps)
+        monkeypatch.setattr("gesal_core.training.node_update.reinforce_steps", nan_steps)
         (rep,) = (await eng.train()).channels["c"]
         assert rep.status == "rolled_back" and "non-finite" in rep.reason
         node = await eng.store.get_node("c", liked.node_id)
@@ -1292,3 +1292,26 @@ def test_a_non_finite_update_is_never_committed(svf, tiny_tokenizer, monkeypatch
         eng.close()
 
     run(go())
+
+
+def test_channel_meta_reads_the_stores_fields_typed():
+    """The store keeps loose fields; code above it reads `ChannelMeta`. Absent fields
+    take defaults, unknown ones are ignored, and a folded node's feedback follows the
+    merge map to the node that holds it now."""
+    from gesal_core.records import ChannelMeta
+
+    assert ChannelMeta.from_dict({}) == ChannelMeta()
+    meta = ChannelMeta.from_dict(
+        {
+            "merged": {"a": "b", "b": "c"},
+            "last_train": 12.5,
+            "train_failures": 2,
+            "train_parked": True,
+            "train_error": "RuntimeError: x",
+            "trained_events": 7,
+            "from_a_newer_build": 1,
+        }
+    )
+    assert meta.owner("a") == meta.owner("b") == "c" and meta.owner("d") == "d"
+    assert (meta.last_train, meta.train_failures, meta.train_parked) == (12.5, 2, True)
+    assert (meta.train_error, meta.trained_events) == ("RuntimeError: x", 7)

@@ -135,7 +135,7 @@ def test_two_trainers_never_apply_one_batch_twice(svf, tiny_tokenizer, make_redi
             await a.vote("c", r.reply_id, user, 1)
         # bypass the lock: the version and pending checks alone must decide
         results = await asyncio.gather(
-            a._train_channel_locked("c", False), b._train_channel_locked("c", False)
+            a.trainer.train_locked("c", False), b.trainer.train_locked("c", False)
         )
         node = await a.store.get_node("c", r.node_id)
         # and with the lock: a second trainer skips the channel while one holds it

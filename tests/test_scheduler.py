@@ -252,3 +252,53 @@ def test_a_poisoned_channel_never_stops_a_healthy_one_on_schedule(
                 await store.close()
 
     asyncio.run(go())
+
+
+def test_a_full_round_trains_its_channel_only_and_keeps_the_interval(tiny_tokenizer, settings):
+    """The early run trains the channel whose round filled, not every channel; the other
+    channel's feedback waits for the interval run, whose time the early run puts back.
+    Every report reaches ``on_report``."""
+
+    async def go():
+        engine = _engine(tiny_tokenizer, settings, threshold=-1.0)
+        got = []
+        sched = TrainingScheduler(engine, settings, on_report=got.append)
+        service = ChatService(engine, settings, on_feedback=sched.feedback_arrived)
+        sched.start()
+        try:
+            interval = sched.scheduler.get_job(JOB_ID).next_run_time
+            asked = {}
+            for i, chan in enumerate(("full", "full", "quiet")):
+                parts = await service.handle_mention(
+                    Mention("discord", "g", chan, "u1", "hello", f"m{i}")
+                )
+                await service.link_reply(parts, [f"r{i}"])
+                asked[chan] = parts.channel_key
+            await service.handle_reaction(Reaction("discord", "g", "quiet", "u2", "r2", "👍", True))
+            await asyncio.sleep(0.2)
+            assert not sched.reports
+            for i in (0, 1):  # a second reply with feedback: "full" has a round of 2
+                await service.handle_reaction(
+                    Reaction("discord", "g", "full", "u2", f"r{i}", "👎", True)
+                )
+            await asyncio.wait_for(sched.runs.wait(), 30)
+            await asyncio.sleep(0.1)  # the interval run is put back after the run
+            assert got == sched.reports and len(got) == 1
+            assert list(got[0].channels) == [asked["full"]] and got[0].events == 2
+            assert got[0].waiting == {}  # "quiet" was not even read
+            assert await engine.pending(asked["quiet"]) == 1
+            assert list(sched.new_feedback) == [asked["quiet"]]  # its count stays
+            assert sched.scheduler.get_job(JOB_ID).next_run_time == interval
+        finally:
+            sched.shutdown()
+            engine.close()
+
+    asyncio.run(go())
+
+
+def test_the_round_rule_counts_replies_or_the_wait():
+    from gesal_core.training import RoundRule
+
+    rule = RoundRule(size=3, max_wait=60.0)
+    assert not rule.is_full(2, 59.0)
+    assert rule.is_full(3, 0.0) and rule.is_full(1, 60.0)
