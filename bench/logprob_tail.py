@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return res.z
 
     def autograd_step(k: int) -> np.ndarray:
-        with mock.patch("gesal_core.learning.target_logprobs", autograd_target_logprobs):
+        with mock.patch("gesal_core.learning.logprobs.target_logprobs", autograd_target_logprobs):
             return step(k)
 
     cores = os.cpu_count() or 1

@@ -59,10 +59,10 @@ from gesal_core.evaluation import LoraLearner
 from gesal_core.learning import (
     LearningConfig,
     Sample,
-    _batch,
     reinforce_step,
     warm_up_compiled,
 )
+from gesal_core.learning.logprobs import batch_tensors
 from gesal_core.model import load_model
 from gesal_core.svf import SVFConfig, SVFModel
 
@@ -71,7 +71,7 @@ def plain_sequence_logprobs(
     svf, z, samples, max_tokens=512, pad_id=0, share_prefix=False, compiled=False
 ):
     """The reference computation the optimised `sequence_logprobs` must equal."""
-    ids, attn, resp = _batch(samples, max_tokens, pad_id)
+    ids, attn, resp = batch_tensors(samples, max_tokens, pad_id)
     with svf.factored(z):
         logits = svf.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
     logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
@@ -132,11 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         return res.z
 
     def svf_sharing_step(k, dtype, share):
-        with mock.patch("gesal_core.learning.shares_prefix", lambda *_: share):
+        with mock.patch("gesal_core.learning.logprobs.shares_prefix", lambda *_: share):
             return svf_step(k, dtype)
 
     def svf_plain_step(k):
-        with mock.patch("gesal_core.learning.sequence_logprobs", plain_sequence_logprobs):
+        with mock.patch("gesal_core.learning.logprobs.sequence_logprobs", plain_sequence_logprobs):
             return svf_step(k)
 
     def lora_step(k, dtype="float32"):

@@ -1,16 +1,16 @@
-"""Forgetting and collapse guard: is the model still itself after an update?
+"""The collapse guard: is the model still itself after an update?
 
 Reward compliance alone happily buys collapse ("A: A: A:" loops, refusals, "I am
 SmolLM" self-descriptions), and reference NLL barely moves when it happens. So after
 each update the node's z answers a few probe prompts greedily, and the update is rolled
 back if, compared with the base model on the same probes:
 
-* more answers are degenerate (empty, repetition loops, refusals, self-descriptions,
-  echoes of the system prompt), or
+* more answers are degenerate (`judges.degenerate_reason`: empty, repetition loops,
+  refusals, self-descriptions, echoes of the system prompt), or
 * answers stop addressing the question: more answers than the base model's share no
   content word with their question or the base answer and sit far from the question in
-  the centred embedding (`on_topic`), or the mean question/answer similarity drops by
-  more than ``max_topic_drop``, or
+  the centred embedding (`judges.on_topic`), or the mean question/answer similarity
+  drops by more than ``max_topic_drop``, or
 * facts the base model states are no longer known (``FACTS``, a dozen short questions
   scored in one teacher-forced pass; ``min_facts_lost`` of those the base model is sure
   of): the probability of the fact ("Paris") right where the base model's own answer
@@ -20,11 +20,13 @@ back if, compared with the base model on the same probes:
   Paris), so a check on the greedy string would roll back harmless updates, while this
   one counts "The capital of France is Lyon" as a lost fact. One lost fact alone
   passes: docs/learning.md, "Fact probes".
+
+This module runs the probes and decides; the text rules themselves are `judges`, which
+the evaluation shares, and are importable from here too.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -33,7 +35,34 @@ import torch
 from .embedding import PromptEmbedder
 from .errors import GesalError
 from .generate import SamplingConfig, build_prompt, embed, generate
+from .judges import (
+    FactProbe,
+    base_nll,
+    content_words,
+    degenerate_reason,
+    judge_answers,
+    on_topic,
+    stated_fact,
+    template_words,
+)
+from .learning import Sample, sequence_logprobs
 from .svf import SVFModel
+
+__all__ = [
+    "FACTS",
+    "UNRELATED_PROBES",
+    "FactProbe",
+    "Guard",
+    "GuardConfig",
+    "GuardVerdict",
+    "ProbeResult",
+    "content_words",
+    "degenerate_reason",
+    "fact_probes",
+    "judge_answers",
+    "on_topic",
+    "template_words",
+]
 
 UNRELATED_PROBES = (
     "What is the capital of France?",
@@ -63,227 +92,18 @@ FACTS = {
 }
 
 
-@dataclass(frozen=True)
-class FactProbe:
-    """Where the base model's answer to a probe states its fact: the answer up to it
-    (``prefix``) and the fact as written there (``fact``)."""
-
-    probe: str
-    prefix: str
-    fact: str
-
-
 def fact_probes(probes: list[str], base_answers: list[str]) -> list[FactProbe]:
     """The `FACTS` the base model states in its answers (only those can be lost)."""
-    out = []
-    for p, answer in zip(probes, base_answers, strict=True):
-        fact = FACTS.get(p)
-        at = answer.lower().find(fact) if fact else -1
-        if at >= 0:
-            out.append(FactProbe(p, answer[:at], answer[at : at + len(fact)]))
-    return out
-
-
-_REFUSAL = re.compile(
-    r"\b(I can(?:'|no)t (?:help|assist|answer|provide)|I(?:'m| am) unable to|I'm sorry, but|"
-    r"as an AI|I am an AI|"
-    r"I'm an AI|my name is SmolLM|I am SmolLM|I'm SmolLM|trained by Hugging Face)\b",
-    re.IGNORECASE,
-)
-
-
-# a punctuation run, or one word four times in a row; a word must start with a letter, so
-# "300,000,000,000,000 meters" (a real answer a real run rolled back) is not a loop
-# ...but one character 16 times running is a loop whatever it is: a LoRA brevity run
-# answered "The largest planet is approximately 9.9222222222222222222222222222222".
-# ...and so is a run of eight or more symbols that are not ASCII punctuation, mixed or
-# not: an emoji run's answers ended "Cats purr because they need to relax. 🐖🐖🌱🌍🌈🌌🌊🌌🌌🌈🌊🌌"
-# (its members liked it: it has an emoji). Three flags in a row (six characters) pass.
-# ...and so is one symbol (or a short group: "❤️" is two code points) six times over with
-# spaces between: an emoji run ended its answers "…helps them reproduce.
-# 😊 😊 😊 😊 😊 😊 😊 😊 😊 😊 😊 😊 😊 😊 😊", which the rules without spaces miss.
-_RUN = re.compile(
-    r"([^\w\s])\1{5,}|(\w)\2{15,}|\b([^\W\d]\w*)(?:\W+\3\b){3,}|[^\w\s!-/:-@\[-`{-~]{8,}"
-    r"|([^\w\s]{1,4}?)(?:\s+\4){5,}",
-    re.IGNORECASE,
-)
-# A letter or digit of any script. An emoji run has none, and the base-model NLL rule
-# does not see it: an emoji is several byte tokens of which all but the first are nearly
-# certain, so "🏨🏨🔏⚕🐦❀ ✌🌬" (the start of an emoji run's held-out answer to "How does
-# the internet work?") averages below the gibberish bar.
-_WORD_CHAR = re.compile(r"[^\W_]")
-# An answer that is one question and nothing else asks instead of answering: "What is the
-# capital of Japan?" -> "What is the capital of France?" was where a brevity run's node
-# ended up after 128 votes (short, so the community liked it; on topic by every measure).
-_ONLY_QUESTION = re.compile(r"[^.!?\n]*\?+[\s\"')]*")
-# ...but a statement that ends in a follow-up question has answered: "The largest planet
-# in the universe is Neptune, but what about our solar system?" (a real run's answer, and
-# the base model's too) is one sentence ending in "?", yet it opens with a clause that is
-# not a question.
-_WH = "what|how|why|who|whom|whose|where|when|which"
-_AUX = "is|are|was|were|do|does|did|can|could|would|will|should|shall|may|might|have|has|had"
-_STATEMENT_FIRST = re.compile(rf"\s*(?!(?:{_WH}|{_AUX})\b)[^,?]+,", re.IGNORECASE)
-# Content words: 5-letter stems of words of 4+ letters, minus question boilerplate.
-_STOP = frozenset(
-    """what which when where does the this that these those with from into about your have
-    there their they them than then also very just some more most such many much make made
-    write tell describe explain give short poem story""".split()  # noqa: SIM905
-)
-_ROLES = frozenset({"syste", "user", "assis", "start"})  # chat-template markup, not content
-_ABOUT_YOU = re.compile(r"\b(you|your|yourself)\b", re.IGNORECASE)  # "Who made you?"
-# A question that asks for something new: "What is a volcano?", not "Is it Tokyo?" (where
-# "Yes, Tokyo." restates it and answers) nor "Jupiter or Mars?" (where a word of the
-# question is the answer).
-_OPEN_QUESTION = re.compile(rf"\s*(?:{_WH})\b", re.IGNORECASE)
-_CHOICE = re.compile(r"\bor\b", re.IGNORECASE)
-RESTATE_MAX_WORDS = 5
-# Words that add nothing to a restatement ("A volcano...", "Hmm, electricity.").
-_FILLER = frozenset(
-    """a an the is are was were be it its this that of in on at to by for and but so as with
-    hmm hm oh ah um uh well""".split()  # noqa: SIM905
-)
-
-
-def content_words(text: str) -> set[str]:
-    """The words that carry what a text is about, stemmed to five letters, so "Tokyo."
-    and "Tokyo is" meet and "capital"/"capitals" match."""
-    return {w[:5] for w in re.findall(r"[a-z]{4,}", text.lower()) if w not in _STOP}
-
-
-def new_words(answer: str, question: str) -> set[str]:
-    """Words of the answer that are neither in the question nor filler, numbers and short
-    words included: "45" answers "What is 15 times 3?" in "15 times 3 is 45.", "ice"
-    answers "What is a comet?" in "A comet is ice.", though neither is a `content_words`
-    word (a real run's guard rolled back an update for "15 times 3 is 45.")."""
-    asked = set(re.findall(r"\w+", question.lower()))
-    stems = content_words(question)
-    return {
-        w
-        for w in re.findall(r"\w+", answer.lower())
-        if w not in asked and w not in _FILLER and w[:5] not in stems
-    }
-
-
-def template_words(tokenizer, system: str | None) -> frozenset[str]:
-    """Content words the prompt template puts before every question: the system prompt,
-    SmolLM2's default one ("You are a helpful AI assistant named SmolLM, trained by
-    Hugging Face") when none is set. An answer made of these alone echoes the template."""
-    ids = build_prompt(tokenizer, [{"role": "user", "content": "."}], system).input_ids
-    return frozenset(content_words(tokenizer.decode(ids)) - _ROLES)
-
-
-ON_TOPIC_MIN = 0.3  # centred cosine(question, answer); good answers measured 0.4-0.66
-
-
-def on_topic(prompt: str, answer: str, reference: str, similarity: float) -> bool:
-    """Does the answer address the question? Either it is close to it in the (centred)
-    embedding, or it shares a content word with the question or with the base model's own
-    answer ("Tokyo." answers "What is the capital of Japan?" through the reference)."""
-    words = content_words(answer)
-    return similarity >= ON_TOPIC_MIN or bool(
-        words & (content_words(prompt) | content_words(reference))
+    found = (
+        stated_fact(p, answer, FACTS.get(p)) for p, answer in zip(probes, base_answers, strict=True)
     )
-
-
-GIBBERISH_NLL = 4.0  # nats/token of an answer under the base model; fluent text is ~0.5-2
-GIBBERISH_MIN_WORDS = 3
-
-
-def degenerate_reason(
-    text: str,
-    base_nll: float | None = None,
-    question: str = "",
-    template: frozenset[str] = frozenset(),
-) -> str | None:
-    """Why an answer is degenerate, or None. Conservative: flags only clear failures.
-
-    ``base_nll`` (mean per-token NLL of the answer under the base model, see `base_nll`)
-    catches fluent-looking gibberish such as "Absolutelyutely safely mistaken" that no
-    string rule sees; a collapsed adapter produces text its own base model finds absurd.
-
-    A short answer made only of the question's own words restates it: a brevity run's
-    node answered "What is a volcano?" with "A volcano..." and "What is electricity?"
-    with "Hmm, electricity." after 128 votes, short enough to be liked, and on topic by
-    every measure that compares words or embeddings with the question.
-
-    ``template`` (see `template_words`) catches an answer that only repeats the system
-    prompt: a brevity run's nodes answered "What is electricity?" with "Hugging Face",
-    two words the community liked for being short, and no other rule saw it.
-    """
-    words = text.split()
-    if not words:
-        return "empty"
-    if len(words) >= 8:
-        trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
-        if len(set(trigrams)) / len(trigrams) < 0.5:
-            return "repetition loop"
-    if len(text) >= 12 and len(set(text.replace(" ", ""))) <= 3:
-        return "repetition loop"
-    if _RUN.search(text):
-        return "repetition loop"
-    if not _WORD_CHAR.search(text):
-        return "no words"
-    if _REFUSAL.search(text):
-        return "refusal or self-description"
-    if _ONLY_QUESTION.fullmatch(text.strip()) and not _STATEMENT_FIRST.match(text):
-        return "a question instead of an answer"
-    said = content_words(text)
-    if (
-        template
-        and said
-        and said <= template
-        and not said & content_words(question)
-        and not _ABOUT_YOU.search(question)  # asked about itself, it may describe itself
-    ):
-        return "echoes the system prompt (a self-description)"
-    if (
-        said
-        and len(words) <= RESTATE_MAX_WORDS
-        and said <= content_words(question)
-        and not new_words(text, question)
-        and _OPEN_QUESTION.match(question)
-        and not _CHOICE.search(question)
-    ):
-        return "restates the question without answering it"
-    # Over one or two words the mean NLL measures how unusual it is to answer that briefly
-    # ("Python!"), not whether the words make sense; a brevity community asks for exactly
-    # that, so the rule needs a few words to judge.
-    if base_nll is not None and base_nll > GIBBERISH_NLL and len(words) >= GIBBERISH_MIN_WORDS:
-        return f"gibberish (base-model NLL {base_nll:.1f} nats/token)"
-    return None
-
-
-@torch.inference_mode()
-def base_nll(
-    svf: SVFModel, tokenizer, prompts: list[str], answers: list[str], system: str | None = None
-) -> list[float]:
-    """Mean per-token NLL of each answer under the base model (z = 1), given its prompt."""
-    from .learning import Sample, sequence_logprobs
-
-    samples = []
-    for p, a in zip(prompts, answers, strict=True):
-        ids = build_prompt(tokenizer, [{"role": "user", "content": p}], system).input_ids
-        resp = tokenizer(a, add_special_tokens=False)["input_ids"] if a.strip() else []
-        samples.append(Sample(ids, resp or [tokenizer.eos_token_id or 0]))
-    lp, n = sequence_logprobs(svf, svf.ones(), samples, pad_id=tokenizer.pad_token_id or 0)
-    return [float(-x / max(int(k), 1)) for x, k in zip(lp, n, strict=True)]
-
-
-def judge_answers(
-    svf: SVFModel, tokenizer, prompts: list[str], answers: list[str], system: str | None = None
-) -> list[str | None]:
-    """`degenerate_reason` of each answer to its prompt, with every rule on: the base
-    model's NLL and the words of the system prompt the answers ran under. One place for
-    the evaluation and for re-judging stored answers, so both judge alike."""
-    nll = base_nll(svf, tokenizer, prompts, answers, system)
-    template = template_words(tokenizer, system)
-    return [
-        degenerate_reason(a, n, q, template) for q, a, n in zip(prompts, answers, nll, strict=True)
-    ]
+    return [f for f in found if f is not None]
 
 
 @dataclass
 class ProbeResult:
+    """A z's answers to a list of probes, as the guard judged them."""
+
     answers: list[str]
     degenerate: int
     topic: float  # mean cosine(question, answer) under the base embedding
@@ -293,6 +113,8 @@ class ProbeResult:
 
 @dataclass
 class GuardVerdict:
+    """Whether a candidate z's update stands, why not, and the answers it rests on."""
+
     ok: bool
     reason: str
     base: ProbeResult
@@ -303,33 +125,77 @@ class GuardVerdict:
 class GuardConfig:
     """When an update is rolled back (docs/learning.md, "Collapse guard")."""
 
-    enabled: bool = True
-    max_new_tokens: int = 32  # length of a greedy probe answer
-    max_extra_degenerate: int = 0  # degenerate answers allowed beyond the base model's
-    max_topic_drop: float = 0.15  # allowed drop of the mean question/answer similarity
-    # Off-topic answers allowed beyond the base model's: answers that share no content
-    # word with their question or the base answer and sit far from the question
-    # (`on_topic`, the evaluation's own measure).
-    max_extra_off_topic: int = 0
-    related_probes: int = 4  # the node's most recent prompts asked as probes
-    # A fact is lost when log p(fact | the base answer up to it) falls by more than this
-    # (ln 4: the candidate finds it four times less likely than the base model does).
-    max_fact_drop: float = 1.386
-    # Only facts the base model states with at least this log p count: less certain ones
-    # shift with style, not with forgetting (docs/learning.md, "Fact probes").
-    min_fact_logprob: float = -0.7
-    # Lost facts that fail an update; a single lost fact is mostly a style shift
-    # (docs/learning.md, "Fact probes").
-    min_facts_lost: int = 2
-    # Also answer the probes by sampling, as replies are served (the engine's temperature
-    # and top-p, seed `sample_seed`), and judge those answers by the same rules. Off by
-    # default: a generation pass of served length per training round (docs/learning.md,
-    # "Sampled probes").
-    sampled: bool = False
-    sample_seed: int = 0
-    # Halvings of a failed update's step to try before it is rolled back; 0: roll back at
-    # once. For experiments: it learns no sooner (docs/learning.md, "Tried and rejected").
-    backtrack: int = 0
+    enabled: bool = field(
+        default=True,
+        metadata={"help": "Check every update on probe answers and roll back one that fails."},
+    )
+    max_new_tokens: int = field(
+        default=32, metadata={"help": "Length in tokens of a greedy probe answer."}
+    )
+    max_extra_degenerate: int = field(
+        default=0,
+        metadata={"help": "Degenerate probe answers allowed beyond the base model's."},
+    )
+    max_topic_drop: float = field(
+        default=0.15,
+        metadata={
+            "help": "Allowed drop of the mean question/answer similarity of the probe "
+            "answers, against the base model's."
+        },
+    )
+    max_extra_off_topic: int = field(
+        default=0,
+        metadata={
+            "help": "Off-topic answers allowed beyond the base model's: answers that share "
+            "no content word with their question or the base answer and sit far from the "
+            "question in the embedding (the evaluation's own measure)."
+        },
+    )
+    related_probes: int = field(
+        default=4,
+        metadata={"help": "How many of the node's most recent prompts are asked as probes."},
+    )
+    max_fact_drop: float = field(
+        default=1.386,
+        metadata={
+            "help": "A fact is lost when its log-probability where the base answer states "
+            "it falls by more than this (1.386 = ln 4: four times less likely)."
+        },
+    )
+    min_fact_logprob: float = field(
+        default=-0.7,
+        metadata={
+            "help": "Only facts the base model states with at least this log-probability "
+            "count: less certain ones shift with style, not with forgetting "
+            '(docs/learning.md, "Fact probes").'
+        },
+    )
+    min_facts_lost: int = field(
+        default=2,
+        metadata={
+            "help": "Lost facts that fail an update; a single lost fact is mostly a shift "
+            'of style (docs/learning.md, "Fact probes").'
+        },
+    )
+    sampled: bool = field(
+        default=False,
+        metadata={
+            "help": "Also answer the probes by sampling, as replies are served, and judge "
+            "those answers by the same rules. Costs a generation pass of served length per "
+            'training round (docs/learning.md, "Sampled probes").'
+        },
+    )
+    sample_seed: int = field(
+        default=0, metadata={"help": "Random seed of the sampled probe answers."}
+    )
+    backtrack: int = field(
+        default=0,
+        metadata={
+            "help": "Halvings (0 to 8) of a failed update's step to try before it is rolled "
+            "back; 0 rolls back at once. It learns no sooner "
+            '(docs/learning.md, "Tried and rejected").'
+        },
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.backtrack <= 8:
@@ -339,6 +205,12 @@ class GuardConfig:
 
 
 class Guard:
+    """Probes a candidate z against the base model and decides whether its update stands.
+
+    Base answers are computed once per probe list and cached; every candidate of a
+    training round is answered in one batched pass with a z per row.
+    """
+
     def __init__(
         self,
         svf: SVFModel,
@@ -358,6 +230,8 @@ class Guard:
         self._fact_base: list[float] = []
 
     def probes_for(self, related: list[str]) -> list[str]:
+        """The node's ``related_probes`` most recent prompts, then `UNRELATED_PROBES`,
+        each once."""
         seen, out = set(), []
         for p in list(related)[-self.config.related_probes :] + list(UNRELATED_PROBES):
             if p not in seen:
@@ -375,40 +249,28 @@ class Guard:
         rows = [(i, p) for i, probes in enumerate(probe_lists) for p in probes]
         if not rows:
             return []
-        prompts = [
-            build_prompt(self.tokenizer, [{"role": "user", "content": p}], self.system)
-            for _, p in rows
-        ]
+        questions = [p for _, p in rows]
         ones = self.svf.ones()
         z_rows = torch.stack([ones if zs[i] is None else zs[i].float() for i, _ in rows])
-        # sampled answers are served ones, length included: an emoji loop that a real run
-        # served began after the 32 tokens a greedy probe reads
-        sampling = (
-            self.sampling
-            if sampled
-            else SamplingConfig(max_new_tokens=self.config.max_new_tokens, temperature=0)
-        )
-        seed = self.config.sample_seed if sampled else None
-        with self.svf.factored(z_rows):
-            generations = generate(self.svf.model, self.tokenizer, prompts, sampling, seed=seed)
-        answers = [g.text for g in generations]
-        questions, replies = [p for _, p in rows], [x or "." for x in answers]
+        answers = self._answer(z_rows, questions, sampled)
+        replies = [x or "." for x in answers]
         with self.svf.factored(ones):
             q = embed(self.svf.model, self.tokenizer, questions)
             a = embed(self.svf.model, self.tokenizer, replies)
         sims = (q * a).sum(-1).numpy()
         centred = (self.embedder(questions) * self.embedder(replies)).sum(-1)
-        nll = base_nll(self.svf, self.tokenizer, [p for _, p in rows], answers, self.system)
+        nll = base_nll(self.svf, self.tokenizer, questions, answers, self.system)
+        judged = [
+            degenerate_reason(answer, n, question, self.template)
+            for question, answer, n in zip(questions, answers, nll, strict=True)
+        ]
         results = []
         for i in range(len(probe_lists)):
             idx = [k for k, (j, _) in enumerate(rows) if j == i]
-            texts = [answers[k] for k in idx]
-            reasons = [
-                degenerate_reason(answers[k], nll[k], rows[k][1], self.template) for k in idx
-            ]
+            reasons = [judged[k] for k in idx]
             results.append(
                 ProbeResult(
-                    texts,
+                    [answers[k] for k in idx],
                     sum(r is not None for r in reasons),
                     float(np.mean(sims[idx])),
                     [r or "" for r in reasons],
@@ -417,13 +279,35 @@ class Guard:
             )
         return results
 
+    def _answer(self, z_rows: torch.Tensor, questions: list[str], sampled: bool) -> list[str]:
+        """Each question answered under its row of ``z_rows``, greedily or as served."""
+        prompts = [
+            build_prompt(self.tokenizer, [{"role": "user", "content": p}], self.system)
+            for p in questions
+        ]
+        # sampled answers are served ones, length included: an emoji loop in served
+        # answers can begin after the 32 tokens a greedy probe reads
+        sampling = (
+            self.sampling
+            if sampled
+            else SamplingConfig(max_new_tokens=self.config.max_new_tokens, temperature=0)
+        )
+        seed = self.config.sample_seed if sampled else None
+        with self.svf.factored(z_rows):
+            generations = generate(self.svf.model, self.tokenizer, prompts, sampling, seed=seed)
+        return [g.text for g in generations]
+
     def run(self, z: torch.Tensor | None, probes: list[str]) -> ProbeResult:
+        """`run_many` for one z (None: the base model)."""
         return self.run_many([z], [probes])[0]
 
     def base(self, probes: list[str]) -> ProbeResult:
+        """The base model's answers to ``probes``, judged (cached)."""
         return self.base_many([probes])[0]
 
     def base_many(self, probe_lists: list[list[str]], sampled: bool = False) -> list[ProbeResult]:
+        """The base model's answers to each probe list; lists not seen before are answered
+        in one batched pass and cached."""
         missing = [
             list(k)
             for k in dict.fromkeys(map(tuple, probe_lists))
@@ -444,8 +328,6 @@ class Guard:
         self, zs: list[torch.Tensor | None], facts: list[FactProbe]
     ) -> list[float]:
         """`fact_logprobs` with one z per fact, all in one teacher-forced pass."""
-        from .learning import Sample, sequence_logprobs
-
         if not facts:
             return []
         samples = []
@@ -499,6 +381,7 @@ class Guard:
         return out
 
     def _verdict(self, probes: list[str], base: ProbeResult, cand: ProbeResult) -> GuardVerdict:
+        """The probe rules in order: degenerate answers, off-topic answers, the topic drop."""
         cfg = self.config
         if cand.degenerate > base.degenerate + cfg.max_extra_degenerate:
             bad = [
@@ -533,6 +416,7 @@ class Guard:
     def _verdicts(
         self, zs: list[torch.Tensor], probe_lists: list[list[str]], sampled: bool
     ) -> list[GuardVerdict]:
+        """`_verdict` of each candidate against the base model on its probes."""
         bases = self.base_many(probe_lists, sampled)
         cands = self.run_many(zs, probe_lists, sampled)
         return [
@@ -541,6 +425,7 @@ class Guard:
         ]
 
     def check(self, z: np.ndarray, related: list[str]) -> GuardVerdict:
+        """`check_many` for one candidate z."""
         return self.check_many([(z, related)])[0]
 
     def check_many(self, items: list[tuple[np.ndarray, list[str]]]) -> list[GuardVerdict]:

@@ -441,9 +441,9 @@ def test_hot_node_is_premerged_in_idle_time_and_then_served_merged(tiny_tokenize
 # -- fast log-probs for training ---------------------------------------------------------------
 def _reference_logprobs(svf, z, samples, pad_id=0):
     """The plain computation: full forward, full-vocabulary log_softmax, gather, mask."""
-    from gesal_core.learning import _batch
+    from gesal_core.learning.logprobs import batch_tensors
 
-    ids, attn, resp = _batch(samples, 512, pad_id)
+    ids, attn, resp = batch_tensors(samples, 512, pad_id)
     with svf.factored(z):
         logits = svf.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
     logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
