@@ -14,9 +14,12 @@ import logging
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 from gesal_core.errors import GesalError, ModelNotFoundError
+
+from .settings import BotSettings
 
 
 class ResourceMissingError(GesalError):
@@ -30,14 +33,13 @@ CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default=None,
-        help="model: bundled (default), a folder, a .gguf "
-        "file or a Hugging Face hub id (needs internet)",
-    )
-    p.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu, cuda")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
+    """--model, --device and --dtype: the flags of GESAL_MODEL, GESAL_DEVICE and
+    GESAL_DTYPE, with those variables' defaults, choices and descriptions."""
+    for flag in ("model", "device", "dtype"):
+        field = BotSettings.model_fields[f"gesal_{flag}"]
+        choices = typing.get_args(field.annotation) if flag == "dtype" else None
+        words = (field.description or "").replace("``", "")
+        p.add_argument(f"--{flag}", default=field.default, choices=choices, help=words)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
 """Settings that document themselves: each is one dataclass field, declared once.
 
-A field made with `setting` carries its default and its help, and optionally the
+A field made with `setting` (or ``dataclasses.field(metadata={"help": ...})``, the
+convention of PEFT's configs) carries its default and its help, and optionally the
 environment variable a deployment sets it with, the command-line flag of ``gesal-bot
 eval``, and its range. Everything else is generated from the fields:
 
@@ -26,12 +27,12 @@ from collections.abc import Iterator
 from dataclasses import MISSING, Field, dataclass
 from typing import Any, Literal, get_args, get_origin
 
-META = "gesal"  # the metadata key of a `setting`
+BOUNDS = ("ge", "gt", "le", "lt")
 
 
 @dataclass(frozen=True)
 class Setting:
-    """What a config field says about itself (see `setting`)."""
+    """What a config field says about itself: its ``metadata`` (see `setting`)."""
 
     help: str
     env: str | None = None
@@ -41,9 +42,17 @@ class Setting:
     le: float | None = None
     lt: float | None = None
 
+    @classmethod
+    def of(cls, f: Field) -> Setting | None:
+        """The field's `Setting`, or None when it has no help text (an internal field)."""
+        m = f.metadata
+        if "help" not in m:
+            return None
+        return cls(m["help"], m.get("env"), m.get("flag"), *(m.get(b) for b in BOUNDS))
+
     def bounds(self) -> dict[str, float]:
         """The range as pydantic's ``Field`` keywords."""
-        return {k: v for k in ("ge", "gt", "le", "lt") if (v := getattr(self, k)) is not None}
+        return {k: v for k in BOUNDS if (v := getattr(self, k)) is not None}
 
     def range_text(self) -> str:
         """The range in words for a flag's help: ``0 to 10``, ``above 0, at most 0.1``;
@@ -74,7 +83,8 @@ def setting(
     sentences a user reads in the README and ``--help``), the environment variable
     ``env`` that sets it in a deployment, the ``flag`` of ``gesal-bot eval``, and its
     range (checked where a person sets it: environment and command line)."""
-    meta = {META: Setting(help, env, flag, ge, gt, le, lt)}
+    given = {"env": env, "flag": flag, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    meta = {"help": help, **{k: v for k, v in given.items() if v is not None}}
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -102,8 +112,8 @@ def entries(cls: type, path: tuple[str, ...] = ()) -> Iterator[Entry]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
-        if META in f.metadata:
-            yield Entry((*path, f.name), f, f.metadata[META], kind)
+        if (s := Setting.of(f)) is not None:
+            yield Entry((*path, f.name), f, s, kind)
         elif dataclasses.is_dataclass(kind):
             yield from entries(kind, (*path, f.name))
 
@@ -167,6 +177,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             dest=dest,
             type=_checked(e) if choices is None else str,
             choices=choices,
+            metavar=None if choices else s.flag.removeprefix("--").upper().replace("-", "_"),
             default=e.default,
             help=words,
         )

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from .config import GuardConfig
 from .embedding import PromptEmbedder
-from .errors import GesalError
 from .generate import SamplingConfig, build_prompt, embed, generate
 from .judges import (
     FactProbe,
@@ -119,89 +119,6 @@ class GuardVerdict:
     reason: str
     base: ProbeResult
     candidate: ProbeResult
-
-
-@dataclass(frozen=True)
-class GuardConfig:
-    """When an update is rolled back (docs/learning.md, "Collapse guard")."""
-
-    enabled: bool = field(
-        default=True,
-        metadata={"help": "Check every update on probe answers and roll back one that fails."},
-    )
-    max_new_tokens: int = field(
-        default=32, metadata={"help": "Length in tokens of a greedy probe answer."}
-    )
-    max_extra_degenerate: int = field(
-        default=0,
-        metadata={"help": "Degenerate probe answers allowed beyond the base model's."},
-    )
-    max_topic_drop: float = field(
-        default=0.15,
-        metadata={
-            "help": "Allowed drop of the mean question/answer similarity of the probe "
-            "answers, against the base model's."
-        },
-    )
-    max_extra_off_topic: int = field(
-        default=0,
-        metadata={
-            "help": "Off-topic answers allowed beyond the base model's: answers that share "
-            "no content word with their question or the base answer and sit far from the "
-            "question in the embedding (the evaluation's own measure)."
-        },
-    )
-    related_probes: int = field(
-        default=4,
-        metadata={"help": "How many of the node's most recent prompts are asked as probes."},
-    )
-    max_fact_drop: float = field(
-        default=1.386,
-        metadata={
-            "help": "A fact is lost when its log-probability where the base answer states "
-            "it falls by more than this (1.386 = ln 4: four times less likely)."
-        },
-    )
-    min_fact_logprob: float = field(
-        default=-0.7,
-        metadata={
-            "help": "Only facts the base model states with at least this log-probability "
-            "count: less certain ones shift with style, not with forgetting "
-            '(docs/learning.md, "Fact probes").'
-        },
-    )
-    min_facts_lost: int = field(
-        default=2,
-        metadata={
-            "help": "Lost facts that fail an update; a single lost fact is mostly a shift "
-            'of style (docs/learning.md, "Fact probes").'
-        },
-    )
-    sampled: bool = field(
-        default=False,
-        metadata={
-            "help": "Also answer the probes by sampling, as replies are served, and judge "
-            "those answers by the same rules. Costs a generation pass of served length per "
-            'training round (docs/learning.md, "Sampled probes").'
-        },
-    )
-    sample_seed: int = field(
-        default=0, metadata={"help": "Random seed of the sampled probe answers."}
-    )
-    backtrack: int = field(
-        default=0,
-        metadata={
-            "help": "Halvings (0 to 8) of a failed update's step to try before it is rolled "
-            "back; 0 rolls back at once. It learns no sooner "
-            '(docs/learning.md, "Tried and rejected").'
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.backtrack <= 8:
-            raise GesalError(f"backtrack must be between 0 and 8 halvings, got {self.backtrack}")
-        if self.min_facts_lost < 1:
-            raise GesalError(f"min_facts_lost must be at least 1, got {self.min_facts_lost}")
 
 
 class Guard:

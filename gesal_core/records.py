@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
+from .config_fields import setting
 from .errors import GesalError
 
 log = logging.getLogger(__name__)
@@ -78,12 +79,37 @@ class ChannelConfig:
     of the channel NaN, so nothing outside these ranges is ever stored.
     """
 
-    # Cosine similarity (of centred embeddings, gesal_core/embedding.py) below which a prompt
-    # starts a new node. 0.15 gives the best topic purity in `bench.embedding_choice`.
-    threshold: float = 0.15
-    reward_up: float = 1.0
-    reward_down: float = -2.0  # the whole negative weight; never doubled again
-    max_nodes: int = 64
+    threshold: float = setting(
+        0.15,
+        help="Similarity (-1 to 1) a prompt needs to join its channel's nearest node, else "
+        "it starts a new one (cosine of centred embeddings; 0.15 gives the best topic "
+        "purity in bench.embedding_choice). New channels start with it; admins change it "
+        "per channel.",
+        env="GESAL_THRESHOLD",
+        flag="--threshold",
+        ge=-1.0,
+        le=1.0,
+    )
+    reward_up: float = setting(
+        1.0,
+        help="Reward of a 👍. New channels start with it; admins change it per channel.",
+        env="GESAL_REWARD_UP",
+        gt=0.0,
+        le=REWARD_LIMIT,
+    )
+    reward_down: float = setting(
+        -2.0,
+        help="Reward of a 👎, the whole negative weight. New channels start with it; admins "
+        "change it per channel.",
+        env="GESAL_REWARD_DOWN",
+        lt=0.0,
+        ge=-REWARD_LIMIT,
+    )
+    max_nodes: int = setting(
+        64,
+        help="Nodes a channel keeps at most; a new topic in a full channel folds its least "
+        "used node into its nearest.",
+    )
 
     def validate(self) -> ChannelConfig:
         """This config if every value is in its range, else `ConfigError` naming the

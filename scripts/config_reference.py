@@ -6,13 +6,12 @@
 
 `tests/test_deploy_config.py` regenerates both and compares them with the committed
 README section and .env.example, so the documentation cannot drift from the code.
-Descriptions come from each field's ``description``, else from the variable table in
-`bot.settings`' docstring.
+Descriptions are the fields' own: a `BotSettings` field's ``description``, or the help
+text of the engine config field an engine variable is generated from.
 """
 
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +19,12 @@ from pathlib import Path
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings
 
-from bot import settings as settings_mod
 from bot.ops_settings import OpsSettings
-from bot.settings import Settings
+from bot.settings import BotSettings, Settings
 
 MODELS: list[tuple[str, type[BaseSettings]]] = [
-    ("bot", Settings),
+    ("bot", BotSettings),
+    ("engine", Settings),  # the fields `Settings` adds: generated from the engine's config
     ("operations", OpsSettings),
 ]
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
@@ -38,27 +37,6 @@ class Var:
     default: str
     description: str
     secret: bool
-
-
-def _docstring_table(doc: str) -> dict[str, str]:
-    """``NAME`` / ``A_B/C`` rows of an rst table -> {NAME: description}."""
-    out: dict[str, str] = {}
-    last: list[str] = []
-    for line in doc.splitlines():
-        m = re.match(r"^``([A-Z0-9_/]+)``\s+(.*)$", line)
-        if m:
-            head, *tails = m.group(1).split("/")
-            stem = head.rsplit("_", 1)[0] if tails else head
-            names = [head] + [f"{stem}_{t}" for t in tails]
-            last = names
-            for n in names:
-                out[n] = m.group(2).strip()
-        elif last and re.match(r"^\s{10,}\S", line) and not line.strip().startswith("="):
-            for n in last:
-                out[n] += " " + line.strip()
-        else:
-            last = []
-    return out
 
 
 def _default(field, secret: bool) -> str:
@@ -75,16 +53,16 @@ def _default(field, secret: bool) -> str:
 
 
 def variables() -> list[Var]:
-    described = _docstring_table(settings_mod.__doc__ or "")
-    out = []
+    out, seen = [], set()
     for group, model in MODELS:
         for name, field in model.model_fields.items():
-            if field.exclude:  # a removed variable, kept only to refuse it
+            if field.exclude or name in seen:  # excluded: a removed variable, only refused
                 continue
+            seen.add(name)
             env = name.upper()
             secret = field.annotation is not None and "SecretStr" in str(field.annotation)
             secret = secret or field.annotation is SecretStr
-            desc = (field.description or described.get(env, "")).replace("``", "`")
+            desc = (field.description or "").replace("``", "`")
             out.append(Var(env, group, _default(field, secret), desc, secret))
     return out
 

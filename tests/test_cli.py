@@ -61,7 +61,8 @@ def test_help_says_each_options_default(capsys):
     assert "votes per run (default: 64)" in text
     assert "they vote down (default: 0)" in text  # a default of 0 is said too
     assert "(default: False)" not in text and "(default: None)" not in text  # flags, unset
-    assert "routing θ (default: the engine's, 0.15) --round" in text  # said once, not twice
+    assert "per channel. (-1 to 1) (default: 0.15) --round" in text  # said once, not twice
+    assert "--lr LR" in text and "(above 0, at most 0.1) (default: 0.003)" in text
 
 
 def test_bad_usage_exits_2_without_traceback():

@@ -51,3 +51,39 @@ def test_flags_parse_check_ranges_and_apply():
             p.parse_args(bad)
     text = p.format_help()
     assert "step size (above 0, at most 0.1)" in text and "--no-guard" in text
+
+
+def test_the_engine_settings_are_declared_once(monkeypatch):
+    """Every engine setting that names a variable or a flag reaches the environment,
+    ``gesal-bot eval`` and the README from its one field: the same default, range and
+    words; a value set either way lands in the engine's config."""
+    from pathlib import Path
+
+    from bot.settings import Settings, SettingsError, load_settings
+    from gesal_core import evaluation
+    from gesal_core.config import EngineConfig
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for e in env_entries(EngineConfig):
+        var = e.setting.env
+        field = Settings.model_fields[var.lower()]
+        assert field.default == e.default and field.description.startswith(e.setting.help)
+        assert f"| `{var}` |" in readme
+        monkeypatch.delenv(var, raising=False)
+    assert load_settings(None).engine_config() == EngineConfig()
+
+    monkeypatch.setenv("GESAL_LEARNING_RATE", "0.01")
+    monkeypatch.setenv("GESAL_THRESHOLD", "0.4")
+    monkeypatch.setenv("GESAL_GUARD_SAMPLED", "true")
+    cfg = load_settings(None).engine_config()
+    assert (cfg.learning.lr, cfg.channel_defaults.threshold, cfg.guard.sampled) == (0.01, 0.4, True)
+    monkeypatch.setenv("GESAL_LEARNING_RATE", "0.5")  # above its bound
+    with pytest.raises(SettingsError, match="GESAL_LEARNING_RATE"):
+        load_settings(None)
+
+    parser = argparse.ArgumentParser()
+    evaluation.add_arguments(parser)
+    args = parser.parse_args(["--lr", "0.01", "--round", "2", "--no-guard", "--threshold", "0.4"])
+    cfg = apply(EngineConfig(), flag_values(args, EngineConfig))
+    assert (cfg.learning.lr, cfg.train_round, cfg.guard.enabled) == (0.01, 2, False)
+    assert cfg.channel_defaults.threshold == 0.4

@@ -7,13 +7,10 @@ import asyncio
 from dataclasses import asdict
 from pathlib import Path
 
-from ..engine import EngineConfig
-from ..generate import SamplingConfig
-from ..guard import GuardConfig
-from ..learning import LearningConfig, warm_up_compiled
-from ..records import ChannelConfig
+from ..config import EngineConfig, SamplingConfig
+from ..config_fields import add_flags, apply, flag_values
+from ..learning import warm_up_compiled
 from ..svf import SVFModel
-from ..svf.precision import COMPUTE_DTYPES
 from .harness import METHODS, EvalConfig, Harness, RunResult
 from .report import merge, write_results
 from .tasks import BUILTIN, load_task
@@ -55,88 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="model folder, .gguf file or hub id (default: the bundled model)",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--no-guard", action="store_true", help="disable the collapse guard")
-    p.add_argument(
-        "--sampled-guard",
-        action="store_true",
-        help="the guard also judges sampled answers to its probes (GuardConfig.sampled)",
-    )
-    p.add_argument(
-        "--guard-backtrack",
-        type=int,
-        default=GuardConfig().backtrack,
-        help="halvings of a failed update's step tried before a rollback (GuardConfig.backtrack)",
-    )
-    learning = LearningConfig()
-    p.add_argument(
-        "--optimizer", default=learning.optimizer, choices=["adam", "ngd"], help="gesal's optimiser"
-    )
-    p.add_argument("--lr", type=float, default=learning.lr, help="Adam lr, or NGD step (L2)")
-    p.add_argument(
-        "--inner-steps", type=int, default=learning.inner_steps, help="optimiser steps per update"
-    )
-    p.add_argument("--max-step", type=float, default=learning.max_step, help="bound on |dz|")
-    p.add_argument("--l2", type=float, default=learning.l2, help="pull of z towards ones")
-    p.add_argument(
-        "--demo-focus",
-        type=float,
-        default=learning.demo_focus,
-        help="share of a correction's weight on the tokens it changed (0-1)",
-    )
-    p.add_argument(
-        "--replay",
-        type=int,
-        default=learning.replay,
-        help="earlier liked answers and corrections re-learnt per update (0: off)",
-    )
-    p.add_argument(
-        "--no-settle",
-        action="store_true",
-        help="full-size steps however content the community is (see LearningConfig.settle)",
-    )
-    p.add_argument(
-        "--rejected-step",
-        type=float,
-        default=learning.rejected_step,
-        help="step multiple for a node whose recent votes are all 👎 (1: off; "
-        "see LearningConfig.rejected_step)",
-    )
-    p.add_argument(
-        "--max-drift",
-        type=float,
-        default=learning.max_drift,
-        help="bound on a node's |z-1| (0: none)",
-    )
-    p.add_argument(
-        "--compute-dtype",
-        choices=COMPUTE_DTYPES,
-        default=learning.compute_dtype,
-        help="dtype of an update's matrix products (auto: bf16 where this machine runs it "
-        "faster; answers are always computed in the model's dtype)",
-    )
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="run gesal's update passes under torch.compile (LearningConfig.compile; "
-        "minutes of compiling first)",
-    )
-    p.add_argument(
-        "--threshold", type=float, default=None, help="routing θ (default: the engine's, 0.15)"
-    )
-    p.add_argument(
-        "--round",
-        type=int,
-        default=EngineConfig.train_round,
-        help="replies of the channel with new feedback before gesal and svf-single train "
-        f"(EngineConfig.train_round, GESAL_TRAIN_ROUND; default {EngineConfig.train_round}; "
-        "1: every training run trains all pending feedback; lora trains every run)",
-    )
-    p.add_argument(
-        "--explore-max-temperature",
-        type=float,
-        default=EngineConfig.explore_max_temperature,
-        help="sampling temperature of a node voted down (its base temperature: no exploring)",
-    )
+    # the engine's settings that name a flag (gesal_core/config.py): --lr, --round,
+    # --no-guard, --threshold…, with the library's defaults, ranges and help texts
+    add_flags(p, EngineConfig)
     p.add_argument(
         "--targets",
         choices=("mlp", "attention", "all"),
@@ -184,32 +102,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown method(s) {bad}; use {', '.join(METHODS)}")
     task = load_task(ec.task)
     task.heldout = list(task.heldout)[: ec.heldout]
-    channel = ChannelConfig() if args.threshold is None else ChannelConfig(args.threshold)
-    cfg = EngineConfig(  # before the model loads: a bad setting fails at once
-        sampling=SamplingConfig(max_new_tokens=ec.max_new_tokens),
-        explore_max_temperature=args.explore_max_temperature,
-        train_round=args.round,
-        guard=GuardConfig(
-            enabled=not args.no_guard,
-            sampled=args.sampled_guard,
-            backtrack=args.guard_backtrack,
-        ),
-        learning=LearningConfig(
-            optimizer=args.optimizer,
-            lr=args.lr,
-            inner_steps=args.inner_steps,
-            max_step=args.max_step,
-            l2=args.l2,
-            demo_focus=args.demo_focus,
-            replay=args.replay,
-            settle=not args.no_settle,
-            rejected_step=args.rejected_step,
-            max_drift=args.max_drift,
-            compute_dtype=args.compute_dtype,
-            compile=args.compile,
-        ),
-        channel_defaults=channel,
-    )
+    sampling = SamplingConfig(max_new_tokens=ec.max_new_tokens)
+    # before the model loads: a bad setting fails at once
+    cfg = apply(EngineConfig(sampling=sampling), flag_values(args, EngineConfig))
     lm, svf = load()
 
     def factory():

@@ -6,10 +6,10 @@ demonstrations (docs/learning.md).
 * `samples`: what an update learns from (`Sample`, corrections, a round's `Batch`);
 * `logprobs`: scoring a sample's log-probability under z, with the speed choices of a
   CPU (shared prefixes, bf16 products, compiled passes) kept out of the maths;
-* `config`: `LearningConfig`, every setting with its help text.
+* its settings, `LearningConfig`, are in gesal_core/config.py with the engine's others.
 """
 
-from .config import LearningConfig
+from ..config import LearningConfig
 from .logprobs import (
     COMPILED_MIN_TOKENS,
     UpdateScorer,

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
+from ..config import LearningConfig
 from ..generate import cache_kwargs, cache_of, decoder_of
 from ..svf import SVFModel
 from ..svf.precision import SAFE_ROWS
-from .config import LearningConfig
 from .samples import Sample
 
 # the fewest positions (rows × tokens) a compiled pass runs (`_pad_for_compiled`)

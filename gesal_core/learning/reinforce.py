@@ -34,8 +34,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from ..config import LearningConfig
 from ..svf import SVFModel
-from .config import LearningConfig
 from .logprobs import UpdateScorer
 from .samples import Batch, Sample
 

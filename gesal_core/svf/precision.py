@@ -28,11 +28,11 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ..config import COMPUTE_DTYPES
 from ..errors import SVFError
 
 log = logging.getLogger(__name__)
 
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 # bf16 must beat fp32 by this much to be chosen by "auto": below it the precision lost
 # is not worth the time saved, and timing noise must not flip the choice.
 MIN_SPEEDUP = 1.5
