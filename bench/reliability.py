@@ -360,7 +360,7 @@ class Traffic:
         self.feedback: list[asyncio.Task] = []
 
     async def channel(self, i: int, deadline: float, rng: random.Random) -> None:
-        from bot.service import Mention
+        from bot.messages import Mention
 
         platform, name = PLATFORMS[i % 2], f"c{i}"
         n = 0
@@ -409,7 +409,7 @@ class Traffic:
                 await self.vote(m, reply_id, message_id, user, value, False)
 
     async def vote(self, m, reply_id, message_id, user, value: int, added: bool) -> None:
-        from bot.service import Reaction
+        from bot.messages import Reaction
 
         emoji = EMOJI[m.platform][value]
         r = Reaction(m.platform, WORKSPACE, m.channel, user, message_id, emoji, added)
@@ -425,7 +425,7 @@ class Traffic:
             self.tally.votes_ignored[result.message] += 1
 
     async def correct(self, m, reply_id, message_id, user, rng: random.Random) -> None:
-        from bot.service import Correction
+        from bot.messages import Correction
 
         await asyncio.sleep(rng.uniform(0, 1.0))
         text = rng.choice(BETTER)

@@ -60,11 +60,10 @@ import discord
 from discord import app_commands
 
 from .health import Check, Health, connection_check
-from .service import (
+from .messages import (
     MAX_IMPORT_BYTES,
     AdminCommand,
     AdminResult,
-    ChatService,
     ContextMessage,
     Correction,
     Delivery,
@@ -75,6 +74,7 @@ from .service import (
     ReplyParts,
     strip_mentions,
 )
+from .service import ChatService
 from .settings import Settings
 from .text import parse_correction
 

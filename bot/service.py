@@ -1,9 +1,10 @@
 """The platform-neutral chat service: everything Discord, Slack and the playground share.
 
-Adapters translate platform events into the dataclasses below, call one method, and
-render what comes back. All behaviour (prompt building, reply splitting, which reactions
-count, admin commands, rate limits, error wording, request ids and metrics) lives here,
-so the platforms cannot drift apart and most of it is tested without any platform.
+Adapters translate platform events into the dataclasses of `bot.messages`, call one
+method, and render what comes back. All behaviour (prompt building, reply splitting,
+posting and linking an answer, which reactions count, rate limits, error wording,
+request ids and metrics; admin commands in `bot.admin`) lives here, so the platforms
+cannot drift apart and most of it is tested without any platform.
 
 Channel keys are ``<platform>:<workspace>:<channel>``, e.g. ``discord:<guild id>:<channel
 id>``, ``slack:<team id>:<channel id>``, ``playground:local:<name>``. **Threads share their
@@ -25,265 +26,41 @@ result carries a plain-words message instead (see `ReplyParts.kind`).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
-from typing import Literal
 
 from gesal_core.engine import Engine, ReplyOut
-from gesal_core.errors import GesalError
-from gesal_core.records import ConfigError
-from gesal_core.snapshot import SnapshotError
 
+from .admin import AdminCommands
 from .logs import current_request_id, request_context
+from .messages import (
+    BROKEN,
+    AdminCommand,
+    AdminResult,
+    ContextMessage,
+    Correction,
+    Delivery,
+    FeedbackResult,
+    FeedbackStatus,
+    Mention,
+    Post,
+    PostError,
+    Reaction,
+    ReplyParts,
+    UndeliveredKind,
+    explain,
+)
 from .metrics import Metrics
-from .ratelimit import MentionLimits, RateLimiter, mention_limits
+from .ratelimit import MentionLimits, mention_limits
 from .settings import Settings
 from .text import LIMITS, parse_correction, split_message, vote_for_emoji
 
 log = logging.getLogger(__name__)
 
-MAX_IMPORT_BYTES = 50 * 1024 * 1024
-ADMIN_COMMANDS = ("reset", "export", "import", "stats", "config", "train")
-CONFIG_KEYS = ("threshold", "reward_up", "reward_down", "max_nodes")
 
-UNAVAILABLE = (
-    "My memory store is unavailable right now, so I can't do that. Please try again in a minute."
-)
-BROKEN = "Sorry, something went wrong on my side. It has been logged for the admins."
-
-
-def channel_key(platform: str, workspace: str, channel: str) -> str:
-    """The engine/store key of a channel: ``platform:workspace:channel``."""
-    if not (platform and workspace and channel) or ":" in f"{platform}{workspace}":
-        raise ValueError(f"bad channel key parts {platform!r}, {workspace!r}, {channel!r}")
-    return f"{platform}:{workspace}:{channel}"
-
-
-# -- events in ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ContextMessage:
-    """An earlier message of the reply chain or thread, oldest first."""
-
-    author: str
-    text: str
-    is_bot: bool = False  # the bot's own earlier answer: becomes an assistant turn
-
-
-@dataclass
-class Mention:
-    """Someone addressed the bot. ``text`` is the question with the bot's mention removed."""
-
-    platform: str
-    workspace: str
-    channel: str
-    user: str
-    text: str
-    message_id: str
-    thread: str | None = None
-    context: list[ContextMessage] = field(default_factory=list)
-    context_truncated: bool = False  # the adapter knows older messages exist beyond context
-
-    @property
-    def key(self) -> str:
-        return channel_key(self.platform, self.workspace, self.channel)
-
-
-@dataclass
-class Reaction:
-    """A reaction added to (``added=True``) or removed from a message."""
-
-    platform: str
-    workspace: str
-    channel: str
-    user: str
-    message_id: str
-    emoji: str  # Discord: the unicode emoji or custom name; Slack: the reaction name
-    added: bool
-    reactor_is_bot: bool = False  # set when the reactor is this bot (or any bot)
-
-    @property
-    def key(self) -> str:
-        return channel_key(self.platform, self.workspace, self.channel)
-
-
-@dataclass
-class Correction:
-    """A message that replies to ``replied_to`` (one of the bot's messages).
-
-    ``text`` is the raw message; it only counts when it starts with a correction marker
-    (``better:`` or ✏️, see `bot.text.parse_correction`).
-    """
-
-    platform: str
-    workspace: str
-    channel: str
-    user: str
-    message_id: str
-    replied_to: str
-    text: str
-
-    @property
-    def key(self) -> str:
-        return channel_key(self.platform, self.workspace, self.channel)
-
-
-@dataclass
-class AdminCommand:
-    """``/gesal <name>``. ``is_admin`` must come from the platform's server-side data
-    (Discord interaction permissions, Slack ``users.info`` or the allow-list), never
-    from anything the user typed."""
-
-    platform: str
-    workspace: str
-    channel: str
-    user: str
-    name: str
-    is_admin: bool
-    args: dict[str, str] = field(default_factory=dict)  # config: threshold=0.8 ...
-    file: bytes | None = None  # import: the attached export
-    confirmed: bool = False  # reset: the user pressed "confirm"
-
-    @property
-    def key(self) -> str:
-        return channel_key(self.platform, self.workspace, self.channel)
-
-
-# -- results out ---------------------------------------------------------------------------
-ReplyKind = Literal["answer", "empty", "rate_limited", "unavailable", "error"]
-
-
-@dataclass
-class ReplyParts:
-    """What to post for a mention: one message per chunk, in order.
-
-    ``reply_id`` is set only for real answers; pass the posted message ids to
-    `ChatService.link_reply` so that reactions on any of the chunks count.
-    """
-
-    chunks: list[str]
-    kind: ReplyKind
-    channel_key: str
-    reply_id: str | None = None
-    node_id: str | None = None
-    z_version: int | None = None
-    new_node: bool = False
-    request_id: str | None = None  # the id on every log line of this mention
-
-    @property
-    def ok(self) -> bool:
-        return self.kind == "answer"
-
-
-class PostError(Exception):
-    """An adapter could not post a message (after its client's own retries).
-
-    ``reason`` is one short phrase for the operator's log: the platform's error code
-    (``channel_not_found``, ``Missing Permissions``), ``rate limited``, a network error."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-# Posts one chunk (in order, each after the previous) and returns its platform message id.
-Post = Callable[[str], Awaitable[str]]
-UndeliveredKind = Literal["answer", "command"]
-
-
-@dataclass
-class Delivery:
-    """What the service posted for a mention: the answer, the platform ids of the
-    messages posted (the first ``len(message_ids)`` chunks), and why posting stopped
-    early."""
-
-    parts: ReplyParts
-    message_ids: list[str]
-    error: str | None = None
-
-    @property
-    def complete(self) -> bool:
-        return self.error is None
-
-    @property
-    def request_id(self) -> str | None:
-        return self.parts.request_id
-
-
-@dataclass
-class Attachment:
-    name: str
-    data: bytes
-    mime: str
-
-
-@dataclass
-class AdminResult:
-    """What an admin command answers. ``needs_confirmation``: show ``text`` with confirm
-    and cancel buttons; "confirm" runs the command again with ``confirmed=True``, after
-    the adapter has checked the presser's admin rights again."""
-
-    text: str
-    ok: bool = True
-    files: list[Attachment] = field(default_factory=list)
-    needs_confirmation: bool = False
-    data: dict | None = None  # machine-readable payload (stats, config) for the playground
-
-    def file(self, suffix: str) -> Attachment | None:
-        return next((f for f in self.files if f.name.endswith(suffix)), None)
-
-
-FeedbackStatus = Literal["up", "down", "retracted", "corrected", "ignored", "error"]
-
-
-@dataclass
-class FeedbackResult:
-    """Outcome of a reaction or correction. Adapters acknowledge ``corrected`` with a
-    reaction and may show ``message`` when status is ``error``; ``ignored`` is silent."""
-
-    status: FeedbackStatus
-    message: str = ""
-
-    @property
-    def counted(self) -> bool:
-        return self.status in ("up", "down", "retracted", "corrected")
-
-
-def _is_unavailable(exc: BaseException) -> bool:
-    """Infrastructure trouble (Redis down, timeouts) rather than a bug."""
-    if isinstance(exc, ConnectionError | TimeoutError | OSError):
-        return True
-    try:
-        import redis.exceptions as rex
-
-        return isinstance(exc, rex.ConnectionError | rex.TimeoutError | rex.BusyLoadingError)
-    except ImportError:  # pragma: no cover - redis is a dependency
-        return False
-
-
-def explain(exc: BaseException) -> tuple[str, str]:
-    """(kind, words) for an exception: what a user may be told about it."""
-    if isinstance(exc, GesalError):
-        return "error", str(exc)
-    if _is_unavailable(exc):
-        return "unavailable", UNAVAILABLE
-    return "error", BROKEN
-
-
-_MENTION = re.compile(r"<@[!&]?[\w]+>")
-
-
-def strip_mentions(text: str) -> str:
-    """Remove ``<@123>`` / ``<@U123>`` mention markup (both platforms use it)."""
-    return _MENTION.sub("", text).strip()
-
-
-# -- the service ---------------------------------------------------------------------------
 class ChatService:
     """Platform-neutral behaviour of the bot, shared by every adapter.
 
@@ -305,6 +82,7 @@ class ChatService:
         self.settings = settings
         self.on_feedback = on_feedback
         self.metrics = metrics or Metrics()
+        self.admin = AdminCommands(engine, settings, self.metrics)
         # shared by every process when the store is Redis (see bot.ratelimit)
         self.limits: MentionLimits = mention_limits(
             engine.shared_url, settings.gesal_rate_user, settings.gesal_rate_channel, clock
@@ -569,179 +347,8 @@ class ChatService:
 
     # -- admin ---------------------------------------------------------------------------
     async def handle_admin(self, cmd: AdminCommand) -> AdminResult:
-        """Run ``/gesal <name>`` after the permission check; errors come back as text."""
-        if cmd.name not in ADMIN_COMMANDS:
-            return AdminResult(
-                f"Unknown command “{cmd.name}”. Try one of: {', '.join(ADMIN_COMMANDS)}.",
-                ok=False,
-            )
-        if not cmd.is_admin:
-            log.info("refused /gesal %s for %s in %s", cmd.name, cmd.user, cmd.key)
-            return AdminResult(
-                f"Sorry, only admins can use /gesal {cmd.name} "
-                f"({self._who_is_admin(cmd.platform)}).",
-                ok=False,
-            )
-        try:
-            return await getattr(self, f"_admin_{cmd.name}")(cmd)
-        except Exception as exc:  # noqa: BLE001
-            kind, words = explain(exc)
-            if words == BROKEN:
-                log.exception("/gesal %s in %s failed", cmd.name, cmd.key)
-            return AdminResult(words, ok=False)
-
-    @staticmethod
-    def _who_is_admin(platform: str) -> str:
-        if platform == "discord":
-            return "members with the Manage Channels permission"
-        if platform == "slack":
-            return "workspace admins and owners, or users on the bot's allow-list"
-        return "admins"
-
-    async def _admin_reset(self, cmd: AdminCommand) -> AdminResult:
-        if not cmd.confirmed:
-            stats = await self.engine.stats(cmd.key)
-            return AdminResult(
-                f"This deletes everything this channel has learned ({stats['nodes']} nodes, "
-                f"{stats['replies']} replies and their votes). It cannot be undone.",
-                needs_confirmation=True,
-            )
-        await self.engine.reset(cmd.key)
-        log.info("channel %s reset by %s", cmd.key, cmd.user)
-        return AdminResult("Done: this channel's graph memory has been reset.")
-
-    async def _admin_export(self, cmd: AdminCommand) -> AdminResult:
-        from .picture import render_graph_png
-
-        data = await self.engine.export(cmd.key)
-        body = Engine.dumps(data).encode("utf-8")
-        png = await asyncio.to_thread(render_graph_png, data)
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", cmd.key)
-        return AdminResult(
-            f"Exported {len(data['nodes'])} nodes and {len(data['replies'])} replies.",
-            files=[
-                Attachment(f"gesal-{stem}.json", body, "application/json"),
-                Attachment(f"gesal-{stem}.png", png, "image/png"),
-            ],
-            data={"nodes": len(data["nodes"]), "replies": len(data["replies"])},
-        )
-
-    async def _admin_import(self, cmd: AdminCommand) -> AdminResult:
-        if not cmd.file:
-            return AdminResult(
-                "Attach the JSON file that /gesal export produced to import it.", ok=False
-            )
-        if len(cmd.file) > MAX_IMPORT_BYTES:
-            return AdminResult(
-                f"That file is too large to be an export (over {MAX_IMPORT_BYTES >> 20} MB).",
-                ok=False,
-            )
-        try:  # the file itself: its size and nesting are checked before it is parsed
-            counts = await self.engine.import_graph(cmd.key, cmd.file)
-        except SnapshotError as exc:
-            return AdminResult(f"Not imported, nothing was changed: {exc}.", ok=False)
-        return AdminResult(
-            f"Imported {counts['nodes']} nodes and {counts['replies']} replies; "
-            "this channel's previous graph was replaced.",
-            data=counts,
-        )
-
-    async def _admin_stats(self, cmd: AdminCommand) -> AdminResult:
-        s = await self.engine.stats(cmd.key)
-        last = s["last_update"]
-        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(last)) if last else "never trained"
-        cfg = s["config"]
-        text = (
-            f"**Graph of this channel**: {s['nodes']} nodes, {s['prompts']} prompts, "
-            f"{s['replies']} replies.\n"
-            f"Votes: {s['votes_up']} 👍, {s['votes_down']} 👎, {s['corrections']} corrections; "
-            f"{s['pending_feedback']} waiting for training (the channel trains once "
-            f"{self.settings.gesal_train_round} replies have feedback, or once it has "
-            f"waited {self.settings.gesal_train_max_wait / 3600:g} h).\n"
-            f"Updates: {s['updates']} ({s['rollbacks']} rolled back); "
-            f"mean reward {s['mean_reward']:+.2f}; last update: {when}.\n"
-            f"Settings: threshold {cfg['threshold']}, rewards {cfg['reward_up']:+g}/"
-            f"{cfg['reward_down']:+g}, at most {cfg['max_nodes']} nodes."
-        )
-        if s["train_parked"]:
-            text += (
-                f"\n**Training is paused** after {s['train_failures']} failed runs in a row "
-                f"({s['train_error']}); the feedback is kept. Fix the cause, then "
-                "/gesal train retries it; /gesal reset drops it."
-            )
-        elif s["train_failures"]:
-            text += (
-                f"\nThe last {s['train_failures']} training run(s) failed "
-                f"({s['train_error']}); the feedback is kept for the next one."
-            )
-        if s["near_caps"]:
-            text += "\n**Near a limit**: " + "; ".join(s["near_caps"]) + "."
-        return AdminResult(text, data=s)
-
-    async def _admin_config(self, cmd: AdminCommand) -> AdminResult:
-        changes: dict[str, str] = {}
-        for name, raw in cmd.args.items():
-            if raw is None or str(raw).strip() == "":
-                continue
-            if name not in CONFIG_KEYS:
-                return AdminResult(
-                    f"Unknown setting “{name}”; settable: {', '.join(CONFIG_KEYS)}.", ok=False
-                )
-            changes[name] = str(raw).strip()
-        if changes:
-            # the engine parses and range-checks every value (NaN and infinities too), for
-            # every adapter alike; a refused change leaves all settings as they were
-            try:
-                cfg = await self.engine.configure(cmd.key, **changes)
-            except ConfigError as exc:
-                return AdminResult(f"Not changed: {exc}.", ok=False)
-            head = "Updated."
-        else:
-            cfg = await self.engine.get_config(cmd.key)
-            head = "Current settings."
-        return AdminResult(
-            f"{head} threshold {cfg.threshold}, reward_up {cfg.reward_up:+g}, "
-            f"reward_down {cfg.reward_down:+g}, max_nodes {cfg.max_nodes}.",
-            data={
-                "threshold": cfg.threshold,
-                "reward_up": cfg.reward_up,
-                "reward_down": cfg.reward_down,
-                "max_nodes": cfg.max_nodes,
-            },
-        )
-
-    async def _admin_train(self, cmd: AdminCommand) -> AdminResult:
-        # an admin's "train now" does not wait for full rounds
-        report = await self.engine.train(cmd.key, force=True)
-        self.metrics.observe_train(report)
-        log.info("training: %s", report.summary())
-        if cmd.key in report.failed:
-            return AdminResult(
-                f"Training failed ({report.failed[cmd.key]}); the feedback is kept, and "
-                "the details are in the bot's log.",
-                ok=False,
-                data={"events": 0, "error": report.failed[cmd.key]},
-            )
-        return AdminResult(f"Training done: {report.summary()}.", data={"events": report.events})
+        """Run ``/gesal <name>`` (`bot.admin`); errors come back as text."""
+        return await self.admin.handle(cmd)
 
 
-__all__ = [
-    "ADMIN_COMMANDS",
-    "AdminCommand",
-    "AdminResult",
-    "Attachment",
-    "ChatService",
-    "ContextMessage",
-    "Correction",
-    "Delivery",
-    "FeedbackResult",
-    "Mention",
-    "Post",
-    "PostError",
-    "Reaction",
-    "RateLimiter",
-    "ReplyParts",
-    "channel_key",
-    "explain",
-    "strip_mentions",
-]
+__all__ = ["ChatService"]

@@ -58,11 +58,10 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from .health import Check, Health, connection_check
-from .service import (
+from .messages import (
     MAX_IMPORT_BYTES,
     AdminCommand,
     AdminResult,
-    ChatService,
     ContextMessage,
     Correction,
     Mention,
@@ -70,6 +69,7 @@ from .service import (
     Reaction,
     strip_mentions,
 )
+from .service import ChatService
 from .settings import Settings, SettingsError
 from .slack_threads import ThreadReader
 from .text import parse_correction

@@ -18,6 +18,8 @@ it replaced; its SVD factors stay row-major (input-major factors make neither th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -39,16 +41,33 @@ def wants_input_major(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def weight_first_rows(device: torch.device) -> tuple[int, int]:
+# Where the weight-first order may run: the worker's batches of a few answers (up to
+# `BatchConfig.max_batch`, 8) and short prefills; 2 rows always ran slower weight-first
+# and 64 rows and more (a prefill) no faster (`bench.factored_order`).
+WEIGHT_FIRST_ROWS = (8, 64)
+# weight-first must beat x-first by this much where it is timed, or timing noise picks
+MIN_GAIN = 1.1
+
+
+def weight_first_rows(
+    device: torch.device, timings: Callable[[], tuple[float, float]] | None = None
+) -> tuple[int, int]:
     """The row counts ``[lo, hi)`` at which a factored SVF product runs weight-first
     (`SVFLinear`); ``(0, 0)``: never.
 
-    CPU only, as measured there (`bench.factored_order`, factors streamed from memory):
-    on one thread and on two, weight-first runs 1.1-1.8x per layer from 8 to 48 rows, but
-    0.58-0.71x at 2 rows, and on two threads 0.77-0.91x from 64 rows on (a prefill;
-    `factored_order.json`, `factored_order_2threads.json`).
+    CPU only, and only where it is faster on this machine: ``timings()`` returns the
+    seconds of one factored product at 8 rows (x-first, weight-first), measured on the
+    model's own layer. Which order wins differs between CPUs: `bench.factored_order`
+    read weight-first 1.1-1.8x faster per layer from 8 to 48 rows on one machine, and
+    `bench.serving_batch` read x-first products 1.3x faster for a batch of 8 on another.
+    Without ``timings`` the CPU rule is `WEIGHT_FIRST_ROWS`.
     """
-    return (8, 64) if device.type == "cpu" else (0, 0)
+    if device.type != "cpu":
+        return (0, 0)
+    if timings is None:
+        return WEIGHT_FIRST_ROWS
+    x_first, weight_first = timings()
+    return WEIGHT_FIRST_ROWS if x_first >= MIN_GAIN * weight_first else (0, 0)
 
 
 def set_weight_layout(model: nn.Module, on: bool = True) -> int:

@@ -10,7 +10,8 @@ import os
 
 import pytest
 
-from bot.service import AdminCommand, ChatService
+from bot.messages import AdminCommand
+from bot.service import ChatService
 from bot.settings import SettingsError, load_settings
 from gesal_core.records import ChannelConfig
 from gesal_core.store.layout import Keys

@@ -22,8 +22,9 @@ from bot.health import (
     start_server,
 )
 from bot.logs import JsonFormatter, RedactFilter, RequestIdFilter, request_context
+from bot.messages import AdminCommand, Mention, Reaction
 from bot.metrics import Metrics
-from bot.service import AdminCommand, ChatService, Mention, Reaction
+from bot.service import ChatService
 from bot.settings import load_settings
 from gesal_core.engine import Engine, EngineConfig
 from gesal_core.generate import SamplingConfig

@@ -9,8 +9,9 @@ from datetime import datetime, timezone
 
 import pytest
 
+from bot.messages import Mention, Reaction
 from bot.scheduler import JOB_ID, TrainingScheduler
-from bot.service import ChatService, Mention, Reaction
+from bot.service import ChatService
 from bot.settings import load_settings
 
 from .fakes.tiny import make_engine
@@ -190,8 +191,8 @@ def test_a_poisoned_channel_never_stops_a_healthy_one_on_schedule(
     channel trains on every run while the poisoned one fails, is counted, keeps its
     feedback and is parked after three runs (admin stats say so); an admin's
     ``/gesal train`` trains it once the poison is gone."""
+    from bot.messages import AdminCommand
     from bot.metrics import Metrics
-    from bot.service import AdminCommand
 
     settings = settings.model_copy(update={"gesal_train_round": 1})
 

@@ -8,19 +8,18 @@ import json
 
 import pytest
 
-from bot.service import (
+from bot.messages import (
     UNAVAILABLE,
     AdminCommand,
-    ChatService,
     ContextMessage,
     Correction,
     Mention,
     PostError,
-    RateLimiter,
     Reaction,
     channel_key,
     strip_mentions,
 )
+from bot.service import ChatService, RateLimiter
 from bot.settings import SettingsError, load_settings
 from bot.text import parse_correction, split_message, vote_for_emoji
 from gesal_core.records import vec_from_b64, vec_to_b64

@@ -256,3 +256,22 @@ def test_corrupt_svd_cache_is_recomputed(tiny_tokenizer):
     base = m1(ids).logits.clone()
     svf = SVFModel(m1, "tiny", cfg)
     assert (svf.model(ids).logits - base).abs().max() < 1e-4
+
+
+def test_the_factored_order_is_the_one_this_machine_runs_faster():
+    """Weight-first products run at the worker's batch sizes only on a CPU, and only
+    where they beat x-first by `layout.MIN_GAIN` when timed; the timing of a real
+    model's layers gives two positive medians."""
+    from gesal_core import layout
+    from gesal_core.svf.model import _order_timings
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert layout.weight_first_rows(cpu, lambda: (2.0, 1.0)) == layout.WEIGHT_FIRST_ROWS
+    assert layout.weight_first_rows(cpu, lambda: (1.05, 1.0)) == (0, 0)  # within noise
+    assert layout.weight_first_rows(cpu, lambda: (1.0, 2.0)) == (0, 0)
+    assert layout.weight_first_rows(cuda, lambda: (2.0, 1.0)) == (0, 0)
+    lin = nn.Linear(64, 48)
+    U, S, Vh = torch.linalg.svd(lin.weight.detach(), full_matrices=False)
+    layers = [SVFLinear(U, S, Vh, lin.bias, SVFState(), offset=0) for _ in range(3)]
+    x_first, weight_first = _order_timings(layers, rows=8, rounds=2)
+    assert x_first > 0 and weight_first > 0

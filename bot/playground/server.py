@@ -31,8 +31,9 @@ from aiohttp import web
 
 from ..boot import BootProgress
 from ..health import Health, add_routes
+from ..messages import AdminCommand, Correction, Mention, Reaction
 from ..metrics import Metrics
-from ..service import AdminCommand, ChatService, Correction, Mention, Reaction
+from ..service import ChatService
 from .guard import TOKEN_HEADER, Guard, security_headers
 
 if TYPE_CHECKING:

@@ -115,6 +115,10 @@ class SVFLinear(nn.Module):
         training = torch.is_grad_enabled() and state.z.requires_grad
         if not training and lo <= x.numel() // self.in_features < hi:
             return self._weight_first(x, scale)
+        return self._x_first(x, scale)
+
+    def _x_first(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The factored product as ``((x Vhᵀ) ⊙ σz) Uᵀ``."""
         if scale.dim() == 2:  # one adapter per batch row: (B, r) -> (B, 1, ..., 1, r)
             scale = scale.view(scale.shape[0], *([1] * (x.dim() - 2)), self.rank)
         h = F.linear(x, self.Vh)
