@@ -125,3 +125,34 @@ def test_a_heartbeat_never_extends_someone_elses_lock(make_redis_store, redis_cl
     during, after = run(go())
     assert during > 6 * TTL * 1000  # untouched: our renewal would have set it to TTL
     assert after == b"other-trainer"  # and not deleted by our release
+
+
+def test_the_lock_is_released_when_its_renewal_swallows_the_cancel(make_redis_store):
+    """The holder leaves while the heartbeat is inside a renewal whose client turns the
+    cancellation into a connection error: the heartbeat still stops, the holder's exit
+    returns and the lock is released, instead of being renewed forever."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    store = make_redis_store()
+    real_eval = store._eval
+    renewing = asyncio.Event()
+
+    async def slow_eval(script, keys, args):
+        if script.name == "renew_lock":
+            renewing.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                raise RedisConnectionError("Connection closed by server.") from None
+        return await real_eval(script, keys, args)
+
+    store._eval = slow_eval
+
+    async def go():
+        async with store.trainer_lock(CH, ttl=TTL) as held:
+            assert held
+            await renewing.wait()  # the heartbeat is inside its renewal now
+        async with store.trainer_lock(CH, ttl=TTL) as again:
+            return again  # released: free at once
+
+    assert asyncio.run(asyncio.wait_for(go(), 5)) is True

@@ -19,7 +19,8 @@ from bot.messages import (
     channel_key,
     strip_mentions,
 )
-from bot.service import ChatService, RateLimiter
+from bot.ratelimit import RateLimiter
+from bot.service import ChatService
 from bot.settings import SettingsError, load_settings
 from bot.text import parse_correction, split_message, vote_for_emoji
 from gesal_core.records import vec_from_b64, vec_to_b64

@@ -731,11 +731,15 @@ class RedisStore:
             raise self._unavailable(
                 UNREACHABLE, f"the database (Redis at {self.where}) is not reachable right now", exc
             ) from exc
-        heartbeat = asyncio.create_task(self._keep_lock(key, token, ttl)) if held else None
+        stop = asyncio.Event()
+        heartbeat = asyncio.create_task(self._keep_lock(key, token, ttl, stop)) if held else None
         try:
             yield held
         finally:
             if heartbeat is not None:
+                # the event ends the loop even when the cancellation lands inside a Redis
+                # call that turns it into a connection error (and would renew forever)
+                stop.set()
                 heartbeat.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await heartbeat
@@ -745,14 +749,20 @@ class RedisStore:
                 except (RedisConnectionError, RedisTimeoutError, OSError):
                     log.warning("could not release the trainer lock; it expires in %.0fs", ttl)
 
-    async def _keep_lock(self, key: str, token: str, ttl: float) -> None:
-        """Renew the lease while its holder runs; stop once it is no longer ours."""
+    async def _keep_lock(self, key: str, token: str, ttl: float, stop: asyncio.Event) -> None:
+        """Renew the lease every ``ttl / 3`` while its holder runs (until ``stop``); stop
+        once it is no longer ours."""
         lease_ms = max(1, int(ttl * 1000))
-        while True:
-            await asyncio.sleep(ttl / 3)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), ttl / 3)
+            if stop.is_set():
+                return
             try:
                 renewed = await self._eval(lua.RENEW_LOCK, [key], [token, lease_ms])
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if stop.is_set():
+                    return
                 log.warning("could not renew the trainer lock %s (%s); retrying", key, exc)
                 continue
             if not renewed:
