@@ -82,7 +82,7 @@ async def correction_curve(
             await engine.correct(CHANNEL, reply.reply_id, "member", f"{opener} {reply.text}")
         report = await engine.train(CHANNEL, force=True)  # a point per round, full or not
         statuses = [n.status for n in report.channels.get(CHANNEL, [])]
-        node = (await engine.store.load_nodes(CHANNEL))[0]
+        node = (await engine.nodes(CHANNEL))[0]
         lp, comp, text = await engine.worker.run(measure, node.z)
         points.append(
             CurvePoint(
