@@ -128,8 +128,8 @@ ReplyKind = Literal["answer", "empty", "rate_limited", "unavailable", "error"]
 class ReplyParts:
     """What to post for a mention: one message per chunk, in order.
 
-    ``reply_id`` is set only for real answers; pass the posted message ids to
-    `ChatService.link_reply` so that reactions on any of the chunks count.
+    ``reply_id`` is set only for real answers; `ChatService.deliver` links every posted
+    chunk to it, so that reactions on any of the chunks count.
     """
 
     chunks: list[str]

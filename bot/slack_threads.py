@@ -127,14 +127,14 @@ class ThreadReader:
         Raises slack-sdk's errors when Slack refuses."""
         root, before = _ts(thread), _ts(ts)
         entry = self._entry((channel, thread), before)
-        budget = [self.max_pages]
+        left = self.max_pages  # pages this read may still ask for
 
-        async def fetch(oldest: Decimal, latest: Decimal) -> bool:
-            return await self._fetch(client, channel, thread, entry, oldest, latest, budget)
+        async def fetch(oldest: Decimal, latest: Decimal, pages: int) -> int | None:
+            return await self._fetch(client, channel, thread, entry, oldest, latest, pages)
 
         async with entry.lock:
             if entry.hi < before:  # what was posted since the last read, if it is one page
-                if await self._fetch(client, channel, thread, entry, entry.hi, before, [1]):
+                if await fetch(entry.hi, before, 1) is not None:
                     entry.hi = before
                 else:  # more: read the thread afresh from its newest end
                     entry.lo = entry.hi = before
@@ -149,7 +149,8 @@ class ThreadReader:
                 lo = root if width is None else max(root, before - width)
                 if lo >= entry.lo:
                     continue  # this window is read already: widen
-                if not await fetch(lo, entry.lo):
+                used = await fetch(lo, entry.lo, left)
+                if used is None:
                     log.warning(
                         "thread %s in %s: read %d pages without finding enough; "
                         "using what was read",
@@ -158,6 +159,7 @@ class ThreadReader:
                         self.max_pages,
                     )
                     break
+                left -= used
                 entry.lo = lo
             entry.read_at = self.clock()
             self._trim(entry)
@@ -171,16 +173,14 @@ class ThreadReader:
         entry: _Thread,
         oldest: Decimal,
         latest: Decimal,
-        budget: list[int],
-    ) -> bool:
-        """Read every message with ``oldest <= ts <= latest`` into ``entry``, page by
-        page; False when the page budget ran out first. Pages are only merged once the
-        whole stretch is read, so the cache never holds a stretch with a hole in it."""
+        pages: int,
+    ) -> int | None:
+        """Read every message with ``oldest <= ts <= latest`` into ``entry`` in at most
+        ``pages`` pages: how many it took, or None when more were needed. Pages are only
+        merged once the whole stretch is read, so the cache never holds a stretch with a
+        hole in it."""
         cursor, found = None, []
-        while True:
-            if budget[0] <= 0:
-                return False
-            budget[0] -= 1
+        for used in range(1, pages + 1):
             resp = await client.conversations_replies(
                 channel=channel,
                 ts=thread,
@@ -195,7 +195,8 @@ class ThreadReader:
             cursor = (resp.get("response_metadata") or {}).get("next_cursor")
             if not resp.get("has_more") or not cursor:
                 entry.messages.update((m["ts"], m) for m in found)
-                return True
+                return used
+        return None
 
     @staticmethod
     def _trim(entry: _Thread) -> None:

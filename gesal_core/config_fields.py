@@ -118,12 +118,6 @@ def entries(cls: type, path: tuple[str, ...] = ()) -> Iterator[Entry]:
             yield from entries(kind, (*path, f.name))
 
 
-def get(config: Any, path: tuple[str, ...]) -> Any:
-    for name in path:
-        config = getattr(config, name)
-    return config
-
-
 def apply(config: Any, changes: dict[tuple[str, ...], Any]) -> Any:
     """A copy of ``config`` with the fields at ``changes``' paths replaced (frozen
     dataclasses included; each nested config is rebuilt, so its checks run again)."""
@@ -232,6 +226,5 @@ __all__ = [
     "entries",
     "env_entries",
     "flag_values",
-    "get",
     "setting",
 ]

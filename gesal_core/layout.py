@@ -50,7 +50,7 @@ MIN_GAIN = 1.1
 
 
 def weight_first_rows(
-    device: torch.device, timings: Callable[[], tuple[float, float]] | None = None
+    device: torch.device, timings: Callable[[], tuple[float, float]]
 ) -> tuple[int, int]:
     """The row counts ``[lo, hi)`` at which a factored SVF product runs weight-first
     (`SVFLinear`); ``(0, 0)``: never.
@@ -60,12 +60,10 @@ def weight_first_rows(
     model's own layer. Which order wins differs between CPUs: `bench.factored_order`
     read weight-first 1.1-1.8x faster per layer from 8 to 48 rows on one machine, and
     `bench.serving_batch` read x-first products 1.3x faster for a batch of 8 on another.
-    Without ``timings`` the CPU rule is `WEIGHT_FIRST_ROWS`.
+    ``timings`` is called on a CPU only.
     """
     if device.type != "cpu":
         return (0, 0)
-    if timings is None:
-        return WEIGHT_FIRST_ROWS
     x_first, weight_first = timings()
     return WEIGHT_FIRST_ROWS if x_first >= MIN_GAIN * weight_first else (0, 0)
 

@@ -70,6 +70,17 @@ class _CountsOnly(MemoryStore):
         raise AssertionError("healthz read the replies")
 
 
+async def _healthz(tiny_tokenizer, store) -> tuple[bool, dict]:
+    """/healthz of an engine on ``store``: (healthy, body)."""
+    eng = make_engine(tiny_tokenizer, store=store)
+    try:
+        health = Health(timeout=1.0)
+        engine_checks(health, eng)
+        return await health.report()
+    finally:
+        eng.close()
+
+
 def test_healthz_lists_channels_near_a_cap_and_stays_healthy(monkeypatch, tiny_tokenizer):
     monkeypatch.setattr(stats_mod, "PENDING_WARN", 5)
 
@@ -79,13 +90,7 @@ def test_healthz_lists_channels_near_a_cap_and_stays_healthy(monkeypatch, tiny_t
         await _fill(store, 9, 5, 5)
         await store.set_config("discord:1:3", ChannelConfig(max_nodes=10))
         await store.save_node("discord:1:3", _node(0))  # far from its caps
-        eng = make_engine(tiny_tokenizer, store=store)
-        try:
-            health = Health(timeout=1.0)
-            engine_checks(health, eng)
-            return await health.report()
-        finally:
-            eng.close()
+        return await _healthz(tiny_tokenizer, store)
 
     ok, body = asyncio.run(go())
     assert ok  # capacity is not ill health: /healthz stays 200
@@ -114,13 +119,7 @@ def test_healthz_has_no_warnings_when_no_channel_is_near_a_cap(tiny_tokenizer):
     async def go():
         store = MemoryStore()
         await _fill(store, 1, 1, 1)
-        eng = make_engine(tiny_tokenizer, store=store)
-        try:
-            health = Health(timeout=1.0)
-            engine_checks(health, eng)
-            return await health.report()
-        finally:
-            eng.close()
+        return await _healthz(tiny_tokenizer, store)
 
     ok, body = asyncio.run(go())
     assert ok and "warnings" not in body
