@@ -220,8 +220,7 @@ def test_signatures_url_verification_mentions_votes_and_retries(engine, settings
                 await asyncio.sleep(0.5)
                 assert len(fake.called("chat.postMessage")) == 1
                 reply_ts = fake.messages["C1"][-1]["ts"]
-                reply_id = await engine.reply_for_message(KEY, reply_ts)
-                assert reply_id is not None
+                reply_id = await linked_reply(engine, reply_ts)
                 # the thinking reaction was added to the question and removed again
                 assert fake.called("reactions.add")[0]["name"] == "eyes"
                 assert fake.called("reactions.remove")[0]["name"] == "eyes"
@@ -739,11 +738,11 @@ def test_reactions_by_other_bots_do_not_count(engine, settings):
     asyncio.run(go())
 
 
-async def linked_reply(engine, ts: str, timeout: float = 20.0) -> str:
-    """The reply id the bot links to its message ``ts``, once the listener has linked it
-    (that happens just after ``chat.postMessage`` returns)."""
+async def linked_reply(engine, ts: str, timeout: float = 20.0, key: str = KEY) -> str:
+    """The reply id the bot links to its message ``ts`` in channel ``key``, once the
+    listener has linked it (that happens just after ``chat.postMessage`` returns)."""
     for _ in range(int(timeout / 0.05)):
-        reply_id = await engine.reply_for_message(KEY, ts)
+        reply_id = await engine.reply_for_message(key, ts)
         if reply_id is not None:
             return reply_id
         await asyncio.sleep(0.05)
@@ -857,8 +856,7 @@ def test_shared_channel_members_of_other_teams_share_one_channel_key(engine, set
                 await h.event(ev, actor_team="T_EXT")
                 await until(lambda: fake.called("chat.postMessage"))
                 reply_ts = fake.messages["C222"][-1]["ts"]
-                reply_id = await engine.reply_for_message(shared, reply_ts)
-                assert reply_id is not None
+                reply_id = await linked_reply(engine, reply_ts, key=shared)
                 vote = {
                     "type": "reaction_added",
                     "user": "UTHIRD",
