@@ -1,19 +1,21 @@
-"""One factored SVF product in two operand orders, by number of rows.
+"""One factored SVF product ``(x Vhᵀ ⊙ σz) Uᵀ`` four ways, by number of rows.
 
     python -m bench.factored_order [--repeats 5] [--layers 60] [--threads 2]
 
-`SVFLinear` computes ``(x Vhᵀ ⊙ σz) Uᵀ`` ("x-first"). On a CPU, at the row counts
-`gesal_core.layout.weight_first_rows` gives, it computes the same sums as
-``(U (σz ⊙ Vh xᵀ))ᵀ`` ("weight-first"). This times both on the bundled model's MLP
-shapes (gate/up: 576 -> 1536, down: 1536 -> 576, rank 576) with random factors, looping
-over ``--layers`` distinct factor pairs so that they stream from memory as in the model
-(one pair fits in cache, 60 do not). The third column, x-first on weights MKL has packed
-beforehand (``torch.ops.mkl._mkl_linear``, where this torch has it), tests the
-explanation: if packing each call is what x-first pays for, prepacked x-first runs like
-weight-first. Rows: 1 is one answer's decode step, 8 to 48 batches, 64 and 144 prefills.
+* x-first: MKL's sgemm on the plain factors, which packs each factor on every call;
+* weight-first: the same sums as ``(U (σz ⊙ Vh xᵀ))ᵀ``, the big factor as left operand;
+* MKL prepacked: x-first on factors MKL packed beforehand for exactly this row count
+  (``torch.ops.mkl._mkl_linear``, where this torch has it);
+* oneDNN packed: x-first on factors packed once for oneDNN (`gesal_core.prepacked`, what
+  `SVFLinear` serves with on a CPU), one packing used at every row count.
+
+On the bundled model's MLP shapes (gate/up: 576 -> 1536, down: 1536 -> 576, rank 576)
+with random factors, looping over ``--layers`` distinct factor pairs so that they stream
+from memory as in the model (one pair fits in cache, 60 do not). Rows: 1 is one answer's
+decode step, 8 to 48 batches, 64 and 144 prefills.
 
 Results go to ``factored_order.json`` on one thread, otherwise to
-``factored_order_<N>threads.json`` (the window of row counts is chosen from both).
+``factored_order_<N>threads.json``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import apply_threads, base_args, median, report
+from gesal_core import prepacked
 
 SHAPES = {"gate/up 576->1536": (576, 1536), "down 1536->576": (1536, 576)}
 RANK = 576
@@ -61,6 +64,11 @@ def x_first_prepacked(
         mkl._mkl_linear(h, b, u, None, n)
 
 
+def x_first_onednn(x: torch.Tensor, scale: torch.Tensor, pv: list, pu: list) -> None:
+    for a, b in zip(pv, pu, strict=True):
+        prepacked.linear(prepacked.linear(x, a) * scale.view(x.shape[0], 1, -1), b)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = base_args(__doc__, repeats=5)
     ap.add_argument("--layers", type=int, default=60)
@@ -75,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         Vh = [torch.randn(RANK, d_in, generator=g) for _ in range(layers)]
         U = [torch.randn(d_out, RANK, generator=g) for _ in range(layers)]
         S = torch.rand(RANK, generator=g) + 0.5
+        onednn = None
+        if prepacked.supported(U[0]):
+            onednn = ([prepacked.pack(w) for w in Vh], [prepacked.pack(w) for w in U])
         for n in sizes:
             x = torch.randn(n, 1, d_in, generator=g)
             scale = S * (1 + 0.1 * torch.randn(n, RANK, generator=g))  # a z per row
@@ -86,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
                 "weight-first": partial(weight_first, *args_),
             }
             if packed[0] is not None and packed[1] is not None:
-                variants["x-first, prepacked"] = partial(x_first_prepacked, *args_, *packed)
+                variants["MKL prepacked"] = partial(x_first_prepacked, *args_, *packed)
+            if onednn is not None:
+                variants["oneDNN packed"] = partial(x_first_onednn, x, scale, *onednn)
             times = {name: [] for name in variants}
             for fn in variants.values():
                 fn()  # warm-up
@@ -103,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
                     "rows": n,
                     **{f"{name} ms/layer": v for name, v in m.items()},
                     "weight-first speed-up": m["x-first"] / m["weight-first"],
-                    **(
-                        {"prepacked speed-up": m["x-first"] / m["x-first, prepacked"]}
-                        if "x-first, prepacked" in m
-                        else {}
-                    ),
+                    **{
+                        f"{name} speed-up": m["x-first"] / m[name]
+                        for name in ("MKL prepacked", "oneDNN packed")
+                        if name in m
+                    },
                 }
             )
     name = "factored_order"

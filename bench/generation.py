@@ -5,6 +5,9 @@
 Batch of one, greedy, exactly ``--tokens`` new tokens after a short chat prompt. All five
 variants are timed round-robin in the same run on separate copies of the same model, so
 they share the machine's (noisy, shared) state; ratios are against the base model.
+Where the SVF model runs its products on packed weights (a CPU: `gesal_core.prepacked`),
+the base model's and the LoRA models' frozen linears do too, so the ratios compare
+adapters, not matrix kernels.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from bench.common import (
     report,
 )
 from gesal_core.model import load_model
+from gesal_core.prepacked import prepack_linears
 from gesal_core.svf import SVFConfig, SVFModel
 
 
@@ -43,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     lora = lora_model(lambda: load().model, svf.target_names)
     lora_m = lora_model(lambda: load().model, svf.target_names)
     lora_m.merge_adapter()  # W + BA folded in once, as a LoRA server does for one adapter
+    if svf.prepacked:
+        for model in (base.model, lora, lora_m):
+            prepack_linears(model)
 
     def svf_factored():
         with svf.factored(z):

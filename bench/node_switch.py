@@ -4,7 +4,8 @@
 
 Variants, timed round-robin in one run (prefill + one token, batch of one):
 
-* base model: the plain HF model, no SVF layers at all (the baseline);
+* base model: the plain HF model, no SVF layers at all (the baseline), its linears on
+  packed weights where the SVF model's are (a CPU: `gesal_core.prepacked`);
 * same node: SVF merged, no switch at all;
 * re-merge: merge the new node's z into every weight first (serving without the LRU;
   ~0.7 s of arithmetic on a CPU);
@@ -29,6 +30,7 @@ from bench.common import (
     report,
 )
 from gesal_core.model import load_model
+from gesal_core.prepacked import prepack_linears
 from gesal_core.svf import SVFConfig, SVFModel
 
 
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     lm = load_model(args.model, progress=False)
     plain = load_model(args.model, progress=False).model  # untouched: the base model
     svf = SVFModel(lm.model, lm.name, SVFConfig(progress=False))
+    if svf.prepacked:  # the same matrix kernels as the SVF model's
+        prepack_linears(plain)
     ids = chat_ids(lm.tokenizer, PROMPTS[1])
     za, zb = node_z(svf.z_size, 1), node_z(svf.z_size, 2)
     svf.set_merged(za, key="A")

@@ -94,8 +94,10 @@ def targets() -> list[dict]:
         add(
             f"8 channels batched >= 3x one by one, serving path (nodes hot), {threads}",
             f"{r['batched vs one by one (head cache)']:.2f}x (head cache off: "
-            f"{r['batched vs one by one (no head cache)']:.2f}x; weight-first products "
-            f"{r['weight-first vs x-first, batched']:.2f}x x-first)"
+            f"{r['batched vs one by one (no head cache)']:.2f}x; on plain products: "
+            f"{r['batched vs one by one (plain products)']:.2f}x; packed products "
+            f"{r['packed vs plain products, batched']:.2f}x plain batched, "
+            f"{r['packed vs plain products, one by one']:.2f}x one by one)"
             if r
             else "not run",
             r["batched vs one by one (head cache)"] >= 3 if r else None,
@@ -108,8 +110,12 @@ def targets() -> list[dict]:
     )
     order = [r for r in _rows("factored_order") if r["rows"] == 8]
     add(
-        "factored product on 8 rows, weight-first vs x-first, per layer",
-        ", ".join(f"{r['shape']} {r['weight-first speed-up']:.2f}x" for r in order)
+        "factored product on 8 rows per layer vs x-first on plain factors",
+        ", ".join(
+            f"{r['shape']}: weight-first {r['weight-first speed-up']:.2f}x, "
+            f"oneDNN packed {r.get('oneDNN packed speed-up', float('nan')):.2f}x"
+            for r in order
+        )
         if order
         else "not run",
         None,

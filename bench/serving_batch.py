@@ -13,10 +13,10 @@ new tokens (the answers are the same in every variant, so the work is too):
 
 Each with the template-head cache warm (the nodes have answered before, the steady state)
 and turned off (``ServingConfig(prefix_cache_mb=0)``: every prompt prefilled whole).
-One more variant runs the batch with the factored products x-first, ``(x Vhᵀ ⊙ σz) Uᵀ``,
-instead of weight-first, ``(U (σz ⊙ Vh xᵀ))ᵀ``, which a CPU uses from 8 to 63 rows
-(`gesal_core.layout.weight_first_rows`): the same sums in another operand order.
-Variants run interleaved round by round.
+Two more variants run both ways on a second copy of the model whose products run on
+plain weights (``SVFConfig(prepack=False)``) instead of weights packed for oneDNN
+(`gesal_core.prepacked`, what a CPU serves with): the same sums in another blocking
+order. Variants run interleaved round by round.
 
 Results go to ``serving_batch.json`` for the default 16 tokens on one thread; another
 ``--tokens`` adds ``_<T>tok`` to the name and more threads ``_<N>threads``
@@ -54,20 +54,26 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [1, 2] if args.quick else [int(s) for s in args.sizes.split(",")]
     n_max = max(sizes)
     lm = load_model(args.model, progress=False)
-    # room for every node's merged weights: one by one runs each node hot
-    svf = SVFModel(lm.model, lm.name, SVFConfig(progress=False, merged_cache_mb=400.0 * n_max))
     worker = ModelWorker()
-    gens = {
-        "head cache": BatchedGenerator(svf, lm.tokenizer, worker),
-        "no head cache": BatchedGenerator(
-            svf, lm.tokenizer, worker, ServingConfig(prefix_cache_mb=0)
-        ),
-    }
     greedy = SamplingConfig(max_new_tokens=tokens, temperature=0)
     system = EngineConfig().system
-    requests = node_requests(lm.tokenizer, svf.z_size, n_max, greedy, system, keyed=True)
-    for r in requests:
-        svf.set_merged(torch.from_numpy(r.z), key=r.key)  # hot: in the merged LRU
+    gens, requests = {}, []
+    for name, prepack in (("", True), (", plain products", False)):
+        model = lm if prepack else load_model(args.model, progress=False)
+        # room for every node's merged weights: one by one runs each node hot
+        svf = SVFModel(
+            model.model,
+            model.name,
+            SVFConfig(progress=False, merged_cache_mb=400.0 * n_max, prepack=prepack),
+        )
+        requests = node_requests(lm.tokenizer, svf.z_size, n_max, greedy, system, keyed=True)
+        for r in requests:
+            svf.set_merged(torch.from_numpy(r.z), key=r.key)  # hot: in the merged LRU
+        gens[f"head cache{name}"] = BatchedGenerator(svf, lm.tokenizer, worker)
+        if prepack:
+            gens["no head cache"] = BatchedGenerator(
+                svf, lm.tokenizer, worker, ServingConfig(prefix_cache_mb=0)
+            )
     head = requests[0].prompt.head
     variants = {}
     for name, gen in gens.items():
@@ -75,16 +81,6 @@ def main(argv: list[str] | None = None) -> int:
         variants[f"one by one, {name}"] = lambda n, gen=gen: [
             a for r in requests[:n] for a in gen([r])
         ]
-    first = svf.state.weight_first_rows
-
-    def x_first(n: int, gen=gens["head cache"]):
-        svf.state.weight_first_rows = (0, 0)
-        try:
-            return gen(requests[:n])
-        finally:
-            svf.state.weight_first_rows = first
-
-    variants["batched, head cache, x-first products"] = x_first
     rows, raw = [], {}
     try:
         for n in sizes:
@@ -106,8 +102,16 @@ def main(argv: list[str] | None = None) -> int:
                     / m["batched, head cache"],
                     "batched vs one by one (no head cache)": m["one by one, no head cache"]
                     / m["batched, no head cache"],
-                    "weight-first vs x-first, batched": m["batched, head cache, x-first products"]
+                    "batched vs one by one (plain products)": m[
+                        "one by one, head cache, plain products"
+                    ]
+                    / m["batched, head cache, plain products"],
+                    "packed vs plain products, batched": m["batched, head cache, plain products"]
                     / m["batched, head cache"],
+                    "packed vs plain products, one by one": m[
+                        "one by one, head cache, plain products"
+                    ]
+                    / m["one by one, head cache"],
                     "head cache speed-up, batched": m["batched, no head cache"]
                     / m["batched, head cache"],
                     "head cache speed-up, one by one": m["one by one, no head cache"]

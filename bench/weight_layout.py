@@ -12,7 +12,10 @@
 * one update of a node's z on 4 rated samples (`LearningConfig` defaults, its products
   in the dtype "auto" picks here) and the same in fp32.
 
-Answers are greedy and must be the same token ids in both orders (asserted).
+Answers are greedy and must be the same token ids in both orders (asserted). Serving
+runs on plain weights here (``SVFConfig(prepack=False)``): on weights packed for oneDNN
+(`gesal_core.prepacked`, a CPU's default) the storage order of the plain ones no longer
+reaches an answer's products, only an update's.
 """
 
 from __future__ import annotations
@@ -60,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     for order in ORDERS:
         lm = load_model(args.model, progress=False)
         set_weight_layout(lm.model, on=order == "input-major")
-        svf = SVFModel(lm.model, lm.name, SVFConfig(progress=False, merged_cache_mb=400.0 * n))
+        svf = SVFModel(
+            lm.model, lm.name, SVFConfig(progress=False, merged_cache_mb=400.0 * n, prepack=False)
+        )
         gen = BatchedGenerator(svf, lm.tokenizer, worker)
         requests = node_requests(lm.tokenizer, svf.z_size, n, greedy, system, keyed=True)
         for r in requests:

@@ -81,6 +81,8 @@ def cmd_model_prepare(args: argparse.Namespace) -> int:
         f"SVF on {len(svf.layers)} {args.targets} matrices, {svf.z_size} z components, "
         f"factors {svf.factor_bytes() / 2**20:.0f} MiB, ready in {done - loaded:.1f}s"
     )
+    if svf.prepacked:
+        print(f"weights packed for the CPU's products: {svf.packed_bytes() / 2**20:.0f} MiB")
     return EXIT_OK
 
 

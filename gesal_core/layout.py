@@ -13,12 +13,12 @@ it must for any view. The order is applied where a model is loaded for CPU
 (`gesal_core.model.load_model`); on CUDA nothing is changed, because the gain is
 measured on CPUs only. `SVFLinear` stores its merged weights in the order of the weight
 it replaced; its SVD factors stay row-major (input-major factors make neither the batch of
-8 nor the update faster).
+8 nor the update faster). Where products without gradients run on weights packed for
+oneDNN (`gesal_core.prepacked`, a float32 model on a CPU), this order reaches only the
+products that run plain: an update's passes.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -39,33 +39,6 @@ def is_input_major(weight: torch.Tensor) -> bool:
 def wants_input_major(device: torch.device) -> bool:
     """Whether weights on ``device`` should be stored input-major (CPU only: measured)."""
     return device.type == "cpu"
-
-
-# Where the weight-first order may run: the worker's batches of a few answers (up to
-# `BatchConfig.max_batch`, 8) and short prefills; 2 rows always ran slower weight-first
-# and 64 rows and more (a prefill) no faster (`bench.factored_order`).
-WEIGHT_FIRST_ROWS = (8, 64)
-# weight-first must beat x-first by this much where it is timed, or timing noise picks
-MIN_GAIN = 1.1
-
-
-def weight_first_rows(
-    device: torch.device, timings: Callable[[], tuple[float, float]]
-) -> tuple[int, int]:
-    """The row counts ``[lo, hi)`` at which a factored SVF product runs weight-first
-    (`SVFLinear`); ``(0, 0)``: never.
-
-    CPU only, and only where it is faster on this machine: ``timings()`` returns the
-    seconds of one factored product at 8 rows (x-first, weight-first), measured on the
-    model's own layer. Which order wins differs between CPUs: `bench.factored_order`
-    read weight-first 1.1-1.8x faster per layer from 8 to 48 rows on one machine, and
-    `bench.serving_batch` read x-first products 1.3x faster for a batch of 8 on another.
-    ``timings`` is called on a CPU only.
-    """
-    if device.type != "cpu":
-        return (0, 0)
-    x_first, weight_first = timings()
-    return WEIGHT_FIRST_ROWS if x_first >= MIN_GAIN * weight_first else (0, 0)
 
 
 def set_weight_layout(model: nn.Module, on: bool = True) -> int:

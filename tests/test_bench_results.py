@@ -54,7 +54,7 @@ SUMMARY_READS = {
     "serving_batch": "serving path (nodes hot), 1 thread",
     "serving_batch_2threads": "serving path (nodes hot), 2 threads",
     "weight_layout": "weights stored input-major",
-    "factored_order": "weight-first vs x-first, per layer",
+    "factored_order": "factored product on 8 rows per layer",
     "serving_logprob": "log π recorded while generating",
     "update_step": "SVF update on 4 samples",
     "train_vs_serve": "share the worker",

@@ -6,7 +6,7 @@ from gesal_core.errors import SVFError
 from gesal_core.svf import SVFConfig, SVFLinear, SVFModel, SVFState, find_targets
 from gesal_core.svf.model import _svd_cache_path, weights_digest
 
-from .conftest import make_tiny_llama
+from .conftest import assert_same_update_gradient, make_tiny_llama
 
 
 def _ids(n=2, t=7, vocab=300, seed=0):
@@ -89,27 +89,40 @@ def test_layer_has_linear_semantics_with_bias(leading):
 
 @pytest.mark.parametrize("leading", [(9,), (2, 5), (3, 4, 2)])
 @pytest.mark.parametrize("per_row", [False, True])
-def test_weight_first_products_equal_the_x_first_ones(leading, per_row):
-    """The CPU's many-row path (`SVFState.weight_first_rows`) computes the same layer."""
+def test_products_on_packed_weights_equal_the_plain_ones(leading, per_row):
+    """`SVFLinear.prepack` (the CPU's oneDNN products) computes the same layer, merged
+    and factored, and a z being trained still gets autograd's exact gradient."""
     torch.manual_seed(0)
     lin = nn.Linear(12, 7, bias=True)
     U, S, Vh = torch.linalg.svd(lin.weight.detach(), full_matrices=False)
-    state = SVFState(mode="factored")
-    layer = SVFLinear(U, S, Vh, lin.bias, state, offset=0)
-    state.z = 1 + 0.5 * torch.randn(leading[0], 7) if per_row else 1 + 0.5 * torch.randn(7)
+    plain_state, packed_state = SVFState(mode="factored"), SVFState(mode="factored")
+    plain = SVFLinear(U, S, Vh, lin.bias, plain_state, offset=0)
+    packed = SVFLinear(U, S, Vh, lin.bias, packed_state, offset=0)
+    packed.prepack()
+    assert packed.merged_weight.is_mkldnn and not plain.merged_weight.is_mkldnn
+    z = 1 + 0.5 * torch.randn(leading[0], 7) if per_row else 1 + 0.5 * torch.randn(7)
+    plain_state.z = packed_state.z = z
     x = torch.randn(*leading, 12)
-    state.weight_first_rows = (0, 0)
-    x_first = layer(x)
-    state.weight_first_rows = (1, 100)
-    weight_first = layer(x)
-    assert weight_first.shape == x_first.shape == (*leading, 7)
-    assert weight_first.is_contiguous()
-    assert torch.allclose(weight_first, x_first, atol=1e-5)
-    # a z being trained takes the x-first path, whose backward is autograd's own
-    z = state.z.clone().requires_grad_(True)
-    state.z = z
-    layer(x).square().sum().backward()
-    assert z.grad is not None and torch.isfinite(z.grad).all()
+    expected = plain(x)
+    assert packed(x).shape == expected.shape == (*leading, 7)
+    assert torch.allclose(packed(x), expected, atol=1e-5)
+    for state in (plain_state, packed_state):
+        state.mode, state.merged_z, state.merged_key = "merged", z.reshape(-1, 7)[0], "a"
+    assert torch.allclose(packed(x), plain(x), atol=1e-5)
+    assert packed.merged_weight.is_mkldnn  # merged weights are packed, not kept plain too
+    # a gradient through a packed merged weight is composed plain, not silently dropped
+    x_grad = x.clone().requires_grad_(True)
+    packed(x_grad).square().sum().backward()
+    assert x_grad.grad is not None and x_grad.grad.abs().sum() > 0
+    # a z being trained runs on the plain factors, whose backward is autograd's own
+    packed_state.mode = "factored"
+    trained = z.clone().requires_grad_(True)
+    packed_state.z = trained
+    packed(x).square().sum().backward()
+    plain_state.mode, reference = "factored", z.clone().requires_grad_(True)
+    plain_state.z = reference
+    plain(x).square().sum().backward()
+    assert torch.allclose(trained.grad, reference.grad, atol=1e-5)
 
 
 @pytest.mark.parametrize("leading", [(9,), (2, 5)])
@@ -258,20 +271,53 @@ def test_corrupt_svd_cache_is_recomputed(tiny_tokenizer):
     assert (svf.model(ids).logits - base).abs().max() < 1e-4
 
 
-def test_the_factored_order_is_the_one_this_machine_runs_faster():
-    """Weight-first products run at the worker's batch sizes only on a CPU, and only
-    where they beat x-first by `layout.MIN_GAIN` when timed; the timing of a real
-    model's layers gives two positive medians."""
-    from gesal_core import layout
-    from gesal_core.svf.model import _order_timings
+def test_an_svf_model_on_a_cpu_runs_its_products_on_packed_weights(tiny_tokenizer):
+    """Every frozen linear and every SVF layer serves from packed weights, with the same
+    logits as a plain copy, merged and factored, and the same update gradient; the LM
+    head stays tied to the embedding."""
+    from gesal_core.prepacked import PrepackedLinear
 
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert layout.weight_first_rows(cpu, lambda: (2.0, 1.0)) == layout.WEIGHT_FIRST_ROWS
-    assert layout.weight_first_rows(cpu, lambda: (1.05, 1.0)) == (0, 0)  # within noise
-    assert layout.weight_first_rows(cpu, lambda: (1.0, 2.0)) == (0, 0)
-    assert layout.weight_first_rows(cuda, lambda: (2.0, 1.0)) == (0, 0)
-    lin = nn.Linear(64, 48)
-    U, S, Vh = torch.linalg.svd(lin.weight.detach(), full_matrices=False)
-    layers = [SVFLinear(U, S, Vh, lin.bias, SVFState(), offset=0) for _ in range(3)]
-    x_first, weight_first = _order_timings(layers, rows=8, rounds=2)
-    assert x_first > 0 and weight_first > 0
+    ids = _ids(vocab=len(tiny_tokenizer), n=3)
+    plain = SVFModel(
+        make_tiny_llama(len(tiny_tokenizer)), "tiny", SVFConfig(progress=False, prepack=False)
+    )
+    svf = SVFModel(make_tiny_llama(len(tiny_tokenizer)), "tiny", SVFConfig(progress=False))
+    assert svf.prepacked and not plain.prepacked
+    assert svf.packed_bytes() >= svf.factor_bytes() * 0.9 and plain.packed_bytes() == 0
+    linears = [m for m in svf.model.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(isinstance(m, PrepackedLinear) for m in linears)
+    assert not any(isinstance(m, PrepackedLinear) for m in plain.model.modules())
+    head, emb = svf.model.get_output_embeddings(), svf.model.get_input_embeddings()
+    assert head.weight is emb.weight
+    zs = 1 + 0.3 * torch.randn(3, svf.z_size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        for s in (svf, plain):
+            s.set_merged(zs[0], key="a")
+        assert (svf.model(ids[:1]).logits - plain.model(ids[:1]).logits).abs().max() < 1e-4
+        with svf.factored(zs), plain.factored(zs):
+            assert (svf.model(ids).logits - plain.model(ids).logits).abs().max() < 1e-4
+    assert_same_update_gradient(svf, plain, zs[1], ids)
+
+
+def test_a_packed_linear_follows_its_weight():
+    """A weight written in place is repacked before its next product; a weight swapped
+    for another tensor (an update's bf16 copy) runs plain; a product that wants a
+    gradient runs plain, so autograd has one."""
+    from gesal_core.prepacked import PrepackedLinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8).requires_grad_(False)
+    packed = PrepackedLinear.replacing(lin)
+    x = torch.randn(3, 16)
+    assert torch.allclose(packed(x), lin(x), atol=1e-5)
+    with torch.no_grad():
+        lin.weight[0] += 1.0  # the same Parameter: packed sees the write
+    assert torch.allclose(packed(x), lin(x), atol=1e-5)
+    full = packed.weight
+    packed.weight = nn.Parameter(full.detach().bfloat16(), requires_grad=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as `LowPrecisionWeights` runs it
+        assert packed(x).dtype == torch.bfloat16
+    packed.weight = full
+    x_grad = x.clone().requires_grad_(True)
+    packed(x_grad).sum().backward()
+    assert torch.allclose(x_grad.grad, full.sum(0).expand(3, 16), atol=1e-5)

@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import prepacked
+from ..prepacked import PackedCopy
+
 
 @dataclass
 class SVFState:
@@ -28,9 +31,6 @@ class SVFState:
     z: torch.Tensor | None = None
     merged_z: torch.Tensor | None = None
     merged_key: object = ("ones",)
-    # factored products without gradients on lo <= rows < hi rows run weight-first
-    # (`SVFLinear._weight_first`); (0, 0): never. `layout.weight_first_rows` picks it.
-    weight_first_rows: tuple[int, int] = (0, 0)
 
 
 class SVFLinear(nn.Module):
@@ -61,10 +61,24 @@ class SVFLinear(nn.Module):
         self.register_buffer("S", S.contiguous())
         self.register_buffer("Vh", Vh.contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        # (U, Vh) packed for oneDNN once `prepack` ran; merged weights are then packed too
+        self._packed: tuple[PackedCopy, PackedCopy] | None = None
         self.register_buffer("merged_weight", self._compose(torch.ones_like(S)))
         self.state = state
         self.offset = offset
         self._merged_key: object = ("ones",)
+
+    def prepack(self) -> None:
+        """Run products without gradients on weights packed once for oneDNN
+        (`gesal_core.prepacked`): the factors get a packed copy, merged weights are
+        packed from now on instead of kept plain."""
+        if self._packed is None:
+            self._packed = (PackedCopy(self.U), PackedCopy(self.Vh))
+            self.merged_weight = prepacked.pack(self.merged_weight)
+
+    def packed_bytes(self) -> int:
+        """Memory of the factors' packed copies (merged weights are counted by the LRU)."""
+        return 0 if self._packed is None else sum(c.nbytes for c in self._packed)
 
     @property
     def z_slice(self) -> slice:
@@ -72,7 +86,11 @@ class SVFLinear(nn.Module):
 
     def _compose(self, z: torch.Tensor) -> torch.Tensor:
         """W' = U diag(σ ⊙ z) Vᵀ, accumulated in float32 and stored in the factors' dtype,
-        in the storage order of the weight this layer replaced."""
+        in the storage order of the weight this layer replaced, or packed after `prepack`."""
+        weight = self._plain(z)
+        return prepacked.pack(weight) if self._packed is not None else weight
+
+    def _plain(self, z: torch.Tensor) -> torch.Tensor:
         scale = (self.S.float() * z.float().to(self.S.device)).unsqueeze(0)
         us = self.U.float() * scale
         if self.input_major:  # (V (U diag)ᵀ)ᵀ is W' stored (in, out) with no extra copy
@@ -102,46 +120,45 @@ class SVFLinear(nn.Module):
         if state.mode == "merged":
             if self._merged_key != state.merged_key:
                 self.merge(state.merged_z, state.merged_key)
-            return F.linear(x, self.merged_weight, self.bias)
+            return self._merged(x)
         # σz is formed in fp32 and only then rounded to the products' dtype: z itself in
         # bf16 reads every value within 1/256 of 1 as exactly 1, so the first steps of an
         # update (3e-3 each) would be invisible to its own bf16 forward passes
         z = state.z[..., self.z_slice]
         scale = self.S * z.to(torch.promote_types(z.dtype, torch.float32))
-        if scale.dim() == 2 and scale.shape[0] != x.shape[0]:
-            raise ValueError(f"per-row z has {scale.shape[0]} rows but the batch has {x.shape[0]}")
-        lo, hi = state.weight_first_rows
-        # (the gradient test first: a compiled update pass must not guard on its rows)
-        training = torch.is_grad_enabled() and state.z.requires_grad
-        if not training and lo <= x.numel() // self.in_features < hi:
-            return self._weight_first(x, scale)
-        return self._x_first(x, scale)
-
-    def _x_first(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """The factored product as ``((x Vhᵀ) ⊙ σz) Uᵀ``."""
         if scale.dim() == 2:  # one adapter per batch row: (B, r) -> (B, 1, ..., 1, r)
+            if scale.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"per-row z has {scale.shape[0]} rows but the batch has {x.shape[0]}"
+                )
             scale = scale.view(scale.shape[0], *([1] * (x.dim() - 2)), self.rank)
+        # (the gradient test first: a compiled update pass must not guard on anything else)
+        training = torch.is_grad_enabled() and state.z.requires_grad
+        packed = None if training else self._packed_factors(x)
+        if packed is not None:
+            vh, u = packed
+            return prepacked.linear(prepacked.linear(x, vh) * scale, u, self.bias)
         h = F.linear(x, self.Vh)
         return F.linear(h * scale.to(h.dtype), self.U, self.bias)
 
-    def _weight_first(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """The factored product as ``(U (σz ⊙ (Vh xᵀ)))ᵀ``: the same sums, with the big
-        factor as the left operand. On a CPU, MKL streams a factor from memory faster
-        this way than it runs ``x Vhᵀ`` on a few rows, whose weight it packs first
-        (`bench.factored_order`; a whole batch of 8: `bench.serving_batch`, "x-first
-        products"). The result is made contiguous: a transposed activation sends
-        later linears (the LM head) down a slower path."""
-        h = self.Vh @ x.reshape(-1, self.in_features).t()  # (r, rows)
-        scale = scale.to(h.dtype)
-        if scale.dim() == 2:  # rows are batch-major: (r, B, rows per B) × (r, B, 1)
-            h = h.view(self.rank, scale.shape[0], -1) * scale.t().unsqueeze(-1)
-            h = h.view(self.rank, -1)
-        else:
-            h = h * scale.unsqueeze(1)
-        y = (self.U @ h).t().contiguous()
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+    def _packed_factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(Vh, U) packed, if this product may run on them (see `prepacked.usable`)."""
+        if self._packed is None or not prepacked.usable(x, self.bias):
+            return None
+        u, vh = self._packed[0].of(self.U), self._packed[1].of(self.Vh)
+        return None if u is None or vh is None else (vh, u)
+
+    def _merged(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.merged_weight
+        if not weight.is_mkldnn:
+            return F.linear(x, weight, self.bias)
+        if prepacked.usable(x, self.bias):
+            return prepacked.linear(x, weight, self.bias)
+        # a gradient or another dtype through a packed merged weight: nothing in gesal
+        # asks for one (updates run factored), so composing it plain on demand is enough
+        z = self.state.merged_z
+        plain = self._plain(torch.ones_like(self.S) if z is None else z[self.z_slice])
+        return F.linear(x, plain.to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"

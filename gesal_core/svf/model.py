@@ -8,12 +8,10 @@ run the model under one z (merged), a z per batch row (factored) or a trainable 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import itertools
 import logging
 import re
-import statistics
 import sys
 import time
 from collections.abc import Callable, Hashable, Iterator
@@ -23,8 +21,9 @@ import torch
 from torch import nn
 
 from ..errors import SVFError
-from ..layout import is_input_major, weight_first_rows
+from ..layout import is_input_major
 from ..paths import cache_dir
+from ..prepacked import PrepackedLinear, prepack_linears, supported
 from .cache import MergedCache
 from .compiled import CompiledPasses
 from .config import ATTENTION_PARENTS, MLP_PARENTS, TARGET_SETS, SVFConfig
@@ -136,42 +135,6 @@ def _is_anonymous(key: Hashable) -> bool:
     return isinstance(key, tuple) and len(key) == 2 and key[0] == "anon"
 
 
-def _order_timings(layers: list[SVFLinear], rows: int = 8, rounds: int = 4) -> tuple[float, float]:
-    """Median seconds of one factored product of ``rows`` rows through every layer,
-    (x-first, weight-first), the orders alternating round by round after a warm-up.
-    Every layer in turn, as in a forward pass, so the factors stream from memory as
-    they do when serving; well under a second for the bundled model."""
-    inputs = [
-        (layer, torch.randn(rows, layer.in_features, dtype=layer.U.dtype, device=layer.U.device))
-        for layer in layers
-    ]
-    times: tuple[list[float], list[float]] = ([], [])
-    with torch.no_grad():
-        for i in range(rounds + 1):
-            for order, out in (("_x_first", times[0]), ("_weight_first", times[1])):
-                start = time.perf_counter()
-                for layer, x in inputs:
-                    getattr(layer, order)(x, layer.S)
-                if i:  # the first round warms up
-                    out.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
-
-
-def _weight_first_rows(layers: list[SVFLinear]) -> tuple[int, int]:
-    """`layout.weight_first_rows` timed on the model's layers, once per process, model
-    shape and thread count: every model of a process computes its products in one order."""
-    first = layers[0]
-    key = (len(layers), tuple(first.U.shape), first.U.dtype, torch.get_num_threads())
-    if key not in _ORDER_CHOSEN:
-        timings = functools.partial(_order_timings, layers)
-        _ORDER_CHOSEN[key] = weight_first_rows(first.U.device, timings)
-        log.debug("factored products weight-first at rows %s", _ORDER_CHOSEN[key])
-    return _ORDER_CHOSEN[key]
-
-
-_ORDER_CHOSEN: dict[tuple, tuple[int, int]] = {}
-
-
 class SVFModel:
     """A causal LM whose target projections are SVF layers sharing one `SVFState`.
 
@@ -206,13 +169,20 @@ class SVFModel:
             offset += layer.rank
         self.z_size = offset
         self.device = next(iter(self.layers.values())).U.device
-        self.state.weight_first_rows = _weight_first_rows(list(self.layers.values()))
         self.merged_cache = MergedCache(int(self.config.merged_cache_mb * 2**20))
         # `compute_precision("auto")`: an update's products in bf16 where that is fast
         self.compute_precision = ComputePrecision(model)
         # the model's forward under torch.compile, for updates that ask (compiled lazily)
         self.compiled_passes = CompiledPasses(model)
         model.requires_grad_(False)
+        # serving's products on weights packed once for oneDNN (`gesal_core.prepacked`)
+        self.prepacked = self.config.prepack and all(
+            supported(layer.U) for layer in self.layers.values()
+        )
+        if self.prepacked:
+            for layer in self.layers.values():
+                layer.prepack()
+            prepack_linears(model)
 
     # -- z vectors -------------------------------------------------------------------
     def ones(self) -> torch.Tensor:
@@ -317,4 +287,13 @@ class SVFModel:
         return sum(
             (lay.U.numel() + lay.S.numel() + lay.Vh.numel()) * lay.U.element_size()
             for lay in self.layers.values()
+        )
+
+    def packed_bytes(self) -> int:
+        """Memory of the packed copies beside the plain weights (`gesal_core.prepacked`):
+        the factors' and the other frozen linears'; merged sets are counted by the LRU."""
+        return sum(
+            m.packed_bytes()
+            for m in self.model.modules()
+            if isinstance(m, SVFLinear | PrepackedLinear)
         )
