@@ -16,18 +16,8 @@
 * A channel's key is ``slack:<team>:<channel>`` with the team that installed the bot
   (`channel_team`), for every kind of request: in a shared (Slack Connect) channel the
   members of every team teach, vote in and administer the same memory.
-* ``/gesal stats|config|export|import|reset|train``. Admin status is checked on every
-  call from ``users.info`` (``is_admin``/``is_owner``) or ``SLACK_ADMIN_USERS``. The
-  answer goes to the command's ``response_url`` (ephemeral, to the user who typed it),
-  so it arrives also in conversations the bot is not a member of.
-  ``/gesal reset`` answers with Block Kit buttons (reset / cancel); pressing "reset"
-  arrives as a signed ``block_actions`` request, and the bot checks again, on its own
-  side, that the presser is the admin who asked and is still an admin, before anything
-  is deleted.
-* ``/gesal import <file id>`` checks admin rights first and downloads nothing for anyone
-  else. The download goes only to Slack's file host (`SLACK_FILE_ORIGINS`: the bot token
-  travels with it, so a ``files.info`` answer pointing elsewhere is refused), and stops
-  at `MAX_DOWNLOAD_BYTES` (``files.info``'s ``size`` first, then while reading).
+* ``/gesal`` and its reset buttons are `SlackCommands` (``bot/slack_commands.py``);
+  `SlackBot` registers their listeners on the same app.
 * Both transports: Socket Mode (``SLACK_APP_TOKEN``) and HTTP (``SLACK_SIGNING_SECRET``;
   bolt verifies the signature and timestamp of every request, and `dedupe_retries`
   drops Slack's retries of an event already received, by ``event_id``: through Redis
@@ -38,18 +28,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.response import BoltResponse
-from slack_sdk.errors import SlackApiError, SlackRequestError
+from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.async_handler import AsyncRetryHandler
 from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncConnectionErrorRetryHandler,
@@ -59,9 +46,6 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from .health import Check, Health, connection_check
 from .messages import (
-    MAX_IMPORT_BYTES,
-    AdminCommand,
-    AdminResult,
     ContextMessage,
     Correction,
     Mention,
@@ -71,29 +55,26 @@ from .messages import (
 )
 from .service import ChatService
 from .settings import Settings, SettingsError
+from .slack_commands import RESET_CANCEL, RESET_CONFIRM, SlackCommands
 from .slack_threads import ThreadReader
+from .slack_web import (
+    PLATFORM,
+    SLACK_FILE_ORIGINS,
+    WEB_ERRORS,
+    channel_team,
+    error_code,
+    why_failed,
+)
 from .text import parse_correction
 
 log = logging.getLogger(__name__)
-PLATFORM = "slack"
 CORRECTION_ACK = "white_check_mark"
 THINKING = "eyes"
 UNDELIVERED = "warning"  # on a question whose answer Slack refused to post
 # Message subtypes that can carry a correction: a thread reply posted with "also send
 # to channel". Plain replies have no subtype.
 CORRECTION_SUBTYPES = frozenset({"thread_broadcast"})
-_FILE_ID = re.compile(r"\bF[A-Z0-9]{6,}\b")
-RESET_CONFIRM, RESET_CANCEL = "gesal_reset_confirm", "gesal_reset_cancel"
 
-# Where an export may be downloaded from, as scheme://host[:port]. The request carries
-# the bot token, so only Slack's own file host gets it; `build_app(file_origins=...)`
-# replaces the list (tests serve files on loopback).
-SLACK_FILE_ORIGINS = ("https://files.slack.com",)
-# The largest export downloaded: the service refuses bigger imports anyway, so a bigger
-# file is never fetched (a full 64-node channel exports to about 20 MB).
-MAX_DOWNLOAD_BYTES = MAX_IMPORT_BYTES
-DOWNLOAD_TIMEOUT_S = 120.0
-MAX_REDIRECTS = 3  # followed only while they stay on an allowed origin
 # Slack retries an unacknowledged event after about 1 s, 1 min and 5 min: an hour covers it.
 DEDUPE_TTL_S = 3600
 DEDUPE_PREFIX = "gesal:slack:event:"
@@ -103,28 +84,6 @@ KNOWN_USERS = 10_000  # users whose bot flag is remembered (least recently seen 
 # answer and a throttled workspace does not hold a listener for long.
 RATE_LIMIT_RETRIES = 2
 CONNECTION_RETRIES = 2  # a reset or dropped connection to Slack is retried this often
-
-
-def _err(exc: SlackApiError) -> str:
-    """Slack's error code (``channel_not_found``…), or the HTTP status when there is none."""
-    data = getattr(exc.response, "data", None)
-    if isinstance(data, dict) and data.get("error"):
-        return str(data["error"])
-    return f"HTTP {getattr(exc.response, 'status_code', '?')}"
-
-
-# What a Web API call raises once the client's retries are spent: Slack refused
-# (SlackApiError), an upload failed (SlackRequestError), or the network did.
-WEB_ERRORS = (SlackApiError, SlackRequestError, aiohttp.ClientError, TimeoutError)
-
-
-def _why(exc: BaseException) -> str:
-    """A Web API call's failure in a few words: Slack's error code, or the kind of
-    network failure (the client has already retried rate limits and dropped
-    connections)."""
-    if isinstance(exc, SlackApiError):
-        return _err(exc)
-    return type(exc).__name__
 
 
 class EventDeduper:
@@ -207,79 +166,9 @@ def event_deduper(shared_url: str | None) -> EventDeduper | RedisEventDeduper:
     return RedisEventDeduper(shared_url) if shared_url else EventDeduper()
 
 
-def _origin(url: str) -> tuple[str, str, int] | None:
-    """(scheme, host, port) of an http(s) URL without user info; None for anything else."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:  # a port that is not a number
-        return None
-    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
-    if scheme not in ("http", "https") or not host or "@" in parts.netloc:
-        return None
-    return scheme, host, port or (443 if scheme == "https" else 80)
-
-
-def file_url_allowed(url: str, origins: tuple[str, ...] = SLACK_FILE_ORIGINS) -> bool:
-    """Is ``url`` on one of ``origins`` (same scheme, host and port)?"""
-    where = _origin(url)
-    return where is not None and any(where == _origin(o) for o in origins)
-
-
-def _megabytes(n: int) -> str:
-    return f"{n / 2**20:.3g} MB"
-
-
-def parse_command(text: str) -> tuple[str, dict[str, str], list[str]]:
-    """``"config threshold=0.8 reward_up=1"`` → ("config", {...}, []); bare words go to
-    the list (``reset confirm``, ``import F0123``)."""
-    words = (text or "").split()
-    if not words:
-        return "help", {}, []
-    args: dict[str, str] = {}
-    rest: list[str] = []
-    for w in words[1:]:
-        if "=" in w:
-            k, _, v = w.partition("=")
-            args[k.strip().lower()] = v.strip()
-        else:
-            rest.append(w)
-    return words[0].lower(), args, rest
-
-
-def channel_team(body: dict, context=None, event: dict | None = None) -> str:
-    """The team a channel's key (``slack:<team>:<channel>``) is stored under, for every
-    kind of request: the workspace that installed the bot, so one channel has one key
-    whoever acts in it.
-
-    In a shared (Slack Connect) channel ``event.team``/``user_team`` name the actor's
-    team and the body's ``team_id`` the team the event came from, both of which differ
-    from member to member. Bolt's ``context.team_id`` is the installing workspace
-    (``authorizations[0].team_id`` for events, the request's team for commands and
-    buttons); the body's ``team_id``, then ``team.id`` (``null`` in org-wide installs),
-    then ``event.team`` stand in only when it is missing."""
-    team = context.get("team_id") if context is not None else None
-    if team:
-        return str(team)
-    body_team = body.get("team")
-    event = event or {}
-    return str(
-        body.get("team_id")
-        or (body_team.get("id") if isinstance(body_team, dict) else body_team)
-        or event.get("team")
-        or "T"
-    )
-
-
-HELP = (
-    "Usage: `/gesal stats` · `/gesal config [threshold=0.8] [reward_up=1] [reward_down=-2]` · "
-    "`/gesal export` · `/gesal import <file id>` (upload the export to this channel first) · "
-    "`/gesal reset` (asks for confirmation) · `/gesal train`"
-)
-
-
 class SlackBot:
-    """Registers the listeners on an `AsyncApp` and holds what they share."""
+    """Registers the listeners on an `AsyncApp` and holds what they share; the ``/gesal``
+    listeners belong to ``commands`` (`SlackCommands`)."""
 
     def __init__(
         self,
@@ -290,7 +179,7 @@ class SlackBot:
         file_origins: tuple[str, ...] = SLACK_FILE_ORIGINS,
     ) -> None:
         self.app, self.service, self.settings = app, service, settings
-        self.file_origins = file_origins
+        self.commands = SlackCommands(service, settings, file_origins=file_origins)
         self.threads = ThreadReader()
         self.deduper = event_deduper(service.engine.shared_url)
         self._bots: OrderedDict[str, bool] = OrderedDict()  # user id -> users.info is_bot
@@ -299,9 +188,9 @@ class SlackBot:
         app.event("message")(self.on_message)
         app.event("reaction_added")(self.on_reaction_added)
         app.event("reaction_removed")(self.on_reaction_removed)
-        app.command("/gesal")(self.on_command)
-        app.action(RESET_CONFIRM)(self.on_reset_confirm)
-        app.action(RESET_CANCEL)(self.on_reset_cancel)
+        app.command("/gesal")(self.commands.on_command)
+        app.action(RESET_CONFIRM)(self.commands.on_reset_confirm)
+        app.action(RESET_CANCEL)(self.commands.on_reset_cancel)
 
     # -- plumbing ------------------------------------------------------------------------
     async def dedupe_retries(self, body: dict, next) -> BoltResponse | None:  # noqa: A002
@@ -344,7 +233,7 @@ class SlackBot:
             try:
                 resp = await client.chat_postMessage(channel=channel, thread_ts=thread, text=chunk)
             except WEB_ERRORS as exc:
-                raise PostError(_why(exc)) from exc
+                raise PostError(why_failed(exc)) from exc
             return str(resp["ts"])
 
         delivery = await self.service.exchange(mention(), post, self._thinking(client, channel, ts))
@@ -371,7 +260,7 @@ class SlackBot:
             earlier, more = await self.threads.before(client, channel, thread, event["ts"], limit)
         except WEB_ERRORS as exc:
             # e.g. a missing history scope: answer without the context
-            log.warning("cannot read thread %s: %s", thread, _why(exc))
+            log.warning("cannot read thread %s: %s", thread, why_failed(exc))
             return [], False
         return [
             ContextMessage(
@@ -411,7 +300,7 @@ class SlackBot:
         try:
             answer = await self.threads.last(client, channel, event["thread_ts"], ts, mine)
         except WEB_ERRORS as exc:
-            log.warning("cannot read thread for a correction: %s", _why(exc))
+            log.warning("cannot read thread for a correction: %s", why_failed(exc))
             return
         if answer is None:
             return
@@ -434,14 +323,14 @@ class SlackBot:
                     channel=channel, thread_ts=event["thread_ts"], text=result.message
                 )
             except WEB_ERRORS as exc:
-                log.warning("could not say why a correction failed: %s", _why(exc))
+                log.warning("could not say why a correction failed: %s", why_failed(exc))
 
     @staticmethod
     async def _react(client: AsyncWebClient, method: str, channel: str, ts: str, name: str):
         try:
             await getattr(client, method)(channel=channel, timestamp=ts, name=name)
         except WEB_ERRORS as exc:  # cosmetic: never fail an answer over it
-            log.debug("%s %s failed: %s", method, name, _why(exc))
+            log.debug("%s %s failed: %s", method, name, why_failed(exc))
 
     # -- reactions -----------------------------------------------------------------------
     async def on_reaction_added(
@@ -489,234 +378,13 @@ class SlackBot:
             info = (await client.users_info(user=user))["user"]
         except SlackApiError as exc:
             log.warning(
-                "users.info failed for %s (%s); its reaction is not counted", user, _err(exc)
+                "users.info failed for %s (%s); its reaction is not counted", user, error_code(exc)
             )
             return True
         self._bots[user] = bot = bool(info.get("is_bot"))
         while len(self._bots) > KNOWN_USERS:
             self._bots.popitem(last=False)
         return bot
-
-    # -- /gesal ----------------------------------------------------------------------------
-    async def is_admin(self, client: AsyncWebClient, user: str) -> bool:
-        """Allow-list, else the workspace's own word: ``users.info`` admin/owner flags."""
-        if self.settings.is_slack_admin(user):
-            return True
-        try:
-            info = (await client.users_info(user=user))["user"]
-        except SlackApiError as exc:
-            log.warning("users.info failed for %s: %s", user, _err(exc))
-            return False
-        return bool(info.get("is_admin") or info.get("is_owner") or info.get("is_primary_owner"))
-
-    async def on_command(
-        self, ack, command: dict, client: AsyncWebClient, context, respond
-    ) -> None:
-        await ack()  # within 3 s; the work and its answer follow through response_url
-        name, args, rest = parse_command(command.get("text", ""))
-        channel, user = command["channel_id"], command["user_id"]
-        if name == "help":
-            await self._reply(respond, HELP)
-            return
-        admin = await self.is_admin(client, user)
-        file = None
-        if name == "import" and admin:  # a non-admin's file is never fetched
-            file = await self._download_export(client, rest)
-            if isinstance(file, str):  # an explanation, not bytes
-                await self._reply(respond, file)
-                return
-        result = await self.service.handle_admin(
-            AdminCommand(
-                PLATFORM,
-                channel_team(command, context),
-                channel,
-                user,
-                name,
-                is_admin=admin,
-                args=args,
-                file=file,
-            )
-        )
-        await self._render(client, respond, channel, user, result)
-
-    async def _render(self, client, respond, channel: str, user: str, result: AdminResult) -> None:
-        text = result.text
-        if result.needs_confirmation:
-            await self._reply(respond, text, confirm_blocks(text, channel, user))
-            return
-        if result.files:
-            try:
-                await client.files_upload_v2(
-                    channel=channel,
-                    initial_comment=text,
-                    file_uploads=[
-                        {"file": f.data, "filename": f.name, "title": f.name} for f in result.files
-                    ],
-                )
-                return
-            except (SlackApiError, SlackRequestError) as exc:
-                # SlackApiError: an API step refused (files.getUploadURLExternal,
-                # files.completeUploadExternal); SlackRequestError: the upload of the
-                # bytes themselves failed, whose message carries the status and body
-                reason = _err(exc) if isinstance(exc, SlackApiError) else "the upload failed"
-                log.warning("could not upload the export to %s: %s", channel, exc)
-                text = f"I could not upload the export files ({reason})."
-        await self._reply(respond, text)
-
-    async def _reply(self, respond, text: str, blocks: list | None = None) -> None:
-        """Answer a slash command through its ``response_url``: ephemeral, seen only by
-        the user who typed it, and delivered in any conversation the command can be
-        typed in, also those the bot is not a member of (where ``chat.postEphemeral``
-        answers ``channel_not_found``)."""
-        failed = await self._respond(respond, text=text, blocks=blocks, response_type="ephemeral")
-        if failed:
-            self.service.undelivered(PLATFORM, "command", f"/gesal answer not delivered: {failed}")
-
-    @staticmethod
-    async def _respond(respond, **message) -> str | None:
-        """Send through ``response_url``; None when Slack took it, else why not (the
-        URL is missing or expired after 30 minutes, or Slack cannot be reached)."""
-        try:
-            resp = await respond(**message)
-        except Exception as exc:  # noqa: BLE001 - no response_url, network, timeout
-            return f"{type(exc).__name__}: {exc}"
-        if resp.status_code != 200:
-            return f"response_url answered HTTP {resp.status_code} {(resp.body or '')[:200]}"
-        return None
-
-    # -- the reset buttons -----------------------------------------------------------------
-    async def on_reset_confirm(
-        self, ack, body: dict, action: dict, respond, client, context
-    ) -> None:
-        """The "reset" button. The request is signed by Slack, but whoever presses it is
-        checked here again: the admin who asked, and still an admin (``users.info``)."""
-        await ack()
-        user = body.get("user", {}).get("id", "")
-        try:
-            asked = json.loads(action.get("value") or "{}")
-        except json.JSONDecodeError:
-            asked = {}
-        channel = asked.get("channel") or body.get("channel", {}).get("id", "")
-        if not channel or user != asked.get("user"):
-            await self._answer(
-                respond, client, channel, user, "Only the admin who asked can confirm this."
-            )
-            return
-        result = await self.service.handle_admin(
-            AdminCommand(
-                PLATFORM,
-                channel_team(body, context),
-                channel,
-                user,
-                "reset",
-                is_admin=await self.is_admin(client, user),
-                confirmed=True,
-            )
-        )
-        await self._answer(respond, client, channel, user, result.text)
-
-    async def on_reset_cancel(self, ack, body: dict, respond, client) -> None:
-        await ack()
-        channel = body.get("channel", {}).get("id", "")
-        await self._answer(
-            respond, client, channel, body.get("user", {}).get("id", ""), "Nothing was reset."
-        )
-
-    async def _answer(self, respond, client, channel: str, user: str, text: str) -> None:
-        """Replace the ephemeral prompt (so its buttons cannot be pressed twice); a new
-        ephemeral message when there is no ``response_url`` or it cannot be reached
-        (``chat.postEphemeral``, which works where the bot is a member)."""
-        failed = await self._respond(respond, text=text, replace_original=True)
-        if failed is None:
-            return
-        log.info("response_url failed (%s); answering with a new message", failed)
-        try:
-            await client.chat_postEphemeral(channel=channel, user=user, text=text)
-        except WEB_ERRORS as exc:
-            self.service.undelivered(
-                PLATFORM,
-                "command",
-                f"reset answer not delivered: {failed}; chat.postEphemeral: {_why(exc)}",
-            )
-
-    async def _download_export(self, client: AsyncWebClient, rest: list[str]) -> bytes | str:
-        """The export's bytes, or one sentence saying why not (the caller checked that
-        the asker is an admin)."""
-        file_id = next((w for w in rest if _FILE_ID.fullmatch(w)), None)
-        if file_id is None:
-            return (
-                "Upload the JSON export to this channel, then run `/gesal import <file id>` "
-                "(the file id starts with F; find it in the file's link)."
-            )
-        try:
-            info = (await client.files_info(file=file_id))["file"]
-        except SlackApiError as exc:
-            return f"I can't open that file ({_err(exc)})."
-        cap = MAX_DOWNLOAD_BYTES
-        too_large = f"That file is too large to be an export (over {_megabytes(cap)})."
-        size = info.get("size")
-        if isinstance(size, int) and size > cap:
-            return too_large
-        url = info.get("url_private_download") or info.get("url_private") or ""
-        headers = {"Authorization": f"Bearer {client.token}"}
-        timeout = aiohttp.ClientTimeout(total=DOWNLOAD_TIMEOUT_S)
-        try:
-            async with aiohttp.ClientSession(timeout=timeout) as http:
-                for _ in range(MAX_REDIRECTS + 1):
-                    if not file_url_allowed(url, self.file_origins):
-                        log.warning(
-                            "refused to download file %s from %s: not a Slack file host",
-                            file_id,
-                            urlsplit(url).netloc or url[:80],
-                        )
-                        return "That file is not on Slack's file host, so I did not fetch it."
-                    # redirects are followed here, one by one, so that the token only
-                    # ever goes to an allowed origin
-                    async with http.get(url, headers=headers, allow_redirects=False) as resp:
-                        if resp.status in (301, 302, 303, 307, 308):
-                            url = urljoin(url, resp.headers.get("Location", ""))
-                            continue
-                        if resp.status != 200:
-                            return f"Downloading the file failed (HTTP {resp.status})."
-                        if (resp.content_length or 0) > cap:
-                            return too_large
-                        data = bytearray()
-                        async for chunk in resp.content.iter_chunked(64 * 1024):
-                            data += chunk
-                            if len(data) > cap:
-                                return too_large
-                        return bytes(data)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return f"Downloading the file failed ({type(exc).__name__})."
-        return "Downloading the file failed (too many redirects)."
-
-
-def confirm_blocks(text: str, channel: str, user: str) -> list[dict]:
-    """Block Kit for a reset prompt: the warning and two buttons. The button's value
-    names the channel and the admin who asked; the click handler checks both."""
-    value = json.dumps({"channel": channel, "user": user})
-    return [
-        {"type": "section", "text": {"type": "mrkdwn", "text": text}},
-        {
-            "type": "actions",
-            "block_id": "gesal_reset",
-            "elements": [
-                {
-                    "type": "button",
-                    "action_id": RESET_CONFIRM,
-                    "text": {"type": "plain_text", "text": "Reset this channel"},
-                    "style": "danger",
-                    "value": value,
-                },
-                {
-                    "type": "button",
-                    "action_id": RESET_CANCEL,
-                    "text": {"type": "plain_text", "text": "Cancel"},
-                    "value": value,
-                },
-            ],
-        },
-    ]
 
 
 def build_app(
@@ -852,7 +520,7 @@ async def _auth_test(client: AsyncWebClient) -> Check:
     try:
         resp = await client.auth_test()
     except SlackApiError as exc:
-        return Check(False, f"auth.test failed: {_err(exc)}")
+        return Check(False, f"auth.test failed: {error_code(exc)}")
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         return Check(False, f"auth.test failed: cannot reach Slack ({type(exc).__name__})")
     return Check(True, f"HTTP mode; auth.test ok as {resp.get('user')} in {resp.get('team_id')}")
@@ -865,9 +533,7 @@ __all__ = [
     "build_app",
     "channel_team",
     "event_deduper",
-    "file_url_allowed",
     "make_bot",
-    "parse_command",
     "run_slack",
     "with_retries",
 ]

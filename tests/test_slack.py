@@ -20,7 +20,8 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.metrics import Metrics
 from bot.service import ChatService
 from bot.settings import load_settings
-from bot.slack_app import RESET_CANCEL, RESET_CONFIRM, build_app, make_bot, parse_command
+from bot.slack_app import build_app, make_bot
+from bot.slack_commands import RESET_CANCEL, RESET_CONFIRM, parse_command
 
 from .fakes.slack import BOT_TOKEN, BOT_USER, TEAM, FakeSlack, event_callback
 from .fakes.tiny import make_engine
@@ -451,7 +452,7 @@ def test_a_failed_export_upload_is_told_to_the_admin_and_logged(engine, settings
                 q = fake.add_message("C1", text="hi", user="U2")
                 await h.event(mention_event(f"<@{BOT_USER}> hello world", q["ts"]))
                 await until(lambda: fake.called("chat.postMessage"))
-                with caplog.at_level(logging.WARNING, logger="bot.slack_app"):
+                with caplog.at_level(logging.WARNING, logger="bot"):
                     await h.command("export", user="U9")
                     await until(lambda: fake.responses)
                 said = fake.responses[-1]
@@ -908,7 +909,8 @@ class FileThief:
 
 
 def test_file_url_allow_list():
-    from bot.slack_app import SLACK_FILE_ORIGINS, file_url_allowed
+    from bot.slack_app import SLACK_FILE_ORIGINS
+    from bot.slack_commands import file_url_allowed
 
     assert SLACK_FILE_ORIGINS == ("https://files.slack.com",)
     for url in (
@@ -933,9 +935,9 @@ def test_file_url_allow_list():
 
 
 def test_import_checks_admin_first_stays_on_slack_and_is_capped(engine, settings, monkeypatch):
-    import bot.slack_app as slack_app
+    import bot.slack_commands as slack_commands
 
-    monkeypatch.setattr(slack_app, "MAX_DOWNLOAD_BYTES", 4096)
+    monkeypatch.setattr(slack_commands, "MAX_DOWNLOAD_BYTES", 4096)
 
     async def go():
         fake = await FakeSlack().start()
@@ -994,7 +996,8 @@ def test_the_default_allow_list_refuses_a_file_off_slack(engine, settings):
             client = AsyncWebClient(token=BOT_TOKEN, base_url=fake.api_url)
             service = ChatService(engine, settings)
             async with Harness(engine, settings, fake) as h:
-                h.bot.file_origins = make_bot(service, settings, client=client).file_origins
+                default = make_bot(service, settings, client=client).commands.file_origins
+                h.bot.commands.file_origins = default
                 fid = fake.add_file("gesal.json", b'{"format": "gesal-graph"}')
                 await h.command(f"import {fid}", user="U9")
                 await until(lambda: fake.responses)
