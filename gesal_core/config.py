@@ -271,7 +271,10 @@ class GuardConfig:
     )
     max_extra_degenerate: int = field(
         default=0,
-        metadata={"help": "Degenerate probe answers allowed beyond the base model's."},
+        metadata={
+            "help": "Probe answers allowed to be degenerate where the base model's answer "
+            "to the same probe is not."
+        },
     )
     max_topic_drop: float = field(
         default=0.15,

@@ -5,8 +5,9 @@ SmolLM" self-descriptions), and reference NLL barely moves when it happens. So a
 each update the node's z answers a few probe prompts greedily, and the update is rolled
 back if, compared with the base model on the same probes:
 
-* more answers are degenerate (`judges.degenerate_reason`: empty, repetition loops,
-  refusals, self-descriptions, echoes of the system prompt), or
+* a probe answer is degenerate (`judges.degenerate_reason`: empty, repetition loops,
+  refusals, self-descriptions, echoes of the system prompt) where the base model's
+  answer to the same probe is not, or
 * answers stop addressing the question: more answers than the base model's share no
   content word with their question or the base answer and sit far from the question in
   the centred embedding (`judges.on_topic`), or the mean question/answer similarity
@@ -300,12 +301,14 @@ class Guard:
     def _verdict(self, probes: list[str], base: ProbeResult, cand: ProbeResult) -> GuardVerdict:
         """The probe rules in order: degenerate answers, off-topic answers, the topic drop."""
         cfg = self.config
-        if cand.degenerate > base.degenerate + cfg.max_extra_degenerate:
-            bad = [
-                f"{p!r} -> {a!r} ({r})"
-                for p, a, r in zip(probes, cand.answers, cand.reasons, strict=True)
-                if r
-            ]
+        # probe by probe, not by count: an update that mends one of the base model's
+        # degenerate answers must not buy the right to break another
+        bad = [
+            f"{p!r} -> {a!r} ({r})"
+            for p, a, r, was in zip(probes, cand.answers, cand.reasons, base.reasons, strict=True)
+            if r and not was
+        ]
+        if len(bad) > cfg.max_extra_degenerate:
             return GuardVerdict(False, "degenerate answers: " + "; ".join(bad), base, cand)
         # The node's own prompts only: answers to "Write a haiku about the sea." vary too
         # freely ("The sea is a mirror …" shares no 4-letter word with it) for this rule.

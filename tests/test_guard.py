@@ -307,6 +307,7 @@ def test_one_answer_that_stops_addressing_its_question_rolls_the_update_back(
         ["Electricity is a flow of charge.", "The capital is Tokyo.", "Waves, a silent beauty"],
         0,
         0.8,
+        ["", "", ""],
     )
     base.similarity = [0.5, 0.5, 0.5]
     mirror = "The sea is a mirror that reflects our souls."
@@ -329,6 +330,47 @@ def test_one_answer_that_stops_addressing_its_question_rolls_the_update_back(
             )
         else:
             assert verdict.ok, verdict.reason
+
+
+def test_an_update_that_makes_any_probe_answer_degenerate_is_rolled_back(
+    tiny_tokenizer, monkeypatch
+):
+    """The haiku probe of a real 64-vote run answered "… a poem of beauty.\n\nAva
+    v.A.A.E.A.A.E…", a loop `degenerate_reason` names, and the update was kept. Probe
+    by probe: mending the base model's one degenerate answer does not pay for it."""
+    from gesal_core.guard import ProbeResult
+
+    svf = SVFModel(make_tiny_llama(len(tiny_tokenizer)), "tiny", SVFConfig(progress=False))
+    g = Guard(svf, tiny_tokenizer, GuardConfig())
+    probes = ["What is 15 times 3?", "Write a haiku about the sea."]
+    loop = "In the deep blue of the ocean, a poem of beauty.\n\nAva v.A.A.E.A.A.E.A.A.A.E.A.A.A.A.A"
+    assert degenerate_reason(loop) == "repetition loop"
+    base_loop = "Fifteen times three is forty five five five five five five"
+    assert degenerate_reason(base_loop)
+    base = ProbeResult(
+        [base_loop, "Waves fold on the shore"],
+        1,
+        0.8,
+        [degenerate_reason(base_loop), ""],
+        [0.5, 0.5],
+    )
+    cases = {
+        "mends one, breaks another": (["15 times 3 is 45.", loop], False),
+        "keeps the base model's own": ([base_loop, "Blue waves at dawn"], True),
+    }
+    for name, (texts, stands) in cases.items():
+        reasons = [degenerate_reason(t) or "" for t in texts]
+        cand = ProbeResult(texts, sum(map(bool, reasons)), 0.8, reasons, [0.5, 0.5])
+        monkeypatch.setattr(g, "probes_for", lambda related: probes)
+        monkeypatch.setattr(g, "base_many", lambda lists, sampled=False: [base])
+        monkeypatch.setattr(g, "run_many", lambda zs, lists, sampled=False, c=cand: [c])
+        monkeypatch.setattr(g, "_lost_facts_many", lambda zs: [[] for _ in zs])
+        (verdict,) = g.check_many([(np.ones(svf.z_size, np.float32), [])])
+        assert verdict.ok is stands, name
+        if not stands:
+            assert verdict.reason == (
+                f"degenerate answers: 'Write a haiku about the sea.' -> {loop!r} (repetition loop)"
+            )
 
 
 def test_sampled_probes_roll_back_what_greedy_probes_pass(tiny_tokenizer, monkeypatch):
