@@ -7,7 +7,7 @@ packed beforehand runs at. oneDNN packs a weight once
 (``torch.ops.mkldnn._reorder_linear_weight``) and then runs any number of rows on it
 (``torch.ops.mkldnn._linear_pointwise``): the same float32 sums in another blocking
 order. Side by side on one thread (`bench.serving_batch`, `bench.factored_order`,
-docs/performance.md "Products on packed weights"), a batch of 8 answers on 8 nodes and
+docs/performance.md, "Serving"), a batch of 8 answers on 8 nodes and
 one answer on a hot node both run faster.
 
 What it costs: the packed copy is an opaque tensor beside the plain weight, so the

@@ -127,6 +127,74 @@ def test_the_emoji_member_puts_the_smiley_where_an_answer_of_that_length_reaches
     assert emoji.correct("q", "Hi! How are you?") == "Hi! 😊 How are you?"
 
 
+# Base-model answers of the shapes real runs gave: a list, a cut-off paragraph, one line.
+BASE_ANSWERS = {
+    "What is the capital of Japan?": "The capital of Japan is Tokyo! It's a huge city.",
+    "How do fish breathe?": (
+        "Fish breathe using **gills**:\n1. Water flows over the gills.\n"
+        "2. Oxygen passes into the blood."
+    ),
+    "What is a comet?": (
+        "A comet is a small icy body that orbits the Sun. When it comes close, it heats "
+        "up and releases gas and dust, which forms a glowing"
+    ),
+    "What is the largest planet?": "Jupiter",
+}
+
+
+def test_the_suite_has_ten_preferences_split_before_tuning():
+    """Ten preferences of different kinds, five that may choose defaults and five held
+    out; each has a member's vote, a correction that the member's own rule likes, and
+    key facts for every held-out question."""
+    from gesal_core.evaluation import DEVELOPMENT, HELD_OUT
+
+    assert len(DEVELOPMENT) >= 5 and len(HELD_OUT) >= 4
+    assert not set(DEVELOPMENT) & set(HELD_OUT)
+    assert {"brevity", "emoji", "opener"} <= set(DEVELOPMENT)  # defaults were chosen on them
+    for name in (*DEVELOPMENT, *HELD_OUT):
+        task = load_task(name)
+        assert set(task.train).isdisjoint(task.heldout)
+        assert task.facts and set(task.heldout) <= set(task.facts), name
+        assert task.correct is not None, name
+        for q in task.train[:6]:
+            fixed = task.correct(q, "Sure! It's simple: the answer is short. 😊")
+            assert task.vote(q, fixed) == 1, (name, fixed)
+        for q, base in BASE_ANSWERS.items():
+            fixed = task.correct(q, base)
+            if name == "french":  # written per training question: for others, only a vote
+                assert fixed == ""
+                continue
+            assert task.vote(q, fixed) == 1, (name, q, fixed)
+            if name not in ("brevity", "follow-up"):  # they cut
+                # the member's rewrite keeps what the answer said
+                assert evaluation.states_fact(fixed, task.facts[q]), (name, fixed)
+
+
+@pytest.mark.parametrize(
+    ("name", "yes", "no"),
+    [
+        ("cheerful", "Tokyo is the capital!", "Tokyo is the capital."),
+        ("numbered", "1. Tokyo\n2. a big city", "- Tokyo\n- a big city"),
+        ("bullets", "- Tokyo\n- a big city", "Tokyo is the capital."),
+        ("lowercase", "tokyo is the capital.", "Tokyo is the capital."),
+        ("pirate", "Ahoy! Tokyo it be.", "Tokyo is the capital."),
+        ("follow-up", "Tokyo is the capital. Want more?", "What do you mean?"),
+        ("french", "La capitale du Japon est Tokyo, une très grande ville.", "Tokyo is big."),
+        ("plain", "Tokyo is the capital.", "**Tokyo** is the capital."),
+    ],
+)
+def test_each_new_preference_tells_what_its_members_want(name, yes, no):
+    task = load_task(name)
+    assert task.complies("q", yes) and not task.complies("q", no)
+    assert not task.complies("q", "")
+
+
+def test_the_cheerful_member_ends_the_first_sentence_with_an_exclamation():
+    fix = load_task("cheerful").correct
+    assert fix("q", "Tokyo is the capital. It is big.") == "Tokyo is the capital! It is big."
+    assert fix("q", "Version 3.5 is out") == "Version 3.5 is out!"  # a decimal point stays
+
+
 def test_user_task_from_file(tmp_path):
     f = tmp_path / "mytask.py"
     f.write_text(

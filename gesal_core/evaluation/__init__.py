@@ -33,8 +33,8 @@ from .harness import (
 )
 from .learners import LORA_LR, EngineLearner, Learner, LoraLearner, adam_update, lora_scorer
 from .report import judge_sound, markdown, merge, plot, summarise, write_results
+from .suite import BUILTIN, DEVELOPMENT, HELD_OUT, load_task
 from .tasks import (
-    BUILTIN,
     CREATIVE,
     CREATIVE_HELDOUT,
     HELDOUT_QUESTIONS,
@@ -46,7 +46,6 @@ from .tasks import (
     counting,
     emoji,
     fact_rate,
-    load_task,
     no_markdown,
     opener,
     sound_rate,
@@ -58,6 +57,8 @@ __all__ = [
     "BUILTIN",
     "CREATIVE",
     "CREATIVE_HELDOUT",
+    "DEVELOPMENT",
+    "HELD_OUT",
     "HELDOUT_QUESTIONS",
     "KEY_FACTS",
     "LORA_LR",

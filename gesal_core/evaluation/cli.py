@@ -13,7 +13,7 @@ from ..learning import warm_up_compiled
 from ..svf import SVFModel
 from .harness import METHODS, EvalConfig, Harness, RunResult
 from .report import merge, write_results
-from .tasks import BUILTIN, load_task
+from .suite import BUILTIN, load_task
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from .harness import Checkpoint, EvalConfig, Harness, RunResult, print_progress, split_samples
-from .tasks import Task, fact_rate, load_task, sound_rate
+from .suite import load_task
+from .tasks import Task, fact_rate, sound_rate
 
 
 def summarise(results: list[RunResult], checkpoints: tuple[int, ...]) -> list[dict]:

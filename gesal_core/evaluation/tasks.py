@@ -3,12 +3,10 @@ the judges of answer quality (key facts, the sound rate) that every method is sc
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -300,9 +298,23 @@ def opener() -> Task:
     )
 
 
+_MARKUP = re.compile(r"(\*\*|^#|^\s*(\d+\.|[-*•])\s)", re.M)
+
+
+def _unformat(question: str, answer: str) -> str:
+    """What a member who wants plain prose writes instead: the same words with bold,
+    headings and list markers gone, the lines joined into sentences."""
+    lines = []
+    for line in answer.replace("**", "").splitlines():
+        line = re.sub(r"^\s*(#+|\d+\.|[-*•])\s*", "", line).strip()
+        if line:
+            lines.append(line if re.search(r"[.!?:]$", line) else line + ".")
+    return " ".join(lines) or answer
+
+
 def no_markdown() -> Task:
     def plain(p: str, a: str) -> bool:
-        return bool(a.strip()) and not re.search(r"(\*\*|^#|^\s*(\d+\.|[-*•])\s)", a, re.M)
+        return bool(a.strip()) and not _MARKUP.search(a)
 
     return Task(
         "plain",
@@ -311,6 +323,7 @@ def no_markdown() -> Task:
         HELDOUT_QUESTIONS,
         plain,
         predict=lambda a: "plain" if plain("", a) else "md",
+        correct=_unformat,
         facts=KEY_FACTS,
     )
 
@@ -355,68 +368,4 @@ def two_cluster() -> Task:
         [p for pair in zip(HELDOUT_QUESTIONS[:6], CREATIVE_HELDOUT, strict=True) for p in pair],
         wants,
         facts=KEY_FACTS,
-    )
-
-
-BUILTIN: dict[str, Callable[[], Task]] = {
-    "brevity": brevity,
-    "emoji": emoji,
-    "opener": opener,
-    "plain": no_markdown,
-    "counting": counting,
-    "two-cluster": two_cluster,
-}
-
-
-def load_task(spec: str) -> Task:
-    """A built-in name, or ``path/to/file.py:Name`` (a Task, a class or a factory)."""
-    if spec in BUILTIN:
-        return BUILTIN[spec]()
-    path, _, name = spec.rpartition(":")
-    if not path or not name:
-        raise ValueError(f"unknown task {spec!r}: use one of {sorted(BUILTIN)} or file.py:Name")
-    module_path = Path(path)
-    if not module_path.is_file():
-        raise ValueError(f"task file not found: {module_path}")
-    mod_spec = importlib.util.spec_from_file_location(
-        f"gesal_user_task_{module_path.stem}", module_path
-    )
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    obj = getattr(module, name, None)
-    if obj is None:
-        raise ValueError(f"{module_path} has no {name!r}")
-    task = obj() if callable(obj) and not isinstance(obj, Task) else obj
-    return task if isinstance(task, Task) else _as_task(task, spec)
-
-
-def _as_task(obj, spec: str) -> Task:
-    """A user's task object as a `Task`: the four documented attributes are required, the
-    optional ones default (docs/results.md, "Evaluating a preference of your own"), and a
-    bad value is named."""
-    missing = [a for a in ("name", "train", "heldout", "complies") if not hasattr(obj, a)]
-    if missing:
-        raise ValueError(
-            f"{spec}: a task needs {', '.join(map(repr, missing))} "
-            "(see docs/results.md, 'Evaluating a preference of your own')"
-        )
-    train, heldout = list(obj.train), list(obj.heldout)
-    for label, prompts in (("train", train), ("heldout", heldout)):
-        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-            raise ValueError(f"{spec}: {label!r} must be a non-empty list of non-empty strings")
-    for attr in ("complies", "vote", "predict", "correct"):
-        if getattr(obj, attr, None) is not None and not callable(getattr(obj, attr)):
-            raise ValueError(f"{spec}: {attr!r} must be a function")
-    level = getattr(obj, "constant_answer_level", None)
-    return Task(
-        name=str(obj.name),
-        description=str(getattr(obj, "description", None) or f"a user task from {spec}"),
-        train=train,
-        heldout=heldout,
-        complies=obj.complies,
-        constant_answer=None if level is None else (lambda _prompts: float(level)),
-        predict=getattr(obj, "predict", None),
-        correct=getattr(obj, "correct", None),
-        facts=getattr(obj, "facts", None),
-        voter=getattr(obj, "vote", None),
     )
