@@ -2,9 +2,10 @@
 
 Adapters translate platform events into the dataclasses of `bot.messages`, call one
 method, and render what comes back. All behaviour (prompt building, reply splitting,
-posting and linking an answer, which reactions count, rate limits, error wording,
-request ids and metrics; admin commands in `bot.admin`) lives here, so the platforms
-cannot drift apart and most of it is tested without any platform.
+posting and linking an answer, rate limits, error wording, request ids and metrics;
+which reactions and replies count as feedback in `bot.feedback`, admin commands in
+`bot.admin`) lives here, so the platforms cannot drift apart and most of it is tested
+without any platform.
 
 Channel keys are ``<platform>:<workspace>:<channel>``, e.g. ``discord:<guild id>:<channel
 id>``, ``slack:<team id>:<channel id>``, ``playground:local:<name>``. **Threads share their
@@ -35,6 +36,7 @@ from contextlib import AbstractAsyncContextManager
 from gesal_core.engine import Engine, ReplyOut
 
 from .admin import AdminCommands
+from .feedback import FeedbackHandler
 from .logs import current_request_id, request_context
 from .messages import (
     BROKEN,
@@ -44,7 +46,6 @@ from .messages import (
     Correction,
     Delivery,
     FeedbackResult,
-    FeedbackStatus,
     Mention,
     Post,
     PostError,
@@ -56,7 +57,7 @@ from .messages import (
 from .metrics import Metrics
 from .ratelimit import MentionLimits, mention_limits
 from .settings import Settings
-from .text import LIMITS, parse_correction, split_message, vote_for_emoji
+from .text import LIMITS, split_message
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class ChatService:
         self.on_feedback = on_feedback
         self.metrics = metrics or Metrics()
         self.admin = AdminCommands(engine, settings, self.metrics)
+        self.feedback = FeedbackHandler(engine, self.metrics, self._notify)
         # shared by every process when the store is Redis (see bot.ratelimit)
         self.limits: MentionLimits = mention_limits(
             engine.shared_url, settings.gesal_rate_user, settings.gesal_rate_channel, clock
@@ -294,56 +296,12 @@ class ChatService:
                 log.exception("feedback hook failed for %s", key)
 
     async def handle_reaction(self, r: Reaction) -> FeedbackResult:
-        """Turn a 👍/👎 on one of the bot's replies into a vote; a removal retracts it.
-
-        Ignored: other emoji, reactions by bots, reactions on messages that are not the
-        bot's replies, and the removal of a reaction that is not the user's current vote
-        (after 👍 then 👎, removing the 👍 leaves the 👎 standing: last write wins).
-        """
-        if r.reactor_is_bot:
-            return FeedbackResult("ignored", "reactions by bots do not count")
-        value = vote_for_emoji(r.emoji)
-        if value is None:
-            return FeedbackResult("ignored", f"{r.emoji!r} is not a vote")
-        key = r.key
-        try:
-            reply_id = await self.engine.reply_for_message(key, r.message_id)
-            if reply_id is None:
-                return FeedbackResult("ignored", "not one of my replies")
-            if r.added:
-                await self.engine.vote(key, reply_id, r.user, value)
-                self.metrics.observe_vote(value)
-                status: FeedbackStatus = "up" if value > 0 else "down"
-            else:
-                reply = await self.engine.get_reply(key, reply_id)
-                if reply is None or reply.votes.get(str(r.user)) != value:
-                    return FeedbackResult("ignored", "that reaction is not the current vote")
-                await self.engine.vote(key, reply_id, r.user, None)
-                self.metrics.observe_vote(None)
-                status = "retracted"
-        except Exception as exc:  # noqa: BLE001
-            log.warning("reaction in %s failed: %s", key, exc, exc_info=True)
-            return FeedbackResult("error", explain(exc)[1])
-        await self._notify(key, reply_id)
-        return FeedbackResult(status)
+        """Turn a 👍/👎 on one of the bot's replies into a vote, or retract it (`bot.feedback`)."""
+        return await self.feedback.reaction(r)
 
     async def handle_correction(self, c: Correction) -> FeedbackResult:
         """A ``better: …`` reply to one of the bot's answers becomes a demonstration."""
-        better = parse_correction(c.text)
-        if better is None:
-            return FeedbackResult("ignored", "no correction marker")
-        key = c.key
-        try:
-            reply_id = await self.engine.reply_for_message(key, c.replied_to)
-            if reply_id is None:
-                return FeedbackResult("ignored", "not a reply to one of my answers")
-            await self.engine.correct(key, reply_id, c.user, better)
-            self.metrics.corrections.inc()
-        except Exception as exc:  # noqa: BLE001
-            log.warning("correction in %s failed: %s", key, exc)
-            return FeedbackResult("error", explain(exc)[1])
-        await self._notify(key, reply_id)
-        return FeedbackResult("corrected", "thanks, I'll learn from that")
+        return await self.feedback.correction(c)
 
     # -- admin ---------------------------------------------------------------------------
     async def handle_admin(self, cmd: AdminCommand) -> AdminResult:
