@@ -22,7 +22,7 @@ from unittest import mock
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-import bot.playground.server as playground_server
+import bot.playground.admin as playground_admin
 from bot.launch import serve
 from bot.ops_settings import OpsSettings
 from bot.playground.guard import Guard, check_bind, is_loopback
@@ -348,7 +348,7 @@ def test_an_expired_confirmation_resets_nothing(pg):
     ask = {"member": "ben", "text": "@gesal jumps over the lazy dog"}
     assert pg.page_post("/api/channels/slow/messages", ask)[0] == 200
     # a preview whose confirmation is already past its validity
-    with mock.patch.object(playground_server, "RESET_CONFIRM_SECONDS", -1.0):
+    with mock.patch.object(playground_admin, "RESET_CONFIRM_SECONDS", -1.0):
         status, preview = pg.page_post("/api/channels/slow/reset", {})
     assert status == 200 and preview["confirm"]
     status, body = pg.page_post("/api/channels/slow/reset", {"confirm": preview["confirm"]})

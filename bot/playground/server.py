@@ -7,22 +7,20 @@ goes through `bot.service.ChatService`, the same code the other adapters use, so
 newcomer sees here is what a Discord channel gets.
 
 Admin rights: the page is served on loopback to the person who started it, so its admin
-actions run as an admin. That is why `guard.Guard` lets only the served page use the API
-(Host, Origin, JSON and a per-process token), why a reset needs the confirmation the
-server handed out with its preview, and why binding to another address needs
-GESAL_PLAYGROUND_PUBLIC and prints a warning.
+actions (`admin.PlaygroundAdmin`) run as an admin. That is why `guard.Guard` lets only
+the served page use the API (Host, Origin, JSON and a per-process token), why a reset
+needs the confirmation the server handed out with its preview, and why binding to
+another address needs GESAL_PLAYGROUND_PUBLIC and prints a warning.
+
+This module holds the chat side (channels, messages, votes, corrections, status and the
+graph) and `create_app`, which routes the page and the whole API.
 """
 
 from __future__ import annotations
 
-import hmac
 import itertools
-import json
-import math
 import re
-import secrets
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -31,16 +29,18 @@ from aiohttp import web
 
 from ..boot import BootProgress
 from ..health import Health, add_routes
-from ..messages import AdminCommand, Correction, Mention, Reaction
+from ..messages import Correction, Delivery, Mention, Reaction
 from ..metrics import Metrics
 from ..service import ChatService
+from .admin import PlaygroundAdmin
+from .channels import PLATFORM, WORKSPACE, Channel, Message
 from .guard import TOKEN_HEADER, Guard, security_headers
+from .jsonapi import BadRequest, json_body, json_str
 
 if TYPE_CHECKING:
     from gesal_core.engine import Engine
 
 
-PLATFORM, WORKSPACE = "playground", "local"
 BOT_NAME = "gesal"
 DEFAULT_MEMBERS = ("ada", "ben", "chloé", "dev")
 DEFAULT_CHANNEL = "general"
@@ -49,42 +49,7 @@ _CHANNEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 _MEMBER_NAME = re.compile(r"^[\w.-]{1,24}$")
 _MENTION = re.compile(rf"(^|\s)@{BOT_NAME}\b", re.IGNORECASE)
 MAX_TEXT = 4000
-RESET_CONFIRM_SECONDS = 300.0  # how long a reset preview's confirmation stays valid
 TOKEN_PLACEHOLDER = "{{GESAL_TOKEN}}"  # in static/index.html, replaced when served
-
-
-@dataclass
-class Message:
-    id: str
-    author: str
-    text: str
-    is_bot: bool = False
-    ts: float = field(default_factory=time.time)
-    kind: str = "message"  # message | answer | empty | rate_limited | unavailable | error
-    reply_id: str | None = None
-    node_id: str | None = None
-    new_node: bool = False
-    z_version: int | None = None
-    reactions: dict[str, str] = field(default_factory=dict)  # member -> up | down
-    corrections: list[dict[str, str]] = field(default_factory=list)
-
-
-@dataclass
-class Channel:
-    name: str
-    messages: list[Message] = field(default_factory=list)
-
-    def find(self, message_id: str) -> Message | None:
-        return next((m for m in self.messages if m.id == message_id), None)
-
-
-class BadRequest(web.HTTPBadRequest):
-    def __init__(self, message: str) -> None:
-        super().__init__(text=f'{{"error": {_json_str(message)}}}', content_type="application/json")
-
-
-def _json_str(s: str) -> str:
-    return json.dumps(s, ensure_ascii=False)
 
 
 def mentions_bot(text: str) -> bool:
@@ -118,9 +83,7 @@ class Playground:
         self.info: dict[str, Any] = {}
         self.channels: dict[str, Channel] = {}
         self._ids = itertools.count(1)
-        # channel -> (confirmation, expiry): handed out with a reset's preview, needed
-        # (once) to reset, so no single request can empty a channel
-        self._reset_confirms: dict[str, tuple[str, float]] = {}
+        self.admin = PlaygroundAdmin(self)
 
     # -- lifecycle ---------------------------------------------------------------------
     async def attach(self, service: ChatService, scheduler: Any = None, **info: Any) -> None:
@@ -134,27 +97,29 @@ class Playground:
         self.channels.setdefault(DEFAULT_CHANNEL, Channel(DEFAULT_CHANNEL))
         self.progress.ready = True
 
-    def _service(self) -> ChatService:
+    def ready_service(self) -> ChatService:
+        """The service, or a 503 with the boot error (or "still starting") before it."""
         if self.service is None:
             raise web.HTTPServiceUnavailable(
-                text=_json_str(self.progress.error or "still starting"),
+                text=json_str(self.progress.error or "still starting"),
                 content_type="application/json",
             )
         return self.service
 
-    def _channel(self, request: web.Request) -> Channel:
-        self._service()
+    def channel_of(self, request: web.Request) -> Channel:
+        """The channel the request's path names, or a 404 (a 503 before the service)."""
+        self.ready_service()
         name = request.match_info["channel"]
         ch = self.channels.get(name)
         if ch is None:
             raise web.HTTPNotFound(
-                text=_json_str(f"no channel named {name}"), content_type="application/json"
+                text=json_str(f"no channel named {name}"), content_type="application/json"
             )
         return ch
 
     def _bot_reply(self, request: web.Request, what: str) -> tuple[Channel, Message]:
         """The channel and the bot reply a vote or correction is about, or a plain 400."""
-        ch = self._channel(request)
+        ch = self.channel_of(request)
         msg = ch.find(request.match_info["message"])
         if msg is None or not msg.is_bot:
             raise BadRequest(f"{what} go on the bot's replies")
@@ -172,9 +137,6 @@ class Playground:
     @staticmethod
     def key(channel: str) -> str:
         return f"{PLATFORM}:{WORKSPACE}:{channel}"
-
-    def _admin(self, ch: Channel, name: str, **kw: Any) -> AdminCommand:
-        return AdminCommand(PLATFORM, WORKSPACE, ch.name, "operator", name, is_admin=True, **kw)
 
     # -- status --------------------------------------------------------------------------
     async def status(self, _request: web.Request) -> web.Response:
@@ -206,12 +168,12 @@ class Playground:
 
     # -- channels ---------------------------------------------------------------------------
     async def list_channels(self, _request: web.Request) -> web.Response:
-        self._service()
+        self.ready_service()
         return web.json_response({"channels": sorted(self.channels)})
 
     async def create_channel(self, request: web.Request) -> web.Response:
-        self._service()
-        body = await _json(request)
+        self.ready_service()
+        body = await json_body(request)
         name = str(body.get("name", "")).strip().lower().lstrip("#")
         if not _CHANNEL_NAME.match(name):
             raise BadRequest(
@@ -221,13 +183,13 @@ class Playground:
         return web.json_response({"channel": name, "channels": sorted(self.channels)})
 
     async def messages(self, request: web.Request) -> web.Response:
-        ch = self._channel(request)
+        ch = self.channel_of(request)
         return web.json_response({"messages": [asdict(m) for m in ch.messages]})
 
     # -- chat --------------------------------------------------------------------------------
     async def post_message(self, request: web.Request) -> web.Response:
-        ch = self._channel(request)
-        body = await _json(request)
+        ch = self.channel_of(request)
+        body = await json_body(request)
         member = self._member(body)
         text = str(body.get("text", "")).strip()
         if not text:
@@ -244,22 +206,8 @@ class Playground:
             return self._next_id()
 
         mention = Mention(PLATFORM, WORKSPACE, ch.name, member, strip_bot_mention(text), posted.id)
-        delivery = await self._service().exchange(mention, post)
-        parts = delivery.parts
-        replies = [
-            Message(
-                mid,
-                BOT_NAME,
-                chunk,
-                is_bot=True,
-                kind=parts.kind,
-                reply_id=parts.reply_id,
-                node_id=parts.node_id,
-                new_node=parts.new_node,
-                z_version=parts.z_version,
-            )
-            for mid, chunk in zip(delivery.message_ids, parts.chunks, strict=False)
-        ]
+        delivery = await self.ready_service().exchange(mention, post)
+        replies = _bot_messages(delivery)
         ch.messages.extend(replies)
         new.extend(replies)
         return web.json_response(
@@ -269,7 +217,7 @@ class Playground:
     async def vote(self, request: web.Request) -> web.Response:
         """Set a member's reaction on a reply to ``up``, ``down`` or none (``null``)."""
         ch, msg = self._bot_reply(request, "votes")
-        body = await _json(request)
+        body = await json_body(request)
         member = self._member(body)
         want = body.get("vote")
         if want not in ("up", "down", None):
@@ -278,7 +226,7 @@ class Playground:
         if want == current:
             return web.json_response({"status": "unchanged", "message": asdict(msg)})
         emoji = EMOJI[want] if want else EMOJI[current]  # type: ignore[index]
-        result = await self._service().handle_reaction(
+        result = await self.ready_service().handle_reaction(
             Reaction(PLATFORM, WORKSPACE, ch.name, member, msg.id, emoji, added=want is not None)
         )
         if not result.counted:
@@ -291,12 +239,12 @@ class Playground:
 
     async def correct(self, request: web.Request) -> web.Response:
         ch, msg = self._bot_reply(request, "corrections")
-        body = await _json(request)
+        body = await json_body(request)
         member = self._member(body)
         better = str(body.get("text", "")).strip()
         if not better:
             raise BadRequest("write the better answer first")
-        result = await self._service().handle_correction(
+        result = await self.ready_service().handle_correction(
             Correction(
                 PLATFORM, WORKSPACE, ch.name, member, self._next_id(), msg.id, "better: " + better
             )
@@ -306,88 +254,29 @@ class Playground:
         msg.corrections.append({"member": member, "text": better})
         return web.json_response({"status": result.status, "message": asdict(msg)})
 
-    # -- admin ---------------------------------------------------------------------------------
-    async def _run_admin(self, ch: Channel, name: str, **kw: Any):
-        result = await self._service().handle_admin(self._admin(ch, name, **kw))
-        if not result.ok:
-            raise BadRequest(result.text)
-        return result
-
-    async def train(self, request: web.Request) -> web.Response:
-        ch = self._channel(request)
-        result = await self._run_admin(ch, "train")
-        return web.json_response({"text": result.text, "data": result.data})
-
-    async def stats(self, request: web.Request) -> web.Response:
-        ch = self._channel(request)
-        result = await self._run_admin(ch, "stats")
-        return web.json_response({"text": result.text, "data": result.data})
-
-    async def config(self, request: web.Request) -> web.Response:
-        ch = self._channel(request)
-        body = await _json(request)
-        args = {k: _config_value(k, v) for k, v in body.items() if v is not None}
-        result = await self._run_admin(ch, "config", args=args)
-        return web.json_response({"text": result.text, "data": result.data})
-
-    async def reset(self, request: web.Request) -> web.Response:
-        """Without ``confirm``: the preview (what would be lost) and a one-time
-        ``confirm`` value; with that value, within RESET_CONFIRM_SECONDS: the reset."""
-        ch = self._channel(request)
-        body = await _json(request)
-        given = body.get("confirm")
-        if given is None:
-            if body.get("confirmed"):
-                raise BadRequest(
-                    "a reset needs the confirm value of its preview: ask for the reset "
-                    "without it first, then send that value back as confirm"
-                )
-            result = await self._run_admin(ch, "reset", confirmed=False)
-            confirm = secrets.token_urlsafe(16)
-            self._reset_confirms[ch.name] = (confirm, time.monotonic() + RESET_CONFIRM_SECONDS)
-            return web.json_response(
-                {"text": result.text, "needs_confirmation": True, "confirm": confirm}
-            )
-        expected, expires = self._reset_confirms.get(ch.name, ("", 0.0))
-        if (
-            not isinstance(given, str)
-            or not expected
-            or time.monotonic() > expires
-            or not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode())
-        ):
-            raise BadRequest(
-                f"that confirmation does not match a current reset preview of #{ch.name} "
-                f"(each is valid once, for {RESET_CONFIRM_SECONDS / 60:g} minutes): "
-                "ask for the reset again"
-            )
-        del self._reset_confirms[ch.name]
-        result = await self._run_admin(ch, "reset", confirmed=True)
-        ch.messages.clear()  # the replies they showed no longer exist
-        return web.json_response({"text": result.text, "needs_confirmation": False})
-
-    async def export(self, request: web.Request) -> web.Response:
-        ch = self._channel(request)
-        result = await self._run_admin(ch, "export")
-        kind = request.query.get("format", "json")
-        att = result.file(".png" if kind == "png" else ".json")
-        if att is None:
-            raise BadRequest(f"no {kind} in the export")
-        return web.Response(
-            body=att.data,
-            content_type=att.mime,
-            headers={"Content-Disposition": f'attachment; filename="{att.name}"'},
-        )
-
-    async def import_(self, request: web.Request) -> web.Response:
-        """The body is the export file itself (the page sends it as application/json)."""
-        ch = self._channel(request)
-        data = await request.read()
-        result = await self._run_admin(ch, "import", file=data or None)
-        return web.json_response({"text": result.text, "data": result.data})
-
     async def graph(self, request: web.Request) -> web.Response:
-        ch = self._channel(request)
-        return web.json_response(await graph_view(self._service().engine, self.key(ch.name), ch))
+        ch = self.channel_of(request)
+        engine = self.ready_service().engine
+        return web.json_response(await graph_view(engine, self.key(ch.name), ch))
+
+
+def _bot_messages(delivery: Delivery) -> list[Message]:
+    """The bot's reply as the page's messages: one per chunk, under the ids it was posted as."""
+    parts = delivery.parts
+    return [
+        Message(
+            mid,
+            BOT_NAME,
+            chunk,
+            is_bot=True,
+            kind=parts.kind,
+            reply_id=parts.reply_id,
+            node_id=parts.node_id,
+            new_node=parts.new_node,
+            z_version=parts.z_version,
+        )
+        for mid, chunk in zip(delivery.message_ids, parts.chunks, strict=False)
+    ]
 
 
 async def graph_view(engine: Engine, key: str, ch: Channel | None = None) -> dict:
@@ -436,37 +325,6 @@ async def graph_view(engine: Engine, key: str, ch: Channel | None = None) -> dic
     }
 
 
-def _no_constants(name: str) -> None:
-    # Python's json accepts NaN and Infinity, which are not JSON and never a valid value
-    raise BadRequest(f"the request body contains {name}, which is not a JSON number")
-
-
-async def _json(request: web.Request) -> dict:
-    if not request.can_read_body:
-        return {}
-    try:
-        body = json.loads(await request.text(), parse_constant=_no_constants)
-    except ValueError:
-        raise BadRequest("the request body is not JSON") from None
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    return body
-
-
-def _config_value(name: str, value: Any) -> str:
-    """A setting's value as the service parses it; non-numbers and non-finite numbers
-    are refused here, before anything is stored."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise BadRequest(f"{name} must be a number")
-    try:
-        number = float(value)
-    except ValueError:
-        return str(value)  # the service says it must be a number
-    if not math.isfinite(number):
-        raise BadRequest(f"{name} must be a finite number, not {value}")
-    return str(value)
-
-
 def _static_dir():
     return resources.files("bot.playground") / "static"
 
@@ -511,12 +369,12 @@ def create_app(
     r.add_post("/api/channels/{channel}/messages", pg.post_message)
     r.add_post("/api/channels/{channel}/messages/{message}/vote", pg.vote)
     r.add_post("/api/channels/{channel}/messages/{message}/correct", pg.correct)
-    r.add_post("/api/channels/{channel}/train", pg.train)
-    r.add_get("/api/channels/{channel}/stats", pg.stats)
-    r.add_post("/api/channels/{channel}/config", pg.config)
-    r.add_post("/api/channels/{channel}/reset", pg.reset)
-    r.add_get("/api/channels/{channel}/export", pg.export)
-    r.add_post("/api/channels/{channel}/import", pg.import_)
+    r.add_post("/api/channels/{channel}/train", pg.admin.train)
+    r.add_get("/api/channels/{channel}/stats", pg.admin.stats)
+    r.add_post("/api/channels/{channel}/config", pg.admin.config)
+    r.add_post("/api/channels/{channel}/reset", pg.admin.reset)
+    r.add_get("/api/channels/{channel}/export", pg.admin.export)
+    r.add_post("/api/channels/{channel}/import", pg.admin.import_)
     r.add_get("/api/channels/{channel}/graph", pg.graph)
     add_routes(app, pg.health, pg.metrics, refresh_metrics)
     return app
