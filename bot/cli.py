@@ -17,6 +17,8 @@ import time
 import typing
 from pathlib import Path
 
+from gesal_core.config import SamplingConfig
+from gesal_core.config_fields import entries
 from gesal_core.errors import GesalError, ModelNotFoundError
 
 from .settings import BotSettings
@@ -42,16 +44,30 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{flag}", default=field.default, choices=choices, help=words)
 
 
+# the sampling settings `chat` takes, each the flag of its `SamplingConfig` field:
+# --max-new-tokens, --temperature, --top-p
+CHAT_SAMPLING = ("max_new_tokens", "temperature", "top_p")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    """The `CHAT_SAMPLING` flags, with their fields' types, defaults and help texts, so
+    the library and ``gesal-bot chat`` cannot disagree on them. Not `add_flags`: a field's
+    ``flag`` is an option of ``gesal-bot eval``, which has a --max-new-tokens of its own."""
+    for e in entries(SamplingConfig):
+        name = e.path[-1]
+        if name in CHAT_SAMPLING:
+            flag = "--" + name.replace("_", "-")
+            p.add_argument(flag, type=e.type, default=e.default, help=e.setting.help)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
-    from gesal_core.generate import SamplingConfig, build_prompt, generate
+    from gesal_core.generate import build_prompt, generate
     from gesal_core.model import load_model
 
     question = " ".join(args.question).strip()
     if not question:
         raise GesalError('nothing to ask: pass a question, e.g. gesal-bot chat "What is Redis?"')
-    sampling = SamplingConfig(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p
-    )
+    sampling = SamplingConfig(**{name: getattr(args, name) for name in CHAT_SAMPLING})
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
     messages = [{"role": "user", "content": question}]
     prompt = build_prompt(lm.tokenizer, messages, system=args.system)
@@ -317,18 +333,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_chat, _add_model, _add_run, _add_channel_commands, _add_eval, _add_bench):
+        add(sub)
+    return parser
 
+
+def _add_chat(sub: argparse._SubParsersAction) -> None:
     chat = sub.add_parser("chat", help="ask the model one question and print the answer")
     chat.add_argument("question", nargs="+", help="the question")
     _model_args(chat)
     chat.add_argument("--system", default=None, help="system prompt (default: the model's own)")
-    chat.add_argument("--max-new-tokens", type=int, default=128, help="longest answer, in tokens")
-    chat.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
-    chat.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling")
+    _sampling_args(chat)
     chat.add_argument("--seed", type=int, default=None, help="seed of the sampling")
     chat.add_argument("-v", "--verbose", action="store_true", help="print timing to stderr")
     chat.set_defaults(func=cmd_chat)
 
+
+def _add_model(sub: argparse._SubParsersAction) -> None:
     model = sub.add_parser("model", help="prepare or inspect the model")
     msub = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
     prepare = msub.add_parser("prepare", help="convert the model and compute its SVD ahead of time")
@@ -339,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(info)
     info.set_defaults(func=cmd_model_info)
 
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser(
         "run",
         help="run the bot: Discord and/or Slack when tokens are set, else the local playground",
@@ -358,34 +381,43 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(run)
     run.set_defaults(func=cmd_run, dtype=None)
 
-    def channel_cmd(name: str, help_text: str, optional: bool = False) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument(
-            "channel",
-            nargs="?" if optional else None,
-            help="channel key, e.g. discord:<guild>:<channel>, slack:<team>:<channel> "
-            "or playground:local:general",
-        )
-        _model_args(p)
-        p.set_defaults(dtype=None)
-        return p
 
-    export = channel_cmd("export", "write a channel's graph as versioned JSON")
+def _channel_parser(
+    sub: argparse._SubParsersAction, name: str, help_text: str, optional: bool = False
+) -> argparse.ArgumentParser:
+    """A channel admin command: its channel key and the model flags (dtype unset: the
+    configured one)."""
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument(
+        "channel",
+        nargs="?" if optional else None,
+        help="channel key, e.g. discord:<guild>:<channel>, slack:<team>:<channel> "
+        "or playground:local:general",
+    )
+    _model_args(p)
+    p.set_defaults(dtype=None)
+    return p
+
+
+def _add_channel_commands(sub: argparse._SubParsersAction) -> None:
+    export = _channel_parser(sub, "export", "write a channel's graph as versioned JSON")
     export.add_argument("-o", "--output", default=None, help="file (default: standard output)")
     export.set_defaults(func=cmd_export)
-    imp = channel_cmd("import", "replace a channel's graph with an exported JSON file")
+    imp = _channel_parser(sub, "import", "replace a channel's graph with an exported JSON file")
     imp.add_argument("file", help="the JSON file from gesal-bot export or /gesal export")
     imp.add_argument("--yes", action="store_true", help="confirm replacing the graph")
     imp.set_defaults(func=cmd_import)
-    reset = channel_cmd("reset", "delete everything a channel has learned")
+    reset = _channel_parser(sub, "reset", "delete everything a channel has learned")
     reset.add_argument("--yes", action="store_true", help="confirm the reset")
     reset.set_defaults(func=cmd_reset)
-    stats = channel_cmd(
-        "stats", "nodes, votes, rewards and updates (all channels if none given)", True
+    stats = _channel_parser(
+        sub, "stats", "nodes, votes, rewards and updates (all channels if none given)", True
     )
     stats.add_argument("--json", action="store_true", help="machine-readable output")
     stats.set_defaults(func=cmd_stats)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser(
         "eval",
         help="simulated communities: learning curves of gesal vs baselines",
@@ -394,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_arguments(ev)
     ev.set_defaults(func=cmd_eval)
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser(
         "bench",
         help="run the performance benchmarks (from a source checkout)",
@@ -401,7 +435,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmarks")
     bench.set_defaults(func=cmd_bench)
-    return parser
 
 
 def _unavailable_errors() -> tuple[type[BaseException], ...]:

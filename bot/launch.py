@@ -13,7 +13,8 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -25,6 +26,9 @@ from .metrics import Metrics
 from .ops_settings import OpsSettings
 from .runtime import Runtime, build_runtime
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .playground.server import Playground
 
 log = logging.getLogger(__name__)
 PLATFORMS = ("discord", "slack", "local")
@@ -69,83 +73,133 @@ async def serve(
 ) -> None:
     """Run until cancelled (Ctrl-C / SIGTERM). ``ready(runtime, url)`` is awaited once
     everything answers (tests use it); ``url`` is the playground's, when it runs."""
-    progress, metrics, health = BootProgress(), Metrics(), Health()
-    runners: list[web.AppRunner] = []
-    playground = None
-    url = None
-    runtime: Runtime | None = None
-    tasks: list[asyncio.Task] = []
-    engine_ref: dict[str, Any] = {}
-
-    async def refresh() -> None:
-        if "engine" in engine_ref:
-            await metrics.refresh(engine_ref["engine"])
-
+    serving = _Serving()
     try:
+        playground, url = None, None
         if "local" in platforms:
-            from .playground.guard import check_bind
-            from .playground.server import Playground, create_app
-
-            host, port = settings.gesal_playground_host, settings.gesal_playground_port
-            # every playground request acts as admin: another address only on purpose
-            warning = check_bind(host, settings.gesal_playground_public)
-            if warning:
-                print(warning, file=sys.stderr, flush=True)
-            playground = Playground(progress, metrics=metrics, health=health)
-            runner = await start_server(create_app(playground, refresh, host=host), host, port)
-            runners.append(runner)
-            url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{bound_port(runner)}/"
-            print(f"gesal-bot playground: {url}  (starting; the page shows progress)", flush=True)
+            playground, url = await _start_playground(settings, serving)
         if platforms != ["local"]:
-            app = web.Application()
-            add_routes(app, health, metrics, refresh)
-            runner = await start_server(app, ops.gesal_http_host, ops.gesal_http_port)
-            runners.append(runner)
-            print(
-                f"health and metrics: http://{ops.gesal_http_host}:{bound_port(runner)}/healthz",
-                flush=True,
-            )
-        print("starting the engine:", file=sys.stderr, flush=True)
-        runtime = await build_runtime(settings, progress, metrics, health, engine_factory)
-        engine_ref["engine"] = runtime.engine
-        if playground is not None:
-            await playground.attach(
-                runtime.service,
-                runtime.scheduler,
-                model=runtime.engine.model_name,
-                store=runtime.store_kind,
-            )
-        for platform in platforms:
-            if platform != "local":
-                tasks.append(
-                    asyncio.create_task(
-                        _adapter(platform)(runtime.service, settings, health=runtime.health),
-                        name=platform,
-                    )
-                )
+            await _start_health_server(ops, serving)
+        runtime = await _start_engine(settings, serving, engine_factory, playground)
+        _start_platforms(platforms, settings, runtime, serving.tasks)
         print(f"ready: {', '.join(platforms)}", flush=True)
         if ready is not None:
             await ready(runtime, url)
-        if tasks:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for t in done:
-                if t.exception() is not None:
-                    raise t.exception()  # type: ignore[misc]
-        else:
-            await asyncio.Event().wait()
+        await _wait(serving.tasks)
     except BaseException:
-        progress.error = progress.error or "stopped"
+        serving.progress.error = serving.progress.error or "stopped"
         raise
     finally:
-        for t in tasks:
+        await serving.stop()
+
+
+@dataclass
+class _Serving:
+    """What the steps of `serve` share: the start-up state the HTTP side shows, and
+    everything started so far, so that `stop` stops exactly that whichever step failed."""
+
+    progress: BootProgress = field(default_factory=BootProgress)
+    metrics: Metrics = field(default_factory=Metrics)
+    health: Health = field(default_factory=Health)
+    runners: list[web.AppRunner] = field(default_factory=list)
+    runtime: Runtime | None = None
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+    async def refresh(self) -> None:
+        """Reads the engine's figures into the metrics before they are served; nothing
+        to read while the engine loads."""
+        if self.runtime is not None:
+            await self.metrics.refresh(self.runtime.engine)
+
+    async def stop(self) -> None:
+        """The platforms first (they call the engine), then the engine and store, then
+        the HTTP servers."""
+        for t in self.tasks:
             t.cancel()
-        for t in tasks:
+        for t in self.tasks:
             with contextlib.suppress(BaseException):
                 await t
-        if runtime is not None:
-            await runtime.close()
-        for runner in runners:
+        if self.runtime is not None:
+            await self.runtime.close()
+        for runner in self.runners:
             await runner.cleanup()
+
+
+async def _start_playground(settings: Settings, serving: _Serving) -> tuple[Playground, str]:
+    """The playground page, up before the model loads so that it shows the progress;
+    returns it and its address."""
+    from .playground.guard import check_bind
+    from .playground.server import Playground, create_app
+
+    host, port = settings.gesal_playground_host, settings.gesal_playground_port
+    # every playground request acts as admin: another address only on purpose
+    warning = check_bind(host, settings.gesal_playground_public)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    playground = Playground(serving.progress, metrics=serving.metrics, health=serving.health)
+    runner = await start_server(create_app(playground, serving.refresh, host=host), host, port)
+    serving.runners.append(runner)
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{bound_port(runner)}/"
+    print(f"gesal-bot playground: {url}  (starting; the page shows progress)", flush=True)
+    return playground, url
+
+
+async def _start_health_server(ops: OpsSettings, serving: _Serving) -> None:
+    """/healthz and /metrics for a deployment's probes and scrapers (the playground
+    serves its own)."""
+    app = web.Application()
+    add_routes(app, serving.health, serving.metrics, serving.refresh)
+    runner = await start_server(app, ops.gesal_http_host, ops.gesal_http_port)
+    serving.runners.append(runner)
+    print(
+        f"health and metrics: http://{ops.gesal_http_host}:{bound_port(runner)}/healthz",
+        flush=True,
+    )
+
+
+async def _start_engine(
+    settings: Settings, serving: _Serving, engine_factory, playground: Playground | None
+) -> Runtime:
+    """Loads the engine (the long step: the page shows its progress meanwhile), then
+    gives the playground the service it answers with."""
+    print("starting the engine:", file=sys.stderr, flush=True)
+    runtime = await build_runtime(
+        settings, serving.progress, serving.metrics, serving.health, engine_factory
+    )
+    serving.runtime = runtime
+    if playground is not None:
+        await playground.attach(
+            runtime.service,
+            runtime.scheduler,
+            model=runtime.engine.model_name,
+            store=runtime.store_kind,
+        )
+    return runtime
+
+
+def _start_platforms(
+    platforms: list[str], settings: Settings, runtime: Runtime, tasks: list[asyncio.Task]
+) -> None:
+    """One task per chat platform, added to ``tasks``; the playground is served already."""
+    for platform in platforms:
+        if platform != "local":
+            tasks.append(
+                asyncio.create_task(
+                    _adapter(platform)(runtime.service, settings, health=runtime.health),
+                    name=platform,
+                )
+            )
+
+
+async def _wait(tasks: list[asyncio.Task]) -> None:
+    """Until cancelled, or until a platform fails: its error stops the bot."""
+    if not tasks:
+        await asyncio.Event().wait()
+        return
+    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    for t in done:
+        if t.exception() is not None:
+            raise t.exception()  # type: ignore[misc]
 
 
 def run_forever(coro_factory: Callable[[], Awaitable[None]]) -> None:
