@@ -26,7 +26,8 @@ at most `MAX_DOWNLOAD_BYTES`. Reactions by bots (``member.bot``, or the cached u
 Threads and forum posts share their parent channel's graph (the key is
 ``discord:<guild>:<parent id>``): a mention in a thread is answered in the thread, and a
 vote or correction there counts like one in the channel. Without a reply chain, the
-thread's earlier messages (in a forum post: from the starter message on) are the context.
+thread's earlier messages (in a forum post: from the starter message on) are the context;
+`bot.discord_context` reads it.
 
 A correction (``better: …`` replying to a message) is matched through the reference's
 message id, so it counts even when the bot's answer is no longer in discord.py's cache or
@@ -55,16 +56,16 @@ import logging
 import math
 from collections.abc import AsyncIterator, Callable
 
-import aiohttp
 import discord
 from discord import app_commands
 
+from .discord_context import read_context, replied_to
+from .discord_rest import SEND_ERRORS, failure
 from .health import Check, Health, connection_check
 from .messages import (
     MAX_IMPORT_BYTES,
     AdminCommand,
     AdminResult,
-    ContextMessage,
     Correction,
     Delivery,
     Mention,
@@ -127,21 +128,6 @@ async def read_export(attachment: discord.Attachment) -> bytes | str:
     if len(data) > cap:
         return f"That file is too large to be an export (over {cap / 2**20:.3g} MB)."
     return data
-
-
-# What a REST call can raise once discord.py has given up retrying: Discord's refusal,
-# a rate limit longer than ``max_ratelimit_timeout`` (when one is set), or the network.
-SEND_ERRORS = (discord.HTTPException, discord.RateLimited, aiohttp.ClientError, OSError)
-
-
-def failure(exc: BaseException) -> str:
-    """One short phrase for the operator's log: Discord's own words and code, which say
-    what to fix (``Missing Permissions (HTTP 403, code 50013)``)."""
-    if isinstance(exc, discord.HTTPException):
-        return f"{exc.text or 'HTTP error'} (HTTP {exc.status}, code {exc.code})"
-    if isinstance(exc, discord.RateLimited):
-        return f"rate limited for {exc.retry_after:.0f} s"
-    return f"network error: {type(exc).__name__}: {exc}"
 
 
 @contextlib.asynccontextmanager
@@ -224,6 +210,33 @@ async def defer(bot: GesalDiscordBot, interaction: discord.Interaction, name: st
     return True
 
 
+async def run_command(
+    bot: GesalDiscordBot,
+    interaction: discord.Interaction,
+    name: str,
+    attachment: discord.Attachment | None = None,
+    **kw,
+) -> None:
+    """Run ``/gesal <name>`` for ``interaction`` and send its result (or the reset
+    confirmation) to the member who asked."""
+    # Defer first: Discord wants an answer within 3 s, and export/import/train
+    # can take longer.
+    if not await defer(bot, interaction, name):
+        return
+    if attachment is not None and is_admin(interaction):  # a member's file is never fetched
+        data = await read_export(attachment)
+        if isinstance(data, str):
+            await send_result(bot, interaction, name, data)
+            return
+        kw["file"] = data
+    result = await bot.admin(interaction, name, **kw)
+    if result.needs_confirmation:
+        view = ConfirmReset(bot, interaction.user.id)
+        await send_result(bot, interaction, name, result.text, view=view)
+        return
+    await send_result(bot, interaction, name, result.text, files=_files(result))
+
+
 def build_gesal_group(bot: GesalDiscordBot) -> app_commands.Group:
     """``/gesal reset|export|import|stats|config|train``, hidden from non-admins by
     default and re-checked on the server in `GesalDiscordBot.admin`."""
@@ -234,45 +247,22 @@ def build_gesal_group(bot: GesalDiscordBot) -> app_commands.Group:
         guild_only=True,
     )
 
-    async def run(
-        interaction: discord.Interaction,
-        name: str,
-        attachment: discord.Attachment | None = None,
-        **kw,
-    ) -> None:
-        # Defer first: Discord wants an answer within 3 s, and export/import/train
-        # can take longer.
-        if not await defer(bot, interaction, name):
-            return
-        if attachment is not None and is_admin(interaction):  # a member's file is never fetched
-            data = await read_export(attachment)
-            if isinstance(data, str):
-                await send_result(bot, interaction, name, data)
-                return
-            kw["file"] = data
-        result = await bot.admin(interaction, name, **kw)
-        if result.needs_confirmation:
-            view = ConfirmReset(bot, interaction.user.id)
-            await send_result(bot, interaction, name, result.text, view=view)
-            return
-        await send_result(bot, interaction, name, result.text, files=_files(result))
-
     @group.command(name="reset", description="Forget everything learned in this channel")
     async def reset(interaction: discord.Interaction) -> None:
-        await run(interaction, "reset")
+        await run_command(bot, interaction, "reset")
 
     @group.command(name="export", description="Download this channel's graph (JSON + picture)")
     async def export(interaction: discord.Interaction) -> None:
-        await run(interaction, "export")
+        await run_command(bot, interaction, "export")
 
     @group.command(name="import", description="Replace this channel's graph with an export")
     @app_commands.describe(file="a JSON file made by /gesal export")
     async def import_(interaction: discord.Interaction, file: discord.Attachment) -> None:
-        await run(interaction, "import", attachment=file)
+        await run_command(bot, interaction, "import", attachment=file)
 
     @group.command(name="stats", description="Nodes, votes, rewards and last update")
     async def stats(interaction: discord.Interaction) -> None:
-        await run(interaction, "stats")
+        await run_command(bot, interaction, "stats")
 
     @group.command(name="config", description="Show or change this channel's settings")
     @app_commands.describe(
@@ -287,11 +277,12 @@ def build_gesal_group(bot: GesalDiscordBot) -> app_commands.Group:
         reward_down: float | None = None,
     ) -> None:
         args = {"threshold": threshold, "reward_up": reward_up, "reward_down": reward_down}
-        await run(interaction, "config", args={k: str(v) for k, v in args.items() if v is not None})
+        given = {k: str(v) for k, v in args.items() if v is not None}
+        await run_command(bot, interaction, "config", args=given)
 
     @group.command(name="train", description="Learn from this channel's feedback now")
     async def train(interaction: discord.Interaction) -> None:
-        await run(interaction, "train")
+        await run_command(bot, interaction, "train")
 
     return group
 
@@ -369,7 +360,7 @@ class GesalDiscordBot(discord.Client):
         if message.author.bot or self.user is None:
             return
         if message.reference is not None and parse_correction(message.content) is not None:
-            replied = await self._replied_to(message)
+            replied = await replied_to(message)
             if replied is None or replied.author.id == self.user.id:
                 # A reply to the bot, or to a message that is gone or unreadable now: the
                 # store knows whether its id carried one of the bot's answers.
@@ -378,59 +369,6 @@ class GesalDiscordBot(discord.Client):
                 return
         if self.user in message.mentions:
             await self._mention(message)
-
-    async def _replied_to(self, message: discord.Message) -> discord.Message | None:
-        """The message ``message`` replies to, from the gateway's copy or fetched; None
-        when it was deleted or the bot may not read it."""
-        ref = message.reference
-        if ref is None or ref.message_id is None:
-            return None
-        if isinstance(ref.resolved, discord.Message):
-            return ref.resolved
-        if isinstance(ref.resolved, discord.DeletedReferencedMessage):
-            return None
-        try:
-            return await message.channel.fetch_message(ref.message_id)
-        except SEND_ERRORS:
-            return None
-
-    async def _context(
-        self, message: discord.Message, in_thread: bool
-    ) -> tuple[list[ContextMessage], bool]:
-        """Earlier messages of the reply chain (or of the thread), oldest first. Reading
-        them is best effort: the question is answered without what cannot be read.
-        ``in_thread`` comes from `_where`, which also knows a thread missing from the
-        cache (there ``message.channel`` is only a `discord.PartialMessageable`)."""
-        limit = self.settings.gesal_context_messages
-        found: list[discord.Message] = []
-        more = False
-        current = message
-        while current.reference is not None and limit:
-            if len(found) >= limit:
-                more = True
-                break
-            parent = await self._replied_to(current)
-            if parent is None:
-                break
-            found.append(parent)
-            current = parent
-        if not found and in_thread and limit:
-            try:
-                async for m in message.channel.history(limit=limit + 1, before=message):
-                    found.append(m)
-            except SEND_ERRORS as exc:
-                log.info("could not read thread %s: %s", message.channel.id, failure(exc))
-            more = len(found) > limit
-            found = found[:limit]
-        assert self.user is not None
-        context = [
-            ContextMessage(
-                str(m.author.id), strip_mentions(m.content), is_bot=m.author.id == self.user.id
-            )
-            for m in reversed(found)
-            if m.content
-        ]
-        return context, more
 
     async def _mention(self, message: discord.Message) -> None:
         """Answer a mention in a reply chain: `ChatService.exchange` tags every line,
@@ -442,7 +380,10 @@ class GesalDiscordBot(discord.Client):
             workspace, channel, thread = await self._where(
                 message.channel.id, message.guild and message.guild.id
             )
-            context, more = await self._context(message, in_thread=thread is not None)
+            assert self.user is not None
+            context, more = await read_context(
+                message, thread is not None, self.settings.gesal_context_messages, self.user.id
+            )
             return Mention(
                 PLATFORM,
                 workspace,
