@@ -7,15 +7,15 @@ packed beforehand runs at. oneDNN packs a weight once
 (``torch.ops.mkldnn._reorder_linear_weight``) and then runs any number of rows on it
 (``torch.ops.mkldnn._linear_pointwise``): the same float32 sums in another blocking
 order. Side by side on one thread (`bench.serving_batch`, `bench.factored_order`,
-docs/performance.md, "Serving"), a batch of 8 answers on 8 nodes and
-one answer on a hot node both run faster.
+docs/performance.md, "Serving"), a batch of 8 answers on 8 nodes and one answer on a hot
+node both run faster.
 
 What it costs: the packed copy is an opaque tensor beside the plain weight, so the
 frozen weights it covers take twice their memory (a merged weight set is packed instead
 of kept plain, so the LRU of hot nodes holds no second copy). The operator has no
 autograd formula, so anything that wants a gradient (an update's passes) and anything
-in another dtype (an update's bf16 copies, under autocast) runs on the plain weights,
-exactly as before. CPU and float32 only; elsewhere nothing changes.
+in another dtype (an update's bf16 copies, under autocast) runs on the plain weights.
+CPU and float32 only; elsewhere nothing changes.
 """
 
 from __future__ import annotations

@@ -326,6 +326,11 @@ def test_eval_command_end_to_end_on_tiny_model(tiny_llama, tiny_tokenizer, tmp_p
         if r["method"] != "none":
             assert r["trains"] == 2  # one training run per batch of 4 votes
             assert r["updates"] + r["skipped"] + r["rolled_back"] >= 2
+            # where the run's time went: the parts add up, and no guard ran
+            spent = r["seconds"]
+            parts = [spent[k] for k in evaluation.harness.TIME_PARTS]
+            assert all(t >= 0 for t in parts) and spent["guard"] == 0.0
+            assert sum(parts) == pytest.approx(spent["total"])
     summary = {(row["method"], row["votes"]) for row in data["summary"]}
     assert ("gesal", 8) in summary and ("lora", 0) in summary
     assert (out / "eval-brevity.png").stat().st_size > 1000

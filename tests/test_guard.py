@@ -118,6 +118,7 @@ def test_engine_rolls_back_an_update_the_guard_rejects(svf, tiny_tokenizer):
         report = await eng.train()
         rep = report.channels["c"][0]
         assert rep.status == "rolled_back" and "off topic" in rep.reason
+        assert 0 < rep.guard_seconds <= rep.seconds  # the probes' share of the node's time
         node = await eng.store.get_node("c", r.node_id)
         assert node.version == 0 and np.array_equal(node.z, np.ones(svf.z_size, np.float32))
         assert node.rollbacks == 1 and await eng.pending("c") == 0  # the vote was consumed

@@ -99,6 +99,14 @@ class RunResult:
     corrections: int = 0
     seconds_per_vote: float = 0.0
     seconds_per_update: float = 0.0
+    # where the run's time went (`TIME_PARTS`), in seconds: what an evaluation's speed
+    # work starts from (docs/results.md, "Run to run")
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+# answering the training questions; the updates themselves; the guard's probes after them;
+# the held-out checkpoints (answers, judges, reference NLL, unrelated probes)
+TIME_PARTS = ("answering", "updates", "guard", "checkpoints")
 
 
 def _checkpoint_line(task: str, method: str, seed: int, cp: Checkpoint) -> str:
@@ -272,7 +280,8 @@ class Harness:
         rng = random.Random(seed)
         learner = self.learner(method)
         result = RunResult(task.name, method, seed)
-        vote_time = update_time = 0.0
+        vote_time = update_time = guard_time = 0.0
+        started = time.perf_counter()
         votes = 0
         try:
             await learner.isolation()  # the other channel asks before this one's first vote
@@ -309,6 +318,7 @@ class Harness:
                 counts = await learner.train()
                 result.trains += 1
                 update_time += time.perf_counter() - t1
+                guard_time += counts.get("guard_seconds", 0.0)
                 result.updates += counts["updated"]
                 result.skipped += counts["skipped"]
                 result.settled += counts.get("settled", 0)
@@ -328,6 +338,18 @@ class Harness:
                     )
         finally:
             learner.close()
+        total = time.perf_counter() - started
+        result.seconds = {
+            "answering": vote_time,
+            "updates": update_time - guard_time,
+            "guard": guard_time,
+            "checkpoints": total - vote_time - update_time,
+            "total": total,
+        }
+        progress(
+            f"  {task.name}/{method}/seed {seed}: {total:.0f} s, "
+            + ", ".join(f"{k} {result.seconds[k] / total:.0%}" for k in TIME_PARTS)
+        )
         result.seconds_per_vote = vote_time / max(votes, 1)
         result.seconds_per_update = update_time / max(
             result.updates + result.skipped + result.rolled_back, 1

@@ -143,6 +143,9 @@ class EngineLearner(Learner):
         reasons = [r.reason for rs in report.channels.values() for r in rs]
         counts["settled"] = sum(r.startswith("settled") for r in reasons)
         counts["halved"] = sum(r.startswith("step halved") for r in reasons)
+        counts["guard_seconds"] = sum(
+            r.guard_seconds for rs in report.channels.values() for r in rs
+        )
         return counts
 
     def close(self):

@@ -50,6 +50,7 @@ async def guard_updates(
     share = (time.perf_counter() - t0) / len(todo)
     for _, report in todo:
         report.seconds += share
+        report.guard_seconds += share
 
 
 async def _backtrack(

@@ -17,6 +17,7 @@ class NodeReport:
     samples: int = 0
     corrections: int = 0
     seconds: float = 0.0
+    guard_seconds: float = 0.0  # of ``seconds``: this node's share of the guard's probes
     related: list[str] = field(default_factory=list, repr=False)  # prompts, for the guard
 
 
