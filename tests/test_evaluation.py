@@ -195,6 +195,34 @@ def test_the_cheerful_member_ends_the_first_sentence_with_an_exclamation():
     assert fix("q", "Version 3.5 is out") == "Version 3.5 is out!"  # a decimal point stays
 
 
+def test_a_group_of_tasks_runs_with_one_command_and_prints_one_table(
+    tiny_llama, tiny_tokenizer, tmp_path, capsys
+):
+    from gesal_core.evaluation import DEVELOPMENT
+    from gesal_core.evaluation.suite import task_specs
+
+    assert task_specs("development") == list(DEVELOPMENT)
+    assert task_specs("suite")[-1] == "french" and task_specs("opener, pirate") == [
+        "opener",
+        "pirate",
+    ]
+    out = tmp_path / "out"
+    argv = ["--task", "opener,pirate", "--methods", "none,gesal", "--seeds", "0"]
+    argv += ["--budget", "2", "--checkpoints", "0,2", "--batch", "2", "--heldout", "2"]
+    argv += ["--max-new-tokens", "2", "--no-guard", "--out", str(out)]
+    assert evaluation.run(eval_args(tiny_llama, tiny_tokenizer, tmp_path, argv)) == 0
+    for name in ("opener", "pirate"):
+        runs = json.loads((out / name / f"eval-{name}.json").read_text())["runs"]
+        assert {r["method"] for r in runs} == {"none", "gesal"}
+    table = (out / "suite.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| development")]
+    assert [r.split(" | ")[1:3] for r in rows] == [["opener", "none"], ["opener", "gesal"]]
+    assert "| held out | pirate | gesal |" in table and "at 0 / 2 votes" in table
+    assert table in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown task"):  # before any model loads
+        evaluation.run(eval_args(tiny_llama, tiny_tokenizer, tmp_path, ["--task", "opener,nope"]))
+
+
 def test_user_task_from_file(tmp_path):
     f = tmp_path / "mytask.py"
     f.write_text(

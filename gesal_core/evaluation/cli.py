@@ -12,15 +12,19 @@ from ..config_fields import add_flags, apply, flag_values
 from ..learning import warm_up_compiled
 from ..svf import SVFModel
 from .harness import METHODS, EvalConfig, Harness, RunResult
-from .report import merge, write_results
-from .suite import BUILTIN, load_task
+from .report import merge, suite_table, write_results
+from .suite import BUILTIN, GROUPS, load_task, task_specs
+from .tasks import Task
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--task",
         default="brevity",
-        help=f"built-in task ({', '.join(BUILTIN)}) or path/to/file.py:Name",
+        help=f"built-in task ({', '.join(BUILTIN)}), path/to/file.py:Name, several of "
+        f"them separated by commas, or a group ({', '.join(GROUPS)}: docs/results.md, "
+        "'The task suite'); several tasks print one table and write each task's files "
+        "under --out/<task>/",
     )
     p.add_argument(
         "--methods", default="none,gesal,lora", help=f"comma-separated, from {', '.join(METHODS)}"
@@ -85,6 +89,35 @@ def run(args: argparse.Namespace) -> int:
 
         return merge(args.merge, args.out, judge)
 
+    ec = _eval_config(args)
+    # every task loads before the model does: a bad name or setting fails at once
+    tasks = [load_task(spec) for spec in task_specs(ec.task)]
+    sampling = SamplingConfig(max_new_tokens=ec.max_new_tokens)
+    cfg = apply(EngineConfig(sampling=sampling), flag_values(args, EngineConfig))
+    lm, svf = load()
+
+    def factory():
+        return load_model(args.model, device=args.device, progress=False).model
+
+    harness = Harness(svf, lm.tokenizer, cfg, model_factory=factory)
+    if cfg.learning.compile and {"gesal", "svf-single"} & set(ec.methods):  # else: a stall
+        print("compiling the update passes (minutes on a CPU) ...", flush=True)
+        took = warm_up_compiled(svf, cfg.learning, lm.tokenizer.pad_token_id or 0)
+        print(f"  {svf.compiled_passes.outcome(took)}", flush=True)
+    meta = _meta(ec, cfg, svf, lm.name, lm.dtype, args.targets)
+    out = Path(ec.out)
+    if len(tasks) == 1:
+        _run_task(harness, tasks[0], ec, out, meta)
+        return 0
+    runs = {task.name: _run_task(harness, task, ec, out / task.name, meta) for task in tasks}
+    table = suite_table(runs, ec.checkpoints)
+    (out / "suite.md").write_text(table)
+    print(table)
+    print(f"written: {out / 'suite.md'}, and each task's files under {out}/<task>/")
+    return 0
+
+
+def _eval_config(args: argparse.Namespace) -> EvalConfig:
     ec = EvalConfig(
         task=args.task,
         methods=tuple(m.strip() for m in args.methods.split(",")),
@@ -100,37 +133,34 @@ def run(args: argparse.Namespace) -> int:
     bad = [m for m in ec.methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {bad}; use {', '.join(METHODS)}")
-    task = load_task(ec.task)
-    task.heldout = list(task.heldout)[: ec.heldout]
-    sampling = SamplingConfig(max_new_tokens=ec.max_new_tokens)
-    # before the model loads: a bad setting fails at once
-    cfg = apply(EngineConfig(sampling=sampling), flag_values(args, EngineConfig))
-    lm, svf = load()
+    return ec
 
-    def factory():
-        return load_model(args.model, device=args.device, progress=False).model
 
-    harness = Harness(svf, lm.tokenizer, cfg, model_factory=factory)
-    if cfg.learning.compile and {"gesal", "svf-single"} & set(ec.methods):  # else: a stall
-        print("compiling the update passes (minutes on a CPU) ...", flush=True)
-        took = warm_up_compiled(svf, cfg.learning, lm.tokenizer.pad_token_id or 0)
-        print(f"  {svf.compiled_passes.outcome(took)}", flush=True)
-    out = Path(ec.out)
-    stem = f"eval-{task.name}"
-    meta = {
+def _meta(
+    ec: EvalConfig, cfg: EngineConfig, svf: SVFModel, model: str, dtype, targets: str
+) -> dict:
+    """What a result file records about the run's settings and machine."""
+    return {
         "config": asdict(ec),
         "learning": asdict(cfg.learning),
         "guard": asdict(cfg.guard),
         # what "auto" chose on the machine that ran this (None: the model's own dtype)
-        "update_products": str(
-            svf.compute_precision.resolve(cfg.learning.compute_dtype) or lm.dtype
-        ),
+        "update_products": str(svf.compute_precision.resolve(cfg.learning.compute_dtype) or dtype),
         "explore_max_temperature": cfg.explore_max_temperature,
         "train_round": cfg.train_round,
-        "targets": args.targets,
+        "targets": targets,
         "z_size": svf.z_size,
-        "model": lm.name,
+        "model": model,
     }
+
+
+def _run_task(
+    harness: Harness, task: Task, ec: EvalConfig, out: Path, meta: dict
+) -> list[RunResult]:
+    """Every (method, seed) run of one task, its files written after every checkpoint:
+    a long comparison stopped part-way keeps what it has, and its answers can be read
+    while it runs."""
+    task.heldout = list(task.heldout)[: ec.heldout]
     results: list[RunResult] = []
     md = ""
     for method in ec.methods:
@@ -140,10 +170,8 @@ def run(args: argparse.Namespace) -> int:
             def so_far(partial: RunResult) -> None:
                 write_results(out, task, [*results, partial], meta)
 
-            # written after every checkpoint: a long comparison stopped part-way keeps what
-            # it has, and its answers can be read while it runs
             results.append(asyncio.run(harness.run(task, method, seed, ec, checkpointed=so_far)))
             md = write_results(out, task, results, meta)
     print(md)
-    print(f"written: {out / stem}.json, .md, .png")
-    return 0
+    print(f"written: {out / f'eval-{task.name}'}.json, .md, .png")
+    return results

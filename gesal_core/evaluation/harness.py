@@ -100,7 +100,7 @@ class RunResult:
     seconds_per_vote: float = 0.0
     seconds_per_update: float = 0.0
     # where the run's time went (`TIME_PARTS`), in seconds: what an evaluation's speed
-    # work starts from (docs/results.md, "Run to run")
+    # work starts from (docs/results.md, "Reproducing the figures")
     seconds: dict[str, float] = field(default_factory=dict)
 
 

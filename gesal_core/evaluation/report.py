@@ -115,6 +115,34 @@ def markdown(task: Task, rows: list[dict], results: list[RunResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def suite_table(runs: dict[str, list[RunResult]], checkpoints: tuple[int, ...]) -> str:
+    """One table of many tasks' runs, grouped as `suite.group_of` says: medians over
+    seeds at every checkpoint, the same figures as each task's own table."""
+    from .suite import group_of
+
+    def cell(rows: list[dict], key: str) -> str:
+        return " / ".join("–" if r.get(key) is None else f"{r[key]:.0%}" for r in rows)
+
+    lines = [
+        f"| group | task | method | sound % at {' / '.join(map(str, checkpoints))} votes "
+        "| compliance % | degenerate % | on-topic % | key facts % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    order = sorted(
+        runs, key=lambda name: ("development", "held out", "other").index(group_of(name))
+    )
+    for name in order:
+        rows = summarise(runs[name], checkpoints)
+        for method in dict.fromkeys(r["method"] for r in rows):
+            mine = [r for r in rows if r["method"] == method]
+            lines.append(
+                f"| {group_of(name)} | {name} | {method} | {cell(mine, 'sound')} | "
+                f"{cell(mine, 'compliance')} | {cell(mine, 'degenerate')} | "
+                f"{cell(mine, 'on_topic')} | {cell(mine, 'facts')} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def plot(task: Task, rows: list[dict], path: Path) -> None:
     import matplotlib
 

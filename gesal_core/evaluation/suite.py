@@ -22,6 +22,9 @@ from .tasks import Task, brevity, counting, emoji, no_markdown, opener, two_clus
 DEVELOPMENT = ("brevity", "emoji", "opener", "cheerful", "numbered")
 HELD_OUT = ("bullets", "lowercase", "pirate", "follow-up", "french")
 
+# names that stand for a group of tasks on `gesal-bot eval --task`
+GROUPS = {"development": DEVELOPMENT, "held-out": HELD_OUT, "suite": DEVELOPMENT + HELD_OUT}
+
 BUILTIN: dict[str, Callable[[], Task]] = {
     "brevity": brevity,
     "emoji": emoji,
@@ -37,6 +40,20 @@ BUILTIN: dict[str, Callable[[], Task]] = {
     "counting": counting,
     "two-cluster": two_cluster,
 }
+
+
+def task_specs(spec: str) -> list[str]:
+    """``--task``'s value as task specs: a group name (`GROUPS`), or one or more task
+    names or ``file.py:Name`` specs separated by commas."""
+    specs = [t.strip() for t in spec.split(",") if t.strip()]
+    if not specs:
+        raise ValueError("no task given")
+    return [name for t in specs for name in GROUPS.get(t, (t,))]
+
+
+def group_of(name: str) -> str:
+    """ "development", "held out" or "other" (counting, two-cluster, a user's task)."""
+    return "development" if name in DEVELOPMENT else "held out" if name in HELD_OUT else "other"
 
 
 def load_task(spec: str) -> Task:
