@@ -54,7 +54,9 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = No
 def usable(x: torch.Tensor, *operands: torch.Tensor | None) -> bool:
     """True when a product of ``x`` may run packed: float32, and no gradient wanted of
     it (the packed operator has none; autograd would silently return nothing)."""
-    if x.dtype != torch.float32 or x.device.type != "cpu":
+    # an update's passes under torch.compile trace the plain products: the packed copies
+    # are opaque tensors inductor cannot lower
+    if torch.compiler.is_compiling() or x.dtype != torch.float32 or x.device.type != "cpu":
         return False
     if not torch.is_grad_enabled():
         return True
@@ -103,8 +105,8 @@ class PrepackedLinear(nn.Linear):
         return self.packed_copy.nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self.packed_copy.of(self.weight)
-        if packed is None or not usable(x, self.weight, self.bias):
+        packed = self.packed_copy.of(self.weight) if usable(x, self.weight, self.bias) else None
+        if packed is None:
             return F.linear(x, self.weight, self.bias)
         return linear(x, packed, self.bias)
 
