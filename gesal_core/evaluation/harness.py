@@ -109,6 +109,21 @@ class RunResult:
 TIME_PARTS = ("answering", "updates", "guard", "checkpoints")
 
 
+def _time_split(seconds: dict[str, float]) -> str:
+    total = seconds["total"]
+    return f"{total:.0f} s, " + ", ".join(f"{k} {seconds[k] / total:.0%}" for k in TIME_PARTS)
+
+
+def _count_training(result: RunResult, counts: dict) -> None:
+    """Add one training run's outcome (`Learner.train`) to the run's totals."""
+    result.trains += 1
+    result.updates += counts["updated"]
+    result.skipped += counts["skipped"]
+    result.settled += counts.get("settled", 0)
+    result.halved += counts.get("halved", 0)
+    result.rolled_back += counts["rolled_back"]
+
+
 def _checkpoint_line(task: str, method: str, seed: int, cp: Checkpoint) -> str:
     return (
         f"  {task}/{method}/seed {seed}: {cp.votes} votes -> compliance "
@@ -263,6 +278,33 @@ class Harness:
             isolation,
         )
 
+    async def _members_vote(
+        self,
+        task: Task,
+        learner: Learner,
+        prompts: list[str],
+        rng: random.Random,
+        ec: EvalConfig,
+        result: RunResult,
+        votes: int,
+    ) -> None:
+        """Ask ``prompts``; a member votes on every answer and corrects the first
+        ``ec.corrections`` they vote down. ``votes``: the votes cast before these."""
+        answers = await learner.ask(prompts)
+        for i, ((handle, answer), prompt) in enumerate(zip(answers, prompts, strict=True)):
+            v = task.vote(prompt, answer)
+            if v > 0 and result.first_upvote is None:
+                result.first_upvote = votes + i + 1
+            user = f"member{rng.randrange(ec.members)}"
+            await learner.vote(handle, user, v)
+            fix = task.correct
+            if v < 0 and fix and result.corrections < ec.corrections:
+                # a member with nothing better to offer (a brevity member given an empty
+                # answer) just votes: the engine refuses an empty correction
+                better = fix(prompt, answer)
+                if better.strip():
+                    result.corrections += int(await learner.correct(handle, user, better))
+
     async def run(
         self,
         task: Task,
@@ -298,32 +340,14 @@ class Harness:
             while votes < ec.budget:
                 prompts = [rng.choice(task.train) for _ in range(min(ec.batch, ec.budget - votes))]
                 t0 = time.perf_counter()
-                answers = await learner.ask(prompts)
-                for (handle, answer), prompt in zip(answers, prompts, strict=True):
-                    v = task.vote(prompt, answer)
-                    if v > 0 and result.first_upvote is None:
-                        result.first_upvote = votes + 1
-                    user = f"member{rng.randrange(ec.members)}"
-                    await learner.vote(handle, user, v)
-                    fix = task.correct
-                    if v < 0 and fix and result.corrections < ec.corrections:
-                        # a member with nothing better to offer (a brevity member given an
-                        # empty answer) just votes: the engine refuses an empty correction
-                        better = fix(prompt, answer)
-                        if better.strip():
-                            result.corrections += int(await learner.correct(handle, user, better))
-                    votes += 1
+                await self._members_vote(task, learner, prompts, rng, ec, result, votes)
+                votes += len(prompts)
                 vote_time += time.perf_counter() - t0
                 t1 = time.perf_counter()
                 counts = await learner.train()
-                result.trains += 1
                 update_time += time.perf_counter() - t1
                 guard_time += counts.get("guard_seconds", 0.0)
-                result.updates += counts["updated"]
-                result.skipped += counts["skipped"]
-                result.settled += counts.get("settled", 0)
-                result.halved += counts.get("halved", 0)
-                result.rolled_back += counts["rolled_back"]
+                _count_training(result, counts)
                 if votes in ec.checkpoints:
                     cp = await self.checkpoint(task, learner, votes, seed)
                     result.checkpoints.append(cp)
@@ -346,10 +370,7 @@ class Harness:
             "checkpoints": total - vote_time - update_time,
             "total": total,
         }
-        progress(
-            f"  {task.name}/{method}/seed {seed}: {total:.0f} s, "
-            + ", ".join(f"{k} {result.seconds[k] / total:.0%}" for k in TIME_PARTS)
-        )
+        progress(f"  {task.name}/{method}/seed {seed}: {_time_split(result.seconds)}")
         result.seconds_per_vote = vote_time / max(votes, 1)
         result.seconds_per_update = update_time / max(
             result.updates + result.skipped + result.rolled_back, 1
