@@ -46,7 +46,6 @@ DEFAULT_MEMBERS = ("ada", "ben", "chloé", "dev")
 DEFAULT_CHANNEL = "general"
 EMOJI = {"up": "👍", "down": "👎"}
 _CHANNEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
-_MEMBER_NAME = re.compile(r"^[\w.-]{1,24}$")
 _MENTION = re.compile(rf"(^|\s)@{BOT_NAME}\b", re.IGNORECASE)
 MAX_TEXT = 4000
 TOKEN_PLACEHOLDER = "{{GESAL_TOKEN}}"  # in static/index.html, replaced when served

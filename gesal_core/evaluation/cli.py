@@ -10,7 +10,8 @@ from pathlib import Path
 from ..config import EngineConfig, SamplingConfig
 from ..config_fields import add_flags, apply, flag_values
 from ..learning import warm_up_compiled
-from ..svf import SVFModel
+from ..model import LoadedModel, load_model
+from ..svf import SVFConfig, SVFModel
 from .harness import METHODS, EvalConfig, Harness, RunResult
 from .report import merge, suite_table, write_results
 from .suite import BUILTIN, GROUPS, load_task, task_specs
@@ -73,8 +74,6 @@ def _ints(s: str) -> tuple[int, ...]:
 
 def run(args: argparse.Namespace) -> int:
     """`gesal-bot eval`: run the harness and write results; returns an exit code."""
-    from ..model import load_model
-    from ..svf import SVFConfig
 
     def load():
         lm = load_model(args.model, device=args.device)
@@ -104,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         print("compiling the update passes (minutes on a CPU) ...", flush=True)
         took = warm_up_compiled(svf, cfg.learning, lm.tokenizer.pad_token_id or 0)
         print(f"  {svf.compiled_passes.outcome(took)}", flush=True)
-    meta = _meta(ec, cfg, svf, lm.name, lm.dtype, args.targets)
+    meta = _meta(ec, cfg, svf, lm, args.targets)
     out = Path(ec.out)
     if len(tasks) == 1:
         _run_task(harness, tasks[0], ec, out, meta)
@@ -136,21 +135,21 @@ def _eval_config(args: argparse.Namespace) -> EvalConfig:
     return ec
 
 
-def _meta(
-    ec: EvalConfig, cfg: EngineConfig, svf: SVFModel, model: str, dtype, targets: str
-) -> dict:
+def _meta(ec: EvalConfig, cfg: EngineConfig, svf: SVFModel, lm: LoadedModel, targets: str) -> dict:
     """What a result file records about the run's settings and machine."""
     return {
         "config": asdict(ec),
         "learning": asdict(cfg.learning),
         "guard": asdict(cfg.guard),
         # what "auto" chose on the machine that ran this (None: the model's own dtype)
-        "update_products": str(svf.compute_precision.resolve(cfg.learning.compute_dtype) or dtype),
+        "update_products": str(
+            svf.compute_precision.resolve(cfg.learning.compute_dtype) or lm.dtype
+        ),
         "explore_max_temperature": cfg.explore_max_temperature,
         "train_round": cfg.train_round,
         "targets": targets,
         "z_size": svf.z_size,
-        "model": model,
+        "model": lm.name,
     }
 
 

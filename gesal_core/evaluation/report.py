@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .harness import Checkpoint, EvalConfig, Harness, RunResult, print_progress, split_samples
-from .suite import load_task
+from .suite import group_of, load_task
 from .tasks import Task, fact_rate, sound_rate
 
 
@@ -118,7 +118,6 @@ def markdown(task: Task, rows: list[dict], results: list[RunResult]) -> str:
 def suite_table(runs: dict[str, list[RunResult]], checkpoints: tuple[int, ...]) -> str:
     """One table of many tasks' runs, grouped as `suite.group_of` says: medians over
     seeds at every checkpoint, the same figures as each task's own table."""
-    from .suite import group_of
 
     def cell(rows: list[dict], key: str) -> str:
         return " / ".join("–" if r.get(key) is None else f"{r[key]:.0%}" for r in rows)
